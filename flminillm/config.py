@@ -1,0 +1,354 @@
+"""Experiment configuration: pydantic models read from YAML.
+
+Field descriptions are the user documentation (`flminillm config-schema` prints them).
+Every model forbids unknown keys so that a typo fails loudly with the field's path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PartyId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the path of every bad field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """A causal LM: either built from these hyper-parameters or loaded from `name_or_path`."""
+
+    family: Literal["gpt2", "llama", "qwen2"] = Field(
+        "gpt2", description="Hugging Face model family to build from config."
+    )
+    hidden_size: int = Field(128, ge=8, le=16384, description="Width of the residual stream.")
+    num_layers: int = Field(2, ge=1, le=128, description="Number of transformer blocks.")
+    num_heads: int = Field(
+        4, ge=1, le=256, description="Attention heads (must divide hidden_size)."
+    )
+    intermediate_size: int | None = Field(
+        None, ge=8, description="MLP width; default 4x hidden (gpt2) or ~2.75x (llama/qwen2)."
+    )
+    max_positions: int = Field(
+        128, ge=16, le=131072, description="Longest sequence the model sees."
+    )
+    name_or_path: str | None = Field(
+        None,
+        description="Load weights from a local directory or a hub name instead of building "
+        "(same code path: transformers' from_pretrained).",
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSpec:
+        if self.name_or_path is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_heads "
+                f"({self.num_heads}); change one of them"
+            )
+        return self
+
+
+class PartyConfig(_Strict):
+    """One participant of the federation."""
+
+    id: PartyId = Field(description="Unique party id: lowercase letters, digits, '-' or '_'.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The party's own model.")
+    families: list[str] | None = Field(
+        None,
+        description="Task families whose private data this client holds (clients only). "
+        "Leave empty to split data.families across clients automatically (non-IID, disjoint).",
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Weight of this party as a teacher in the mixture."
+    )
+
+
+class DataConfig(_Strict):
+    """The procedurally generated benchmark and the pre-training corpus."""
+
+    families: list[str] = Field(
+        default_factory=lambda: [
+            "country_code",
+            "currency",
+            "compare",
+            "successor",
+            "repeat",
+            "first_letter",
+        ],
+        min_length=1,
+        description="Task families of the benchmark (see flminillm.data.FAMILIES).",
+    )
+    n_train_per_family: int = Field(300, ge=1, description="Private training examples per family.")
+    n_test_per_family: int = Field(40, ge=1, description="Private test examples per family.")
+    n_public_per_family: int = Field(
+        64, ge=1, description="Public prompts (no answers) per family."
+    )
+    n_eval_per_family: int = Field(50, ge=1, description="Held-out evaluation examples per family.")
+    pretrain_docs: int = Field(3000, ge=1, description="Documents in the pre-training corpus.")
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, v: list[str]) -> list[str]:
+        from flminillm.data import FAMILIES
+
+        unknown = [f for f in v if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown families {unknown}; allowed: {sorted(FAMILIES)}")
+        if len(set(v)) != len(v):
+            raise ValueError("families must not repeat")
+        return v
+
+
+class TokenizerConfig(_Strict):
+    vocab_size: int = Field(1024, ge=300, le=262144, description="BPE vocabulary size.")
+    name_or_path: str | None = Field(
+        None, description="Load a tokenizer (local directory or hub name) instead of training one."
+    )
+
+
+class TrainConfig(_Strict):
+    """Supervised training: pre-training of base models or local SFT."""
+
+    steps: int = Field(200, ge=0, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(3e-3, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class LocalSFTConfig(TrainConfig):
+    later_round_steps: int = Field(
+        20, ge=0, description="SFT steps on own data in rounds after the first (refresh)."
+    )
+
+
+class SamplingConfig(_Strict):
+    """Which clients take part in a round."""
+
+    fraction: float = Field(1.0, gt=0, le=1, description="Share of clients sampled each round.")
+    min_clients: int = Field(1, ge=1, description="A round fails below this many live clients.")
+    seed: int = Field(0, description="Seed of the client sampler.")
+
+
+class GenerationConfig(_Strict):
+    prompts_per_round: int = Field(
+        96, ge=1, description="Public prompts each student answers per round (its rollouts)."
+    )
+    max_new_tokens: int = Field(12, ge=1, le=4096)
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
+    top_k: int = Field(
+        8, ge=1, le=1024, description="Size of the top-k support scored by the teacher per token."
+    )
+    batch_size: int = Field(64, ge=1)
+    eval_max_new_tokens: int = Field(10, ge=1)
+
+
+class DistillConfig(_Strict):
+    """The MiniLLM reverse-KL step (see docs/algorithm.md)."""
+
+    method: Literal["reverse_kl", "forward_kl"] = Field(
+        "reverse_kl",
+        description="reverse_kl: MiniLLM policy gradient; forward_kl: FedMKT-style baseline.",
+    )
+    alpha: float = Field(
+        0.25, ge=0, le=1, description="Teacher-mixed sampling: share of rollouts from teachers."
+    )
+    teacher_mixed: bool = Field(True, description="Use teacher rollouts with importance weights.")
+    single_step: bool = Field(
+        True, description="Exact per-token KL term (single-step decomposition)."
+    )
+    length_norm: bool = Field(True, description="Length-normalise the long-horizon reward.")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clipping.")
+    iw_clip: float = Field(
+        3.0, ge=1, description="Upper clip of the mixed-sampling importance weight."
+    )
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount of future rewards.")
+    epochs: int = Field(2, ge=1, description="PPO epochs over each round's rollouts.")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lm_coef: float = Field(0.5, ge=0, description="Weight of the LM loss on the party's own data.")
+    seqkd_coef: float = Field(
+        1.0, ge=0, description="Weight of cross-entropy on selected teacher rollouts (SeqKD)."
+    )
+    seqkd_rounds: int = Field(
+        1000, ge=0, description="Rounds (from the first) in which the SeqKD term is on."
+    )
+    aggregation: Literal["mixture", "median", "trimmed_mean"] = Field(
+        "mixture", description="How several teachers' probabilities are combined."
+    )
+    trim: float = Field(0.2, ge=0, lt=0.5, description="Share trimmed at each end (trimmed_mean).")
+
+
+class StoreConfig(_Strict):
+    uri: str = Field(
+        "runs/store",
+        description="Artifact store: a local directory (relative paths: from the working directory).",
+    )
+
+
+class TrackingConfig(_Strict):
+    uri: str = Field(
+        "sqlite:///runs/mlflow.db",
+        description="MLflow tracking URI (sqlite file by default; http://host:port for a server).",
+    )
+    experiment: str = Field("fl-minillm", min_length=1)
+    enabled: bool = True
+
+
+class RunnerConfig(_Strict):
+    cache: bool = Field(True, description="Reuse outputs of steps whose inputs did not change.")
+    pipeline_root: str = Field("runs/kfp", description="Where the local KFP runner writes outputs.")
+
+
+class ExperimentConfig(_Strict):
+    """A whole federation: parties, data, rounds and every hyper-parameter."""
+
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    seed: int = Field(0, description="Master seed; every step derives its own from it.")
+    rounds: int = Field(2, ge=1, le=10000)
+    output_dir: str = Field("runs/demo", description="Where results.json and plots go.")
+    server: PartyConfig
+    clients: list[PartyConfig] = Field(min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    pretrain: TrainConfig = Field(default_factory=TrainConfig)
+    local_sft: LocalSFTConfig = Field(default_factory=LocalSFTConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @model_validator(mode="after")
+    def _check_parties(self) -> ExperimentConfig:
+        ids = [self.server.id] + [c.id for c in self.clients]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"party ids must be unique; repeated: {dup}")
+        if self.server.families:
+            raise ValueError("server.families must be empty: the server holds no private data")
+        if self.sampling.min_clients > len(self.clients):
+            raise ValueError(
+                f"sampling.min_clients ({self.sampling.min_clients}) exceeds the number of "
+                f"clients ({len(self.clients)}); lower it or add clients"
+            )
+        explicit = [c for c in self.clients if c.families]
+        if explicit and len(explicit) != len(self.clients):
+            raise ValueError("give families either for every client or for none")
+        if explicit:
+            held = [f for c in self.clients for f in c.families or []]
+            extra = sorted(set(held) - set(self.data.families))
+            if extra:
+                raise ValueError(f"clients hold families not in data.families: {extra}")
+            twice = sorted({f for f in held if held.count(f) > 1})
+            if twice:
+                raise ValueError(f"client families must be disjoint (non-IID); shared: {twice}")
+        elif len(self.data.families) < len(self.clients):
+            raise ValueError(
+                f"{len(self.clients)} clients need at least as many data.families "
+                f"({len(self.data.families)} given)"
+            )
+        return self
+
+    # -- derived views ---------------------------------------------------------------
+    @property
+    def parties(self) -> list[PartyConfig]:
+        return [self.server, *self.clients]
+
+    def party(self, party_id: str) -> PartyConfig:
+        for p in self.parties:
+            if p.id == party_id:
+                return p
+        raise KeyError(f"no party {party_id!r}; parties: {[p.id for p in self.parties]}")
+
+    def families_by_client(self) -> dict[str, list[str]]:
+        if self.clients[0].families:
+            return {c.id: list(c.families or []) for c in self.clients}
+        from flminillm.data import partition_families
+
+        return partition_families(
+            list(self.data.families), [c.id for c in self.clients], seed=self.seed
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def resolved(self, base_dir: Path) -> ExperimentConfig:
+        """Make relative paths absolute against `base_dir`, so every step sees the same paths."""
+
+        def fix(p: str) -> str:
+            if "://" in p or Path(p).is_absolute():
+                return p
+            return str((base_dir / p).resolve())
+
+        uri = self.tracking.uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + fix(uri[len("sqlite:///") :])
+        return self.model_copy(
+            update={
+                "output_dir": fix(self.output_dir),
+                "store": self.store.model_copy(update={"uri": fix(self.store.uri)}),
+                "tracking": self.tracking.model_copy(update={"uri": uri}),
+                "runner": self.runner.model_copy(
+                    update={"pipeline_root": fix(self.runner.pipeline_root)}
+                ),
+            }
+        )
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}: {err.error_count()} problem(s)"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling (see `flminillm config-schema`)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(
+            f"  - {loc}: {msg} (got {e.get('input')!r})"
+            if e["type"] != "missing"
+            else f"  - {loc}: {msg}"
+        )
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read a YAML experiment; relative paths are resolved against the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    return parse_config(data, str(path)).resolved(Path.cwd())
+
+
+def config_from_json(text: str) -> ExperimentConfig:
+    return parse_config(json.loads(text), "<json>")

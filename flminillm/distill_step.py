@@ -1,0 +1,206 @@
+"""The body of the distill step: assemble the student's batch from its teachers' messages
+and run the PPO updates. Kept apart from steps.py so that steps read as recipes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flminillm.config import ExperimentConfig
+from flminillm.distill import (
+    MiniLLMHParams,
+    aggregate_teachers,
+    forward_kl_loss,
+    masked_mean,
+    minillm_loss,
+)
+from flminillm.generation import response_logits
+from flminillm.messages import validate_rollouts, validate_teaching
+from flminillm.store import Store
+
+
+def _lpad(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return F.pad(x, (width - x.shape[1], 0), value=value)
+
+
+def _rpad(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    if x.dim() == 3:
+        return F.pad(x, (0, 0, 0, width - x.shape[1]), value=value)
+    return F.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def select_teacher_rollouts(teachings: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per teacher-share prompt, keep the answer of the most confident teacher (highest mean
+    log-prob of its own sampled tokens), the FedMKT-style selection among several teachers."""
+    width = max(t["own_response_ids"].shape[1] for t in teachings)
+    ids = torch.stack([_rpad(t["own_response_ids"].long(), width, 0) for t in teachings])  # [M,A,T]
+    mask = torch.stack([_rpad(t["own_response_mask"].long(), width, 0) for t in teachings])
+    sup = torch.stack([_rpad(t["own_support_ids"].long(), width, 0) for t in teachings])
+    logp = torch.stack([_rpad(t["own_logp"].float(), width, 0.0) for t in teachings])
+    conf = (logp[..., 0] * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [M, A]
+    best = conf.argmax(0)  # [A]
+    idx = torch.arange(best.shape[0])
+    return {
+        "response_ids": ids[best, idx],
+        "response_mask": mask[best, idx],
+        "support_ids": sup[best, idx],
+        "teacher_logp": logp[best, idx],
+        "teacher_index": best,
+    }
+
+
+def assemble_batch(
+    rollouts: dict[str, torch.Tensor], teachings: list[dict[str, torch.Tensor]], weights, method, trim
+) -> dict[str, torch.Tensor]:
+    """Student rollouts scored by the aggregated teachers + the selected teacher rollouts."""
+    scores = aggregate_teachers(
+        torch.stack([t["scores"].float() for t in teachings]), weights, method, trim
+    )
+    n = rollouts["prompt_ids"].shape[0]
+    parts = [
+        {
+            "prompt_ids": rollouts["prompt_ids"].long(),
+            "prompt_mask": rollouts["prompt_mask"].long(),
+            "response_ids": rollouts["response_ids"].long(),
+            "response_mask": rollouts["response_mask"].long(),
+            "support_ids": rollouts["support_ids"].long(),
+            "teacher_logp": scores,
+            "from_teacher": torch.zeros(n, dtype=torch.bool),
+        }
+    ]
+    a = rollouts["ask_prompt_ids"].shape[0]
+    if a:
+        sel = select_teacher_rollouts(teachings)
+        parts.append(
+            {
+                "prompt_ids": rollouts["ask_prompt_ids"].long(),
+                "prompt_mask": rollouts["ask_prompt_mask"].long(),
+                "response_ids": sel["response_ids"],
+                "response_mask": sel["response_mask"],
+                "support_ids": sel["support_ids"],
+                "teacher_logp": sel["teacher_logp"],
+                "from_teacher": torch.ones(a, dtype=torch.bool),
+            }
+        )
+    wp = max(p["prompt_ids"].shape[1] for p in parts)
+    wt = max(p["response_ids"].shape[1] for p in parts)
+    s = max(p["support_ids"].shape[2] for p in parts)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in parts[0]}
+    for p in parts:
+        out["prompt_ids"].append(_lpad(p["prompt_ids"], wp, 0))
+        out["prompt_mask"].append(_lpad(p["prompt_mask"], wp, 0))
+        out["response_ids"].append(_rpad(p["response_ids"], wt, 0))
+        out["response_mask"].append(_rpad(p["response_mask"], wt, 0))
+        # supports of different widths: pad with -1 (invalid, masked in the KL)
+        sup = F.pad(p["support_ids"], (0, s - p["support_ids"].shape[2]), value=-1)
+        out["support_ids"].append(_rpad(sup, wt, 0))
+        tl = F.pad(p["teacher_logp"], (0, s - p["teacher_logp"].shape[2]), value=-1e4)
+        out["teacher_logp"].append(_rpad(tl, wt, 0.0))
+        out["from_teacher"].append(p["from_teacher"])
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _gather_support(logp: torch.Tensor, support_ids: torch.Tensor) -> torch.Tensor:
+    return logp.gather(-1, support_ids.clamp(min=0))
+
+
+def run_distill(
+    cfg: ExperimentConfig,
+    store: Store,
+    state: dict,
+    round_index: int,
+    student_id: str,
+    model_digest: str,
+    rollouts_manifest: dict,
+    teachings_manifests: list[dict],
+) -> tuple[str, dict[str, float]]:
+    from flminillm.steps import _examples, _load_model, _load_tokenizer, _save_model, _seed
+    from flminillm.training import batches, causal_lm_loss, encode_examples, make_optimizer
+
+    d = cfg.distill
+    vocab = state["vocab_size"]
+    rollouts = store.get_tensors(rollouts_manifest["rollouts"])
+    validate_rollouts(rollouts, vocab)
+    teachings = []
+    for t in teachings_manifests:
+        msg = store.get_tensors(t["teaching"])
+        validate_teaching(msg, rollouts, vocab)
+        teachings.append(msg)
+    weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
+    batch = assemble_batch(rollouts, teachings, weights, d.aggregation, d.trim)
+
+    tok = _load_tokenizer(store, state["tokenizer"])
+    model = _load_model(store, model_digest)
+    torch.manual_seed(_seed(cfg, "distill", round_index, student_id))
+
+    # behaviour policy q_old: one teacher-forced pass before any update
+    with torch.no_grad():
+        model.eval()
+        logits = response_logits(
+            model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"]
+        )
+        behaviour = torch.log_softmax(logits.float(), -1).gather(-1, batch["response_ids"][..., None])[..., 0]
+        behaviour = behaviour * batch["response_mask"]
+
+    own_rows = []
+    if student_id in state["data"]["clients"] and d.lm_coef > 0:
+        own = _examples(store, state["data"]["clients"][student_id]["train"])
+        own_rows = encode_examples(tok, own, cfg.party(student_id).model.max_positions)
+    own_iter = batches(own_rows, d.batch_size, tok.pad_token_id, _seed(cfg, "lm", round_index, student_id)) if own_rows else None
+    use_seqkd = d.seqkd_coef > 0 and round_index <= d.seqkd_rounds
+
+    hp = MiniLLMHParams(
+        clip_eps=d.clip_eps, alpha=d.alpha, iw_clip=d.iw_clip, gamma=d.gamma,
+        single_step=d.single_step, length_norm=d.length_norm, teacher_mixed=d.teacher_mixed,
+    )  # fmt: skip
+    opt = make_optimizer(model, d.lr)
+    model.train()
+    n = batch["prompt_ids"].shape[0]
+    g = torch.Generator().manual_seed(_seed(cfg, "distill-order", round_index, student_id))
+    sums: dict[str, float] = {}
+    count = 0
+    first_rkl = None
+    for _epoch in range(d.epochs):
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, d.batch_size):
+            idx = order[i : i + d.batch_size]
+            mb = {k: v[idx] for k, v in batch.items()}
+            logits = response_logits(model, mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"])
+            sup = mb["support_ids"]
+            if d.method == "reverse_kl":
+                loss, stats = minillm_loss(
+                    logits, mb["response_ids"], mb["response_mask"], behaviour[idx],
+                    sup, mb["teacher_logp"], hp,
+                )  # fmt: skip
+            else:
+                tmask = mb["response_mask"] * mb["from_teacher"][:, None]
+                loss, stats = forward_kl_loss(logits, tmask, sup, mb["teacher_logp"])
+            if use_seqkd and bool(mb["from_teacher"].any()):
+                tmask = mb["response_mask"] * mb["from_teacher"][:, None]
+                ce = F.cross_entropy(logits.float().transpose(1, 2), mb["response_ids"], reduction="none")
+                seqkd = masked_mean(ce, tmask)
+                loss = loss + d.seqkd_coef * seqkd
+                stats["seqkd_ce"] = float(seqkd)
+            if own_iter is not None:
+                lm = causal_lm_loss(model, next(own_iter))
+                loss = loss + d.lm_coef * lm
+                stats["lm_loss"] = float(lm)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), d.max_grad_norm)
+            opt.step()
+            stats["loss"] = float(loss)
+            if first_rkl is None and "reverse_kl" in stats:
+                first_rkl = stats["reverse_kl"]
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+    model.eval()
+    metrics = {k: v / max(count, 1) for k, v in sums.items()}
+    metrics["updates"] = float(count)
+    metrics["n_student_rollouts"] = float(int((~batch["from_teacher"]).sum()))
+    metrics["n_teacher_rollouts"] = float(int(batch["from_teacher"].sum()))
+    if first_rkl is not None:
+        metrics["reverse_kl_first"] = first_rkl
+    metrics["bytes_received"] = float(sum(t["bytes"] for t in teachings_manifests))
+    return _save_model(store, model), metrics

@@ -1,0 +1,198 @@
+"""Batched sampling with a KV cache, and teacher scoring.
+
+Shapes: N sequences, P prompt tokens (left-padded), T response tokens (right-padded),
+S = k + 1 support tokens per position (column 0 is the sampled token, then the k most
+likely *other* tokens of the sampling model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [N, P] int64, left-padded
+    prompt_mask: torch.Tensor  # [N, P] int64 (1 = token)
+    response_ids: torch.Tensor  # [N, T] int64, right-padded with pad_id
+    response_mask: torch.Tensor  # [N, T] int64 (1 up to and including EOS)
+    logp: torch.Tensor  # [N, T] float32: log-prob of the sampled token under the sampler
+    support_ids: torch.Tensor  # [N, T, S] int64: sampled token + k others
+    support_logp: torch.Tensor  # [N, T, S] float32: sampler's log-probs on the support
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> Rollout:
+        return cls(**{k: t[k] for k in cls.__dataclass_fields__})
+
+
+def encode_prompts(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask (the last `max_len` tokens of each prompt are kept)."""
+    pad = tokenizer.pad_token_id
+    rows = [tokenizer.encode(t)[-max_len:] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def build_support(sampled: torch.Tensor, logp: torch.Tensor, k: int) -> torch.Tensor:
+    """[B] sampled ids + [B, V] log-probs -> [B, k+1] ids: sampled first, then top-k others."""
+    top = logp.topk(min(k + 1, logp.shape[-1]), dim=-1).indices  # [B, k+1]
+    others = top.masked_fill(top == sampled[:, None], -1)
+    # keep the first k entries that are not the sampled token
+    order = (others < 0).long().argsort(dim=-1, stable=True)
+    others = others.gather(-1, order)[:, :k]
+    return torch.cat([sampled[:, None], others], dim=-1)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    top_k: int = 8,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample responses token by token with the KV cache; per-token log-probs and the
+    top-k support come from the same forward pass that produced the token."""
+    model.eval()
+    n = prompt_ids.shape[0]
+    mask = prompt_mask.clone()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    past = out.past_key_values
+    next_logits = out.logits[:, -1, :].float()
+    last_pos = pos[:, -1]
+    done = torch.zeros(n, dtype=torch.bool)
+    ids, masks, logps, sup_ids, sup_logps = [], [], [], [], []
+    for _ in range(max_new_tokens):
+        logp = torch.log_softmax(next_logits / temperature, dim=-1)  # [N, V]
+        if greedy:
+            tok = logp.argmax(-1)
+        else:
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        support = build_support(tok, logp, top_k)
+        ids.append(tok)
+        masks.append((~done).long())
+        logps.append(logp.gather(-1, tok[:, None]).squeeze(-1) * (~done))
+        sup_ids.append(support)
+        sup_logps.append(logp.gather(-1, support))
+        done = done | (tok == eos_id)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype)], dim=-1)
+        last_pos = last_pos + 1
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=mask,
+            position_ids=last_pos[:, None],
+            past_key_values=past,
+            use_cache=True,
+        )
+        past = out.past_key_values
+        next_logits = out.logits[:, -1, :].float()
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=torch.stack(ids, 1),
+        response_mask=torch.stack(masks, 1),
+        logp=torch.stack(logps, 1),
+        support_ids=torch.stack(sup_ids, 1),
+        support_logp=torch.stack(sup_logps, 1).float(),
+    )
+
+
+def response_logits(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Logits that predict each response token: [N, T, V] (one teacher-forced pass)."""
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    mask = torch.cat([prompt_mask, response_mask], dim=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    p = prompt_ids.shape[1]
+    return logits[:, p - 1 : -1, :]
+
+
+@torch.no_grad()
+def score(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    support_ids: torch.Tensor,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Teacher scoring: log p(v | y_<t, x) for every support token v: [N, T, S]."""
+    model.eval()
+    outs = []
+    for i in range(0, prompt_ids.shape[0], batch_size):
+        sl = slice(i, i + batch_size)
+        logits = response_logits(
+            model, prompt_ids[sl], prompt_mask[sl], response_ids[sl], response_mask[sl]
+        )
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        outs.append(logp.gather(-1, support_ids[sl]))
+    return torch.cat(outs, 0) * response_mask[..., None]
+
+
+def sample_batched(model, prompt_ids, prompt_mask, batch_size: int, **kw) -> Rollout:
+    """`sample` over mini-batches, right-padding responses to a common length."""
+    parts = [
+        sample(model, prompt_ids[i : i + batch_size], prompt_mask[i : i + batch_size], **kw)
+        for i in range(0, prompt_ids.shape[0], batch_size)
+    ]
+    return concat_rollouts(parts, pad_id=kw["pad_id"])
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    width_p = max(r.prompt_ids.shape[1] for r in parts)
+    width_t = max(r.response_ids.shape[1] for r in parts)
+
+    def lpad(x, value, width):
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    def rpad(x, value, width):
+        if x.dim() == 3:
+            return torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1]), value=value)
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    return Rollout(
+        prompt_ids=torch.cat([lpad(r.prompt_ids, pad_id, width_p) for r in parts]),
+        prompt_mask=torch.cat([lpad(r.prompt_mask, 0, width_p) for r in parts]),
+        response_ids=torch.cat([rpad(r.response_ids, pad_id, width_t) for r in parts]),
+        response_mask=torch.cat([rpad(r.response_mask, 0, width_t) for r in parts]),
+        logp=torch.cat([rpad(r.logp, 0.0, width_t) for r in parts]),
+        support_ids=torch.cat([rpad(r.support_ids, pad_id, width_t) for r in parts]),
+        support_logp=torch.cat([rpad(r.support_logp, 0.0, width_t) for r in parts]),
+    )
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    texts = []
+    eos = tokenizer.eos_token_id
+    for ids, m in zip(rollout.response_ids.tolist(), rollout.response_mask.tolist(), strict=True):
+        toks = [t for t, keep in zip(ids, m, strict=True) if keep and t != eos]
+        texts.append(tokenizer.decode(toks))
+    return texts

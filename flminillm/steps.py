@@ -1,0 +1,473 @@
+"""The round steps: one function per step, read top to bottom (load, compute, save, record).
+
+Each step takes JSON strings (the experiment config and small manifests of earlier steps),
+reads models and messages from the content-addressed store, writes its outputs there and
+returns a small manifest. Steps are seeded from (master seed, round, step, party), so the
+same inputs give the same outputs and a pipeline cache can skip them on a rerun.
+
+Roles are symmetric: `generate`, `teach` and `distill` serve both directions of a round
+(clients teach the server, then the server teaches the clients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from flminillm.config import ExperimentConfig, config_from_json
+from flminillm.store import Store, open_store
+
+SERVER_ROLE = "server"
+
+
+# ----------------------------------------------------------------------------------------
+# shared plumbing
+# ----------------------------------------------------------------------------------------
+def _ctx(config_json: str) -> tuple[ExperimentConfig, Store]:
+    cfg = config_from_json(config_json)
+    return cfg, open_store(cfg.store.uri)
+
+
+def federation_id(cfg: ExperimentConfig) -> str:
+    return f"{cfg.name}-{cfg.digest()[:12]}"
+
+
+def _loads(text: str | dict) -> dict:
+    return text if isinstance(text, dict) else json.loads(text)
+
+
+def _ref(store: Store, digest: str) -> dict[str, str]:
+    return {"digest": digest, "uri": store.object_uri(digest)}
+
+
+@contextlib.contextmanager
+def step_record(
+    cfg: ExperimentConfig, store: Store, round_index: int, step: str, party: str
+) -> Iterator[dict[str, Any]]:
+    """Collect a step's lineage (inputs, outputs, params, metrics) and write it to the
+    store's ledger, also when the step fails, so that lineage shows what happened."""
+    rec: dict[str, Any] = {
+        "federation": federation_id(cfg),
+        "round": round_index,
+        "step": step,
+        "party": party,
+        "inputs": {},
+        "outputs": {},
+        "params": {},
+        "metrics": {},
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.time(),
+    }
+    name = f"{rec['federation']}/round-{round_index:04d}/{step}.{party}.json"
+    try:
+        yield rec
+        rec["status"] = "succeeded"
+    except BaseException as err:
+        rec["status"] = "failed"
+        rec["error"] = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        rec["duration_s"] = round(time.time() - rec["started"], 3)
+        store.put_record(name, rec)
+
+
+def _load_tokenizer(store: Store, digest: str):
+    from flminillm.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(store.get_dir(digest)))
+
+
+def _load_model(store: Store, digest: str):
+    from flminillm.models import load_model
+
+    return load_model(store.get_dir(digest))
+
+
+def _save_model(store: Store, model) -> str:
+    from flminillm.models import save_model
+
+    with tempfile.TemporaryDirectory(prefix="flminillm-model-") as tmp:
+        save_model(model, tmp)
+        return store.put_dir(tmp)
+
+
+def _examples(store: Store, digest: str):
+    from flminillm.data import Example
+
+    return [Example.from_dict(d) for d in store.get_json(digest)]
+
+
+def _seed(cfg: ExperimentConfig, *parts: object) -> int:
+    from flminillm.training import derive_seed
+
+    return derive_seed(cfg.seed, *parts)
+
+
+# ----------------------------------------------------------------------------------------
+# set-up: data, tokenizer, base models
+# ----------------------------------------------------------------------------------------
+def prepare(config_json: str) -> dict:
+    """Generate the benchmark and the pre-training corpus; train (or load) the tokenizer."""
+    from flminillm.data import build_benchmark, format_prompt, pretraining_corpus
+
+    cfg, store = _ctx(config_json)
+    with step_record(cfg, store, 0, "prepare", "all") as rec:
+        fbc = cfg.families_by_client()
+        d = cfg.data
+        bench = build_benchmark(
+            fbc, d.n_train_per_family, d.n_test_per_family, d.n_public_per_family,
+            d.n_eval_per_family, seed=cfg.seed,
+        )  # fmt: skip
+        corpus = pretraining_corpus(d.pretrain_docs, seed=cfg.seed)
+        if cfg.tokenizer.name_or_path:
+            from flminillm.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(cfg.tokenizer.name_or_path)
+        else:
+            from flminillm.tokenizer import train_tokenizer
+
+            # public text only: the corpus and the public prompts, never private answers
+            texts = corpus + [format_prompt(e.prompt) for e in bench.public_prompts]
+            tok = train_tokenizer(texts, vocab_size=cfg.tokenizer.vocab_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save_pretrained(tmp)
+            tok_digest = store.put_dir(tmp)
+
+        def put(examples) -> str:
+            return store.put_json([e.to_dict() for e in examples])
+
+        data = {
+            "public": put(bench.public_prompts),
+            "pretrain": store.put_json(corpus),
+            "eval": {f: put(v) for f, v in bench.eval_sets.items()},
+            "clients": {
+                c: {"train": put(bench.client_train[c]), "test": put(bench.client_test[c])}
+                for c in fbc
+            },
+        }
+        manifest = {
+            "kind": "round_manifest",
+            "federation": federation_id(cfg),
+            "round": -1,
+            "tokenizer": tok_digest,
+            "vocab_size": len(tok),
+            "data": data,
+            "families_by_client": fbc,
+            "models": {},
+            "history": [],
+        }
+        rec["outputs"] = {"tokenizer": _ref(store, tok_digest), "public": _ref(store, data["public"])}
+        rec["params"] = {"families_by_client": json.dumps(fbc), "vocab_size": len(tok)}
+        rec["metrics"] = {"n_public": len(bench.public_prompts), "n_pretrain_docs": len(corpus)}
+    return manifest
+
+
+def init_model(config_json: str, state_json: str, party_id: str) -> dict:
+    """Build a party's model from config and pre-train it on the public corpus (or load it)."""
+    from flminillm.models import build_model, count_parameters, load_model
+    from flminillm.training import encode_docs, train_lm
+
+    cfg, store = _ctx(config_json)
+    state = _loads(state_json)
+    spec = cfg.party(party_id).model
+    with step_record(cfg, store, 0, "init_model", party_id) as rec:
+        tok = _load_tokenizer(store, state["tokenizer"])
+        rec["inputs"]["tokenizer"] = _ref(store, state["tokenizer"])
+        if spec.name_or_path:
+            model = load_model(spec.name_or_path)
+            stats: dict[str, float] = {}
+        else:
+            model = build_model(spec, len(tok), tok.pad_token_id, tok.eos_token_id, _seed(cfg, "init", party_id))
+            corpus = store.get_json(state["data"]["pretrain"])
+            rows = encode_docs(tok, corpus, spec.max_positions)
+            p = cfg.pretrain
+            stats = train_lm(
+                model, rows, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
+                pad_id=tok.pad_token_id, seed=_seed(cfg, "pretrain", party_id),
+                warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
+                max_grad_norm=p.max_grad_norm, progress=f"pretrain {party_id}",
+            )  # fmt: skip
+            rec["inputs"]["corpus"] = _ref(store, state["data"]["pretrain"])
+        digest = _save_model(store, model)
+        rec["outputs"]["model"] = _ref(store, digest)
+        rec["params"] = {"family": spec.family, "parameters": count_parameters(model)}
+        rec["metrics"] = stats
+    return {"models": {party_id: digest}}
+
+
+# ----------------------------------------------------------------------------------------
+# round steps
+# ----------------------------------------------------------------------------------------
+def sample_clients(config_json: str, round_index: int) -> list[str]:
+    """The clients that take part in this round (seeded, so reruns pick the same ones)."""
+    cfg, store = _ctx(config_json)
+    with step_record(cfg, store, round_index, "sample_clients", SERVER_ROLE) as rec:
+        ids = [c.id for c in cfg.clients]
+        k = max(cfg.sampling.min_clients, math.ceil(cfg.sampling.fraction * len(ids)))
+        rng = random.Random(_seed(cfg, "sample_clients", cfg.sampling.seed, round_index))
+        chosen = sorted(rng.sample(ids, min(k, len(ids))), key=ids.index)
+        rec["outputs"]["clients"] = chosen
+    return chosen
+
+
+def local_sft(config_json: str, state_json: str, round_index: int, client_id: str) -> dict:
+    """Supervised fine-tuning on the client's private data (the MiniLLM starting point)."""
+    from flminillm.training import encode_examples, train_lm
+
+    cfg, store = _ctx(config_json)
+    state = _loads(state_json)
+    with step_record(cfg, store, round_index, "local_sft", client_id) as rec:
+        tok = _load_tokenizer(store, state["tokenizer"])
+        model = _load_model(store, state["models"][client_id])
+        train_digest = state["data"]["clients"][client_id]["train"]
+        rows = encode_examples(tok, _examples(store, train_digest), cfg.party(client_id).model.max_positions)
+        s = cfg.local_sft
+        steps = s.steps if round_index <= 1 else s.later_round_steps
+        stats = train_lm(
+            model, rows, steps=steps, batch_size=s.batch_size, lr=s.lr, pad_id=tok.pad_token_id,
+            seed=_seed(cfg, "local_sft", round_index, client_id), warmup_steps=s.warmup_steps,
+            weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
+            progress=f"round {round_index} local_sft {client_id}",
+        )  # fmt: skip
+        digest = _save_model(store, model)
+        rec["inputs"] = {"model": _ref(store, state["models"][client_id]), "data": _ref(store, train_digest)}
+        rec["outputs"]["model"] = _ref(store, digest)
+        rec["params"] = {"steps": steps}
+        rec["metrics"] = stats
+    return {"models": {client_id: digest}}
+
+
+def _round_prompts(cfg: ExperimentConfig, store: Store, state: dict, round_index: int, party: str):
+    """This round's public prompts for a student: (own share, teacher share)."""
+    public = _examples(store, state["data"]["public"])
+    rng = random.Random(_seed(cfg, "prompts", round_index, party))
+    n = min(cfg.generation.prompts_per_round, len(public))
+    chosen = rng.sample(public, n)
+    d = cfg.distill
+    n_teacher = round(d.alpha * n) if d.teacher_mixed else 0
+    return chosen[: n - n_teacher], chosen[n - n_teacher :]
+
+
+def _model_for(models_json: str, state: dict, party: str) -> str:
+    if models_json:
+        models = _loads(models_json).get("models", {})
+        if party in models:
+            return models[party]
+    return state["models"][party]
+
+
+def generate(
+    config_json: str, state_json: str, round_index: int, party_id: str, models_json: str = ""
+) -> dict:
+    """The student samples responses to public prompts: the RolloutMessage for its teachers."""
+    import torch
+
+    from flminillm.data import format_prompt
+    from flminillm.generation import encode_prompts, sample_batched
+    from flminillm.messages import nbytes
+
+    cfg, store = _ctx(config_json)
+    state = _loads(state_json)
+    g = cfg.generation
+    with step_record(cfg, store, round_index, "generate", party_id) as rec:
+        model_digest = _model_for(models_json, state, party_id)
+        tok = _load_tokenizer(store, state["tokenizer"])
+        model = _load_model(store, model_digest)
+        own, ask = _round_prompts(cfg, store, state, round_index, party_id)
+        max_prompt = cfg.party(party_id).model.max_positions - g.max_new_tokens
+        pids, pmask = encode_prompts(tok, [format_prompt(e.prompt) for e in own], max_prompt)
+        gen = torch.Generator().manual_seed(_seed(cfg, "generate", round_index, party_id))
+        r = sample_batched(
+            model, pids, pmask, g.batch_size, max_new_tokens=g.max_new_tokens,
+            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, top_k=g.top_k,
+            temperature=g.temperature, generator=gen,
+        )  # fmt: skip
+        aids, amask = encode_prompts(tok, [format_prompt(e.prompt) for e in ask] or [""], max_prompt)
+        if not ask:
+            aids, amask = aids[:0], amask[:0]
+        msg = {
+            "prompt_ids": r.prompt_ids.int(),
+            "prompt_mask": r.prompt_mask.to(torch.uint8),
+            "response_ids": r.response_ids.int(),
+            "response_mask": r.response_mask.to(torch.uint8),
+            "support_ids": r.support_ids.int(),
+            "ask_prompt_ids": aids.int(),
+            "ask_prompt_mask": amask.to(torch.uint8),
+        }
+        digest = store.put_tensors(msg)
+        size = nbytes(msg)
+        rec["inputs"]["model"] = _ref(store, model_digest)
+        rec["outputs"]["rollouts"] = _ref(store, digest)
+        rec["metrics"] = {
+            "n_rollouts": float(len(own)),
+            "n_ask": float(len(ask)),
+            "mean_response_tokens": float(r.response_mask.sum(1).float().mean()),
+            "bytes_sent": float(size),
+        }
+    return {"party": party_id, "model": model_digest, "rollouts": digest, "bytes": size}
+
+
+def teach(
+    config_json: str,
+    state_json: str,
+    round_index: int,
+    teacher_id: str,
+    models_json: str,
+    rollouts_json: str,
+) -> dict:
+    """The teacher scores the student's rollouts on their support and answers the
+    teacher-share prompts itself: the TeachingMessage."""
+    import torch
+
+    from flminillm.generation import sample_batched, score
+    from flminillm.messages import nbytes, validate_rollouts
+
+    cfg, store = _ctx(config_json)
+    state = _loads(state_json)
+    ro = _loads(rollouts_json)
+    g = cfg.generation
+    with step_record(cfg, store, round_index, "teach", f"{teacher_id}-to-{ro['party']}") as rec:
+        model_digest = _model_for(models_json, state, teacher_id)
+        tok = _load_tokenizer(store, state["tokenizer"])
+        model = _load_model(store, model_digest)
+        msg = store.get_tensors(ro["rollouts"])
+        validate_rollouts(msg, vocab_size=state["vocab_size"])
+        scores = score(
+            model, msg["prompt_ids"].long(), msg["prompt_mask"].long(), msg["response_ids"].long(),
+            msg["response_mask"].long(), msg["support_ids"].long(), batch_size=g.batch_size,
+        )  # fmt: skip
+        k = msg["support_ids"].shape[-1] - 1
+        if msg["ask_prompt_ids"].shape[0]:
+            gen = torch.Generator().manual_seed(_seed(cfg, "teach", round_index, teacher_id, ro["party"]))
+            own = sample_batched(
+                model, msg["ask_prompt_ids"].long(), msg["ask_prompt_mask"].long(), g.batch_size,
+                max_new_tokens=g.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                top_k=k, temperature=g.temperature, generator=gen,
+            )  # fmt: skip
+            own_ids, own_mask = own.response_ids, own.response_mask
+            own_sup, own_logp = own.support_ids, own.support_logp * own.response_mask[..., None]
+        else:
+            own_ids = torch.zeros(0, 1, dtype=torch.long)
+            own_mask = torch.zeros(0, 1, dtype=torch.long)
+            own_sup = torch.zeros(0, 1, k + 1, dtype=torch.long)
+            own_logp = torch.zeros(0, 1, k + 1)
+        teaching = {
+            "scores": scores.float().contiguous(),
+            "own_response_ids": own_ids.int(),
+            "own_response_mask": own_mask.to(torch.uint8),
+            "own_support_ids": own_sup.int(),
+            "own_logp": own_logp.float().contiguous(),
+        }
+        digest = store.put_tensors(teaching)
+        size = nbytes(teaching)
+        mask = msg["response_mask"].float()
+        rec["inputs"] = {"model": _ref(store, model_digest), "rollouts": _ref(store, ro["rollouts"])}
+        rec["outputs"]["teaching"] = _ref(store, digest)
+        rec["metrics"] = {
+            "bytes_received": float(nbytes(msg)),
+            "bytes_sent": float(size),
+            "student_seq_logp": float((scores[..., 0] * mask).sum(1).mean()),
+        }
+    return {"teacher": teacher_id, "student": ro["party"], "model": model_digest, "teaching": digest, "bytes": size}
+
+
+def distill(
+    config_json: str,
+    state_json: str,
+    round_index: int,
+    student_id: str,
+    models_json: str,
+    rollouts_json: str,
+    teachings: list[str],
+) -> dict:
+    """The student's MiniLLM step: aggregate its teachers, then PPO reverse-KL updates
+    (plus SeqKD on the selected teacher rollouts and the LM loss on its own data)."""
+    from flminillm.distill_step import run_distill
+
+    cfg, store = _ctx(config_json)
+    state = _loads(state_json)
+    ro = _loads(rollouts_json)
+    if ro["party"] != student_id:
+        raise ValueError(f"rollouts belong to {ro['party']!r}, not to the student {student_id!r}")
+    with step_record(cfg, store, round_index, "distill", student_id) as rec:
+        model_digest = _model_for(models_json, state, student_id)
+        live = [_loads(t) for t in teachings if t]
+        if not live:
+            raise RuntimeError(f"round {round_index}: no teacher answered student {student_id!r}")
+        new_digest, metrics = run_distill(cfg, store, state, round_index, student_id, model_digest, ro, live)
+        rec["inputs"] = {
+            "model": _ref(store, model_digest),
+            "rollouts": _ref(store, ro["rollouts"]),
+            **{f"teaching.{t['teacher']}": _ref(store, t["teaching"]) for t in live},
+        }
+        rec["outputs"]["model"] = _ref(store, new_digest)
+        rec["params"] = {"teachers": ",".join(t["teacher"] for t in live)}
+        rec["metrics"] = metrics
+    models = {t["teacher"]: t["model"] for t in live if t["teacher"] != student_id}
+    models[student_id] = new_digest
+    return {"party": student_id, "models": models, "teachers": [t["teacher"] for t in live]}
+
+
+def evaluate(
+    config_json: str, state_json: str, round_index: int, update: str = "", updates: list[str] | None = None
+) -> dict:
+    """Score every party on every family's held-out set and write the round manifest."""
+    from flminillm.evaluation import evaluate_model
+
+    cfg, store = _ctx(config_json)
+    prev = _loads(state_json)
+    state = json.loads(json.dumps(prev))
+    state["models"] = dict(prev["models"])
+    merged = [_loads(u) for u in ([update] if update else []) + list(updates or [])]
+    for u in merged:
+        state["models"].update(u["models"])
+    with step_record(cfg, store, round_index, "evaluate", "all") as rec:
+        tok = _load_tokenizer(store, state["tokenizer"])
+        eval_sets = {f: _examples(store, d) for f, d in state["data"]["eval"].items()}
+        results = {}
+        for party in [p.id for p in cfg.parties]:
+            if party not in state["models"]:
+                raise RuntimeError(f"round {round_index}: no model for party {party!r}")
+            model = _load_model(store, state["models"][party])
+            results[party] = evaluate_model(
+                model, tok, eval_sets, batch_size=cfg.generation.batch_size,
+                max_new_tokens=cfg.generation.eval_max_new_tokens,
+            )  # fmt: skip
+            rec["inputs"][f"model.{party}"] = _ref(store, state["models"][party])
+            for fam, m in results[party].items():
+                for k, v in m.items():
+                    rec["metrics"][f"{party}.{fam}.{k}"] = v
+        state["round"] = round_index
+        state["eval"] = results
+        if prev.get("round", -1) >= 0:
+            state["history"] = prev.get("history", []) + [prev["manifest"]]
+        state.pop("manifest", None)
+        state["manifest"] = store.put_json(state)
+        rec["outputs"]["round_manifest"] = _ref(store, state["manifest"])
+    return state
+
+
+def track(config_json: str, state_json: str, pipeline_run: str = "") -> str:
+    """Log the federation's lineage (ledger + round manifests) to MLflow; returns the run id."""
+    from flminillm.tracking import log_federation
+
+    cfg, store = _ctx(config_json)
+    return log_federation(cfg, store, _loads(state_json), pipeline_run=pipeline_run)
+
+
+def load_manifest(store: Store, digest: str) -> dict:
+    return store.get_json(digest)
+
+
+def manifest_path(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.output_dir) / "round_manifest.json"

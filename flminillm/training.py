@@ -1,0 +1,128 @@
+"""Supervised building blocks: token batches, the LM training loop, the optimizer."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from flminillm.data import Example, format_prompt, format_target
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any parts (master seed, step name, round, party)."""
+    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], max_len: int) -> list[tuple[list[int], int]]:
+    """Token ids of prompt + answer + EOS, and where the answer starts (loss on the answer)."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for ex in examples:
+        p = tokenizer.encode(format_prompt(ex.prompt))
+        a = tokenizer.encode(format_target(ex.answer)) + [eos]
+        ids = (p + a)[-max_len:]
+        out.append((ids, max(len(ids) - len(a), 0)))
+    return out
+
+
+def encode_docs(tokenizer, docs: Sequence[str], max_len: int) -> list[tuple[list[int], int]]:
+    """Pre-training documents: loss on every token."""
+    eos = tokenizer.eos_token_id
+    return [((tokenizer.encode(d) + [eos])[:max_len], 0) for d in docs]
+
+
+def collate(rows: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask and a loss mask on the target tokens."""
+    width = max(len(r) for r, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, start) in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+        loss_mask[i, max(start, 1) : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+
+
+def batches(
+    rows: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled mini-batches (a new permutation each epoch)."""
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    while True:
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            yield collate([rows[j] for j in order[i : i + batch_size]], pad_id)
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy on the loss-masked positions."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    labels = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, 1:].float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    return (ce * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def make_optimizer(model, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+
+def lr_schedule(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10%: a multiplier of the base learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_lm(
+    model,
+    rows: Sequence[tuple[list[int], int]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    pad_id: int,
+    seed: int,
+    warmup_steps: int = 10,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    progress: str | None = None,
+) -> dict[str, float]:
+    """Supervised LM training for `steps` optimizer steps; returns first/last loss and tokens."""
+    if steps == 0 or not rows:
+        return {"loss_first": float("nan"), "loss_last": float("nan"), "tokens": 0.0}
+    torch.manual_seed(seed)
+    model.train()
+    opt = make_optimizer(model, lr, weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, warmup_steps))
+    it = batches(rows, batch_size, pad_id, seed)
+    first = last = float("nan")
+    tokens = 0
+    from tqdm import tqdm
+
+    bar = tqdm(range(steps), desc=progress, disable=progress is None, mininterval=2.0)
+    for step in bar:
+        batch = next(it)
+        loss = causal_lm_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        sched.step()
+        tokens += int(batch["attention_mask"].sum())
+        last = float(loss)
+        if step == 0:
+            first = last
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{last:.3f}")
+    model.eval()
+    return {"loss_first": first, "loss_last": last, "tokens": float(tokens)}
