@@ -373,6 +373,7 @@ def teach(
         mask = msg["response_mask"].float()
         rec["inputs"] = {"model": _ref(store, model_digest), "rollouts": _ref(store, ro["rollouts"])}
         rec["outputs"]["teaching"] = _ref(store, digest)
+        rec["params"] = {"teacher": teacher_id, "student": ro["party"]}
         rec["metrics"] = {
             "bytes_received": float(nbytes(msg)),
             "bytes_sent": float(size),
@@ -457,12 +458,16 @@ def evaluate(
     return state
 
 
-def track(config_json: str, state_json: str, pipeline_run: str = "") -> str:
+def track(config_json: str, state_json: str, run_label: str = "", run_started: float = 0.0) -> str:
     """Log the federation's lineage (ledger + round manifests) to MLflow; returns the run id."""
     from flminillm.tracking import log_federation
 
     cfg, store = _ctx(config_json)
-    return log_federation(cfg, store, _loads(state_json), pipeline_run=pipeline_run)
+    if not cfg.tracking.enabled:
+        return ""
+    return log_federation(
+        cfg, store, _loads(state_json), pipeline_run=run_label, run_started=run_started
+    )
 
 
 def load_manifest(store: Store, digest: str) -> dict:

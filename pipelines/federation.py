@@ -1,0 +1,108 @@
+"""The round pipeline and the federation pipeline that chains R rounds.
+
+    sample_clients -> ParallelFor client: local_sft -> client teach  (server rollouts)
+      server generate -----------------------------^        |
+                          server distill (Collected) <-------+
+      ParallelFor client: client generate -> server teach -> client distill
+                          evaluate (Collected) -> round manifest
+"""
+
+
+from kfp import dsl
+
+from components import RoundComponents, build_components
+from flminillm.config import ExperimentConfig
+
+
+def build_round_pipeline(cfg: ExperimentConfig, ops: RoundComponents | None = None):
+    """A pipeline for one round: (config, round manifest, round index) -> next manifest."""
+    ops = ops or build_components()
+    server = cfg.server.id
+
+    @dsl.pipeline(name="fl-minillm-round", description="One FL-MiniLLM communication round.")
+    def fl_minillm_round(config_json: str, state_json: str, round_index: int) -> str:
+        sampled = ops.sample_clients(config_json=config_json, round_index=round_index)
+        sampled.set_display_name("sample_clients")
+        server_gen = ops.generate(
+            config_json=config_json, state_json=state_json, round_index=round_index,
+            party_id=server, models_json="",
+        )  # fmt: skip
+        server_gen.set_display_name("server_generate")
+        # 1. clients teach the server
+        with dsl.ParallelFor(sampled.output, name="clients-teach") as client:
+            sft = ops.local_sft(
+                config_json=config_json, state_json=state_json, round_index=round_index,
+                client_id=client,
+            )  # fmt: skip
+            sft.set_display_name("local_sft")
+            client_teach = ops.teach(
+                config_json=config_json, state_json=state_json, round_index=round_index,
+                teacher_id=client, models_json=sft.output, rollouts_json=server_gen.output,
+            )  # fmt: skip
+            client_teach.set_display_name("client_teach")
+        server_distill = ops.distill(
+            config_json=config_json, state_json=state_json, round_index=round_index,
+            student_id=server, models_json="", rollouts_json=server_gen.output,
+            teachings=dsl.Collected(client_teach.output),
+        )  # fmt: skip
+        server_distill.set_display_name("server_distill")
+        # 2. the server teaches the clients
+        with dsl.ParallelFor(sampled.output, name="server-teaches") as client:
+            client_gen = ops.generate(
+                config_json=config_json, state_json=state_json, round_index=round_index,
+                party_id=client, models_json=server_distill.output,
+            )  # fmt: skip
+            client_gen.set_display_name("client_generate")
+            server_teach = ops.teach(
+                config_json=config_json, state_json=state_json, round_index=round_index,
+                teacher_id=server, models_json=server_distill.output,
+                rollouts_json=client_gen.output,
+            )  # fmt: skip
+            server_teach.set_display_name("server_teach")
+            client_distill = ops.distill_one(
+                config_json=config_json, state_json=state_json, round_index=round_index,
+                student_id=client, models_json=server_distill.output,
+                rollouts_json=client_gen.output, teaching=server_teach.output,
+            )  # fmt: skip
+            client_distill.set_display_name("client_distill")
+        evaluation = ops.evaluate(
+            config_json=config_json, state_json=state_json, round_index=round_index,
+            update=server_distill.output, updates=dsl.Collected(client_distill.output),
+        )  # fmt: skip
+        evaluation.set_display_name("evaluate")
+        return evaluation.output
+
+    return fl_minillm_round
+
+
+def build_federation_pipeline(cfg: ExperimentConfig, ops: RoundComponents | None = None):
+    """prepare -> init models (pre-train) -> evaluate (round 0) -> R rounds -> track."""
+    ops = ops or build_components()
+    round_pipeline = build_round_pipeline(cfg, ops)
+
+    @dsl.pipeline(name="fl-minillm-federation", description="A whole FL-MiniLLM federation.")
+    def fl_minillm_federation(
+        config_json: str = cfg.to_json(), run_label: str = "", run_started: float = 0.0
+    ) -> str:
+        prep = ops.prepare(config_json=config_json)
+        # a runtime list: kfp.local resolves upstream outputs wrongly inside a ParallelFor
+        # over a literal list (seen with kfp 2.17.3)
+        parties = ops.list_parties(config_json=config_json)
+        with dsl.ParallelFor(parties.output, name="parties") as party:
+            init = ops.init_model(config_json=config_json, state_json=prep.output, party_id=party)
+        state = ops.evaluate(
+            config_json=config_json, state_json=prep.output, round_index=0, update="",
+            updates=dsl.Collected(init.output),
+        )  # fmt: skip
+        state.set_display_name("evaluate-round-0")
+        for r in range(1, cfg.rounds + 1):
+            state = round_pipeline(config_json=config_json, state_json=state.output, round_index=r)
+            state.set_display_name(f"round-{r}")
+        tracked = ops.track(
+            config_json=config_json, state_json=state.output, run_label=run_label,
+            run_started=run_started,
+        )  # fmt: skip
+        tracked.set_caching_options(False)
+        return state.output
+
+    return fl_minillm_federation
