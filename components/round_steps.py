@@ -1,7 +1,5 @@
 """One component per round step (see ../shared/DESIGN.md: the round as a DAG)."""
 
-from typing import List
-
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +16,7 @@ def prepare(config_json: str) -> str:
     return json.dumps(steps.prepare(config_json))
 
 
-def list_parties(config_json: str) -> List[str]:
+def list_parties(config_json: str) -> list[str]:
     from flminillm.config import config_from_json
 
     return [p.id for p in config_from_json(config_json).parties]
@@ -32,7 +30,7 @@ def init_model(config_json: str, state_json: str, party_id: str) -> str:
     return json.dumps(steps.init_model(config_json, state_json, party_id))
 
 
-def sample_clients(config_json: str, round_index: int) -> List[str]:
+def sample_clients(config_json: str, round_index: int) -> list[str]:
     from flminillm import steps
 
     return steps.sample_clients(config_json, round_index)
@@ -80,7 +78,7 @@ def distill(
     student_id: str,
     models_json: str,
     rollouts_json: str,
-    teachings: List[str],
+    teachings: list[str],
 ) -> str:
     import json
 
@@ -113,7 +111,9 @@ def distill_one(
     )
 
 
-def evaluate(config_json: str, state_json: str, round_index: int, update: str, updates: List[str]) -> str:
+def evaluate(
+    config_json: str, state_json: str, round_index: int, update: str, updates: list[str]
+) -> str:
     import json
 
     from flminillm import steps

@@ -131,6 +131,11 @@ class LocalSFTConfig(TrainConfig):
     later_round_steps: int = Field(
         20, ge=0, description="SFT steps on own data in rounds after the first (refresh)."
     )
+    prompt_loss: bool = Field(
+        True,
+        description="Also train on prompt tokens, so that a client's model knows which prompts "
+        "are its domain (used to weight teachers by their prompt likelihood).",
+    )
 
 
 class SamplingConfig(_Strict):
@@ -187,6 +192,11 @@ class DistillConfig(_Strict):
     )
     aggregation: Literal["mixture", "median", "trimmed_mean"] = Field(
         "mixture", description="How several teachers' probabilities are combined."
+    )
+    posterior_weights: bool = Field(
+        True,
+        description="Weight each teacher per sequence by its likelihood of the prompt and the "
+        "prefix (the exact conditional of a mixture of teacher LMs); else fixed weights.",
     )
     trim: float = Field(0.2, ge=0, lt=0.5, description="Share trimmed at each end (trimmed_mean).")
 

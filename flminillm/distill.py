@@ -195,19 +195,28 @@ def aggregate_teachers(
     weights: torch.Tensor | None = None,
     method: str = "mixture",
     trim: float = 0.2,
+    log_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Combine M teachers' log-probs on the same support: [M, B, T, S] -> [B, T, S].
 
-    mixture: log sum_i pi_i p_i (pi = normalised weights); median: per-entry median of
-    p_i; trimmed_mean: mean of p_i after dropping the `trim` share at both ends. The
-    robust options bound the influence of one faulty or malicious teacher.
+    mixture: log sum_i w_i p_i with w = normalised `weights` [M], or, when `log_weights`
+    [M, B, T] is given, per-position weights w_i(b, t) = softmax_i(log_weights): with
+    log_weights = log pi_i + log p_i(x) + log p_i(y_<t | x) this is the exact next-token
+    conditional of the mixture LM sum_i pi_i p_i(x, y), so a teacher counts where it
+    knows the prompt. median: per-entry median of p_i; trimmed_mean: mean of p_i after
+    dropping the `trim` share at both ends. The robust options bound the influence of
+    one faulty or malicious teacher.
     """
     m = teacher_logp.shape[0]
     if weights is None:
         weights = torch.ones(m)
     if method == "mixture":
-        logw = torch.log(weights / weights.sum()).view(m, *([1] * (teacher_logp.dim() - 1)))
-        return torch.logsumexp(teacher_logp + logw, dim=0)
+        if log_weights is None:
+            log_weights = (
+                torch.log(weights / weights.sum()).view(m, 1, 1).expand(teacher_logp.shape[:3])
+            )
+        logw = log_weights - torch.logsumexp(log_weights, dim=0, keepdim=True)
+        return torch.logsumexp(teacher_logp + logw[..., None], dim=0)
     probs = teacher_logp.exp()
     if method == "median":
         srt = probs.sort(dim=0).values
@@ -218,3 +227,11 @@ def aggregate_teachers(
     else:
         raise ValueError(f"unknown aggregation {method!r}; use mixture, median or trimmed_mean")
     return torch.log(agg.clamp(min=1e-30))
+
+
+def posterior_log_weights(
+    prior: torch.Tensor, prompt_logp: torch.Tensor, token_logp: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """log pi_i + log p_i(x) + log p_i(y_<t | x): [M], [M, B], [M, B, T], [B, T] -> [M, B, T]."""
+    prefix = torch.cumsum(token_logp * mask, dim=-1) - token_logp * mask  # exclusive cumsum
+    return torch.log(prior)[:, None, None] + prompt_logp[..., None] + prefix

@@ -13,6 +13,7 @@ from flminillm.distill import (
     forward_kl_loss,
     masked_mean,
     minillm_loss,
+    posterior_log_weights,
 )
 from flminillm.generation import response_logits
 from flminillm.messages import validate_rollouts, validate_teaching
@@ -29,16 +30,21 @@ def _rpad(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
     return F.pad(x, (0, width - x.shape[1]), value=value)
 
 
-def select_teacher_rollouts(teachings: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per teacher-share prompt, keep the answer of the most confident teacher (highest mean
-    log-prob of its own sampled tokens), the FedMKT-style selection among several teachers."""
+def select_teacher_rollouts(
+    teachings: list[dict[str, torch.Tensor]], prior: torch.Tensor, use_prompt: bool = True
+) -> dict[str, torch.Tensor]:
+    """Per teacher-share prompt, keep the answer of the teacher with the highest joint
+    log-likelihood log pi_i + log p_i(x) + log p_i(y_i | x): the teacher that knows the
+    prompt's domain and is sure of its answer (the mixture's most likely component)."""
     width = max(t["own_response_ids"].shape[1] for t in teachings)
     ids = torch.stack([_rpad(t["own_response_ids"].long(), width, 0) for t in teachings])  # [M,A,T]
     mask = torch.stack([_rpad(t["own_response_mask"].long(), width, 0) for t in teachings])
     sup = torch.stack([_rpad(t["own_support_ids"].long(), width, 0) for t in teachings])
     logp = torch.stack([_rpad(t["own_logp"].float(), width, 0.0) for t in teachings])
-    conf = (logp[..., 0] * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [M, A]
-    best = conf.argmax(0)  # [A]
+    joint = (logp[..., 0] * mask).sum(-1) + torch.log(prior)[:, None]  # [M, A]
+    if use_prompt:
+        joint = joint + torch.stack([t["own_prompt_logp"].float() for t in teachings])
+    best = joint.argmax(0)  # [A]
     idx = torch.arange(best.shape[0])
     return {
         "response_ids": ids[best, idx],
@@ -50,12 +56,24 @@ def select_teacher_rollouts(teachings: list[dict[str, torch.Tensor]]) -> dict[st
 
 
 def assemble_batch(
-    rollouts: dict[str, torch.Tensor], teachings: list[dict[str, torch.Tensor]], weights, method, trim
+    rollouts: dict[str, torch.Tensor],
+    teachings: list[dict[str, torch.Tensor]],
+    weights: torch.Tensor,
+    method: str,
+    trim: float,
+    posterior: bool,
 ) -> dict[str, torch.Tensor]:
     """Student rollouts scored by the aggregated teachers + the selected teacher rollouts."""
-    scores = aggregate_teachers(
-        torch.stack([t["scores"].float() for t in teachings]), weights, method, trim
-    )
+    stacked = torch.stack([t["scores"].float() for t in teachings])  # [M, N, T, S]
+    log_w = None
+    if posterior and method == "mixture":
+        log_w = posterior_log_weights(
+            weights / weights.sum(),
+            torch.stack([t["prompt_logp"].float() for t in teachings]),
+            stacked[..., 0],
+            rollouts["response_mask"].float(),
+        )
+    scores = aggregate_teachers(stacked, weights, method, trim, log_weights=log_w)
     n = rollouts["prompt_ids"].shape[0]
     parts = [
         {
@@ -70,7 +88,7 @@ def assemble_batch(
     ]
     a = rollouts["ask_prompt_ids"].shape[0]
     if a:
-        sel = select_teacher_rollouts(teachings)
+        sel = select_teacher_rollouts(teachings, weights / weights.sum(), use_prompt=posterior)
         parts.append(
             {
                 "prompt_ids": rollouts["ask_prompt_ids"].long(),
@@ -127,7 +145,7 @@ def run_distill(
         validate_teaching(msg, rollouts, vocab)
         teachings.append(msg)
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
-    batch = assemble_batch(rollouts, teachings, weights, d.aggregation, d.trim)
+    batch = assemble_batch(rollouts, teachings, weights, d.aggregation, d.trim, d.posterior_weights)
 
     tok = _load_tokenizer(store, state["tokenizer"])
     model = _load_model(store, model_digest)
@@ -137,16 +155,28 @@ def run_distill(
     with torch.no_grad():
         model.eval()
         logits = response_logits(
-            model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"]
+            model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch["response_ids"],
+            batch["response_mask"],
         )
-        behaviour = torch.log_softmax(logits.float(), -1).gather(-1, batch["response_ids"][..., None])[..., 0]
+        behaviour = torch.log_softmax(logits.float(), -1).gather(
+            -1, batch["response_ids"][..., None]
+        )[..., 0]
         behaviour = behaviour * batch["response_mask"]
 
     own_rows = []
     if student_id in state["data"]["clients"] and d.lm_coef > 0:
         own = _examples(store, state["data"]["clients"][student_id]["train"])
-        own_rows = encode_examples(tok, own, cfg.party(student_id).model.max_positions)
-    own_iter = batches(own_rows, d.batch_size, tok.pad_token_id, _seed(cfg, "lm", round_index, student_id)) if own_rows else None
+        own_rows = encode_examples(
+            tok, own, cfg.party(student_id).model.max_positions, cfg.local_sft.prompt_loss
+        )
+    own_iter = (
+        batches(own_rows, d.batch_size, tok.pad_token_id, _seed(cfg, "lm", round_index, student_id))
+        if own_rows
+        else None
+    )
     use_seqkd = d.seqkd_coef > 0 and round_index <= d.seqkd_rounds
 
     hp = MiniLLMHParams(
@@ -165,7 +195,9 @@ def run_distill(
         for i in range(0, n, d.batch_size):
             idx = order[i : i + d.batch_size]
             mb = {k: v[idx] for k, v in batch.items()}
-            logits = response_logits(model, mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"])
+            logits = response_logits(
+                model, mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"]
+            )
             sup = mb["support_ids"]
             if d.method == "reverse_kl":
                 loss, stats = minillm_loss(
@@ -177,7 +209,9 @@ def run_distill(
                 loss, stats = forward_kl_loss(logits, tmask, sup, mb["teacher_logp"])
             if use_seqkd and bool(mb["from_teacher"].any()):
                 tmask = mb["response_mask"] * mb["from_teacher"][:, None]
-                ce = F.cross_entropy(logits.float().transpose(1, 2), mb["response_ids"], reduction="none")
+                ce = F.cross_entropy(
+                    logits.float().transpose(1, 2), mb["response_ids"], reduction="none"
+                )
                 seqkd = masked_mean(ce, tmask)
                 loss = loss + d.seqkd_coef * seqkd
                 stats["seqkd_ce"] = float(seqkd)

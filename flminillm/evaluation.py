@@ -9,7 +9,9 @@ from flminillm.generation import decode_responses, encode_prompts, sample_batche
 from flminillm.metrics import score_predictions
 
 
-def predict(model, tokenizer, prompts: Sequence[str], *, batch_size: int, max_new_tokens: int) -> list[str]:
+def predict(
+    model, tokenizer, prompts: Sequence[str], *, batch_size: int, max_new_tokens: int
+) -> list[str]:
     """Greedy answers to `prompts` (raw prompts, formatted here)."""
     max_prompt = model.config.max_position_embeddings - max_new_tokens
     ids, mask = encode_prompts(tokenizer, [format_prompt(p) for p in prompts], max_prompt)
@@ -25,7 +27,13 @@ def evaluate_model(
 ) -> dict[str, dict[str, float]]:
     """{family: {"exact_match", "rouge_l", "n"}} over every family's held-out set."""
     flat = [(fam, ex) for fam, exs in eval_sets.items() for ex in exs]
-    preds = predict(model, tokenizer, [ex.prompt for _, ex in flat], batch_size=batch_size, max_new_tokens=max_new_tokens)
+    preds = predict(
+        model,
+        tokenizer,
+        [ex.prompt for _, ex in flat],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
     out = {}
     for fam in eval_sets:
         pairs = [(p, ex.answer) for p, (f, ex) in zip(preds, flat, strict=True) if f == fam]

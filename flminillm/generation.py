@@ -134,6 +134,34 @@ def response_logits(
     return logits[:, p - 1 : -1, :]
 
 
+def _prompt_logp(
+    logits: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+) -> torch.Tensor:
+    """log p(x) of left-padded prompts from full-sequence logits: [N, P, V] -> [N].
+
+    The first prompt token has no context and is left out (the same for every model)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tok = logp.gather(-1, prompt_ids[:, 1:, None])[..., 0]
+    # a position counts when it and its predecessor are real tokens
+    valid = prompt_mask[:, 1:] * prompt_mask[:, :-1]
+    return (tok * valid).sum(-1)
+
+
+@torch.no_grad()
+def prompt_logprob(
+    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
+    """log p(x) of each (left-padded) prompt under `model`: [N]."""
+    model.eval()
+    outs = []
+    for i in range(0, prompt_ids.shape[0], batch_size):
+        ids, mask = prompt_ids[i : i + batch_size], prompt_mask[i : i + batch_size]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        outs.append(_prompt_logp(logits, ids, mask))
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
 @torch.no_grad()
 def score(
     model,
@@ -143,18 +171,22 @@ def score(
     response_mask: torch.Tensor,
     support_ids: torch.Tensor,
     batch_size: int = 64,
-) -> torch.Tensor:
-    """Teacher scoring: log p(v | y_<t, x) for every support token v: [N, T, S]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher scoring in one teacher-forced pass: log p(v | y_<t, x) for every support
+    token v [N, T, S], and log p(x) of every prompt [N]."""
     model.eval()
-    outs = []
+    outs, prompts = [], []
+    p = prompt_ids.shape[1]
     for i in range(0, prompt_ids.shape[0], batch_size):
         sl = slice(i, i + batch_size)
-        logits = response_logits(
-            model, prompt_ids[sl], prompt_mask[sl], response_ids[sl], response_mask[sl]
-        )
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        ids = torch.cat([prompt_ids[sl], response_ids[sl]], dim=1)
+        mask = torch.cat([prompt_mask[sl], response_mask[sl]], dim=1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        logp = torch.log_softmax(logits[:, p - 1 : -1].float(), dim=-1)
         outs.append(logp.gather(-1, support_ids[sl]))
-    return torch.cat(outs, 0) * response_mask[..., None]
+        prompts.append(_prompt_logp(logits[:, :p], prompt_ids[sl], prompt_mask[sl]))
+    return torch.cat(outs, 0) * response_mask[..., None], torch.cat(prompts)
 
 
 def sample_batched(model, prompt_ids, prompt_mask, batch_size: int, **kw) -> Rollout:

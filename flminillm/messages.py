@@ -13,10 +13,12 @@ RolloutMessage, student -> teacher (no weights, no private text, no student scor
 
 TeachingMessage, teacher -> student:
   scores           float32 [N, T, S]   log p_teacher(v | y_<t, x) on the student's support
+  prompt_logp      float32 [N]         log p_teacher(x) of each prompt (domain weight)
   own_response_ids int32 [M, T']       the teacher's responses to ask_prompt_ids
   own_response_mask uint8 [M, T']
   own_support_ids  int32 [M, T', S]    teacher-sampled token + the teacher's top-k others
   own_logp         float32 [M, T', S]  the teacher's log-probs on that support
+  own_prompt_logp  float32 [M]         log p_teacher(x) of each ask prompt
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ ROLLOUT_FIELDS = {
 }
 TEACHING_FIELDS = {
     "scores": (torch.float32, 3),
+    "prompt_logp": (torch.float32, 1),
+    "own_prompt_logp": (torch.float32, 1),
     "own_response_ids": (torch.int32, 2),
     "own_response_mask": (torch.uint8, 2),
     "own_support_ids": (torch.int32, 3),
@@ -77,7 +81,9 @@ def _check_logp(kind: str, name: str, t: torch.Tensor) -> None:
     if not torch.isfinite(t).all():
         raise MessageError(f"{kind}.{name}: contains NaN or infinite values")
     if t.numel() and float(t.max()) > 1e-4:
-        raise MessageError(f"{kind}.{name}: log-probabilities must be <= 0, max is {float(t.max())}")
+        raise MessageError(
+            f"{kind}.{name}: log-probabilities must be <= 0, max is {float(t.max())}"
+        )
 
 
 def validate_rollouts(msg: dict[str, torch.Tensor], vocab_size: int) -> None:
@@ -85,7 +91,9 @@ def validate_rollouts(msg: dict[str, torch.Tensor], vocab_size: int) -> None:
     _check_fields(kind, msg, ROLLOUT_FIELDS)
     n, p = msg["prompt_ids"].shape
     if msg["prompt_mask"].shape != (n, p):
-        raise MessageError(f"{kind}.prompt_mask: shape {tuple(msg['prompt_mask'].shape)} != {(n, p)}")
+        raise MessageError(
+            f"{kind}.prompt_mask: shape {tuple(msg['prompt_mask'].shape)} != {(n, p)}"
+        )
     n2, t = msg["response_ids"].shape
     if n2 != n or msg["response_mask"].shape != (n, t) or msg["support_ids"].shape[:2] != (n, t):
         raise MessageError(f"{kind}: response fields must be [N={n}, T] and support [N, T, S]")
@@ -109,7 +117,15 @@ def validate_teaching(
             f"{kind}.scores: shape {tuple(msg['scores'].shape)} must equal the rollouts' support "
             f"{tuple(rollouts['support_ids'].shape)}"
         )
+    if msg["prompt_logp"].shape != (rollouts["prompt_ids"].shape[0],):
+        raise MessageError(
+            f"{kind}.prompt_logp: shape {tuple(msg['prompt_logp'].shape)} must be [N]"
+        )
     m = rollouts["ask_prompt_ids"].shape[0]
+    if msg["own_prompt_logp"].shape != (m,):
+        raise MessageError(
+            f"{kind}.own_prompt_logp: shape {tuple(msg['own_prompt_logp'].shape)} must be [M={m}]"
+        )
     t = msg["own_response_ids"].shape[1]
     s = msg["own_support_ids"].shape[-1] if msg["own_support_ids"].dim() == 3 else 0
     for name, shape in (
@@ -122,6 +138,8 @@ def validate_teaching(
             raise MessageError(f"{kind}.{name}: shape {tuple(msg[name].shape)} != {shape}")
     _check_logp(kind, "scores", msg["scores"])
     _check_logp(kind, "own_logp", msg["own_logp"])
+    _check_logp(kind, "prompt_logp", msg["prompt_logp"])
+    _check_logp(kind, "own_prompt_logp", msg["own_prompt_logp"])
     _check_ids(kind, "own_response_ids", msg["own_response_ids"], vocab_size)
     _check_ids(kind, "own_support_ids", msg["own_support_ids"], vocab_size)
     _check_mask(kind, "own_response_mask", msg["own_response_mask"])

@@ -59,7 +59,15 @@ def render_table(results: dict):
     from rich.table import Table
 
     table = Table(title=f"FL-MiniLLM results ({results.get('rounds')} rounds)")
-    for col in ("party", "family", "held", "EM before", "EM after", "Rouge-L before", "Rouge-L after"):
+    for col in (
+        "party",
+        "family",
+        "held",
+        "EM before",
+        "EM after",
+        "Rouge-L before",
+        "Rouge-L after",
+    ):
         table.add_column(col, justify="right" if "EM" in col or "Rouge" in col else "left")
     for party, r in results["parties"].items():
         for i, fam in enumerate(r["after"]):

@@ -166,7 +166,10 @@ def prepare(config_json: str) -> dict:
             "models": {},
             "history": [],
         }
-        rec["outputs"] = {"tokenizer": _ref(store, tok_digest), "public": _ref(store, data["public"])}
+        rec["outputs"] = {
+            "tokenizer": _ref(store, tok_digest),
+            "public": _ref(store, data["public"]),
+        }
         rec["params"] = {"families_by_client": json.dumps(fbc), "vocab_size": len(tok)}
         rec["metrics"] = {"n_public": len(bench.public_prompts), "n_pretrain_docs": len(corpus)}
     return manifest
@@ -187,7 +190,9 @@ def init_model(config_json: str, state_json: str, party_id: str) -> dict:
             model = load_model(spec.name_or_path)
             stats: dict[str, float] = {}
         else:
-            model = build_model(spec, len(tok), tok.pad_token_id, tok.eos_token_id, _seed(cfg, "init", party_id))
+            model = build_model(
+                spec, len(tok), tok.pad_token_id, tok.eos_token_id, _seed(cfg, "init", party_id)
+            )
             corpus = store.get_json(state["data"]["pretrain"])
             rows = encode_docs(tok, corpus, spec.max_positions)
             p = cfg.pretrain
@@ -230,8 +235,13 @@ def local_sft(config_json: str, state_json: str, round_index: int, client_id: st
         tok = _load_tokenizer(store, state["tokenizer"])
         model = _load_model(store, state["models"][client_id])
         train_digest = state["data"]["clients"][client_id]["train"]
-        rows = encode_examples(tok, _examples(store, train_digest), cfg.party(client_id).model.max_positions)
         s = cfg.local_sft
+        rows = encode_examples(
+            tok,
+            _examples(store, train_digest),
+            cfg.party(client_id).model.max_positions,
+            s.prompt_loss,
+        )
         steps = s.steps if round_index <= 1 else s.later_round_steps
         stats = train_lm(
             model, rows, steps=steps, batch_size=s.batch_size, lr=s.lr, pad_id=tok.pad_token_id,
@@ -240,7 +250,10 @@ def local_sft(config_json: str, state_json: str, round_index: int, client_id: st
             progress=f"round {round_index} local_sft {client_id}",
         )  # fmt: skip
         digest = _save_model(store, model)
-        rec["inputs"] = {"model": _ref(store, state["models"][client_id]), "data": _ref(store, train_digest)}
+        rec["inputs"] = {
+            "model": _ref(store, state["models"][client_id]),
+            "data": _ref(store, train_digest),
+        }
         rec["outputs"]["model"] = _ref(store, digest)
         rec["params"] = {"steps": steps}
         rec["metrics"] = stats
@@ -292,7 +305,9 @@ def generate(
             eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, top_k=g.top_k,
             temperature=g.temperature, generator=gen,
         )  # fmt: skip
-        aids, amask = encode_prompts(tok, [format_prompt(e.prompt) for e in ask] or [""], max_prompt)
+        aids, amask = encode_prompts(
+            tok, [format_prompt(e.prompt) for e in ask] or [""], max_prompt
+        )
         if not ask:
             aids, amask = aids[:0], amask[:0]
         msg = {
@@ -329,7 +344,7 @@ def teach(
     teacher-share prompts itself: the TeachingMessage."""
     import torch
 
-    from flminillm.generation import sample_batched, score
+    from flminillm.generation import prompt_logprob, sample_batched, score
     from flminillm.messages import nbytes, validate_rollouts
 
     cfg, store = _ctx(config_json)
@@ -342,13 +357,15 @@ def teach(
         model = _load_model(store, model_digest)
         msg = store.get_tensors(ro["rollouts"])
         validate_rollouts(msg, vocab_size=state["vocab_size"])
-        scores = score(
+        scores, prompt_logp = score(
             model, msg["prompt_ids"].long(), msg["prompt_mask"].long(), msg["response_ids"].long(),
             msg["response_mask"].long(), msg["support_ids"].long(), batch_size=g.batch_size,
         )  # fmt: skip
         k = msg["support_ids"].shape[-1] - 1
         if msg["ask_prompt_ids"].shape[0]:
-            gen = torch.Generator().manual_seed(_seed(cfg, "teach", round_index, teacher_id, ro["party"]))
+            gen = torch.Generator().manual_seed(
+                _seed(cfg, "teach", round_index, teacher_id, ro["party"])
+            )
             own = sample_batched(
                 model, msg["ask_prompt_ids"].long(), msg["ask_prompt_mask"].long(), g.batch_size,
                 max_new_tokens=g.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
@@ -356,13 +373,19 @@ def teach(
             )  # fmt: skip
             own_ids, own_mask = own.response_ids, own.response_mask
             own_sup, own_logp = own.support_ids, own.support_logp * own.response_mask[..., None]
+            own_prompt_logp = prompt_logprob(
+                model, msg["ask_prompt_ids"].long(), msg["ask_prompt_mask"].long(), g.batch_size
+            )
         else:
             own_ids = torch.zeros(0, 1, dtype=torch.long)
             own_mask = torch.zeros(0, 1, dtype=torch.long)
             own_sup = torch.zeros(0, 1, k + 1, dtype=torch.long)
             own_logp = torch.zeros(0, 1, k + 1)
+            own_prompt_logp = torch.zeros(0)
         teaching = {
             "scores": scores.float().contiguous(),
+            "prompt_logp": prompt_logp.float().contiguous(),
+            "own_prompt_logp": own_prompt_logp.float().contiguous(),
             "own_response_ids": own_ids.int(),
             "own_response_mask": own_mask.to(torch.uint8),
             "own_support_ids": own_sup.int(),
@@ -371,7 +394,10 @@ def teach(
         digest = store.put_tensors(teaching)
         size = nbytes(teaching)
         mask = msg["response_mask"].float()
-        rec["inputs"] = {"model": _ref(store, model_digest), "rollouts": _ref(store, ro["rollouts"])}
+        rec["inputs"] = {
+            "model": _ref(store, model_digest),
+            "rollouts": _ref(store, ro["rollouts"]),
+        }
         rec["outputs"]["teaching"] = _ref(store, digest)
         rec["params"] = {"teacher": teacher_id, "student": ro["party"]}
         rec["metrics"] = {
@@ -379,7 +405,13 @@ def teach(
             "bytes_sent": float(size),
             "student_seq_logp": float((scores[..., 0] * mask).sum(1).mean()),
         }
-    return {"teacher": teacher_id, "student": ro["party"], "model": model_digest, "teaching": digest, "bytes": size}
+    return {
+        "teacher": teacher_id,
+        "student": ro["party"],
+        "model": model_digest,
+        "teaching": digest,
+        "bytes": size,
+    }
 
 
 def distill(
@@ -405,7 +437,9 @@ def distill(
         live = [_loads(t) for t in teachings if t]
         if not live:
             raise RuntimeError(f"round {round_index}: no teacher answered student {student_id!r}")
-        new_digest, metrics = run_distill(cfg, store, state, round_index, student_id, model_digest, ro, live)
+        new_digest, metrics = run_distill(
+            cfg, store, state, round_index, student_id, model_digest, ro, live
+        )
         rec["inputs"] = {
             "model": _ref(store, model_digest),
             "rollouts": _ref(store, ro["rollouts"]),
@@ -420,7 +454,11 @@ def distill(
 
 
 def evaluate(
-    config_json: str, state_json: str, round_index: int, update: str = "", updates: list[str] | None = None
+    config_json: str,
+    state_json: str,
+    round_index: int,
+    update: str = "",
+    updates: list[str] | None = None,
 ) -> dict:
     """Score every party on every family's held-out set and write the round manifest."""
     from flminillm.evaluation import evaluate_model

@@ -108,7 +108,11 @@ def log_federation(
     parent = client.create_run(
         exp_id,
         run_name=f"{cfg.name}{'-' + pipeline_run if pipeline_run else ''}",
-        tags={FEDERATION_TAG: fed, "flminillm.kind": "federation", "flminillm.pipeline_run": pipeline_run},
+        tags={
+            FEDERATION_TAG: fed,
+            "flminillm.kind": "federation",
+            "flminillm.pipeline_run": pipeline_run,
+        },
     )
     pid = parent.info.run_id
     params: dict[str, str] = {}
@@ -147,7 +151,12 @@ def log_federation(
         for party, b in bytes_by_party(records).items():
             for k, v in b.items():
                 round_metrics[f"{party}.{k}"] = v
-        _log(client, rid, metrics=round_metrics, params={"round": r, "models": json.dumps(manifest["models"])})
+        _log(
+            client,
+            rid,
+            metrics=round_metrics,
+            params={"round": r, "models": json.dumps(manifest["models"])},
+        )
         _log(client, pid, metrics=round_metrics, step=max(r, 0))
         for rec in sorted(records, key=lambda x: x["started"]):
             cached = bool(run_started) and rec["started"] < run_started
@@ -180,11 +189,18 @@ def log_federation(
                 client,
                 sr.info.run_id,
                 metrics={**rec.get("metrics", {}), "duration_s": rec.get("duration_s", 0.0)},
-                params={"round": r, "step": rec["step"], "party": rec["party"], **rec.get("params", {})},
+                params={
+                    "round": r,
+                    "step": rec["step"],
+                    "party": rec["party"],
+                    **rec.get("params", {}),
+                },
             )
             status = "FINISHED" if rec.get("status") == "succeeded" else "FAILED"
             client.set_terminated(
-                sr.info.run_id, status, end_time=int((rec["started"] + rec.get("duration_s", 0)) * 1000)
+                sr.info.run_id,
+                status,
+                end_time=int((rec["started"] + rec.get("duration_s", 0)) * 1000),
             )
         client.set_terminated(rid, "FINISHED")
     client.set_terminated(pid, "FINISHED")

@@ -18,15 +18,17 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
-def encode_examples(tokenizer, examples: Sequence[Example], max_len: int) -> list[tuple[list[int], int]]:
-    """Token ids of prompt + answer + EOS, and where the answer starts (loss on the answer)."""
+def encode_examples(
+    tokenizer, examples: Sequence[Example], max_len: int, prompt_loss: bool = False
+) -> list[tuple[list[int], int]]:
+    """Token ids of prompt + answer + EOS, and where the loss starts (answer, or all)."""
     eos = tokenizer.eos_token_id
     out = []
     for ex in examples:
         p = tokenizer.encode(format_prompt(ex.prompt))
         a = tokenizer.encode(format_target(ex.answer)) + [eos]
         ids = (p + a)[-max_len:]
-        out.append((ids, max(len(ids) - len(a), 0)))
+        out.append((ids, 0 if prompt_loss else max(len(ids) - len(a), 0)))
     return out
 
 
@@ -57,7 +59,9 @@ def batches(
     order = list(range(len(rows)))
     while True:
         rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+        for i in range(
+            0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size
+        ):
             yield collate([rows[j] for j in order[i : i + batch_size]], pad_id)
 
 
@@ -72,7 +76,9 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    return torch.optim.AdamW(
+        model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95)
+    )
 
 
 def lr_schedule(step: int, total: int, warmup: int) -> float:

@@ -1,12 +1,11 @@
 """The round pipeline and the federation pipeline that chains R rounds.
 
-    sample_clients -> ParallelFor client: local_sft -> client teach  (server rollouts)
-      server generate -----------------------------^        |
-                          server distill (Collected) <-------+
-      ParallelFor client: client generate -> server teach -> client distill
-                          evaluate (Collected) -> round manifest
+sample_clients -> ParallelFor client: local_sft -> client teach  (server rollouts)
+  server generate -----------------------------^        |
+                      server distill (Collected) <-------+
+  ParallelFor client: client generate -> server teach -> client distill
+                      evaluate (Collected) -> round manifest
 """
-
 
 from kfp import dsl
 

@@ -1,0 +1,43 @@
+# FL-MiniLLM. `make demo` and `make test` each install first, so either works on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+CONFIG ?= configs/demo.yaml
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-slow lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned to the CPU wheel (an unpinned torch pulls GBs of CUDA); deepspeed is
+# built without isolation so that its build uses that torch instead of downloading another.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q --no-build-isolation "deepspeed==0.19.8"
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/flminillm run --config $(CONFIG)
+
+lint: install
+	$(BIN)/ruff check flminillm components pipelines tests
+	$(BIN)/ruff format --check flminillm components pipelines tests
+
+format: install
+	$(BIN)/ruff format flminillm components pipelines tests
+	$(BIN)/ruff check --fix flminillm components pipelines tests
+
+test: install lint
+	$(BIN)/python -m pytest -q --timeout 900
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow --timeout 3600
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache
