@@ -219,6 +219,13 @@ class TrackingConfig(_Strict):
 
 class RunnerConfig(_Strict):
     cache: bool = Field(True, description="Reuse outputs of steps whose inputs did not change.")
+    local_parallelism: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Local runner only: clients' steps run this many at a time, each with "
+        "cpu_count / local_parallelism torch threads (a cluster runs them all at once).",
+    )
     pipeline_root: str = Field("runs/kfp", description="Where the local KFP runner writes outputs.")
 
 
@@ -247,28 +254,34 @@ class ExperimentConfig(_Strict):
         ids = [self.server.id] + [c.id for c in self.clients]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
-            raise ValueError(f"party ids must be unique; repeated: {dup}")
+            raise ValueError(
+                f"clients[*].id / server.id: party ids must be unique; repeated: {dup}"
+            )
         if self.server.families:
-            raise ValueError("server.families must be empty: the server holds no private data")
+            raise ValueError("server.families: must be empty, the server holds no private data")
         if self.sampling.min_clients > len(self.clients):
             raise ValueError(
-                f"sampling.min_clients ({self.sampling.min_clients}) exceeds the number of "
+                f"sampling.min_clients: {self.sampling.min_clients} exceeds the number of "
                 f"clients ({len(self.clients)}); lower it or add clients"
             )
         explicit = [c for c in self.clients if c.families]
         if explicit and len(explicit) != len(self.clients):
-            raise ValueError("give families either for every client or for none")
+            raise ValueError(
+                "clients[*].families: give families either for every client or for none"
+            )
         if explicit:
             held = [f for c in self.clients for f in c.families or []]
             extra = sorted(set(held) - set(self.data.families))
             if extra:
-                raise ValueError(f"clients hold families not in data.families: {extra}")
+                raise ValueError(f"clients[*].families: families not in data.families: {extra}")
             twice = sorted({f for f in held if held.count(f) > 1})
             if twice:
-                raise ValueError(f"client families must be disjoint (non-IID); shared: {twice}")
+                raise ValueError(
+                    f"clients[*].families: must be disjoint (non-IID); shared: {twice}"
+                )
         elif len(self.data.families) < len(self.clients):
             raise ValueError(
-                f"{len(self.clients)} clients need at least as many data.families "
+                f"data.families: {len(self.clients)} clients need at least as many families "
                 f"({len(self.data.families)} given)"
             )
         return self
@@ -325,17 +338,18 @@ class ExperimentConfig(_Strict):
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}: {err.error_count()} problem(s)"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling (see `flminillm config-schema`)"
         elif e["type"] == "missing":
             msg = "required field is missing"
-        lines.append(
-            f"  - {loc}: {msg} (got {e.get('input')!r})"
-            if e["type"] != "missing"
-            else f"  - {loc}: {msg}"
-        )
+        if not loc:  # a cross-field check: its message starts with the fields it concerns
+            lines.append(f"  - {msg}")
+        elif e["type"] in ("missing", "extra_forbidden"):
+            lines.append(f"  - {loc}: {msg}")
+        else:
+            lines.append(f"  - {loc}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

@@ -181,7 +181,7 @@ def forward_kl_loss(
     p = torch.log_softmax(teacher_logp.masked_fill(~smask, neg), dim=-1)
     kl = (p.exp() * (p - q)).masked_fill(~smask, 0.0).sum(-1)
     loss = masked_mean(kl, mask)
-    return loss, {"forward_kl": float(loss)}
+    return loss, {"forward_kl": float(loss.detach())}
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -140,6 +140,8 @@ def validate_teaching(
     _check_logp(kind, "own_logp", msg["own_logp"])
     _check_logp(kind, "prompt_logp", msg["prompt_logp"])
     _check_logp(kind, "own_prompt_logp", msg["own_prompt_logp"])
+    if not torch.equal(msg["own_support_ids"][..., 0], msg["own_response_ids"]):
+        raise MessageError(f"{kind}.own_support_ids[..., 0] must equal own_response_ids")
     _check_ids(kind, "own_response_ids", msg["own_response_ids"], vocab_size)
     _check_ids(kind, "own_support_ids", msg["own_support_ids"], vocab_size)
     _check_mask(kind, "own_response_mask", msg["own_response_mask"])

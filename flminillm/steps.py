@@ -33,6 +33,11 @@ SERVER_ROLE = "server"
 # shared plumbing
 # ----------------------------------------------------------------------------------------
 def _ctx(config_json: str) -> tuple[ExperimentConfig, Store]:
+    threads = os.environ.get("FLMINILLM_TORCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
     cfg = config_from_json(config_json)
     return cfg, open_store(cfg.store.uri)
 

@@ -125,7 +125,7 @@ def train_lm(
         opt.step()
         sched.step()
         tokens += int(batch["attention_mask"].sum())
-        last = float(loss)
+        last = float(loss.detach())
         if step == 0:
             first = last
         if step % 20 == 0:

@@ -13,8 +13,11 @@ from components import RoundComponents, build_components
 from flminillm.config import ExperimentConfig
 
 
-def build_round_pipeline(cfg: ExperimentConfig, ops: RoundComponents | None = None):
-    """A pipeline for one round: (config, round manifest, round index) -> next manifest."""
+def build_round_pipeline(
+    cfg: ExperimentConfig, ops: RoundComponents | None = None, parallelism: int = 0
+):
+    """A pipeline for one round: (config, round manifest, round index) -> next manifest.
+    `parallelism` bounds the clients processed at once (0 = no bound)."""
     ops = ops or build_components()
     server = cfg.server.id
 
@@ -28,7 +31,9 @@ def build_round_pipeline(cfg: ExperimentConfig, ops: RoundComponents | None = No
         )  # fmt: skip
         server_gen.set_display_name("server_generate")
         # 1. clients teach the server
-        with dsl.ParallelFor(sampled.output, name="clients-teach") as client:
+        with dsl.ParallelFor(
+            sampled.output, name="clients-teach", parallelism=parallelism
+        ) as client:
             sft = ops.local_sft(
                 config_json=config_json, state_json=state_json, round_index=round_index,
                 client_id=client,
@@ -46,7 +51,9 @@ def build_round_pipeline(cfg: ExperimentConfig, ops: RoundComponents | None = No
         )  # fmt: skip
         server_distill.set_display_name("server_distill")
         # 2. the server teaches the clients
-        with dsl.ParallelFor(sampled.output, name="server-teaches") as client:
+        with dsl.ParallelFor(
+            sampled.output, name="server-teaches", parallelism=parallelism
+        ) as client:
             client_gen = ops.generate(
                 config_json=config_json, state_json=state_json, round_index=round_index,
                 party_id=client, models_json=server_distill.output,
@@ -74,10 +81,12 @@ def build_round_pipeline(cfg: ExperimentConfig, ops: RoundComponents | None = No
     return fl_minillm_round
 
 
-def build_federation_pipeline(cfg: ExperimentConfig, ops: RoundComponents | None = None):
+def build_federation_pipeline(
+    cfg: ExperimentConfig, ops: RoundComponents | None = None, parallelism: int = 0
+):
     """prepare -> init models (pre-train) -> evaluate (round 0) -> R rounds -> track."""
     ops = ops or build_components()
-    round_pipeline = build_round_pipeline(cfg, ops)
+    round_pipeline = build_round_pipeline(cfg, ops, parallelism)
 
     @dsl.pipeline(name="fl-minillm-federation", description="A whole FL-MiniLLM federation.")
     def fl_minillm_federation(
@@ -87,7 +96,7 @@ def build_federation_pipeline(cfg: ExperimentConfig, ops: RoundComponents | None
         # a runtime list: kfp.local resolves upstream outputs wrongly inside a ParallelFor
         # over a literal list (seen with kfp 2.17.3)
         parties = ops.list_parties(config_json=config_json)
-        with dsl.ParallelFor(parties.output, name="parties") as party:
+        with dsl.ParallelFor(parties.output, name="parties", parallelism=parallelism) as party:
             init = ops.init_model(config_json=config_json, state_json=prep.output, party_id=party)
         state = ops.evaluate(
             config_json=config_json, state_json=prep.output, round_index=0, update="",

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def run_local(cfg: ExperimentConfig, run_label: str = "") -> dict:
     from pipelines.federation import build_federation_pipeline
 
     init_local(cfg.runner.pipeline_root, cfg.runner.cache)
-    pipeline = build_federation_pipeline(cfg)
+    par = cfg.runner.local_parallelism
+    # share the cores between the tasks that run at once instead of oversubscribing them
+    threads = str(max(1, (os.cpu_count() or 1) // par))
+    os.environ["FLMINILLM_TORCH_THREADS"] = threads
+    pipeline = build_federation_pipeline(cfg, parallelism=par)
     task = pipeline(config_json=cfg.to_json(), run_label=run_label, run_started=time.time())
     return json.loads(task.output)

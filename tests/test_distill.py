@@ -194,6 +194,28 @@ def test_minillm_ppo_clip_blocks_gradient():
         assert float(logits.grad[0, t, int(y[0, t])]) < -1e-4
 
 
+def test_minillm_single_step_term_and_importance_weights():
+    rewards = [0.3, -0.2, 0.1]
+    logits, y, beh, support, teacher = _pg_setup(rewards)
+    mask = torch.tensor([[1, 1, 0]])
+    logq_sup = torch.log_softmax(logits.detach(), -1).gather(-1, support)
+    kl = support_kl(logq_sup, teacher)  # the supports here hold no duplicates
+    p_tok = teacher[..., 0]
+    # teacher-mixed weights w = q / (a p + (1 - a) q) with a = 0.5
+    w = torch.exp(beh) / (0.5 * torch.exp(p_tok) + 0.5 * torch.exp(beh))
+    hp = MiniLLMHParams(alpha=0.5, single_step=True, iw_clip=10.0)
+    _, stats = minillm_loss(logits, y, mask, beh, support, teacher, hp)
+    assert stats["loss_single"] == pytest.approx(float((w * kl)[0, :2].sum() / 2), rel=1e-5)
+    assert stats["iw_mean"] == pytest.approx(float(w[0, :2].mean()), rel=1e-5)
+    assert stats["reverse_kl"] == pytest.approx(float(kl[0, :2].mean()), rel=1e-5)
+    assert stats["reward"] == pytest.approx((0.3 - 0.2) / 2, abs=1e-6)
+    # teacher_mixed=False: unit weights whatever alpha is
+    hp = MiniLLMHParams(alpha=0.5, single_step=True, teacher_mixed=False)
+    _, stats = minillm_loss(logits, y, mask, beh, support, teacher, hp)
+    assert stats["iw_mean"] == pytest.approx(1.0)
+    assert stats["loss_single"] == pytest.approx(float(kl[0, :2].mean()), rel=1e-5)
+
+
 # -- aggregate_teachers ---------------------------------------------------------------------
 
 

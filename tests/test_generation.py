@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from flminillm.config import ModelSpec
-from flminillm.generation import build_support, response_logits, sample, score
+from flminillm.generation import (
+    build_support,
+    response_logits,
+    sample,
+    sample_batched,
+    score,
+)
 
 VOCAB, PAD, NO_EOS = 64, 0, -5
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]  # different lengths
@@ -73,10 +79,6 @@ def _eos_for(rollout) -> int:
     raise AssertionError(f"no usable EOS in {row}")
 
 
-def _first_index(row: list[int], tok: int) -> int | None:
-    return row.index(tok) if tok in row else None
-
-
 def test_greedy_matches_naive_loop_with_left_padding(model):
     ids, mask = _left_pad(PROMPTS)
     r = sample(model, ids, mask, max_new_tokens=MAX_NEW, eos_id=NO_EOS, pad_id=PAD, greedy=True)
@@ -93,7 +95,7 @@ def test_greedy_with_eos_stops_rows(model):
     free = sample(model, ids, mask, max_new_tokens=MAX_NEW, eos_id=NO_EOS, pad_id=PAD, greedy=True)
     eos = _eos_for(free)
     r = sample(model, ids, mask, max_new_tokens=MAX_NEW, eos_id=eos, pad_id=PAD, greedy=True)
-    stopped = 0
+    lengths = []
     for i, p in enumerate(PROMPTS):
         expected = _naive_greedy(model, p, MAX_NEW, eos)
         n = len(expected)
@@ -104,9 +106,11 @@ def test_greedy_with_eos_stops_rows(model):
         assert all(x == 0 for x in m[n:])
         assert all(x == PAD for x in row[n:])
         assert r.logp[i, n:].eq(0).all()
-        stopped += expected[-1] == eos
-    assert stopped >= 1
-    assert r.response_mask[0].sum() < r.response_mask.shape[1] or r.response_ids.shape[1] < MAX_NEW
+        lengths.append(n)
+    # row 0 was made to stop early, at the first occurrence of the EOS token
+    assert lengths[0] == free.response_ids[0].tolist().index(eos) + 1 < MAX_NEW
+    assert r.response_ids[0, lengths[0] - 1] == eos
+    assert r.response_ids.shape[1] == max(lengths)
 
 
 def _sampled_with_eos(model):
@@ -124,7 +128,9 @@ def test_sample_logp_and_support_match_teacher_forcing(model):
     r = _sampled_with_eos(model)
     valid = r.response_mask.bool()
     with torch.no_grad():
-        logits = response_logits(model, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask)
+        logits = response_logits(
+            model, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask
+        )
     logp = torch.log_softmax(logits.float(), -1)
     tok = logp.gather(-1, r.response_ids[..., None])[..., 0]
     assert torch.allclose(tok[valid], r.logp[valid], atol=1e-4)
@@ -199,3 +205,21 @@ def test_seeded_sampling_is_reproducible(model):
     assert torch.equal(a.logp, b.logp)
     assert torch.equal(a.support_ids, b.support_ids)
     assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_sample_batched_matches_one_batch(model):
+    ids, mask = _left_pad(PROMPTS)
+    free = sample(model, ids, mask, max_new_tokens=MAX_NEW, eos_id=NO_EOS, pad_id=PAD, greedy=True)
+    kw = dict(max_new_tokens=MAX_NEW, eos_id=_eos_for(free), pad_id=PAD, greedy=True, top_k=3)
+    whole = sample(model, ids, mask, **kw)
+    parts = sample_batched(model, ids, mask, batch_size=2, **kw)
+    width = whole.response_ids.shape[1]
+    assert parts.response_ids.shape[1] == width
+    assert torch.equal(parts.prompt_ids, whole.prompt_ids)
+    assert torch.equal(parts.prompt_mask, whole.prompt_mask)
+    assert torch.equal(parts.response_mask, whole.response_mask)
+    valid = whole.response_mask.bool()
+    assert torch.equal(parts.response_ids[valid], whole.response_ids[valid])
+    assert torch.equal(parts.support_ids[..., 0], parts.response_ids)
+    assert torch.allclose(parts.logp, whole.logp, atol=1e-4)
+    assert torch.allclose(parts.support_logp[valid], whole.support_logp[valid], atol=1e-4)

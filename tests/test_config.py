@@ -1,0 +1,260 @@
+"""Tests for experiment configuration loading and validation (flminillm.config)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from flminillm.config import ConfigError, ExperimentConfig, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _tiny() -> dict:
+    return yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+
+
+def _error(data: dict) -> str:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, "test.yaml")
+    text = str(err.value)
+    assert text.startswith("invalid config test.yaml")
+    return text
+
+
+def _locations(text: str) -> list[str]:
+    """The field path of each reported problem (`  - <path>: <message>`)."""
+    return re.findall(r"^  - ([^:]+):", text, flags=re.M)
+
+
+def test_repo_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "tiny.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_repo_configs_load(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    assert len(cfg.clients) >= 1
+    assert Path(cfg.store.uri).is_absolute()
+    fbc = cfg.families_by_client()
+    assert set(fbc) == {c.id for c in cfg.clients}
+    held = [f for fams in fbc.values() for f in fams]
+    assert len(held) == len(set(held))  # disjoint
+    assert set(held) == set(cfg.data.families)  # covering
+    assert all(fams for fams in fbc.values())  # every client holds something
+    # the digest is a stable function of the content
+    assert cfg.digest() == load_config(path).digest()
+
+
+def test_auto_partition_is_disjoint_and_covering():
+    data = _tiny()
+    data["clients"].append({"id": "carol"})
+    data["data"]["families"] = ["successor", "repeat", "first_letter", "compare", "currency"]
+    cfg = parse_config(data)
+    assert all(c.families is None for c in cfg.clients)
+    fbc = cfg.families_by_client()
+    assert list(fbc) == ["alice", "bob", "carol"]
+    held = sorted(f for fams in fbc.values() for f in fams)
+    assert held == sorted(data["data"]["families"])
+    assert sorted(len(v) for v in fbc.values()) == [1, 2, 2]
+    assert fbc == parse_config(data).families_by_client()  # deterministic
+
+
+def test_explicit_families_are_kept():
+    data = _tiny()
+    data["clients"][0]["families"] = ["repeat", "successor"]
+    data["clients"][1]["families"] = ["first_letter"]
+    cfg = parse_config(data)
+    assert cfg.families_by_client() == {
+        "alice": ["repeat", "successor"],
+        "bob": ["first_letter"],
+    }
+
+
+def test_unknown_key_names_its_path():
+    data = _tiny()
+    data["clients"][0]["modle"] = {"family": "gpt2"}
+    text = _error(data)
+    assert _locations(text) == ["clients.0.modle"]
+    assert "unknown key" in text
+
+
+def test_unknown_top_level_key():
+    data = _tiny()
+    data["roundz"] = 3
+    text = _error(data)
+    assert _locations(text) == ["roundz"]
+    assert "unknown key" in text
+
+
+def test_several_problems_are_all_reported():
+    data = _tiny()
+    data["distill"]["alpha"] = 2
+    data["generation"]["top_k"] = 0
+    data["server"]["model"]["num_layerz"] = 2
+    text = _error(data)
+    assert sorted(_locations(text)) == [
+        "distill.alpha",
+        "generation.top_k",
+        "server.model.num_layerz",
+    ]
+    assert "3 problem(s)" in text
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path", "words"),
+    [
+        (
+            lambda d: d["clients"][0]["model"].update(hidden_size=33, num_heads=2),
+            "clients.0.model",
+            ["hidden_size (33)", "num_heads (2)"],
+        ),
+        (lambda d: d["distill"].update(alpha=2), "distill.alpha", ["less than or equal to 1"]),
+        (lambda d: d["distill"].update(alpha=-0.1), "distill.alpha", ["greater than"]),
+        (
+            lambda d: d["data"].update(families=["successor", "bogus", "repeat"]),
+            "data.families",
+            ["bogus", "allowed"],
+        ),
+        (
+            lambda d: d["clients"][1]["model"].update(family="mamba"),
+            "clients.1.model.family",
+            ["gpt2", "mamba"],
+        ),
+        (lambda d: d["clients"][0].update(id="Alice"), "clients.0.id", ["pattern"]),
+        (lambda d: d.pop("server"), "server", ["missing"]),
+    ],
+)
+def test_bad_field_values_name_their_path(mutate, path, words):
+    data = _tiny()
+    mutate(data)
+    text = _error(data)
+    assert _locations(text) == [path]
+    for w in words:
+        assert w in text, (w, text)
+
+
+def _duplicate_ids(d):
+    d["clients"][1]["id"] = "alice"
+
+
+def _client_named_like_server(d):
+    d["clients"][1]["id"] = "server"
+
+
+def _overlapping_families(d):
+    d["clients"][0]["families"] = ["successor", "repeat"]
+    d["clients"][1]["families"] = ["repeat", "first_letter"]
+
+
+def _too_few_clients(d):
+    d["sampling"]["min_clients"] = 3
+
+
+def _families_for_some(d):
+    d["clients"][0]["families"] = ["repeat"]
+
+
+def _server_families(d):
+    d["server"]["families"] = ["repeat"]
+
+
+def _family_outside_data(d):
+    d["clients"][0]["families"] = ["repeat"]
+    d["clients"][1]["families"] = ["compare"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "words"),
+    [
+        (_duplicate_ids, ["party ids must be unique", "alice"]),
+        (_client_named_like_server, ["party ids must be unique", "server"]),
+        (_overlapping_families, ["disjoint", "'repeat'"]),
+        (_too_few_clients, ["sampling.min_clients (3)", "number of clients (2)"]),
+        (_families_for_some, ["every client or for none"]),
+        (_server_families, ["server.families"]),
+        (_family_outside_data, ["not in data.families", "compare"]),
+    ],
+)
+def test_cross_field_rules(mutate, words):
+    data = _tiny()
+    mutate(data)
+    text = _error(data)
+    assert len(_locations(text)) == 1
+    for w in words:
+        assert w in text, (w, text)
+
+
+@pytest.mark.parametrize("mutate", [_duplicate_ids, _overlapping_families])
+def test_cross_field_errors_name_the_field_path(mutate):
+    data = _tiny()
+    mutate(data)
+    locs = _locations(_error(data))
+    assert len(locs) == 1
+    assert locs[0].startswith("clients"), locs
+
+
+def test_relative_paths_resolved_against_working_directory(tmp_path, monkeypatch):
+    data = _tiny()
+    data["store"] = {"uri": "here/store"}
+    data["tracking"] = {"uri": "sqlite:///here/mlflow.db"}
+    data["output_dir"] = "out"
+    data["runner"] = {"pipeline_root": "kfp"}
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = load_config(cfg_path)
+    base = work.resolve()
+    assert cfg.store.uri == str(base / "here" / "store")
+    assert cfg.tracking.uri == "sqlite:///" + str(base / "here" / "mlflow.db")
+    assert cfg.tracking.uri.startswith("sqlite:////")
+    assert cfg.output_dir == str(base / "out")
+    assert cfg.runner.pipeline_root == str(base / "kfp")
+
+
+def test_absolute_and_remote_paths_are_kept(tmp_path, monkeypatch):
+    data = _tiny()
+    data["store"] = {"uri": str(tmp_path / "abs-store")}
+    data["tracking"] = {"uri": "http://mlflow:5000"}
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(REPO)
+    cfg = load_config(cfg_path)
+    assert cfg.store.uri == str(tmp_path / "abs-store")
+    assert cfg.tracking.uri == "http://mlflow:5000"
+    data["tracking"] = {"uri": "sqlite:////abs/mlflow.db"}
+    cfg_path.write_text(yaml.safe_dump(data))
+    assert load_config(cfg_path).tracking.uri == "sqlite:////abs/mlflow.db"
+
+
+def test_load_config_file_problems(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_config_is_frozen_and_digest_changes():
+    cfg = parse_config(_tiny())
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.rounds = 5  # type: ignore[misc]
+    other = copy.deepcopy(_tiny())
+    other["rounds"] = 2
+    assert parse_config(other).digest() != cfg.digest()
+    assert parse_config(_tiny()).digest() == cfg.digest()

@@ -1,0 +1,65 @@
+"""Models built from config in three families, saved as safetensors, loaded by path."""
+
+import json
+
+import pytest
+import torch
+
+from flminillm.config import ModelSpec
+from flminillm.models import build_model, count_parameters, load_model, save_model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_build_save_load_roundtrip(family, tmp_path):
+    spec = ModelSpec(family=family, hidden_size=32, num_layers=1, num_heads=2, max_positions=32)
+    model = build_model(spec, vocab_size=300, pad_id=0, eos_id=1, seed=3)
+    assert model.config.vocab_size == 300
+    save_model(model, tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "model.safetensors" in files and "config.json" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
+    loaded = load_model(tmp_path)
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_same_seed_same_weights_and_heterogeneous_sizes():
+    a = build_model(
+        ModelSpec(family="llama", hidden_size=64, num_layers=2, num_heads=4), 300, 0, 1, 7
+    )
+    b = build_model(
+        ModelSpec(family="llama", hidden_size=64, num_layers=2, num_heads=4), 300, 0, 1, 7
+    )
+    c = build_model(
+        ModelSpec(family="gpt2", hidden_size=32, num_layers=1, num_heads=2), 300, 0, 1, 7
+    )
+    for (n1, p1), (_, p2) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(p1, p2), n1
+    assert count_parameters(a) > count_parameters(c)
+
+
+def test_init_model_loads_name_or_path_through_the_same_code(tiny_config, tmp_path):
+    """A party whose model is given by path is loaded, not built, and keeps its weights."""
+    from flminillm import steps
+    from flminillm.store import open_store
+    from flminillm.tokenizer import load_tokenizer
+
+    cfg = tiny_config
+    prep = steps.prepare(cfg.to_json())
+    store = open_store(cfg.store.uri)
+    tok = load_tokenizer(str(store.get_dir(prep["tokenizer"])))
+    spec = ModelSpec(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, max_positions=64)
+    saved = save_model(build_model(spec, len(tok), 0, 1, seed=11), tmp_path / "pretrained")
+    clients = [
+        c.model_copy(update={"model": ModelSpec(name_or_path=str(saved))}) if c.id == "bob" else c
+        for c in cfg.clients
+    ]
+    cfg2 = cfg.model_copy(update={"clients": clients})
+    out = steps.init_model(cfg2.to_json(), json.dumps(prep), "bob")
+    reloaded = load_model(store.get_dir(out["models"]["bob"]))
+    original = load_model(saved)
+    for (n, p1), (_, p2) in zip(
+        original.named_parameters(), reloaded.named_parameters(), strict=True
+    ):
+        assert torch.equal(p1, p2), n
