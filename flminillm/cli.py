@@ -17,7 +17,10 @@ from flminillm.config import ConfigError, ExperimentConfig, load_config
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    console = Console(highlight=False)
+    if not console.is_terminal:  # logs and CI: wide enough for the results table
+        console = Console(highlight=False, width=120)
+    return console
 
 
 def expected_tasks(cfg: ExperimentConfig) -> int:
@@ -29,8 +32,9 @@ def expected_tasks(cfg: ExperimentConfig) -> int:
     return setup + cfg.rounds * per_round + 1  # + track
 
 
-class _TaskProgress(logging.Handler):
-    """Turns kfp.local's task log lines into a progress bar."""
+class _TaskProgress(logging.Filter):
+    """Turns kfp.local's task log lines into a progress bar. A filter on the root logger,
+    because kfp.local replaces the root logger's handlers while a pipeline runs."""
 
     pattern = re.compile(r"Task .*?'([\w-]+)'.* finished with status .*?(SUCCESS|FAILURE)")
 
@@ -73,12 +77,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         TimeElapsedColumn(), console=console, transient=False,
     ) as progress:  # fmt: skip
         task_id = progress.add_task("starting", total=expected_tasks(cfg))
-        handler = _TaskProgress(progress, task_id)
-        logging.getLogger().addHandler(handler)
+        counter = _TaskProgress(progress, task_id)
+        logging.getLogger().addFilter(counter)
         try:
             final = run_local(cfg, run_label=args.label or time.strftime("%Y%m%d-%H%M%S"))
         finally:
-            logging.getLogger().removeHandler(handler)
+            logging.getLogger().removeFilter(counter)
     store = open_store(cfg.store.uri)
     chain = round_chain(store, final)
     results = results_table(cfg, chain[0], chain[-1])

@@ -179,7 +179,7 @@ def _family_outside_data(d):
         (_duplicate_ids, ["party ids must be unique", "alice"]),
         (_client_named_like_server, ["party ids must be unique", "server"]),
         (_overlapping_families, ["disjoint", "'repeat'"]),
-        (_too_few_clients, ["sampling.min_clients (3)", "number of clients (2)"]),
+        (_too_few_clients, ["sampling.min_clients: 3", "number of clients (2)"]),
         (_families_for_some, ["every client or for none"]),
         (_server_families, ["server.families"]),
         (_family_outside_data, ["not in data.families", "compare"]),
