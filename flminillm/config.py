@@ -229,6 +229,66 @@ class RunnerConfig(_Strict):
     pipeline_root: str = Field("runs/kfp", description="Where the local KFP runner writes outputs.")
 
 
+class StepResources(_Strict):
+    """Kubernetes resources of one step's pod (cluster runs only)."""
+
+    cpu_request: str = Field("1", description="CPU request, e.g. '500m' or '2'.")
+    cpu_limit: str = Field("2", description="CPU limit.")
+    memory_request: str = Field("2G", description="Memory request, e.g. '4G'.")
+    memory_limit: str = Field("4G", description="Memory limit.")
+    gpus: int = Field(0, ge=0, le=16, description="GPUs for this step (accelerator_limit).")
+    accelerator: str | None = Field(
+        None, description="Accelerator type, e.g. 'nvidia.com/gpu' (needed when gpus > 0)."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pod must match (kfp-kubernetes)."
+    )
+    tolerations: list[dict[str, str]] = Field(
+        default_factory=list,
+        description="Tolerations, each {key, operator, value, effect} (kfp-kubernetes).",
+    )
+
+    @model_validator(mode="after")
+    def _gpu_needs_type(self) -> StepResources:
+        if self.gpus and not self.accelerator:
+            raise ValueError("accelerator: set it (e.g. 'nvidia.com/gpu') when gpus > 0")
+        return self
+
+
+class ClusterConfig(_Strict):
+    """How the pipeline runs on Kubernetes with Kubeflow Pipelines (compile / submit)."""
+
+    image: str = Field(
+        "ghcr.io/fl-minillm/flminillm:0.1.0",
+        description="Container image of every step (images/Dockerfile); holds flminillm and kfp.",
+    )
+    gpu_image: str = Field(
+        "ghcr.io/fl-minillm/flminillm-cuda:0.1.0",
+        description="Image of steps that ask for GPUs (images/Dockerfile.cuda).",
+    )
+    pipeline_root: str = Field(
+        "s3://flminillm/pipelines", description="KFP pipeline root for task outputs."
+    )
+    caching: bool = Field(True, description="KFP caching of steps (reruns skip what succeeded).")
+    retries: int = Field(2, ge=0, le=20, description="Retries of a failed step.")
+    backoff_seconds: int = Field(30, ge=0, description="First retry delay; doubles each retry.")
+    default_resources: StepResources = Field(default_factory=StepResources)
+    resources: dict[str, StepResources] = Field(
+        default_factory=dict,
+        description="Per-step overrides, keyed by step: prepare, init_model, sample_clients, "
+        "local_sft, generate, teach, distill, evaluate, track.",
+    )
+    s3_secret: str = Field(
+        "flminillm-s3",
+        description="Kubernetes secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.",
+    )
+    mlflow_secret: str = Field(
+        "flminillm-mlflow",
+        description="Kubernetes secret with MLFLOW_TRACKING_URI (and credentials if any).",
+    )
+    experiment: str = Field("fl-minillm", description="KFP experiment name used by submit.")
+
+
 class ExperimentConfig(_Strict):
     """A whole federation: parties, data, rounds and every hyper-parameter."""
 
@@ -248,6 +308,7 @@ class ExperimentConfig(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _check_parties(self) -> ExperimentConfig:
