@@ -41,3 +41,31 @@ test-slow: install
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
+
+# --- container images (images/README.md) -------------------------------------------------
+# make images [REGISTRY=ghcr.io/you] [IMAGE_TAG=0.1.0] [DOCKER=podman]; make push-images
+DOCKER ?= docker
+REGISTRY ?= ghcr.io/fl-minillm
+IMAGE_TAG ?= 0.1.0
+IMAGE ?= $(REGISTRY)/flminillm:$(IMAGE_TAG)
+GPU_IMAGE ?= $(REGISTRY)/flminillm-cuda:$(IMAGE_TAG)
+MLFLOW_IMAGE ?= $(REGISTRY)/flminillm-mlflow:$(IMAGE_TAG)
+
+.PHONY: images push-images docker-check
+
+docker-check:
+	@$(DOCKER) info >/dev/null 2>&1 || { \
+	  echo "error: '$(DOCKER) info' failed: no container engine is reachable here." >&2; \
+	  echo "Build the images on a machine with docker (or DOCKER=podman); see images/README.md." >&2; \
+	  exit 1; }
+
+images: docker-check
+	$(DOCKER) build -f images/Dockerfile -t $(IMAGE) .
+	$(DOCKER) build -f images/Dockerfile.cuda -t $(GPU_IMAGE) .
+	$(DOCKER) build -f images/Dockerfile.mlflow -t $(MLFLOW_IMAGE) .
+	@echo "built $(IMAGE) $(GPU_IMAGE) $(MLFLOW_IMAGE)"
+
+push-images: images
+	$(DOCKER) push $(IMAGE)
+	$(DOCKER) push $(GPU_IMAGE)
+	$(DOCKER) push $(MLFLOW_IMAGE)

@@ -121,10 +121,12 @@ def evaluate(
     return json.dumps(steps.evaluate(config_json, state_json, round_index, update, updates))
 
 
-def track(config_json: str, state_json: str, run_label: str, run_started: float) -> str:
+def track(
+    config_json: str, state_json: str, run_label: str, run_started: float, run_tags: str
+) -> str:
     from flminillm import steps
 
-    return steps.track(config_json, state_json, run_label, run_started)
+    return steps.track(config_json, state_json, run_label, run_started, run_tags)
 
 
 STEP_FUNCTIONS = {

@@ -1,4 +1,4 @@
-"""`flminillm run | compile | config-schema`: the command line."""
+"""`flminillm run | compile | submit | config-schema`: the command line."""
 
 from __future__ import annotations
 
@@ -42,33 +42,53 @@ class _TaskProgress(logging.Filter):
         super().__init__()
         self.progress, self.task_id = progress, task_id
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def filter(self, record: logging.LogRecord) -> bool:
         msg = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())
         m = self.pattern.search(msg)
         if m and not m.group(1).startswith(("for-loop", "fl-minillm", "round-")):
             self.progress.update(
                 self.task_id, advance=1, description=f"{m.group(1)} {m.group(2).lower()}"
             )
+        return True
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def failure_summary(cfg: ExperimentConfig, since: float) -> str:
+    """The errors of the steps that failed since `since`, from the store's ledger."""
+    from flminillm.steps import federation_id, open_store_for
+    from flminillm.tracking import ledger
+
+    failed = [
+        rec
+        for recs in ledger(open_store_for(cfg), federation_id(cfg)).values()
+        for rec in recs
+        if rec.get("status") == "failed" and rec["started"] >= since
+    ]
+    return "; ".join(
+        f"{r['step']}.{r['party']} (round {r['round']}): {r.get('error', '')}" for r in failed
+    )
+
+
+def run_federation(
+    cfg: ExperimentConfig, label: str, extra_tags: dict[str, str] | None = None
+) -> dict:
+    """Run the federation locally with progress; log a failed run to MLflow before raising."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flminillm.report import render_table, results_table
-    from flminillm.steps import federation_id
-    from flminillm.store import atomic_write_text, open_store
-    from flminillm.tracking import round_chain
+    from flminillm.steps import federation_id, open_store_for
+    from flminillm.store import atomic_write_text
+    from flminillm.tracking import log_federation, round_chain
     from pipelines.local import run_local
 
-    cfg = _load(args)
     console = _console()
     fbc = cfg.families_by_client()
     console.print(f"[bold]FL-MiniLLM[/] federation [cyan]{federation_id(cfg)}[/]: {cfg.rounds} rounds, "
                   f"server [cyan]{cfg.server.id}[/] ({cfg.server.model.family}), "
                   f"{len(cfg.clients)} clients")  # fmt: skip
     for c in cfg.clients:
+        m = c.model
         console.print(
-            f"  client [cyan]{c.id}[/] ({c.model.family} {c.model.hidden_size}x{c.model.num_layers}) holds {fbc[c.id]}"
+            f"  client [cyan]{c.id}[/] ({m.family} {m.hidden_size}x{m.num_layers}) holds {fbc[c.id]}"
         )
     console.print(f"  store {cfg.store.uri}\n  tracking {cfg.tracking.uri}")
     started = time.time()
@@ -80,10 +100,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         counter = _TaskProgress(progress, task_id)
         logging.getLogger().addFilter(counter)
         try:
-            final = run_local(cfg, run_label=args.label or time.strftime("%Y%m%d-%H%M%S"))
+            final = run_local(cfg, run_label=label, run_started=started, extra_tags=extra_tags)
+        except Exception as err:
+            error = failure_summary(cfg, started) or f"{type(err).__name__}: {err}"
+            console.print(f"[red]federation failed[/]: {error}")
+            if cfg.tracking.enabled:
+                run_id = log_federation(
+                    cfg, open_store_for(cfg), run_label=label, run_started=started,
+                    status="FAILED", error=error, extra_tags=extra_tags,
+                )  # fmt: skip
+                console.print(f"MLflow run {run_id}: `flminillm lineage {run_id}` shows what "
+                              f"happened, `flminillm rerun {run_id}` finishes it")  # fmt: skip
+            raise
         finally:
             logging.getLogger().removeFilter(counter)
-    store = open_store(cfg.store.uri)
+    store = open_store_for(cfg)
     chain = round_chain(store, final)
     results = results_table(cfg, chain[0], chain[-1])
     out = Path(cfg.output_dir)
@@ -96,18 +127,93 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"round manifest: {out / 'round_manifest.json'} (sha256 {final['manifest']})")
     if cfg.tracking.enabled:
         console.print(f"lineage: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    return final
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    try:
+        run_federation(cfg, args.label or time.strftime("%Y%m%d-%H%M%S"))
+    except Exception:
+        return 1
+    return 0
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    import os
+
+    if args.tracking_uri:
+        return args.tracking_uri
+    if getattr(args, "config", None):
+        return load_config(args.config).tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    raise ConfigError("give --tracking-uri or --config (or set MLFLOW_TRACKING_URI)")
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from flminillm.lineage import lineage_tree
+
+    _console().print(lineage_tree(_tracking_uri(args), args.run_id, show_io=not args.brief))
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """Finish a failed federation: succeeded steps come from the cache."""
+    from flminillm.lineage import config_of_run, purge_dropped_cache_entries
+
+    uri = _tracking_uri(args)
+    cfg = config_of_run(uri, args.run_id)
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
+    purged = purge_dropped_cache_entries(Path(cfg.runner.pipeline_root) / ".kfp_cache")
+    if purged:
+        print(f"cleared {purged} cached client drop-out(s), so those steps run again")
+    try:
+        run_federation(
+            cfg, f"rerun-{args.run_id[:8]}", extra_tags={"flminillm.rerun_of": args.run_id}
+        )
+    except Exception:
+        return 1
     return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from kfp import compiler
+    from pipelines.cluster import compile_pipeline
 
-    from pipelines.federation import build_federation_pipeline, build_round_pipeline
+    cfg = load_config(args.config)
+    try:
+        path = compile_pipeline(
+            cfg, args.output, round_only=args.round, caching=False if args.no_cache else None
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    what = "round" if args.round else f"federation ({cfg.rounds} rounds)"
+    print(f"wrote {path}: {what}, image {cfg.cluster.image}, root {cfg.cluster.pipeline_root}")
+    return 0
 
-    cfg = _load(args)
-    pipeline = build_round_pipeline(cfg) if args.round else build_federation_pipeline(cfg)
-    compiler.Compiler().compile(pipeline, package_path=args.output)
-    print(f"wrote {args.output}")
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipelines.submit import read_manifest, submit
+
+    cfg = load_config(args.config)
+    if args.round is not None and not args.from_manifest:
+        print("error: --round needs --from-manifest", file=sys.stderr)
+        return 2
+    try:
+        manifest = read_manifest(args.from_manifest, cfg) if args.from_manifest else None
+        done = submit(
+            cfg,
+            args.host,
+            run_name=args.run_name,
+            caching=not args.no_cache,
+            manifest=manifest,
+            round_index=args.round,
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"run {done.run_id}: {done.url}")
     return 0
 
 
@@ -137,11 +243,46 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label", help="name of this run in MLflow")
     run.set_defaults(func=cmd_run)
 
-    comp = sub.add_parser("compile", help="compile the pipeline to KFP YAML")
+    comp = sub.add_parser(
+        "compile", help="compile the pipeline to KFP YAML with the config's cluster settings"
+    )
     comp.add_argument("--config", required=True)
     comp.add_argument("-o", "--output", default="pipeline.yaml")
     comp.add_argument("--round", action="store_true", help="compile a single round pipeline")
+    comp.add_argument("--no-cache", action="store_true", help="compile with caching off")
     comp.set_defaults(func=cmd_compile)
+
+    subm = sub.add_parser("submit", help="submit to Kubeflow Pipelines (see docs/cluster.md)")
+    subm.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    subm.add_argument("--config", required=True)
+    subm.add_argument("--run-name", help="name of the run (default: <config name>-<time>)")
+    subm.add_argument(
+        "--no-cache", action="store_true", help="re-run every step (caching is on by default)"
+    )
+    subm.add_argument(
+        "--from-manifest",
+        metavar="URI",
+        help="run one round from this round manifest: a JSON file or sha256:<digest> in the store",
+    )
+    subm.add_argument(
+        "--round",
+        type=int,
+        help="with --from-manifest: the round to run (default: the manifest's round + 1)",
+    )
+    subm.set_defaults(func=cmd_submit)
+
+    lin = sub.add_parser("lineage", help="print a federation's round > step tree from MLflow")
+    lin.add_argument("run_id", help="the federation's MLflow run id")
+    lin.add_argument("--tracking-uri", help="MLflow tracking URI")
+    lin.add_argument("--config", help="take the tracking URI from this experiment config")
+    lin.add_argument("--brief", action="store_true", help="leave out inputs and outputs")
+    lin.set_defaults(func=cmd_lineage)
+
+    rer = sub.add_parser("rerun", help="finish a failed federation; succeeded steps are cached")
+    rer.add_argument("run_id", help="the failed federation's MLflow run id")
+    rer.add_argument("--tracking-uri", help="MLflow tracking URI")
+    rer.add_argument("--config", help="take the tracking URI from this experiment config")
+    rer.set_defaults(func=cmd_rerun)
 
     schema = sub.add_parser("config-schema", help="print the JSON schema of experiment configs")
     schema.set_defaults(func=cmd_config_schema)

@@ -287,6 +287,16 @@ class ClusterConfig(_Strict):
         description="Kubernetes secret with MLFLOW_TRACKING_URI (and credentials if any).",
     )
     experiment: str = Field("fl-minillm", description="KFP experiment name used by submit.")
+    namespace: str | None = Field(
+        None,
+        description="Kubernetes namespace of the runs in multi-user Kubeflow (your profile's); "
+        "leave empty for a standalone Kubeflow Pipelines install.",
+    )
+    service_account: str = Field(
+        "",
+        description="Service account of the pipeline's pods (manifests/ creates "
+        "'flminillm-pipeline'); empty: KFP's default runner account.",
+    )
 
 
 class ExperimentConfig(_Strict):

@@ -132,23 +132,31 @@ def run_distill(
     rollouts_manifest: dict,
     teachings_manifests: list[dict],
 ) -> tuple[str, dict[str, float]]:
-    from flminillm.steps import _examples, _load_model, _load_tokenizer, _save_model, _seed
+    from flminillm.steps import (
+        EXCHANGE,
+        _examples,
+        _load_model,
+        _load_tokenizer,
+        _save_model,
+        _seed,
+    )
     from flminillm.training import batches, causal_lm_loss, encode_examples, make_optimizer
 
     d = cfg.distill
     vocab = state["vocab_size"]
-    rollouts = store.get_tensors(rollouts_manifest["rollouts"])
+    exchange = store.scoped(EXCHANGE)
+    rollouts = exchange.get_tensors(rollouts_manifest["rollouts"])
     validate_rollouts(rollouts, vocab)
     teachings = []
     for t in teachings_manifests:
-        msg = store.get_tensors(t["teaching"])
+        msg = exchange.get_tensors(t["teaching"])
         validate_teaching(msg, rollouts, vocab)
         teachings.append(msg)
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
     batch = assemble_batch(rollouts, teachings, weights, d.aggregation, d.trim, d.posterior_weights)
 
     tok = _load_tokenizer(store, state["tokenizer"])
-    model = _load_model(store, model_digest)
+    model = _load_model(store, student_id, model_digest)
     torch.manual_seed(_seed(cfg, "distill", round_index, student_id))
 
     # behaviour policy q_old: one teacher-forced pass before any update
@@ -168,7 +176,7 @@ def run_distill(
 
     own_rows = []
     if student_id in state["data"]["clients"] and d.lm_coef > 0:
-        own = _examples(store, state["data"]["clients"][student_id]["train"])
+        own = _examples(store, student_id, state["data"]["clients"][student_id]["train"])
         own_rows = encode_examples(
             tok, own, cfg.party(student_id).model.max_positions, cfg.local_sft.prompt_loss
         )
@@ -237,4 +245,4 @@ def run_distill(
     if first_rkl is not None:
         metrics["reverse_kl_first"] = first_rkl
     metrics["bytes_received"] = float(sum(t["bytes"] for t in teachings_manifests))
-    return _save_model(store, model), metrics
+    return _save_model(store, student_id, model), metrics

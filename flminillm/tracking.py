@@ -44,6 +44,23 @@ def round_chain(store: Store, final_state: dict) -> list[dict]:
     return [store.get_json(d) for d in final_state.get("history", [])] + [final_state]
 
 
+def ledger(store: Store, fed: str) -> dict[int, list[dict]]:
+    """The federation's step records, by round (from the store's ledger)."""
+    rounds: dict[int, list[dict]] = {}
+    for rec in store.list_records(f"{fed}/round-"):
+        if rec.get("federation") == fed and "step" in rec:
+            rounds.setdefault(int(rec["round"]), []).append(rec)
+    return rounds
+
+
+def round_manifest(store: Store, records: list[dict]) -> dict | None:
+    """The manifest an evaluate step wrote for its round, if it succeeded."""
+    for rec in records:
+        if rec["step"] == "evaluate" and rec.get("status") == "succeeded":
+            return store.get_json(rec["outputs"]["round_manifest"]["digest"])
+    return None
+
+
 def bytes_by_party(records: list[dict]) -> dict[str, dict[str, float]]:
     """Bytes each party sent and received in a round, from the step records."""
     out: dict[str, dict[str, float]] = {}
@@ -84,51 +101,93 @@ def _log(client, run_id: str, metrics=None, params=None, tags=None, step: int = 
         client.log_batch(run_id, metrics=m[i : i + 900], params=p[i : i + 900], tags=t[i : i + 900])
 
 
+def _log_datasets(client, run_id: str, store: Store, records: list[dict]) -> None:
+    """Data sets as MLflow dataset inputs: name, sha256 digest and store URI (no rows)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for rec in records:
+        for name, ref in rec.get("outputs", {}).items():
+            if not (name.startswith("data.") or name in ("public_prompts", "pretrain_corpus")):
+                continue
+            ds = MetaDataset(
+                source=resolve_dataset_source(ref["uri"]), name=name, digest=ref["digest"][:36]
+            )
+            context = (
+                "train"
+                if name.endswith(".train")
+                else ("test" if name.endswith(".test") else "public")
+            )
+            inputs.append(
+                DatasetInput(
+                    ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]
+                )
+            )
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
 def log_federation(
     cfg: ExperimentConfig,
     store: Store,
-    final_state: dict,
-    pipeline_run: str = "",
+    run_label: str = "",
     run_started: float = 0.0,
-    results: dict | None = None,
+    status: str = "FINISHED",
+    error: str = "",
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
-    """Write the federation > round > step tree to MLflow; return the parent run id."""
+    """Write the federation > round > step tree to MLflow from the ledger; return the
+    parent run id. Works for failed runs too: their rounds end at the failed step."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from flminillm.report import party_summary, results_table
+    from flminillm.steps import federation_id
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
     client = MlflowClient(cfg.tracking.uri)
     exp_id = _experiment_id(client, cfg)
-    fed = final_state["federation"]
-    chain = round_chain(store, final_state)
-    results = results or results_table(cfg, chain[0], chain[-1])
+    fed = federation_id(cfg)
+    by_round = ledger(store, fed)
+    if run_started and status != "FINISHED":
+        # a failed run: only the rounds it reached (later records belong to older runs)
+        reached = [
+            r for r, recs in by_round.items() if any(x["started"] >= run_started for x in recs)
+        ]
+        by_round = {r: v for r, v in by_round.items() if r <= max(reached, default=0)}
+    manifests = {r: round_manifest(store, recs) for r, recs in by_round.items()}
+    done = [m for _, m in sorted(manifests.items()) if m is not None]
+    results = results_table(cfg, done[0], done[-1]) if done else {"parties": {}}
 
     parent = client.create_run(
         exp_id,
-        run_name=f"{cfg.name}{'-' + pipeline_run if pipeline_run else ''}",
+        run_name=f"{cfg.name}{'-' + run_label if run_label else ''}",
         tags={
             FEDERATION_TAG: fed,
             "flminillm.kind": "federation",
-            "flminillm.pipeline_run": pipeline_run,
+            "flminillm.run_label": run_label,
+            "flminillm.config_digest": cfg.digest(),
+            **({"flminillm.error": error[:4000]} if error else {}),
+            **(extra_tags or {}),
         },
     )
     pid = parent.info.run_id
     params: dict[str, str] = {}
     _flatten("", json.loads(cfg.to_json()), params)
-    _log(client, pid, params=params, tags={"flminillm.config_digest": cfg.digest()})
+    _log(client, pid, params=params)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(json.loads(cfg.to_json()), indent=1))
         (Path(tmp) / "results.json").write_text(json.dumps(results, indent=1))
-        (Path(tmp) / "round_manifest.json").write_text(json.dumps(final_state, indent=1))
+        if done:
+            (Path(tmp) / "round_manifest.json").write_text(json.dumps(done[-1], indent=1))
         client.log_artifacts(pid, tmp)
+    _log_datasets(client, pid, store, by_round.get(0, []))
 
-    for manifest in chain:
-        r = manifest["round"]
-        records = [
-            rec for rec in store.list_records(f"{fed}/round-{r:04d}/") if rec["federation"] == fed
-        ]
+    for r in sorted(by_round):
+        records, manifest = by_round[r], manifests[r]
+        failed = [x for x in records if x.get("status") != "succeeded"]
         rr = client.create_run(
             exp_id,
             run_name=f"round-{r}" if r else "round-0 (setup)",
@@ -136,72 +195,70 @@ def log_federation(
                 "mlflow.parentRunId": pid,
                 FEDERATION_TAG: fed,
                 "flminillm.kind": "round",
-                "flminillm.round_manifest": manifest.get("manifest", ""),
+                "flminillm.round_manifest": (manifest or {}).get("manifest", ""),
+                "flminillm.dropped": json.dumps((manifest or {}).get("dropped", {})),
             },
         )
         rid = rr.info.run_id
         round_metrics: dict[str, float] = {}
-        for party, fams in manifest.get("eval", {}).items():
-            for fam, m in fams.items():
-                for k in ("exact_match", "rouge_l"):
-                    round_metrics[f"{party}.{fam}.{k}"] = m[k]
-        for party, summary in party_summary(results, manifest).items():
-            for k, v in summary.items():
-                round_metrics[f"{party}.{k}"] = v
+        if manifest is not None:
+            for party, fams in manifest.get("eval", {}).items():
+                for fam, m in fams.items():
+                    for k in ("exact_match", "rouge_l"):
+                        round_metrics[f"{party}.{fam}.{k}"] = m[k]
+            for party, summary in party_summary(results, manifest).items():
+                for k, v in summary.items():
+                    round_metrics[f"{party}.{k}"] = v
         for party, b in bytes_by_party(records).items():
             for k, v in b.items():
                 round_metrics[f"{party}.{k}"] = v
-        _log(
-            client,
-            rid,
-            metrics=round_metrics,
-            params={"round": r, "models": json.dumps(manifest["models"])},
-        )
+        params = {"round": r}
+        if manifest is not None:
+            params["models"] = json.dumps(manifest["models"])
+        _log(client, rid, metrics=round_metrics, params=params)
         _log(client, pid, metrics=round_metrics, step=max(r, 0))
         for rec in sorted(records, key=lambda x: x["started"]):
-            cached = bool(run_started) and rec["started"] < run_started
-            tags = {
-                "mlflow.parentRunId": rid,
-                FEDERATION_TAG: fed,
-                "flminillm.kind": "step",
-                "flminillm.step": rec["step"],
-                "flminillm.party": rec["party"],
-                "flminillm.status": rec.get("status", "unknown"),
-                "flminillm.cache_hit": str(cached).lower(),
-                "flminillm.host": rec.get("host", ""),
-            }
-            for direction in ("inputs", "outputs"):
-                for name, ref in rec.get(direction, {}).items():
-                    if isinstance(ref, dict):
-                        tags[f"{direction}.{name}.sha256"] = ref["digest"]
-                        tags[f"{direction}.{name}.uri"] = ref["uri"]
-                    else:
-                        tags[f"{direction}.{name}"] = json.dumps(ref)
-            if rec.get("error"):
-                tags["flminillm.error"] = rec["error"]
-            sr = client.create_run(
-                exp_id,
-                run_name=f"{rec['step']}.{rec['party']}",
-                start_time=int(rec["started"] * 1000),
-                tags=tags,
-            )
-            _log(
-                client,
-                sr.info.run_id,
-                metrics={**rec.get("metrics", {}), "duration_s": rec.get("duration_s", 0.0)},
-                params={
-                    "round": r,
-                    "step": rec["step"],
-                    "party": rec["party"],
-                    **rec.get("params", {}),
-                },
-            )
-            status = "FINISHED" if rec.get("status") == "succeeded" else "FAILED"
-            client.set_terminated(
-                sr.info.run_id,
-                status,
-                end_time=int((rec["started"] + rec.get("duration_s", 0)) * 1000),
-            )
-        client.set_terminated(rid, "FINISHED")
-    client.set_terminated(pid, "FINISHED")
+            _log_step(client, exp_id, rid, fed, r, rec, run_started)
+        client.set_terminated(rid, "FAILED" if failed or manifest is None else "FINISHED")
+    client.set_terminated(pid, status)
     return pid
+
+
+def _log_step(
+    client, exp_id: str, parent: str, fed: str, r: int, rec: dict, run_started: float
+) -> None:
+    cached = bool(run_started) and rec["started"] < run_started
+    tags = {
+        "mlflow.parentRunId": parent,
+        FEDERATION_TAG: fed,
+        "flminillm.kind": "step",
+        "flminillm.step": rec["step"],
+        "flminillm.party": rec["party"],
+        "flminillm.status": rec.get("status", "unknown"),
+        "flminillm.cache_hit": str(cached).lower(),
+        "flminillm.host": rec.get("host", ""),
+    }
+    for direction in ("inputs", "outputs"):
+        for name, ref in rec.get(direction, {}).items():
+            if isinstance(ref, dict):
+                tags[f"{direction}.{name}.sha256"] = ref["digest"]
+                tags[f"{direction}.{name}.uri"] = ref["uri"]
+            else:
+                tags[f"{direction}.{name}"] = json.dumps(ref)
+    if rec.get("error"):
+        tags["flminillm.error"] = rec["error"]
+    sr = client.create_run(
+        exp_id,
+        run_name=f"{rec['step']}.{rec['party']}",
+        start_time=int(rec["started"] * 1000),
+        tags=tags,
+    )
+    _log(
+        client,
+        sr.info.run_id,
+        metrics={**rec.get("metrics", {}), "duration_s": rec.get("duration_s", 0.0)},
+        params={"round": r, "step": rec["step"], "party": rec["party"], **rec.get("params", {})},
+    )
+    status = "FINISHED" if rec.get("status") == "succeeded" else "FAILED"
+    end = int((rec["started"] + rec.get("duration_s", 0)) * 1000)
+    client.set_terminated(sr.info.run_id, status, end_time=end)

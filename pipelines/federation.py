@@ -131,7 +131,10 @@ def build_federation_pipeline(
         pipeline_root=pipeline_root,
     )
     def fl_minillm_federation(
-        config_json: str = cfg.to_json(), run_label: str = "", run_started: float = 0.0
+        config_json: str = cfg.to_json(),
+        run_label: str = "",
+        run_started: float = 0.0,
+        run_tags: str = "{}",
     ) -> str:
         prep = ops.prepare(config_json=config_json)
         _hooked(task_hook, prep, "prepare")
@@ -153,7 +156,7 @@ def build_federation_pipeline(
             state.set_display_name(f"round-{r}")
         tracked = ops.track(
             config_json=config_json, state_json=state.output, run_label=run_label,
-            run_started=run_started,
+            run_started=run_started, run_tags=run_tags,
         )  # fmt: skip
         _hooked(task_hook, tracked, "track")
         tracked.set_caching_options(False)  # logs to MLflow on every run

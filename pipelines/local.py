@@ -50,7 +50,12 @@ def init_local(pipeline_root: str | Path, cache: bool) -> None:
     )
 
 
-def run_local(cfg: ExperimentConfig, run_label: str = "") -> dict:
+def run_local(
+    cfg: ExperimentConfig,
+    run_label: str = "",
+    run_started: float | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> dict:
     """Run the whole federation pipeline in local subprocesses; return the final manifest."""
     from pipelines.federation import build_federation_pipeline
 
@@ -60,5 +65,10 @@ def run_local(cfg: ExperimentConfig, run_label: str = "") -> dict:
     threads = str(max(1, (os.cpu_count() or 1) // par))
     os.environ["FLMINILLM_TORCH_THREADS"] = threads
     pipeline = build_federation_pipeline(cfg, parallelism=par)
-    task = pipeline(config_json=cfg.to_json(), run_label=run_label, run_started=time.time())
+    task = pipeline(
+        config_json=cfg.to_json(),
+        run_label=run_label,
+        run_started=run_started or time.time(),
+        run_tags=json.dumps(extra_tags or {}),
+    )
     return json.loads(task.output)

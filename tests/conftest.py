@@ -23,3 +23,26 @@ def tiny_config(tmp_path):
             "runner": cfg.runner.model_copy(update={"pipeline_root": str(tmp_path / "kfp")}),
         }
     )
+
+
+# --- S3 (a real moto server process on 127.0.0.1) ----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Endpoint URL of a moto S3 server process, started once per test session."""
+    from tests.s3_server import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """Fake credentials in the environment and a fresh, empty bucket: yields (endpoint, bucket)."""
+    from tests.s3_server import apply_fake_aws_env, s3_client, unique_bucket_name
+
+    apply_fake_aws_env(monkeypatch, tmp_path)
+    bucket = unique_bucket_name()
+    s3_client(s3_server).create_bucket(Bucket=bucket)
+    yield s3_server, bucket

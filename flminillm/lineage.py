@@ -1,0 +1,121 @@
+"""Read a federation's lineage back from MLflow; helpers for `flminillm rerun`."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from flminillm.config import ExperimentConfig, config_from_json
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _children(client, run) -> list:
+    return client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+        max_results=5000,
+    )
+
+
+def _federation_run(client, run_id: str):
+    run = client.get_run(run_id)
+    if run.data.tags.get("flminillm.kind") != "federation":
+        raise ValueError(
+            f"MLflow run {run_id} is not a federation run (kind="
+            f"{run.data.tags.get('flminillm.kind')!r}); give the parent run's id"
+        )
+    return run
+
+
+def lineage(uri: str, run_id: str) -> dict:
+    """{run, rounds: [{run, steps: [run...]}]} of a federation run, in order."""
+    client = _client(uri)
+    fed = _federation_run(client, run_id)
+    rounds = sorted(_children(client, fed), key=lambda r: int(r.data.params.get("round", 0)))
+    return {
+        "run": fed,
+        "rounds": [
+            {"run": r, "steps": sorted(_children(client, r), key=lambda s: s.info.start_time)}
+            for r in rounds
+        ],
+    }
+
+
+def lineage_tree(uri: str, run_id: str, show_io: bool = True):
+    """A rich Tree: federation > round > step (status, duration, cache hit) > inputs/outputs."""
+    from rich.tree import Tree
+
+    lin = lineage(uri, run_id)
+    fed = lin["run"]
+    t = fed.data.tags
+    status = fed.info.status
+    colour = "green" if status == "FINISHED" else "red"
+    root = Tree(
+        f"[bold]{fed.info.run_name}[/] [{colour}]{status}[/] federation {t.get('flminillm.federation')}"
+        + (f" (rerun of {t['flminillm.rerun_of']})" if t.get("flminillm.rerun_of") else "")
+    )
+    if t.get("flminillm.error"):
+        root.add(f"[red]error: {t['flminillm.error']}[/]")
+    for rnd in lin["rounds"]:
+        r = rnd["run"]
+        dropped = json.loads(r.data.tags.get("flminillm.dropped", "{}") or "{}")
+        rs = r.info.status
+        label = f"{r.info.run_name} [{'green' if rs == 'FINISHED' else 'red'}]{rs}[/]"
+        if dropped:
+            label += f" [yellow]dropped: {', '.join(dropped)}[/]"
+        node = root.add(label)
+        for s in rnd["steps"]:
+            st = s.data.tags
+            ok = st.get("flminillm.status") == "succeeded"
+            cached = st.get("flminillm.cache_hit") == "true"
+            dur = s.data.metrics.get("duration_s", 0.0)
+            text = (
+                f"{s.info.run_name} [{'green' if ok else 'red'}]{st.get('flminillm.status')}[/] "
+                f"{dur:.1f}s" + (" [cyan]cache hit[/]" if cached else "")
+            )
+            leaf = node.add(text)
+            if st.get("flminillm.error"):
+                leaf.add(f"[red]{st['flminillm.error']}[/]")
+            if show_io:
+                for key in sorted(st):
+                    if key.startswith(("inputs.", "outputs.")) and key.endswith(".sha256"):
+                        name = key[: -len(".sha256")]
+                        arrow = "<-" if key.startswith("inputs.") else "->"
+                        leaf.add(
+                            f"{arrow} {name.split('.', 1)[1]} sha256:{st[key][:16]} {st.get(name + '.uri', '')}"
+                        )
+    return root
+
+
+def config_of_run(uri: str, run_id: str) -> ExperimentConfig:
+    """The experiment config a federation run used (its config.json artifact)."""
+    client = _client(uri)
+    _federation_run(client, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, "config.json", tmp)
+        return config_from_json(Path(path).read_text())
+
+
+def purge_dropped_cache_entries(cache_dir: Path) -> int:
+    """Forget cached outputs of client steps that dropped out, so a rerun retries them
+    (a drop-out is a successful task to KFP, so its cache would otherwise replay it)."""
+    if not cache_dir.is_dir():
+        return 0
+    n = 0
+    for entry in cache_dir.glob("*.json"):
+        try:
+            outputs = json.loads(entry.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for value in outputs.values() if isinstance(outputs, dict) else []:
+            if isinstance(value, str) and '"dropped": "' in value:
+                entry.unlink(missing_ok=True)
+                n += 1
+                break
+    return n

@@ -1,0 +1,149 @@
+"""Cluster settings of the compiled pipelines: what Kubeflow Pipelines on Kubernetes needs
+and the local runner ignores (caching, retries, resources, GPUs, node selection, secrets,
+the pipeline root). All of it comes from `cfg.cluster` (flminillm.config.ClusterConfig).
+
+The pipelines stay wiring only: `pipelines.federation` calls a task hook on every task it
+creates with the step's name, and `cluster_task_hook` sets the step's options there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+
+from components import build_components
+from flminillm.config import ClusterConfig, ExperimentConfig, RunnerConfig, StepResources
+from pipelines.federation import TaskHook, build_federation_pipeline, build_round_pipeline
+
+# every step name the pipelines pass to the task hook
+STEPS = (
+    "prepare",
+    "list_parties",
+    "init_model",
+    "sample_clients",
+    "local_sft",
+    "generate",
+    "teach",
+    "distill",
+    "evaluate",
+    "track",
+)
+# secret key -> environment variable. boto3 reads all three (AWS_ENDPOINT_URL points it at
+# MinIO or any S3-compatible store; for AWS S3 set it to the regional endpoint).
+S3_SECRET_ENV = {
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+    "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
+}
+MLFLOW_SECRET_ENV = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}
+# basic-auth credentials of an MLflow server, used when the secret has them
+MLFLOW_SECRET_ENV_OPTIONAL = {
+    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+}
+# steps that talk to MLflow (the others only need the artifact store)
+MLFLOW_STEPS = frozenset({"track"})
+# the images' user (images/Dockerfile, images/Dockerfile.cuda)
+IMAGE_UID = 1000
+
+
+def step_resources(cluster: ClusterConfig, step: str) -> StepResources:
+    """The step's resources: `cluster.resources[step]`, else `cluster.default_resources`."""
+    return cluster.resources.get(step, cluster.default_resources)
+
+
+def check_cluster_config(cluster: ClusterConfig) -> None:
+    """Refuse settings that would compile to a pipeline that cannot run."""
+    unknown = sorted(set(cluster.resources) - set(STEPS))
+    if unknown:
+        raise ValueError(f"cluster.resources: unknown steps {unknown}; allowed: {', '.join(STEPS)}")
+    if not cluster.pipeline_root.startswith(("s3://", "gs://", "minio://")):
+        raise ValueError(
+            f"cluster.pipeline_root: {cluster.pipeline_root!r} must be an object-store URI "
+            "(s3://bucket/prefix) that the cluster's pods can reach"
+        )
+
+
+def cluster_task_hook(cluster: ClusterConfig, caching: bool | None = None) -> TaskHook:
+    """A task hook setting `cluster`'s options on every task. `caching` overrides
+    `cluster.caching` (False: every step runs again)."""
+    enable_caching = cluster.caching if caching is None else caching
+
+    def hook(task: dsl.PipelineTask, step: str) -> None:
+        if step not in STEPS:
+            raise ValueError(f"unknown step {step!r} (known: {', '.join(STEPS)})")
+        res = step_resources(cluster, step)
+        task.set_caching_options(enable_caching)
+        if cluster.retries:
+            task.set_retry(
+                num_retries=cluster.retries,
+                backoff_duration=f"{cluster.backoff_seconds}s",
+                backoff_factor=2,
+            )
+        task.set_cpu_request(res.cpu_request).set_cpu_limit(res.cpu_limit)
+        task.set_memory_request(res.memory_request).set_memory_limit(res.memory_limit)
+        if res.gpus:
+            task.set_accelerator_type(res.accelerator).set_accelerator_limit(res.gpus)
+            task.set_container_image(cluster.gpu_image)
+        for key, value in res.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for toleration in res.tolerations:
+            kubernetes.add_toleration(task, **toleration)
+        kubernetes.use_secret_as_env(
+            task, secret_name=cluster.s3_secret, secret_key_to_env=S3_SECRET_ENV
+        )
+        if step in MLFLOW_STEPS:
+            kubernetes.use_secret_as_env(
+                task, secret_name=cluster.mlflow_secret, secret_key_to_env=MLFLOW_SECRET_ENV
+            )
+            kubernetes.use_secret_as_env(
+                task,
+                secret_name=cluster.mlflow_secret,
+                secret_key_to_env=MLFLOW_SECRET_ENV_OPTIONAL,
+                optional=True,
+            )
+        kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_non_root=True)
+
+    return hook
+
+
+def pipeline_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config the cluster pipeline carries (its `config_json`): deployment-only sections
+    (`cluster`, `runner`) are reset to their defaults, so that changing a step's resources or
+    retries, or compiling on another machine, keeps the steps' inputs, and so KFP's cache
+    keys, the same: a resubmitted run skips the steps that already succeeded."""
+    return cfg.model_copy(update={"cluster": ClusterConfig(), "runner": RunnerConfig()})
+
+
+def build_cluster_pipeline(
+    cfg: ExperimentConfig, round_only: bool = False, caching: bool | None = None
+):
+    """The federation (or single-round) pipeline with `cfg.cluster`'s settings on every task
+    and `cfg.cluster.pipeline_root` as its default pipeline root."""
+    cluster = cfg.cluster
+    check_cluster_config(cluster)
+    # every component runs in cluster.image; the hook moves GPU steps to cluster.gpu_image
+    ops = build_components(cluster.image)
+    build = build_round_pipeline if round_only else build_federation_pipeline
+    return build(
+        pipeline_config(cfg),
+        ops,
+        task_hook=cluster_task_hook(cluster, caching),
+        pipeline_root=cluster.pipeline_root,
+    )
+
+
+def compile_pipeline(
+    cfg: ExperimentConfig,
+    package_path: str | Path,
+    round_only: bool = False,
+    caching: bool | None = None,
+) -> Path:
+    """Compile the cluster pipeline to KFP YAML at `package_path`."""
+    path = Path(package_path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    pipeline = build_cluster_pipeline(cfg, round_only=round_only, caching=caching)
+    compiler.Compiler().compile(pipeline, package_path=str(path))
+    return path

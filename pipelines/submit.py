@@ -1,0 +1,134 @@
+"""Submit a federation (or one round from a round manifest) to Kubeflow Pipelines.
+
+Uses `kfp.Client` against the KFP v2beta1 REST API: it gets or creates the experiment
+`cfg.cluster.experiment`, then creates a run from the compiled package (the pipeline spec
+travels inside the run; nothing is uploaded as a named pipeline).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flminillm.config import ExperimentConfig
+from pipelines.cluster import compile_pipeline, pipeline_config
+
+_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+
+
+@dataclass(frozen=True)
+class Submitted:
+    run_id: str
+    url: str
+    experiment_id: str
+
+
+def run_url(host: str, run_id: str) -> str:
+    return f"{host.rstrip('/')}/#/runs/details/{run_id}"
+
+
+def read_manifest(source: str, cfg: ExperimentConfig) -> dict:
+    """A round manifest from a JSON file, or from the artifact store when `source` is
+    `sha256:<hex>` (the digest printed by `flminillm run` and logged to MLflow)."""
+    m = _DIGEST.match(source.strip().lower())
+    if m:
+        from flminillm import store
+
+        opener = getattr(store, "open_store_from_config", None)
+        st = opener(cfg.store) if opener else store.open_store(cfg.store.uri)
+        manifest = st.get_json(m.group(1))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(
+                f"--from-manifest: {source!r} is neither a file nor sha256:<64 hex digits>"
+            )
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--from-manifest: {source} is not JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "round_manifest":
+        raise ValueError(
+            f"--from-manifest: {source} is not a round manifest (kind != round_manifest)"
+        )
+    return manifest
+
+
+def next_round(manifest: dict, round_index: int | None) -> int:
+    """The round to run from `manifest` (the output of round r runs round r + 1)."""
+    done = manifest.get("round")
+    if round_index is None:
+        if not isinstance(done, int):
+            raise ValueError("--round: the manifest does not say its round; give --round N")
+        return done + 1
+    if round_index < 1:
+        raise ValueError(f"--round: must be >= 1 (got {round_index})")
+    if isinstance(done, int) and round_index != done + 1:
+        raise ValueError(
+            f"--round {round_index}: the manifest is the state after round {done}, so it "
+            f"starts round {done + 1}; for round {round_index} use the manifest of round "
+            f"{round_index - 1}"
+        )
+    return round_index
+
+
+def submit(
+    cfg: ExperimentConfig,
+    host: str,
+    run_name: str | None = None,
+    caching: bool = True,
+    manifest: dict | None = None,
+    round_index: int | None = None,
+    client_factory: Callable[..., Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Submitted:
+    """Compile and submit. With `manifest`, submit the single-round pipeline that runs round
+    `round_index` from that state; else the whole federation. `caching=False` re-runs every
+    step (compiled with caching off, and the run's caching override off)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if client_factory is None:
+        import kfp
+
+        client_factory = kfp.Client
+    cluster = cfg.cluster
+    config_json = pipeline_config(cfg).to_json()
+    started = time.time()
+    if manifest is not None:
+        r = next_round(manifest, round_index)
+        name = run_name or f"{cfg.name}-round-{r}-{time.strftime('%Y%m%d-%H%M%S')}"
+        arguments: dict[str, Any] = {
+            "config_json": config_json,
+            # the same text the evaluate step returns, so the cache keys match a full run's
+            "state_json": json.dumps(manifest),
+            "round_index": r,
+        }
+    else:
+        name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        arguments = {"config_json": config_json, "run_label": name, "run_started": started}
+    with tempfile.TemporaryDirectory(prefix="flminillm-submit-") as tmp:
+        package = compile_pipeline(
+            cfg, Path(tmp) / "pipeline.yaml", round_only=manifest is not None, caching=caching
+        )
+        client = client_factory(host=host, namespace=cluster.namespace or "kubeflow")
+        result = client.create_run_from_pipeline_package(
+            str(package),
+            arguments=arguments,
+            run_name=name,
+            experiment_name=cluster.experiment,
+            namespace=cluster.namespace,
+            # None keeps the compiled per-task settings (the MLflow step is never cached)
+            enable_caching=None if caching else False,
+            service_account=cluster.service_account or None,
+        )
+    run_id = result.run_id
+    experiment_id = getattr(getattr(result, "run_info", None), "experiment_id", "") or ""
+    url = run_url(host, run_id)
+    log(f"submitted run {name!r} ({run_id}) to experiment {cluster.experiment!r}")
+    return Submitted(run_id=run_id, url=url, experiment_id=experiment_id)

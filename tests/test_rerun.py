@@ -1,0 +1,127 @@
+"""Failures, reruns and client drop-out, through the local KFP runner and MLflow."""
+
+import json
+
+import pytest
+import yaml
+
+from flminillm.cli import main
+from flminillm.steps import FAULTS_ENV, RETRIES_ENV, federation_id, parse_faults
+from flminillm.store import open_store
+from flminillm.tracking import ledger
+
+
+def _config(tiny_config, tmp_path, name, **updates):
+    root = tmp_path / name
+    cfg = tiny_config.model_copy(
+        update={
+            "output_dir": str(root / "out"),
+            "store": tiny_config.store.model_copy(update={"uri": str(root / "store")}),
+            "tracking": tiny_config.tracking.model_copy(update={"uri": f"sqlite:///{root}/mlflow.db"}),
+            "runner": tiny_config.runner.model_copy(update={"pipeline_root": str(root / "kfp")}),
+            **updates,
+        }
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(json.loads(cfg.to_json())))
+    return cfg, path
+
+
+def _executions(cfg) -> dict[tuple, tuple]:
+    """(round, step, party) -> (status, started) of the latest execution of each step."""
+    store = open_store(cfg.store.uri)
+    return {
+        (r, rec["step"], rec["party"]): (rec["status"], rec["started"])
+        for r, recs in ledger(store, federation_id(cfg)).items()
+        for rec in recs
+    }
+
+
+def _federation_runs(cfg):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client.search_runs(
+        [exp.experiment_id], filter_string="tags.`flminillm.kind` = 'federation'"
+    )
+
+
+def test_parse_faults():
+    assert parse_faults("distill:alice:2, teach:*:*:1") == [
+        {"step": "distill", "party": "alice", "round": "2", "times": None},
+        {"step": "teach", "party": "*", "round": "*", "times": 1},
+    ]
+    with pytest.raises(ValueError, match="step:party:round"):
+        parse_faults("distill:alice")
+
+
+def test_rerun_executes_only_the_failed_step_and_its_dependants(
+    tiny_config, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv(RETRIES_ENV, "2")
+    # an uninterrupted run: the reference
+    ref_cfg, ref_path = _config(tiny_config, tmp_path, "reference", rounds=3)
+    assert main(["run", "--config", str(ref_path)]) == 0
+    reference = json.loads((ref_path.parent / "out" / "round_manifest.json").read_text())
+
+    # the same federation with alice's distill step failing in round 2
+    cfg, path = _config(tiny_config, tmp_path, "faulty", rounds=3)
+    monkeypatch.setenv(FAULTS_ENV, "distill:alice:2")
+    assert main(["run", "--config", str(path)]) == 1
+    failed_run = _federation_runs(cfg)[0]
+    assert failed_run.info.status == "FAILED"
+    assert "injected fault in distill of alice, round 2" in failed_run.data.tags["flminillm.error"]
+    before = _executions(cfg)
+    assert before[(2, "distill", "alice")][0] == "failed"
+    assert (3, "evaluate", "all") not in before
+    succeeded = {k: v for k, v in before.items() if v[0] == "succeeded"}
+
+    # lineage shows the failed step
+    capsys.readouterr()
+    assert main(["lineage", failed_run.info.run_id, "--tracking-uri", cfg.tracking.uri]) == 0
+    tree = capsys.readouterr().out
+    assert "distill.alice failed" in tree and "injected fault" in tree
+
+    # fix the cause, rerun: only the failed step and what depends on it execute again
+    monkeypatch.delenv(FAULTS_ENV)
+    assert main(["rerun", failed_run.info.run_id, "--tracking-uri", cfg.tracking.uri]) == 0
+    after = _executions(cfg)
+    again = {k for k, v in after.items() if k in before and v[1] != before[k][1]}
+    assert (2, "distill", "alice") in again
+    assert not again & set(succeeded), sorted(again & set(succeeded))
+    assert after[(2, "distill", "alice")][0] == "succeeded"
+    assert after[(3, "evaluate", "all")][0] == "succeeded"
+    # and the outcome is the uninterrupted run's, digest for digest
+    final = json.loads((path.parent / "out" / "round_manifest.json").read_text())
+    assert final["models"] == reference["models"]
+    rerun = [r for r in _federation_runs(cfg) if r.data.tags.get("flminillm.rerun_of")]
+    assert rerun and rerun[0].data.tags["flminillm.rerun_of"] == failed_run.info.run_id
+    assert rerun[0].info.status == "FINISHED"
+
+
+def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setenv(RETRIES_ENV, "1")
+    sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
+    cfg, path = _config(tiny_config, tmp_path, "dropout", sampling=sampling)
+    monkeypatch.setenv(FAULTS_ENV, "local_sft:alice:1")
+    assert main(["run", "--config", str(path)]) == 0
+    final = json.loads((path.parent / "out" / "round_manifest.json").read_text())
+    assert list(final["dropped"]) == ["alice"]
+    assert "injected fault" in final["dropped"]["alice"]
+    first = open_store(cfg.store.uri).get_json(final["history"][0])
+    assert final["models"]["alice"] == first["models"]["alice"]  # kept its model
+    assert final["models"]["bob"] != first["models"]["bob"]  # bob took part
+
+
+def test_round_fails_clearly_below_min_clients(tiny_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(RETRIES_ENV, "1")
+    sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
+    cfg, path = _config(tiny_config, tmp_path, "below", sampling=sampling)
+    monkeypatch.setenv(FAULTS_ENV, "local_sft:*:1")
+    assert main(["run", "--config", str(path)]) == 1
+    run = _federation_runs(cfg)[0]
+    error = run.data.tags["flminillm.error"]
+    assert "below sampling.min_clients=1" in error
+    assert "alice" in error and "bob" in error
