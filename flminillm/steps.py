@@ -417,8 +417,9 @@ def generate(
     cfg, store = _ctx(config_json)
     state = _loads(state_json)
     g = cfg.generation
-    if models_json and party_id in _loads(models_json).get("dropped", {}):
-        return {"party": party_id, "dropped": party_id, "reason": "dropped earlier this round"}
+    earlier = _loads(models_json).get("dropped", {}) if models_json else {}
+    if party_id in earlier:
+        return {"party": party_id, "dropped": party_id, "reason": earlier[party_id]}
 
     def run() -> dict:
         with step_record(cfg, store, round_index, "generate", party_id) as rec:
@@ -645,9 +646,10 @@ def evaluate(
     dropped: dict[str, str] = {}
     for u in [_loads(x) for x in ([update] if update else []) + list(updates or [])]:
         if u.get("dropped") and isinstance(u["dropped"], str):
-            dropped[u["dropped"]] = u["reason"]  # keeps its previous model
+            dropped.setdefault(u["dropped"], u["reason"])  # keeps its previous model
             continue
-        dropped.update(u.get("dropped") or {})
+        for client, reason in (u.get("dropped") or {}).items():
+            dropped.setdefault(client, reason)
         state["models"].update(u["models"])
     with step_record(cfg, store, round_index, "evaluate", "all") as rec:
         tok = _load_tokenizer(store, state["tokenizer"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -57,7 +58,8 @@ def round_manifest(store: Store, records: list[dict]) -> dict | None:
     """The manifest an evaluate step wrote for its round, if it succeeded."""
     for rec in records:
         if rec["step"] == "evaluate" and rec.get("status") == "succeeded":
-            return store.get_json(rec["outputs"]["round_manifest"]["digest"])
+            digest = rec["outputs"]["round_manifest"]["digest"]
+            return {**store.get_json(digest), "manifest": digest}
     return None
 
 
@@ -146,8 +148,10 @@ def log_federation(
     from flminillm.report import party_summary, results_table
     from flminillm.steps import federation_id
 
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    client = MlflowClient(cfg.tracking.uri)
+    # in a cluster the tracking URI comes from a Kubernetes secret as MLFLOW_TRACKING_URI
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
     exp_id = _experiment_id(client, cfg)
     fed = federation_id(cfg)
     by_round = ledger(store, fed)

@@ -58,6 +58,14 @@ def check_cluster_config(cluster: ClusterConfig) -> None:
     unknown = sorted(set(cluster.resources) - set(STEPS))
     if unknown:
         raise ValueError(f"cluster.resources: unknown steps {unknown}; allowed: {', '.join(STEPS)}")
+    allowed = {"key", "operator", "value", "effect"}
+    for step, res in [("default_resources", cluster.default_resources), *cluster.resources.items()]:
+        for t in res.tolerations:
+            if set(t) - allowed:
+                raise ValueError(
+                    f"cluster.resources.{step}.tolerations: unknown keys {sorted(set(t) - allowed)}; "
+                    f"allowed: {sorted(allowed)}"
+                )
     if not cluster.pipeline_root.startswith(("s3://", "gs://", "minio://")):
         raise ValueError(
             f"cluster.pipeline_root: {cluster.pipeline_root!r} must be an object-store URI "

@@ -43,7 +43,15 @@ def read_manifest(source: str, cfg: ExperimentConfig) -> dict:
 
         opener = getattr(store, "open_store_from_config", None)
         st = opener(cfg.store) if opener else store.open_store(cfg.store.uri)
-        manifest = st.get_json(m.group(1))
+        try:
+            manifest = st.get_json(m.group(1))
+        except Exception as err:  # not found, corrupt, unreachable: say where we looked
+            raise ValueError(
+                f"--from-manifest: cannot read {source} from the store {cfg.store.uri}: {err}"
+            ) from None
+        if isinstance(manifest, dict):
+            # the store holds a manifest without its own digest; steps read it from here
+            manifest.setdefault("manifest", m.group(1))
     else:
         path = Path(source)
         if not path.is_file():
@@ -57,6 +65,11 @@ def read_manifest(source: str, cfg: ExperimentConfig) -> dict:
     if not isinstance(manifest, dict) or manifest.get("kind") != "round_manifest":
         raise ValueError(
             f"--from-manifest: {source} is not a round manifest (kind != round_manifest)"
+        )
+    if not manifest.get("manifest"):
+        raise ValueError(
+            f"--from-manifest: {source} lacks its digest ('manifest'); give the "
+            "round_manifest.json that `flminillm run` wrote, or sha256:<digest>"
         )
     return manifest
 
@@ -105,13 +118,22 @@ def submit(
         name = run_name or f"{cfg.name}-round-{r}-{time.strftime('%Y%m%d-%H%M%S')}"
         arguments: dict[str, Any] = {
             "config_json": config_json,
-            # the same text the evaluate step returns, so the cache keys match a full run's
+            # serialised as the evaluate step does: from the round_manifest.json that
+            # `flminillm run` wrote, the same text, so cache keys match that run's
             "state_json": json.dumps(manifest),
             "round_index": r,
         }
     else:
         name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        arguments = {"config_json": config_json, "run_label": name, "run_started": started}
+        arguments = {
+            "config_json": config_json,
+            "run_label": name,
+            "run_started": started,
+            # tags of the federation's MLflow run: where it ran
+            "run_tags": json.dumps(
+                {"flminillm.runner": "kubeflow", "kfp.experiment": cluster.experiment}
+            ),
+        }
     with tempfile.TemporaryDirectory(prefix="flminillm-submit-") as tmp:
         package = compile_pipeline(
             cfg, Path(tmp) / "pipeline.yaml", round_only=manifest is not None, caching=caching

@@ -184,6 +184,11 @@ def test_compile_refuses_unknown_steps_and_local_roots(tiny_config, tmp_path, ca
     config = write_config(cfg, tmp_path / "bad.yaml")
     assert main(["compile", "--config", str(config), "-o", str(tmp_path / "p.yaml")]) == 2
     assert "cluster.resources: unknown steps ['distil']" in capsys.readouterr().err
+    bad = GPU.model_copy(update={"tolerations": [{"key": "a", "tolerationSecond": "5"}]})
+    cfg = cluster_config(tiny_config, resources={"teach": bad})
+    config = write_config(cfg, tmp_path / "bad.yaml")
+    assert main(["compile", "--config", str(config), "-o", str(tmp_path / "p.yaml")]) == 2
+    assert "cluster.resources.teach.tolerations: unknown keys" in capsys.readouterr().err
     cfg = cluster_config(tiny_config, pipeline_root="/data/kfp")
     config = write_config(cfg, tmp_path / "bad.yaml")
     assert main(["compile", "--config", str(config), "-o", str(tmp_path / "p.yaml")]) == 2

@@ -197,3 +197,19 @@ def test_dev_is_small_and_gpu_keeps_services_off_gpu_nodes():
     assert pod["nodeSelector"] and pod["tolerations"]
     quota = next(o for o in objs if o["kind"] == "ResourceQuota")
     assert "requests.nvidia.com/gpu" in quota["spec"]["hard"]
+
+
+def test_kfp_launcher_finds_the_pipeline_root():
+    """Standalone KFP: the launcher's s3 provider uses the secret the steps get."""
+    objs = render("manifests/overlays/kfp-standalone")
+    cm = next(
+        o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "kfp-launcher"
+    )
+    s3 = yaml.safe_load(cm["data"]["providers"])["s3"]["default"]
+    ref = s3["credentials"]["secretRef"]
+    cluster = ClusterConfig()
+    assert ref["secretName"] == cluster.s3_secret
+    assert {ref["accessKeyKey"], ref["secretKeyKey"]} <= set(secrets(objs)[cluster.s3_secret])
+    assert cluster.pipeline_root.startswith("s3://")
+    endpoint = secrets(objs)[cluster.s3_secret]["AWS_ENDPOINT_URL"]
+    assert endpoint.endswith("//" + s3["endpoint"])  # the same MinIO as the steps use

@@ -17,7 +17,9 @@ def _config(tiny_config, tmp_path, name, **updates):
         update={
             "output_dir": str(root / "out"),
             "store": tiny_config.store.model_copy(update={"uri": str(root / "store")}),
-            "tracking": tiny_config.tracking.model_copy(update={"uri": f"sqlite:///{root}/mlflow.db"}),
+            "tracking": tiny_config.tracking.model_copy(
+                update={"uri": f"sqlite:///{root}/mlflow.db"}
+            ),
             "runner": tiny_config.runner.model_copy(update={"pipeline_root": str(root / "kfp")}),
             **updates,
         }
