@@ -154,7 +154,10 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 def cmd_lineage(args: argparse.Namespace) -> int:
     from flminillm.lineage import lineage_tree
 
-    _console().print(lineage_tree(_tracking_uri(args), args.run_id, show_io=not args.brief))
+    tree = lineage_tree(
+        _tracking_uri(args), args.run_id, show_io=not args.brief, show_uris=args.uris
+    )
+    _console().print(tree)
     return 0
 
 
@@ -276,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--tracking-uri", help="MLflow tracking URI")
     lin.add_argument("--config", help="take the tracking URI from this experiment config")
     lin.add_argument("--brief", action="store_true", help="leave out inputs and outputs")
+    lin.add_argument("--uris", action="store_true", help="show where each input/output is stored")
     lin.set_defaults(func=cmd_lineage)
 
     rer = sub.add_parser("rerun", help="finish a failed federation; succeeded steps are cached")

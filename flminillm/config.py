@@ -204,7 +204,16 @@ class DistillConfig(_Strict):
 class StoreConfig(_Strict):
     uri: str = Field(
         "runs/store",
-        description="Artifact store: a local directory (relative paths: from the working directory).",
+        description="Artifact store: a local directory (relative paths: from the working "
+        "directory) or s3://bucket/prefix. S3 credentials come from the environment "
+        "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), never from this file.",
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO), e.g. http://minio.flminillm:9000."
+    )
+    region: str = Field("us-east-1", description="S3 region name.")
+    multipart_threshold_mb: int = Field(
+        64, ge=5, description="Objects larger than this are uploaded in parts."
     )
 
 

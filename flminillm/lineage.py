@@ -47,7 +47,7 @@ def lineage(uri: str, run_id: str) -> dict:
     }
 
 
-def lineage_tree(uri: str, run_id: str, show_io: bool = True):
+def lineage_tree(uri: str, run_id: str, show_io: bool = True, show_uris: bool = False):
     """A rich Tree: federation > round > step (status, duration, cache hit) > inputs/outputs."""
     from rich.tree import Tree
 
@@ -87,9 +87,8 @@ def lineage_tree(uri: str, run_id: str, show_io: bool = True):
                     if key.startswith(("inputs.", "outputs.")) and key.endswith(".sha256"):
                         name = key[: -len(".sha256")]
                         arrow = "<-" if key.startswith("inputs.") else "->"
-                        leaf.add(
-                            f"{arrow} {name.split('.', 1)[1]} sha256:{st[key][:16]} {st.get(name + '.uri', '')}"
-                        )
+                        where = f" {st.get(name + '.uri', '')}" if show_uris else ""
+                        leaf.add(f"{arrow} {name.split('.', 1)[1]} sha256:{st[key][:16]}{where}")
     return root
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +115,10 @@ def _log_datasets(client, run_id: str, store: Store, records: list[dict]) -> Non
         for name, ref in rec.get("outputs", {}).items():
             if not (name.startswith("data.") or name in ("public_prompts", "pretrain_corpus")):
                 continue
-            ds = MetaDataset(
-                source=resolve_dataset_source(ref["uri"]), name=name, digest=ref["digest"][:36]
-            )
+            with warnings.catch_warnings():  # file:// URIs match two equivalent source types
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(ref["uri"])
+            ds = MetaDataset(source=source, name=name, digest=ref["digest"][:36])
             context = (
                 "train"
                 if name.endswith(".train")
