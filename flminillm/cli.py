@@ -1,4 +1,4 @@
-"""`flminillm run | compile | submit | config-schema`: the command line."""
+"""`flminillm run | compile | submit | config-schema | bench`: the command line."""
 
 from __future__ import annotations
 
@@ -290,7 +290,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("config-schema", help="print the JSON schema of experiment configs")
     schema.set_defaults(func=cmd_config_schema)
+
+    bench = sub.add_parser("bench", help="benchmarks (see docs/performance.md)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    perf = bench_sub.add_parser(
+        "perf", help="generation, communication, distill-step and round figures as ratios"
+    )
+    perf.add_argument("--config", default="configs/demo.yaml", help="shapes of the messages")
+    perf.add_argument("--output", default="docs/performance.md", help="markdown report")
+    perf.add_argument("--plot", default="docs/performance.png", help="PNG plot of the ratios")
+    perf.add_argument("--quick", action="store_true", help="smaller sizes; no DeepSpeed, no rounds")
+    perf.add_argument("--no-deepspeed", action="store_true", help="torch engine only")
+    perf.add_argument("--no-rounds", action="store_true", help="skip the 2/4/8 clients figure")
+    perf.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    perf.set_defaults(func=cmd_bench_perf)
     return parser
+
+
+def cmd_bench_perf(args: argparse.Namespace) -> int:
+    from flminillm.bench import run_perf
+
+    run_perf(
+        Path(args.output),
+        Path(args.plot),
+        Path(args.config),
+        quick=args.quick,
+        deepspeed=not args.no_deepspeed,
+        rounds=not args.no_rounds,
+        trl=not args.no_trl,
+        console=_console(),
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

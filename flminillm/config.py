@@ -201,6 +201,39 @@ class DistillConfig(_Strict):
     trim: float = Field(0.2, ge=0, lt=0.5, description="Share trimmed at each end (trimmed_mean).")
 
 
+class EngineConfig(_Strict):
+    """How training steps run: plain torch (default) or DeepSpeed (docs/performance.md)."""
+
+    kind: Literal["torch", "deepspeed"] = Field(
+        "torch",
+        description="torch: AdamW in plain PyTorch (the default); deepspeed: deepspeed.initialize "
+        "with the ZeRO stage below (imported only when chosen).",
+    )
+    zero_stage: int = Field(
+        0, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 (kind: deepspeed only)."
+    )
+    bf16: bool | None = Field(
+        None,
+        description="DeepSpeed bf16 mixed precision; empty: on when a GPU is present, fp32 on CPU.",
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Micro-batches per optimizer step (both kinds)."
+    )
+    gpus_per_step: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Data-parallel processes per training step. More than 1 runs the step under "
+        "the deepspeed launcher on a cluster (kind: deepspeed); a local run uses 1.",
+    )
+
+    @model_validator(mode="after")
+    def _several_gpus_need_deepspeed(self) -> EngineConfig:
+        if self.gpus_per_step > 1 and self.kind != "deepspeed":
+            raise ValueError("gpus_per_step: more than 1 needs kind: deepspeed")
+        return self
+
+
 class StoreConfig(_Strict):
     uri: str = Field(
         "runs/store",
@@ -324,6 +357,10 @@ class ExperimentConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="Training engine of pre-training, local SFT and distill steps.",
+    )
     store: StoreConfig = Field(default_factory=StoreConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
@@ -387,7 +424,10 @@ class ExperimentConfig(_Strict):
         )
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        if self.engine == EngineConfig():  # the default engine leaves digests and caches as before
+            del data["engine"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()

@@ -132,6 +132,7 @@ def run_distill(
     rollouts_manifest: dict,
     teachings_manifests: list[dict],
 ) -> tuple[str, dict[str, float]]:
+    from flminillm.engine import make_engine
     from flminillm.steps import (
         EXCHANGE,
         _examples,
@@ -140,7 +141,7 @@ def run_distill(
         _save_model,
         _seed,
     )
-    from flminillm.training import batches, causal_lm_loss, encode_examples, make_optimizer
+    from flminillm.training import batches, causal_lm_loss, encode_examples
 
     d = cfg.distill
     vocab = state["vocab_size"]
@@ -191,7 +192,7 @@ def run_distill(
         clip_eps=d.clip_eps, alpha=d.alpha, iw_clip=d.iw_clip, gamma=d.gamma,
         single_step=d.single_step, length_norm=d.length_norm, teacher_mixed=d.teacher_mixed,
     )  # fmt: skip
-    opt = make_optimizer(model, d.lr)
+    engine = make_engine(model, d.lr, 0.0, d.max_grad_norm, cfg.engine)
     model.train()
     n = batch["prompt_ids"].shape[0]
     g = torch.Generator().manual_seed(_seed(cfg, "distill-order", round_index, student_id))
@@ -204,7 +205,11 @@ def run_distill(
             idx = order[i : i + d.batch_size]
             mb = {k: v[idx] for k, v in batch.items()}
             logits = response_logits(
-                model, mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"]
+                engine.model,
+                mb["prompt_ids"],
+                mb["prompt_mask"],
+                mb["response_ids"],
+                mb["response_mask"],
             )
             sup = mb["support_ids"]
             if d.method == "reverse_kl":
@@ -224,13 +229,11 @@ def run_distill(
                 loss = loss + d.seqkd_coef * seqkd
                 stats["seqkd_ce"] = float(seqkd)
             if own_iter is not None:
-                lm = causal_lm_loss(model, next(own_iter))
+                lm = causal_lm_loss(engine.model, next(own_iter))
                 loss = loss + d.lm_coef * lm
                 stats["lm_loss"] = float(lm)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), d.max_grad_norm)
-            opt.step()
+            engine.backward(loss)
+            engine.step()
             stats["loss"] = float(loss)
             if first_rkl is None and "reverse_kl" in stats:
                 first_rkl = stats["reverse_kl"]
@@ -245,4 +248,4 @@ def run_distill(
     if first_rkl is not None:
         metrics["reverse_kl_first"] = first_rkl
     metrics["bytes_received"] = float(sum(t["bytes"] for t in teachings_manifests))
-    return _save_model(store, student_id, model), metrics
+    return _save_model(store, student_id, engine.hf_model), metrics

@@ -693,6 +693,10 @@ def track(
     cfg, store = _ctx(config_json)
     if not cfg.tracking.enabled:
         return ""
+    if os.environ.get("KFP_POD_NAME") and os.environ.get("MLFLOW_TRACKING_URI"):
+        # on a cluster the tracking URI (and its credentials) come from a Kubernetes secret
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
     return log_federation(
         cfg, store, run_label=run_label, run_started=run_started,
         extra_tags=json.loads(run_tags or "{}"),

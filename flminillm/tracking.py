@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 import warnings
@@ -144,16 +143,14 @@ def log_federation(
 ) -> str:
     """Write the federation > round > step tree to MLflow from the ledger; return the
     parent run id. Works for failed runs too: their rounds end at the failed step."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from flminillm.report import party_summary, results_table
     from flminillm.steps import federation_id
 
-    # in a cluster the tracking URI comes from a Kubernetes secret as MLFLOW_TRACKING_URI
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    # an explicit client: mlflow.set_tracking_uri would also export MLFLOW_TRACKING_URI to
+    # this process's environment and leak into later runs
+    client = MlflowClient(cfg.tracking.uri)
     exp_id = _experiment_id(client, cfg)
     fed = federation_id(cfg)
     by_round = ledger(store, fed)

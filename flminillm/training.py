@@ -6,10 +6,15 @@ import hashlib
 import math
 import random
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from flminillm.data import Example, format_prompt, format_target
+from flminillm.engine import make_engine, make_optimizer  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from flminillm.config import EngineConfig
 
 
 def derive_seed(*parts: object) -> int:
@@ -75,12 +80,6 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (ce * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def make_optimizer(model, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95)
-    )
-
-
 def lr_schedule(step: int, total: int, warmup: int) -> float:
     """Linear warm-up then cosine decay to 10%: a multiplier of the base learning rate."""
     if step < warmup:
@@ -102,14 +101,21 @@ def train_lm(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     progress: str | None = None,
+    engine: EngineConfig | None = None,
 ) -> dict[str, float]:
-    """Supervised LM training for `steps` optimizer steps; returns first/last loss and tokens."""
+    """Supervised LM training for `steps` optimizer steps; returns first/last loss and tokens.
+
+    `engine` picks plain torch (None or kind torch) or DeepSpeed; with gradient accumulation
+    an optimizer step takes that many mini-batches. The model is trained in place."""
     if steps == 0 or not rows:
         return {"loss_first": float("nan"), "loss_last": float("nan"), "tokens": 0.0}
     torch.manual_seed(seed)
     model.train()
-    opt = make_optimizer(model, lr, weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, warmup_steps))
+    eng = make_engine(
+        model, lr, weight_decay, max_grad_norm, engine,
+        lr_lambda=lambda s: lr_schedule(s, steps, warmup_steps),
+    )  # fmt: skip
+    accum = eng.gradient_accumulation_steps
     it = batches(rows, batch_size, pad_id, seed)
     first = last = float("nan")
     tokens = 0
@@ -117,15 +123,15 @@ def train_lm(
 
     bar = tqdm(range(steps), desc=progress, disable=progress is None, mininterval=2.0)
     for step in bar:
-        batch = next(it)
-        loss = causal_lm_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        opt.step()
-        sched.step()
-        tokens += int(batch["attention_mask"].sum())
-        last = float(loss.detach())
+        total = 0.0
+        for _micro in range(accum):
+            batch = next(it)
+            loss = causal_lm_loss(eng.model, batch)
+            eng.backward(loss)
+            eng.step()
+            tokens += int(batch["attention_mask"].sum())
+            total += float(loss.detach())
+        last = total / accum
         if step == 0:
             first = last
         if step % 20 == 0:

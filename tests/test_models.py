@@ -48,7 +48,7 @@ def test_init_model_loads_name_or_path_through_the_same_code(tiny_config, tmp_pa
     cfg = tiny_config
     prep = steps.prepare(cfg.to_json())
     store = open_store(cfg.store.uri)
-    tok = load_tokenizer(str(store.get_dir(prep["tokenizer"])))
+    tok = load_tokenizer(str(store.scoped(steps.PUBLIC).get_dir(prep["tokenizer"])))
     spec = ModelSpec(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, max_positions=64)
     saved = save_model(build_model(spec, len(tok), 0, 1, seed=11), tmp_path / "pretrained")
     clients = [
@@ -57,7 +57,7 @@ def test_init_model_loads_name_or_path_through_the_same_code(tiny_config, tmp_pa
     ]
     cfg2 = cfg.model_copy(update={"clients": clients})
     out = steps.init_model(cfg2.to_json(), json.dumps(prep), "bob")
-    reloaded = load_model(store.get_dir(out["models"]["bob"]))
+    reloaded = load_model(store.scoped("bob").get_dir(out["models"]["bob"]))
     original = load_model(saved)
     for (n, p1), (_, p2) in zip(
         original.named_parameters(), reloaded.named_parameters(), strict=True
