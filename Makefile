@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 CONFIG ?= configs/demo.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint format clean
+.PHONY: install demo test test-slow lint format clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,3 +69,8 @@ push-images: images
 	$(DOCKER) push $(IMAGE)
 	$(DOCKER) push $(GPU_IMAGE)
 	$(DOCKER) push $(MLFLOW_IMAGE)
+
+# performance ratios against baselines measured in the same run (docs/performance.md)
+bench: install
+	$(PIP) install -q -e ".[dev,bench]"
+	$(BIN)/flminillm bench perf

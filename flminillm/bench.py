@@ -85,9 +85,10 @@ def _prompts(n: int, width: int, vocab: int, seed: int = 0):
     return ids, mask
 
 
-def _median_times(fns: list, repeats: int) -> list[float]:
-    """Median seconds of each function; runs interleaved, so that load from other work on
-    the machine falls on all of them alike. One warm-up call each."""
+def _best_times(fns: list, repeats: int) -> list[float]:
+    """Best (minimum) seconds of each function over `repeats` interleaved runs, after one
+    warm-up call each: other work on a shared machine only ever adds time, and interleaving
+    spreads what it adds over all of them alike."""
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
@@ -96,7 +97,7 @@ def _median_times(fns: list, repeats: int) -> list[float]:
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
-    return [statistics.median(ts) for ts in times]
+    return [min(ts) for ts in times]
 
 
 # --- 1. generation --------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def bench_generation(
         return run
 
     tokens = n * new_tokens
-    t_ours, t_hf, t_hf_post = _median_times([ours, hf(False), hf(True)], repeats)
+    t_ours, t_hf, t_hf_post = _best_times([ours, hf(False), hf(True)], repeats)
     shape = f"llama 128x4, batch {n}, prompt <= {prompt_len}, {new_tokens} new tokens"
     return [
         Figure(
@@ -295,7 +296,7 @@ def distill_worker(args: dict) -> dict:
             tokens += int(mb["prompt_mask"].sum() + mb["response_mask"].sum())
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "tokens_per_s": tokens / sum(times),
+        "tokens_per_s": tokens / len(times) / statistics.median(times),
         "step_s": statistics.median(times),
         "init_s": t_init,
         "rss_before_mb": rss_before / 1024,
@@ -322,15 +323,23 @@ def _run_worker(args: dict, timeout: float = 300) -> dict:
 
 
 def bench_distill(
-    updates: int = 6, batch_size: int = 32, new_tokens: int = 8, deepspeed: bool = True
+    updates: int = 6,
+    batch_size: int = 32,
+    new_tokens: int = 8,
+    deepspeed: bool = True,
+    repeats: int = 2,
 ) -> tuple[list[Figure], dict]:
     base = {"updates": updates, "batch_size": batch_size, "new_tokens": new_tokens}
-    runs = {"torch": _run_worker({**base, "kind": "torch"})}
+    kinds = {"torch": {"kind": "torch"}}
     if deepspeed:
         for stage in (0, 2):
-            runs[f"deepspeed ZeRO-{stage}"] = _run_worker(
-                {**base, "kind": "deepspeed", "zero_stage": stage}
-            )
+            kinds[f"deepspeed ZeRO-{stage}"] = {"kind": "deepspeed", "zero_stage": stage}
+    runs: dict[str, dict] = {}
+    for _ in range(repeats):  # engines alternate; each keeps its fastest run
+        for name, kw in kinds.items():
+            r = _run_worker({**base, **kw})
+            if name not in runs or r["tokens_per_s"] > runs[name]["tokens_per_s"]:
+                runs[name] = r
     t = runs["torch"]
     shape = f"llama 128x4 student, micro-batch {batch_size}, prompt <= 24, {new_tokens} new tokens"
     figs = []
@@ -410,9 +419,12 @@ def round_compute(n_clients: int, prompts: int = 64, new_tokens: int = 8) -> flo
     return time.perf_counter() - t
 
 
-def bench_round(counts=(2, 4, 8)) -> list[Figure]:
+def bench_round(counts=(2, 4, 8), repeats: int = 3) -> list[Figure]:
     round_compute(counts[0])  # warm-up
-    times = {c: round_compute(c) for c in counts}
+    times = {c: float("inf") for c in counts}
+    for _ in range(repeats):  # interleaved, best of `repeats`
+        for c in counts:
+            times[c] = min(times[c], round_compute(c))
     lo = counts[0]
     return [
         Figure(
@@ -430,7 +442,7 @@ def bench_round(counts=(2, 4, 8)) -> list[Figure]:
 # --- 5. TRL DistillationTrainer (optional: only when trl is installed) ---------------------
 
 
-def bench_trl(steps: int = 8, batch_size: int = 32, new_tokens: int = 8) -> tuple[list, dict]:
+def bench_trl(steps: int = 12, batch_size: int = 32, new_tokens: int = 8) -> tuple[list, dict]:
     """TRL's DistillationTrainer (beta=1.0: reverse KL, on-policy) vs our pipeline's work for
     the same step, on the same student, teacher, prompts and completion length: student
     sampling, teacher scoring, one MiniLLM update. Tokens are completion tokens trained on."""
@@ -459,7 +471,7 @@ def bench_trl(steps: int = 8, batch_size: int = 32, new_tokens: int = 8) -> tupl
     teacher = _model("llama", 128, 4, 4, vocab, seed=1).eval()
     eng = make_engine(student, 1e-3, 0.0, 1.0)
     g = torch.Generator().manual_seed(0)
-    ours_tokens, ours_time = 0, 0.0
+    ours_tokens, ours_times = 0, []
     for i in range(steps + 1):
         ids, mask = encode_prompts(tok, prompts[i * batch_size : (i + 1) * batch_size], 48)
         t = time.perf_counter()
@@ -480,7 +492,7 @@ def bench_trl(steps: int = 8, batch_size: int = 32, new_tokens: int = 8) -> tupl
         eng.backward(loss)
         eng.step()
         if i:
-            ours_time += time.perf_counter() - t
+            ours_times.append(time.perf_counter() - t)
             ours_tokens += int(r.response_mask.sum())
 
     # TRL: the same architectures and weights, freshly built
@@ -519,21 +531,23 @@ def bench_trl(steps: int = 8, batch_size: int = 32, new_tokens: int = 8) -> tupl
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history
                if "completions/mean_length" in h]  # fmt: skip
     trl_tokens = sum(lengths[1:]) * batch_size if len(lengths) > 1 else float("nan")
-    trl_time = sum(timer.times[1:])
+    # tokens per step over the median step time (robust to other work on the machine)
+    ours_rate = ours_tokens / len(ours_times) / statistics.median(ours_times)
+    trl_rate = trl_tokens / len(timer.times[1:]) / statistics.median(timer.times[1:])
     import trl
 
     fig = Figure(
         "TRL", f"on-policy distill step tokens/s vs TRL {trl.__version__} DistillationTrainer",
-        ours_tokens / ours_time, trl_tokens / trl_time, "tok/s",
+        ours_rate, trl_rate, "tok/s",
         "sample + teacher top-k score + MiniLLM update", "DistillationTrainer(beta=1.0)", "",
         f"llama 128x4 student and teacher, batch {batch_size}, <= {new_tokens} completion "
-        "tokens, one optimizer step per generated batch, first step excluded. Both include "
+        "tokens, one optimizer step per generated batch, first step excluded, tokens per step over the median step time. Both include "
         "student generation, the teacher pass and the student update; TRL matches the "
         "teacher's full-vocabulary distribution (generalised JSD with beta=1, i.e. reverse "
         "KL), ours the teacher's log-probs on the student's top-k support (the message a "
         "teacher sends in a federation). Tokens: completion tokens trained on",
     )  # fmt: skip
-    return [fig], {"ours_s": ours_time, "trl_s": trl_time}
+    return [fig], {"ours_tok_s": ours_rate, "trl_tok_s": trl_rate}
 
 
 # --- report -------------------------------------------------------------------------------
@@ -615,7 +629,15 @@ def write_markdown(report: Report, path: Path, png: Path, command: str) -> None:
         f"({torch.get_num_threads()} threads).",
         "- **No GPU on this machine: GPU figures (bf16, NCCL, several GPUs per step) were not "
         "measured here.**",
-        f"- Bench wall time: {report.extra.get('wall_s', float('nan')):.0f} s.",
+        f"- Bench wall time: {report.extra.get('wall_s', float('nan')):.0f} s; 1-minute load "
+        f"average {report.extra.get('load_before', float('nan')):.2f} before, "
+        f"{report.extra.get('load_after', float('nan')):.2f} after (the bench's own load included)"
+        + (
+            " (**other work was running: the timings are noisy**)."
+            if report.extra.get("load_before", 0) > 0.5 * (os.cpu_count() or 1)
+            or report.extra.get("load_after", 0) > (os.cpu_count() or 1) + 1
+            else "."
+        ),
         "",
         "Reproduce:",
         "",
@@ -665,7 +687,7 @@ def write_markdown(report: Report, path: Path, png: Path, command: str) -> None:
             "",
             "Distill step details (per engine, one subprocess each):",
             "",
-            "| engine | tokens/s | median update s | engine start-up s | RSS before MiB | "
+            "| engine (fastest of the runs) | tokens/s | median update s | engine start-up s | RSS before MiB | "
             "peak RSS MiB | loss first -> last |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -694,6 +716,7 @@ def run_perf(
     console = console or Console()
     t0 = time.perf_counter()
     report = Report()
+    report.extra["load_before"] = os.getloadavg()[0]
     console.print("[bold]generation[/] ...")
     report.figures += bench_generation(
         n=32 if quick else 64, new_tokens=8 if quick else 16, repeats=2 if quick else 15
@@ -702,7 +725,9 @@ def run_perf(
     report.figures += bench_communication(config)
     console.print("[bold]distill step[/] ...")
     figs, runs = bench_distill(
-        updates=2 if quick else 20, deepspeed=deepspeed and not quick and _has("deepspeed")
+        updates=2 if quick else 20,
+        deepspeed=deepspeed and not quick and _has("deepspeed"),
+        repeats=1 if quick else 2,
     )
     report.figures += figs
     report.extra["distill_runs"] = runs
@@ -727,6 +752,7 @@ def run_perf(
     ]
     report.extra["notes"] = notes
     report.extra["wall_s"] = time.perf_counter() - t0
+    report.extra["load_after"] = os.getloadavg()[0]
     print_table(report, console)
     plot(report, out_png)
     cmd = "flminillm bench perf" + (" --quick" if quick else "")

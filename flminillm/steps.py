@@ -314,7 +314,7 @@ def init_model(config_json: str, state_json: str, party_id: str) -> dict:
                 model, rows, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
                 pad_id=tok.pad_token_id, seed=_seed(cfg, "pretrain", party_id),
                 warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
-                max_grad_norm=p.max_grad_norm, progress=f"pretrain {party_id}",
+                max_grad_norm=p.max_grad_norm, progress=f"pretrain {party_id}", engine=cfg.engine,
             )  # fmt: skip
             rec["inputs"]["corpus"] = _ref(public, state["data"]["pretrain"])
         digest = _save_model(store, party_id, model)
@@ -366,6 +366,7 @@ def local_sft(config_json: str, state_json: str, round_index: int, client_id: st
                 pad_id=tok.pad_token_id, seed=_seed(cfg, "local_sft", round_index, client_id),
                 warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
                 max_grad_norm=s.max_grad_norm, progress=f"round {round_index} local_sft {client_id}",
+                engine=cfg.engine,
             )  # fmt: skip
             digest = _save_model(store, client_id, model)
             mine = store.scoped(client_id)
