@@ -653,7 +653,7 @@ def write_markdown(report: Report, path: Path, png: Path, command: str) -> None:
         "`train_lm` (pre-training, local SFT) and the distill step train through",
         "`flminillm.engine`: plain torch AdamW by default (bit-identical to the loop before the",
         "engine existed), or DeepSpeed with a ZeRO stage. The config's `engine` block picks it",
-        "for the distill step (`train_lm` takes it as `engine=`):",
+        "for every training step (pre-training, local SFT and distill):",
         "",
         "```yaml",
         "engine: {kind: deepspeed, zero_stage: 2, gradient_accumulation_steps: 1}",
