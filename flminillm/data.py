@@ -12,10 +12,8 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pycountry
@@ -636,20 +634,11 @@ def pretraining_corpus(n_docs: int, seed: int) -> list[str]:
 
 
 def save_jsonl(path: str | os.PathLike[str], examples: Iterable[Example]) -> None:
-    """Write examples as JSON lines atomically (temp file in the same dir, then os.replace)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for ex in examples:
-                fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write examples as JSON lines atomically (readers never see a partial file)."""
+    from flminillm.store import atomic_write_text
+
+    lines = "".join(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n" for ex in examples)
+    atomic_write_text(path, lines)
 
 
 def _record_to_example(rec: dict[str, Any]) -> Example:
