@@ -439,6 +439,73 @@ def bench_round(counts=(2, 4, 8), repeats: int = 3) -> list[Figure]:
     ]  # fmt: skip
 
 
+def _round_in_process(cfg, state: dict) -> dict:
+    """Round 1's steps called one after another in this process (no KFP)."""
+    from flminillm import steps
+
+    cj, sj, server = cfg.to_json(), json.dumps(state), cfg.server.id
+    clients = steps.sample_clients(cj, 1)
+    sft = {c: json.dumps(steps.local_sft(cj, sj, 1, c)) for c in clients}
+    sg = json.dumps(steps.generate(cj, sj, 1, server))
+    taught = [json.dumps(steps.teach(cj, sj, 1, c, sft[c], sg)) for c in clients]
+    sd = json.dumps(steps.distill(cj, sj, 1, server, "", sg, taught))
+    outs = []
+    for c in clients:
+        cg = json.dumps(steps.generate(cj, sj, 1, c, sd))
+        st = json.dumps(steps.teach(cj, sj, 1, server, sd, cg))
+        outs.append(json.dumps(steps.distill(cj, sj, 1, c, sd, cg, [st])))
+    return steps.evaluate(cj, sj, 1, sd, outs)
+
+
+def bench_orchestration(config: Path) -> list[Figure]:
+    """One round under kfp.local's SubprocessRunner vs the same steps in one process, with
+    the same torch thread budget per task as `flminillm run` gives."""
+    import tempfile
+
+    from flminillm import steps
+    from flminillm.config import load_config
+    from pipelines.federation import build_round_pipeline
+    from pipelines.local import init_local
+
+    base = load_config(config)
+    with tempfile.TemporaryDirectory(prefix="flminillm-bench-") as tmp:
+        cfg = base.model_copy(
+            update={
+                "store": base.store.model_copy(update={"uri": f"{tmp}/store"}),
+                "tracking": base.tracking.model_copy(update={"enabled": False}),
+                "runner": base.runner.model_copy(
+                    update={"cache": False, "pipeline_root": f"{tmp}/kfp"}
+                ),
+            }
+        )
+        cj = cfg.to_json()
+        threads = max(1, (os.cpu_count() or 1) // cfg.runner.local_parallelism)
+        os.environ["FLMINILLM_TORCH_THREADS"] = str(threads)  # as pipelines.local.run_local
+        prep = json.dumps(steps.prepare(cj))
+        inits = [json.dumps(steps.init_model(cj, prep, p.id)) for p in cfg.parties]
+        state = steps.evaluate(cj, prep, 0, "", inits)
+        t = time.perf_counter()
+        direct = _round_in_process(cfg, state)
+        in_process = time.perf_counter() - t
+        init_local(cfg.runner.pipeline_root, cache=False)
+        pipeline = build_round_pipeline(cfg, parallelism=cfg.runner.local_parallelism)
+        t = time.perf_counter()
+        task = pipeline(config_json=cj, state_json=json.dumps(state), round_index=1)
+        under_kfp = time.perf_counter() - t
+        same = json.loads(task.output)["models"] == direct["models"]
+    n = len(cfg.clients)
+    return [
+        Figure(
+            "orchestration", "one round under kfp.local vs the same steps in one process",
+            under_kfp, in_process, "s", f"kfp.local SubprocessRunner ({4 + 5 * n} tasks)",
+            "steps called in one process", "<= 1.3x",
+            f"{config.name}, {n} clients, caching off, {threads} torch thread(s) per task; "
+            f"each task is a new Python process "
+            f"that imports torch and transformers; same model digests both ways: {same}",
+        )
+    ]  # fmt: skip
+
+
 # --- 5. TRL DistillationTrainer (optional: only when trl is installed) ---------------------
 
 
@@ -737,6 +804,21 @@ def run_perf(
         report.figures += bench_round()
     else:
         notes.append("Round compute for 2, 4, 8 clients: not measured in this run.")
+    if rounds and not quick:
+        import torch
+
+        console.print("[bold]orchestration overhead[/] ...")
+        threads, env = torch.get_num_threads(), os.environ.get("FLMINILLM_TORCH_THREADS")
+        try:
+            report.figures += bench_orchestration(Path(config))
+        finally:  # the steps set the per-task thread budget in this process too
+            torch.set_num_threads(threads)
+            if env is None:
+                os.environ.pop("FLMINILLM_TORCH_THREADS", None)
+            else:
+                os.environ["FLMINILLM_TORCH_THREADS"] = env
+    else:
+        notes.append("Orchestration overhead: not measured in this run.")
     if trl and not quick and _has("trl"):
         console.print("[bold]TRL DistillationTrainer[/] ...")
         report.figures += bench_trl()[0]
