@@ -15,19 +15,9 @@ from flminillm.distill import (
     minillm_loss,
     posterior_log_weights,
 )
-from flminillm.generation import response_logits
+from flminillm.generation import left_pad, response_logits, right_pad
 from flminillm.messages import validate_rollouts, validate_teaching
 from flminillm.store import Store
-
-
-def _lpad(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
-    return F.pad(x, (width - x.shape[1], 0), value=value)
-
-
-def _rpad(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
-    if x.dim() == 3:
-        return F.pad(x, (0, 0, 0, width - x.shape[1]), value=value)
-    return F.pad(x, (0, width - x.shape[1]), value=value)
 
 
 def select_teacher_rollouts(
@@ -37,10 +27,12 @@ def select_teacher_rollouts(
     log-likelihood log pi_i + log p_i(x) + log p_i(y_i | x): the teacher that knows the
     prompt's domain and is sure of its answer (the mixture's most likely component)."""
     width = max(t["own_response_ids"].shape[1] for t in teachings)
-    ids = torch.stack([_rpad(t["own_response_ids"].long(), width, 0) for t in teachings])  # [M,A,T]
-    mask = torch.stack([_rpad(t["own_response_mask"].long(), width, 0) for t in teachings])
-    sup = torch.stack([_rpad(t["own_support_ids"].long(), width, 0) for t in teachings])
-    logp = torch.stack([_rpad(t["own_logp"].float(), width, 0.0) for t in teachings])
+    ids = torch.stack(
+        [right_pad(t["own_response_ids"].long(), width, 0) for t in teachings]
+    )  # [M,A,T]
+    mask = torch.stack([right_pad(t["own_response_mask"].long(), width, 0) for t in teachings])
+    sup = torch.stack([right_pad(t["own_support_ids"].long(), width, 0) for t in teachings])
+    logp = torch.stack([right_pad(t["own_logp"].float(), width, 0.0) for t in teachings])
     joint = (logp[..., 0] * mask).sum(-1) + torch.log(prior)[:, None]  # [M, A]
     if use_prompt:
         joint = joint + torch.stack([t["own_prompt_logp"].float() for t in teachings])
@@ -105,21 +97,17 @@ def assemble_batch(
     s = max(p["support_ids"].shape[2] for p in parts)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in parts[0]}
     for p in parts:
-        out["prompt_ids"].append(_lpad(p["prompt_ids"], wp, 0))
-        out["prompt_mask"].append(_lpad(p["prompt_mask"], wp, 0))
-        out["response_ids"].append(_rpad(p["response_ids"], wt, 0))
-        out["response_mask"].append(_rpad(p["response_mask"], wt, 0))
+        out["prompt_ids"].append(left_pad(p["prompt_ids"], wp, 0))
+        out["prompt_mask"].append(left_pad(p["prompt_mask"], wp, 0))
+        out["response_ids"].append(right_pad(p["response_ids"], wt, 0))
+        out["response_mask"].append(right_pad(p["response_mask"], wt, 0))
         # supports of different widths: pad with -1 (invalid, masked in the KL)
         sup = F.pad(p["support_ids"], (0, s - p["support_ids"].shape[2]), value=-1)
-        out["support_ids"].append(_rpad(sup, wt, 0))
+        out["support_ids"].append(right_pad(sup, wt, 0))
         tl = F.pad(p["teacher_logp"], (0, s - p["teacher_logp"].shape[2]), value=-1e4)
-        out["teacher_logp"].append(_rpad(tl, wt, 0.0))
+        out["teacher_logp"].append(right_pad(tl, wt, 0.0))
         out["from_teacher"].append(p["from_teacher"])
     return {k: torch.cat(v) for k, v in out.items()}
-
-
-def _gather_support(logp: torch.Tensor, support_ids: torch.Tensor) -> torch.Tensor:
-    return logp.gather(-1, support_ids.clamp(min=0))
 
 
 def run_distill(

@@ -198,26 +198,30 @@ def sample_batched(model, prompt_ids, prompt_mask, batch_size: int, **kw) -> Rol
     return concat_rollouts(parts, pad_id=kw["pad_id"])
 
 
+def left_pad(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    """Pad dim 1 on the left to `width` (prompts are left-padded)."""
+    return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+
+def right_pad(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    """Pad dim 1 on the right to `width` (responses); a trailing dim 2 is left alone."""
+    if x.dim() == 3:
+        return torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1]), value=value)
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     width_p = max(r.prompt_ids.shape[1] for r in parts)
     width_t = max(r.response_ids.shape[1] for r in parts)
 
-    def lpad(x, value, width):
-        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
-
-    def rpad(x, value, width):
-        if x.dim() == 3:
-            return torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1]), value=value)
-        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
-
     return Rollout(
-        prompt_ids=torch.cat([lpad(r.prompt_ids, pad_id, width_p) for r in parts]),
-        prompt_mask=torch.cat([lpad(r.prompt_mask, 0, width_p) for r in parts]),
-        response_ids=torch.cat([rpad(r.response_ids, pad_id, width_t) for r in parts]),
-        response_mask=torch.cat([rpad(r.response_mask, 0, width_t) for r in parts]),
-        logp=torch.cat([rpad(r.logp, 0.0, width_t) for r in parts]),
-        support_ids=torch.cat([rpad(r.support_ids, pad_id, width_t) for r in parts]),
-        support_logp=torch.cat([rpad(r.support_logp, 0.0, width_t) for r in parts]),
+        prompt_ids=torch.cat([left_pad(r.prompt_ids, width_p, pad_id) for r in parts]),
+        prompt_mask=torch.cat([left_pad(r.prompt_mask, width_p, 0) for r in parts]),
+        response_ids=torch.cat([right_pad(r.response_ids, width_t, pad_id) for r in parts]),
+        response_mask=torch.cat([right_pad(r.response_mask, width_t, 0) for r in parts]),
+        logp=torch.cat([right_pad(r.logp, width_t, 0.0) for r in parts]),
+        support_ids=torch.cat([right_pad(r.support_ids, width_t, pad_id) for r in parts]),
+        support_logp=torch.cat([right_pad(r.support_logp, width_t, 0.0) for r in parts]),
     )
 
 
