@@ -441,20 +441,9 @@ def bench_round(counts=(2, 4, 8), repeats: int = 3) -> list[Figure]:
 
 def _round_in_process(cfg, state: dict) -> dict:
     """Round 1's steps called one after another in this process (no KFP)."""
-    from flminillm import steps
+    from flminillm.inprocess import run_round
 
-    cj, sj, server = cfg.to_json(), json.dumps(state), cfg.server.id
-    clients = steps.sample_clients(cj, 1)
-    sft = {c: json.dumps(steps.local_sft(cj, sj, 1, c)) for c in clients}
-    sg = json.dumps(steps.generate(cj, sj, 1, server))
-    taught = [json.dumps(steps.teach(cj, sj, 1, c, sft[c], sg)) for c in clients]
-    sd = json.dumps(steps.distill(cj, sj, 1, server, "", sg, taught))
-    outs = []
-    for c in clients:
-        cg = json.dumps(steps.generate(cj, sj, 1, c, sd))
-        st = json.dumps(steps.teach(cj, sj, 1, server, sd, cg))
-        outs.append(json.dumps(steps.distill(cj, sj, 1, c, sd, cg, [st])))
-    return steps.evaluate(cj, sj, 1, sd, outs)
+    return run_round(cfg, state, 1)
 
 
 def bench_orchestration(config: Path) -> list[Figure]:

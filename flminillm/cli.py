@@ -304,7 +304,60 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--no-rounds", action="store_true", help="skip the 2/4/8 clients figure")
     perf.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     perf.set_defaults(func=cmd_bench_perf)
+    quality = bench_sub.add_parser(
+        "quality", help="FL-MiniLLM vs baselines, ablations and faults (docs/results.md)"
+    )
+    quality.add_argument("--config", default="configs/benchmark.yaml", help="the benchmark")
+    quality.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every method")
+    quality.add_argument(
+        "--fault-seeds", type=int, default=None, help="seeds for the fault runs (default: --seeds)"
+    )
+    quality.add_argument(
+        "--methods", default="", help="comma-separated subset (default: all variants)"
+    )
+    quality.add_argument("--out", default="docs", help="where results.{md,json,png} go")
+    quality.add_argument("--workdir", default=None, help="store of the runs (default: a temp dir)")
+    quality.add_argument("--jobs", type=int, default=0, help="worker processes (default: 2)")
+    quality.add_argument(
+        "--tracking-uri", default=None,
+        help="MLflow tracking URI (default: sqlite:///<out>/../runs/quality/mlflow.db); "
+        "'none' to skip MLflow",
+    )  # fmt: skip
+    quality.set_defaults(func=cmd_bench_quality)
     return parser
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from flminillm.quality import print_tables, run_quality
+
+    if args.seeds < 1:
+        print("error: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    uri = args.tracking_uri
+    if uri is None:
+        db = Path("runs/quality")
+        db.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{db.resolve()}/mlflow.db"
+    elif uri.lower() == "none":
+        uri = None
+    console = _console()
+    command = "flminillm bench quality " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
+    try:
+        results = run_quality(
+            Path(args.config), seeds=args.seeds, fault_seeds=args.fault_seeds,
+            names=[m for m in args.methods.split(",") if m] or None,
+            workdir=Path(args.workdir) if args.workdir else None, out_dir=Path(args.out),
+            jobs=args.jobs, tracking_uri=uri, console=console, command=command.strip(),
+        )  # fmt: skip
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_tables(results, console)
+    ratio = results["_meta"].get("server_vs_pooled")
+    if ratio is not None:
+        console.print(f"FL-MiniLLM server / pooled server, EM on all families: {ratio:.0%}")
+    console.print(f"wrote {args.out}/results.md, results.json, results.png; MLflow: {uri}")
+    return 0
 
 
 def cmd_bench_perf(args: argparse.Namespace) -> int:

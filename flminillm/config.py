@@ -95,6 +95,11 @@ class DataConfig(_Strict):
     )
     n_eval_per_family: int = Field(50, ge=1, description="Held-out evaluation examples per family.")
     pretrain_docs: int = Field(3000, ge=1, description="Documents in the pre-training corpus.")
+    iid_mix: float = Field(
+        0.0, ge=0, le=1,
+        description="Non-IID severity: share of each client's training data drawn from all "
+        "families instead of its own (0 = disjoint families, 1 = IID).",
+    )  # fmt: skip
 
     @field_validator("families")
     @classmethod
@@ -164,7 +169,8 @@ class DistillConfig(_Strict):
 
     method: Literal["reverse_kl", "forward_kl"] = Field(
         "reverse_kl",
-        description="reverse_kl: MiniLLM policy gradient; forward_kl: FedMKT-style baseline.",
+        description="reverse_kl: MiniLLM policy gradient; forward_kl: the forward-KL/SeqKD "
+        "baseline (student fits the teachers' top-k distributions on every scored sequence).",
     )
     alpha: float = Field(
         0.25, ge=0, le=1, description="Teacher-mixed sampling: share of rollouts from teachers."
@@ -427,6 +433,8 @@ class ExperimentConfig(_Strict):
         data = self.model_dump(mode="json")
         if self.engine == EngineConfig():  # the default engine leaves digests and caches as before
             del data["engine"]
+        if not data["data"]["iid_mix"]:  # likewise the default (disjoint) split
+            del data["data"]["iid_mix"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:

@@ -373,6 +373,7 @@ def build_benchmark(
     n_public_per_family: int,
     n_eval: int,
     seed: int,
+    iid_mix: float = 0.0,
 ) -> Benchmark:
     """Generate clients' private train/test data, public prompts and held-out eval sets.
 
@@ -381,7 +382,14 @@ def build_benchmark(
     drawn first, then the test set (both unique prompts where possible), then train, which never
     uses a test prompt. For generative families test, train and public prompts avoid eval prompts
     where the space allows; fact families (a table to memorise) may repeat eval prompts.
+
+    `iid_mix` sets how non-IID the split is: a client's training set keeps its size, but that
+    share of it is drawn from every held family's pool (other clients' included) instead of
+    its own families. 0 (default) is the disjoint split, 1 gives every client the same
+    distribution over all families. A client's "held" families stay the ones it was given.
     """
+    if not 0.0 <= iid_mix <= 1.0:
+        raise ValueError(f"iid_mix must be in [0, 1], got {iid_mix}")
     for name, value in (
         ("n_train", n_train),
         ("n_test", n_test),
@@ -432,8 +440,17 @@ def build_benchmark(
         public.extend(Example(f, e.prompt, "") for e in pub)
     _stream(seed, "public", "order").shuffle(public)
 
+    client_train = {c: [e for f in fs for e in train[f]] for c, fs in families_by_client.items()}
+    if iid_mix > 0:
+        pool = [e for f in held for e in train[f]]
+        for c, own in client_train.items():
+            rng = _stream(seed, "iid_mix", c)
+            k = round(iid_mix * len(own))
+            keep = rng.sample(own, len(own) - k)
+            client_train[c] = keep + [pool[rng.randrange(len(pool))] for _ in range(k)]
+            rng.shuffle(client_train[c])
     return Benchmark(
-        client_train={c: [e for f in fs for e in train[f]] for c, fs in families_by_client.items()},
+        client_train=client_train,
         client_test={c: [e for f in fs for e in test[f]] for c, fs in families_by_client.items()},
         public_prompts=public,
         eval_sets=eval_sets,

@@ -205,9 +205,9 @@ def run_distill(
                     logits, mb["response_ids"], mb["response_mask"], behaviour[idx],
                     sup, mb["teacher_logp"], hp,
                 )  # fmt: skip
-            else:
-                tmask = mb["response_mask"] * mb["from_teacher"][:, None]
-                loss, stats = forward_kl_loss(logits, tmask, sup, mb["teacher_logp"])
+            else:  # forward KL on every scored position: the student's own sequences
+                # (teacher scores on their support) and the selected teacher sequences
+                loss, stats = forward_kl_loss(logits, mb["response_mask"], sup, mb["teacher_logp"])
             if use_seqkd and bool(mb["from_teacher"].any()):
                 tmask = mb["response_mask"] * mb["from_teacher"][:, None]
                 ce = F.cross_entropy(
@@ -215,14 +215,14 @@ def run_distill(
                 )
                 seqkd = masked_mean(ce, tmask)
                 loss = loss + d.seqkd_coef * seqkd
-                stats["seqkd_ce"] = float(seqkd)
+                stats["seqkd_ce"] = float(seqkd.detach())
             if own_iter is not None:
                 lm = causal_lm_loss(engine.model, next(own_iter))
                 loss = loss + d.lm_coef * lm
                 stats["lm_loss"] = float(lm)
             engine.backward(loss)
             engine.step()
-            stats["loss"] = float(loss)
+            stats["loss"] = float(loss.detach())
             if first_rkl is None and "reverse_kl" in stats:
                 first_rkl = stats["reverse_kl"]
             for k, v in stats.items():

@@ -225,7 +225,7 @@ def prepare(config_json: str) -> dict:
         d = cfg.data
         bench = build_benchmark(
             fbc, d.n_train_per_family, d.n_test_per_family, d.n_public_per_family,
-            d.n_eval_per_family, seed=cfg.seed,
+            d.n_eval_per_family, seed=cfg.seed, iid_mix=d.iid_mix,
         )  # fmt: skip
         corpus = pretraining_corpus(d.pretrain_docs, seed=cfg.seed)
         if cfg.tokenizer.name_or_path:
@@ -480,6 +480,7 @@ def teach(
     teacher-share prompts itself: the TeachingMessage."""
     import torch
 
+    from flminillm.attacks import adversaries, corrupt_teaching
     from flminillm.generation import prompt_logprob, sample_batched, score
     from flminillm.messages import nbytes, validate_rollouts
 
@@ -536,6 +537,13 @@ def teach(
                 "own_support_ids": own_sup.int(),
                 "own_logp": own_logp.float().contiguous(),
             }
+            mode = adversaries().get(teacher_id)
+            if mode:  # benchmark fault injection: a faulty or malicious teacher
+                teaching = corrupt_teaching(
+                    teaching, mode, state["vocab_size"],
+                    _seed(cfg, "adversary", round_index, teacher_id, ro["party"]),
+                )  # fmt: skip
+                rec["params"]["adversary"] = mode
             digest = exchange.put_tensors(teaching)
             size = nbytes(teaching)
             mask = msg["response_mask"].float()
@@ -544,7 +552,7 @@ def teach(
                 "rollouts": _ref(exchange, ro["rollouts"]),
             }
             rec["outputs"]["teaching"] = _ref(exchange, digest)
-            rec["params"] = {"teacher": teacher_id, "student": ro["party"]}
+            rec["params"].update({"teacher": teacher_id, "student": ro["party"]})
             rec["metrics"] = {
                 "bytes_received": float(nbytes(msg)),
                 "bytes_sent": float(size),
