@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -62,8 +63,19 @@ class Memo:
         blob = json.dumps([step, _slice(cfg, step, party), inputs], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    @staticmethod
+    def _faulted(step: str, party: str | None, round_index: int) -> bool:
+        """FLMINILLM_FAULTS names this execution: it must run (and fail), not be shared."""
+        return any(
+            f["step"] == step
+            and f["party"] in ("*", party)
+            and f["round"] in ("*", str(round_index))
+            for f in steps.parse_faults(os.environ.get(steps.FAULTS_ENV, ""))
+        )
+
     def call(self, cfg: ExperimentConfig, step: str, party: str | None, fn: Callable, *args):
-        if step not in self.SHAREABLE:
+        round_index = args[2] if step == "local_sft" else 0
+        if step not in self.SHAREABLE or self._faulted(step, party, round_index):
             return fn(*args)
         k = self.key(cfg, step, party, args[1:])  # args[0] is config_json
         if k in self.entries:

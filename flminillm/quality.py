@@ -96,7 +96,7 @@ def _variants(cfg: ExperimentConfig) -> list[Variant]:
                 overrides={"distill": {"aggregation": "trimmed_mean", "trim": 0.34}},
                 note=f"{last} lies; trimmed-mean aggregation"),
         Variant("dropout-30", group="fault", overrides={"sampling": {"min_clients": 1}},
-                note="each client drops out of each round with probability 0.3"),
+                note="30% of the clients (rounded, at least 1) drop out of each round, at random"),
         *[Variant(f"iid-mix-{x:g}", group="fault", overrides={"data": {"iid_mix": x}},
                   note=f"non-IID severity: share {x:g} of private data from all families")
           for x in (0.5, 1.0)],
@@ -135,15 +135,14 @@ def variant_config(base: ExperimentConfig, v: Variant, seed: int, workdir: Path)
 
 
 def dropout_faults(cfg: ExperimentConfig, p: float = 0.3) -> str:
-    """FLMINILLM_FAULTS that make each client drop out of each round with probability p
-    (seeded; at least one client stays in every round)."""
+    """FLMINILLM_FAULTS that make round(p * N) clients, drawn at random (seeded) each
+    round, drop out of it (at least one client always stays)."""
     rng = random.Random(f"dropout/{cfg.seed}")
+    ids = [c.id for c in cfg.clients]
+    k = min(len(ids) - 1, max(1, round(p * len(ids))))
     items = []
     for r in range(1, cfg.rounds + 1):
-        out = [c.id for c in cfg.clients if rng.random() < p]
-        if len(out) == len(cfg.clients):
-            out = out[:-1]
-        items += [f"local_sft:{c}:{r}" for c in out]
+        items += [f"local_sft:{c}:{r}" for c in rng.sample(ids, k)]
     return ",".join(items)
 
 
@@ -381,6 +380,9 @@ def summarise(runs: list[dict], v: Variant) -> dict[str, Any]:
         ],
     }  # fmt: skip
     out["seconds"] = _stat([r["seconds"] for r in runs])["mean"]
+    out["dropped_per_round"] = _stat(
+        [_mean([len(x["dropped"]) for k, x in r["rounds"].items() if k != "0"]) for r in runs]
+    )["mean"]
     return out
 
 

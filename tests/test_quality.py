@@ -1,0 +1,177 @@
+"""`flminillm bench quality`: one seed of the tiny benchmark end to end (every variant,
+MLflow, the report files), plus the pieces it relies on: the non-IID knob, adversarial
+teachers, drop-out schedules and the in-process memo."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from flminillm.attacks import adversaries, corrupt_teaching
+from flminillm.cli import main
+from flminillm.config import load_config
+from flminillm.data import build_benchmark
+from flminillm.messages import validate_teaching
+from flminillm.models import build_model, count_parameters
+from flminillm.quality import METHODS, check_results, dropout_faults, run_variant, variants
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "benchmark-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    uri = f"sqlite:///{out}/mlflow.db"
+    rc = main([
+        "bench", "quality", "--config", str(TINY), "--seeds", "1", "--out", str(out),
+        "--workdir", str(out / "work"), "--tracking-uri", uri,
+    ])  # fmt: skip
+    assert rc == 0
+    return out
+
+
+def test_every_method_and_ablation_lands_in_results_json(bench_out):
+    results = json.loads((bench_out / "results.json").read_text())
+    cfg = load_config(TINY)
+    names = [v.name for v in variants(cfg)]
+    assert set(METHODS) <= set(names)
+    assert {"no-teacher-mixed", "no-single-step", "no-length-norm"} <= set(names)
+    assert any(n.startswith("alpha-") for n in names) and any(n.startswith("top-k-") for n in names)
+    assert set(names) <= set(results)
+    assert check_results(results) == []
+    for name in names:
+        r = results[name]
+        for who in ("server", "clients"):
+            for k in ("em_all", "em_held", "em_unseen", "rouge_l_all", "rouge_l_held"):
+                assert k in r[who]
+        assert r["seeds"] == [0]
+        assert "per_client" in r["bytes_per_round"]
+    # the server holds no family: held is undefined, unseen is all
+    assert results["fl-minillm"]["server"]["em_held"]["mean"] is None
+    assert results["_meta"]["seeds"] == [0]
+
+
+def test_bytes_per_round_follow_each_method(bench_out):
+    results = json.loads((bench_out / "results.json").read_text())
+    cfg = load_config(TINY)
+    server = build_model(cfg.server.model, 400, 0, 1, 0)
+    fedavg = results["fedavg"]["bytes_per_round"]["per_client"]
+    assert fedavg == pytest.approx(2 * 4 * count_parameters(server), rel=0.05)
+    assert results["local-only"]["bytes_per_round"]["per_client"] == 0
+    ours = results["fl-minillm"]["bytes_per_round"]["per_client"]
+    assert 0 < ours < fedavg
+    # forward-KL exchanges the same messages (same prompts and support)
+    assert results["forward-kl"]["bytes_per_round"]["per_client"] == pytest.approx(ours, rel=0.2)
+
+
+def test_local_only_server_never_changes_and_dropout_drops(bench_out):
+    results = json.loads((bench_out / "results.json").read_text())
+    curve = results["local-only"]["curve"]["server_em_all"]
+    assert len(set(curve)) == 1  # public prompts only: the server keeps its pre-trained model
+    assert results["dropout-30"]["dropped_per_round"] > 0
+    assert results["fl-minillm"]["dropped_per_round"] == 0
+
+
+def test_report_files_and_mlflow_runs(bench_out):
+    md = (bench_out / "results.md").read_text()
+    assert "## Methods" in md and "## Ablations" in md and "## Faults" in md
+    assert "![results](results.png)" in md
+    assert (bench_out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = load_config(TINY)
+    n_runs = len(variants(cfg))
+    with sqlite3.connect(bench_out / "mlflow.db") as db:
+        runs = db.execute("select run_uuid, name from runs").fetchall()
+        children = db.execute(
+            "select count(*) from tags where key='mlflow.parentRunId'"
+        ).fetchone()[0]
+        rounds = db.execute(
+            "select count(distinct step) from metrics where key='server.em_all'"
+        ).fetchone()[0]
+    assert len(runs) == n_runs + 1 and children == n_runs
+    assert rounds == cfg.rounds + 1  # rounds 0..R as metric history
+
+
+def test_memo_shares_setup_between_variants(tmp_path):
+    cfg = load_config(TINY)
+    by_name = {v.name: v for v in variants(cfg)}
+    lead = run_variant(cfg.to_json(), by_name["fl-minillm"], 0, str(tmp_path))
+    assert lead["memo_hits"] == 0
+    other = run_variant(cfg.to_json(), by_name["no-length-norm"], 0, str(tmp_path), lead["memo"])
+    # prepare + 4 init_model + 3 round-1 local_sft come from the memo
+    assert other["memo_hits"] >= 1 + len(cfg.parties) + len(cfg.clients)
+    assert other["rounds"]["0"]["eval"] == lead["rounds"]["0"]["eval"]
+
+
+def test_iid_mix_controls_non_iid_severity():
+    fbc = {"a": ["successor"], "b": ["repeat"]}
+    disjoint = build_benchmark(fbc, 50, 5, 5, 5, seed=0)
+    assert {e.family for e in disjoint.client_train["a"]} == {"successor"}
+    mixed = build_benchmark(fbc, 50, 5, 5, 5, seed=0, iid_mix=1.0)
+    fams = [e.family for e in mixed.client_train["a"]]
+    assert len(fams) == 50 and {"successor", "repeat"} == set(fams)
+    assert 0.3 < fams.count("repeat") / len(fams) < 0.7
+    with pytest.raises(ValueError, match="iid_mix"):
+        build_benchmark(fbc, 50, 5, 5, 5, seed=0, iid_mix=1.5)
+    # the default split leaves config digests (and so caches) as they were
+    assert "iid_mix" not in load_config(TINY).to_json()
+
+
+def _teaching(n=4, t=3, s=5, a=2, vocab=50):
+    g = torch.Generator().manual_seed(0)
+    rollouts = {
+        "prompt_ids": torch.randint(4, vocab, (n, 4), generator=g).int(),
+        "prompt_mask": torch.ones(n, 4, dtype=torch.uint8),
+        "response_ids": torch.randint(4, vocab, (n, t), generator=g).int(),
+        "response_mask": torch.ones(n, t, dtype=torch.uint8),
+        "support_ids": torch.randint(4, vocab, (n, t, s), generator=g).int(),
+        "ask_prompt_ids": torch.randint(4, vocab, (a, 4), generator=g).int(),
+        "ask_prompt_mask": torch.ones(a, 4, dtype=torch.uint8),
+    }
+    rollouts["support_ids"][..., 0] = rollouts["response_ids"]
+    own_ids = torch.randint(4, vocab, (a, t), generator=g).int()
+    own_sup = torch.randint(4, vocab, (a, t, s), generator=g).int()
+    own_sup[..., 0] = own_ids
+    teaching = {
+        "scores": torch.log_softmax(torch.randn(n, t, s, generator=g), -1),
+        "prompt_logp": -torch.rand(n, generator=g) * 20,
+        "own_prompt_logp": -torch.rand(a, generator=g) * 20,
+        "own_response_ids": own_ids,
+        "own_response_mask": torch.ones(a, t, dtype=torch.uint8),
+        "own_support_ids": own_sup,
+        "own_logp": torch.log_softmax(torch.randn(a, t, s, generator=g), -1),
+    }
+    return rollouts, teaching
+
+
+@pytest.mark.parametrize("mode", ["random", "adversarial"])
+def test_corrupted_teachings_pass_validation(mode):
+    rollouts, teaching = _teaching()
+    bad = corrupt_teaching(teaching, mode, vocab_size=50, seed=1)
+    validate_teaching(bad, rollouts, 50)  # well formed: only aggregation can limit it
+    assert not torch.equal(bad["scores"], teaching["scores"])
+    if mode == "adversarial":
+        # the mass moves to the token the honest teacher found least likely
+        assert torch.equal(bad["scores"].argmax(-1), teaching["scores"].argmin(-1))
+        assert float(bad["prompt_logp"].max()) == 0.0
+
+
+def test_adversary_spec_errors_name_the_fix():
+    assert adversaries("carol:adversarial, bob:random") == {"carol": "adversarial", "bob": "random"}
+    with pytest.raises(ValueError, match="FLMINILLM_ADVERSARY"):
+        adversaries("carol:evil")
+
+
+def test_dropout_schedule_keeps_a_client_each_round():
+    cfg = load_config(TINY).model_copy(update={"rounds": 40})
+    items = [x.split(":") for x in dropout_faults(cfg).split(",")]
+    per_round: dict[str, int] = {}
+    for step, _client, r in items:
+        assert step == "local_sft"
+        per_round[r] = per_round.get(r, 0) + 1
+    assert set(per_round.values()) == {1}  # round(0.3 * 3) clients out of every round
+    assert len({c for _s, c, _r in items}) == len(cfg.clients)  # not always the same one
