@@ -16,6 +16,7 @@ from flminillm.distill import (
     posterior_log_weights,
 )
 from flminillm.generation import left_pad, response_logits, right_pad
+from flminillm.launch import rank_world
 from flminillm.messages import validate_rollouts, validate_teaching
 from flminillm.store import Store
 
@@ -187,10 +188,17 @@ def run_distill(
     sums: dict[str, float] = {}
     count = 0
     first_rkl = None
+    rank, world = rank_world()
+    span = d.batch_size * world  # under the launcher: one global batch, a share per rank
     for _epoch in range(d.epochs):
         order = torch.randperm(n, generator=g)
-        for i in range(0, n, d.batch_size):
-            idx = order[i : i + d.batch_size]
+        for i in range(0, n, span):
+            if world == 1:
+                idx = order[i : i + d.batch_size]
+            else:  # rank r takes the r-th micro-batch of the global batch (wrapping around
+                # at the end, so every rank steps together): the split of one process with
+                # gradient accumulation over `world` micro-batches
+                idx = order[(i + rank * d.batch_size + torch.arange(d.batch_size)) % n]
             mb = {k: v[idx] for k, v in batch.items()}
             logits = response_logits(
                 engine.model,
@@ -217,7 +225,7 @@ def run_distill(
                 loss = loss + d.seqkd_coef * seqkd
                 stats["seqkd_ce"] = float(seqkd.detach())
             if own_iter is not None:
-                lm = causal_lm_loss(engine.model, next(own_iter))
+                lm = causal_lm_loss(engine.model, [next(own_iter) for _ in range(world)][rank])
                 loss = loss + d.lm_coef * lm
                 stats["lm_loss"] = float(lm)
             engine.backward(loss)

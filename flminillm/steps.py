@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from flminillm.launch import launch, needs_launch, rank_world
 from flminillm.config import ExperimentConfig, config_from_json
 from flminillm.store import Store, open_store
 
@@ -175,7 +176,11 @@ def step_record(
         raise
     finally:
         rec["duration_s"] = round(time.time() - rec["started"], 3)
-        store.put_record(name, rec)
+        rank, world = rank_world()
+        if world > 1:
+            rec["params"]["world_size"] = world
+        if rank == 0:  # under the launcher, one record per step
+            store.put_record(name, rec)
 
 
 def _load_tokenizer(store: Store, digest: str):
@@ -349,6 +354,9 @@ def local_sft(config_json: str, state_json: str, round_index: int, client_id: st
 
     cfg, store = _ctx(config_json)
     state = _loads(state_json)
+    if needs_launch(cfg.engine):  # several GPUs: the ranks run this step, rank 0 answers
+        args = [config_json, state_json, round_index, client_id]
+        return launch("local_sft", args, cfg.engine.gpus_per_step)
 
     def run() -> dict:
         with step_record(cfg, store, round_index, "local_sft", client_id) as rec:
@@ -585,6 +593,9 @@ def distill(
     cfg, store = _ctx(config_json)
     state = _loads(state_json)
     ro = _loads(rollouts_json)
+    if needs_launch(cfg.engine):  # several GPUs: the ranks run this step, rank 0 answers
+        args = [config_json, state_json, round_index, student_id, models_json, rollouts_json]
+        return launch("distill", [*args, list(teachings)], cfg.engine.gpus_per_step)
     if _dropped(ro):
         return {"party": student_id, "dropped": student_id, "reason": ro["reason"]}
     if ro["party"] != student_id:

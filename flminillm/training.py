@@ -12,6 +12,7 @@ import torch
 
 from flminillm.data import Example, format_prompt, format_target
 from flminillm.engine import make_engine, make_optimizer  # noqa: F401  (re-exported)
+from flminillm.launch import rank_world
 
 if TYPE_CHECKING:
     from flminillm.config import EngineConfig
@@ -117,6 +118,7 @@ def train_lm(
     )  # fmt: skip
     accum = eng.gradient_accumulation_steps
     it = batches(rows, batch_size, pad_id, seed)
+    rank, world = rank_world()  # under the launcher: rank r takes micro-batches r, r+N, ...
     first = last = float("nan")
     tokens = 0
     from tqdm import tqdm
@@ -125,7 +127,7 @@ def train_lm(
     for step in bar:
         total = 0.0
         for _micro in range(accum):
-            batch = next(it)
+            batch = [next(it) for _ in range(world)][rank]
             loss = causal_lm_loss(eng.model, batch)
             eng.backward(loss)
             eng.step()

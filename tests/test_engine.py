@@ -84,7 +84,6 @@ def test_deepspeed_config_dict():
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_deepspeed_matches_torch_on_cpu(stage, tmp_path):
-    pytest.importorskip("deepspeed")
     batch = _batch()
     base = _tiny()
     plain = _losses(make_engine(copy.deepcopy(base), 1e-2, 0.0, 1.0, EngineConfig()), batch)
