@@ -196,8 +196,10 @@ class DistillConfig(_Strict):
     seqkd_rounds: int = Field(
         1000, ge=0, description="Rounds (from the first) in which the SeqKD term is on."
     )
-    aggregation: Literal["mixture", "median", "trimmed_mean"] = Field(
-        "mixture", description="How several teachers' probabilities are combined."
+    aggregation: Literal["mixture", "capped_mixture", "median", "trimmed_mean"] = Field(
+        "mixture", description="How several teachers' probabilities are combined: mixture "
+        "(posterior-weighted), capped_mixture (the same with each teacher's mean weight at most "
+        "`cap`: bounded influence of one lying teacher), median, trimmed_mean."
     )
     posterior_weights: bool = Field(
         True,
@@ -205,6 +207,9 @@ class DistillConfig(_Strict):
         "prefix (the exact conditional of a mixture of teacher LMs); else fixed weights.",
     )
     trim: float = Field(0.2, ge=0, lt=0.5, description="Share trimmed at each end (trimmed_mean).")
+    cap: float = Field(
+        0.5, gt=0, le=1, description="Largest mean mixture weight of one teacher (capped_mixture)."
+    )
 
 
 class EngineConfig(_Strict):
@@ -229,14 +234,20 @@ class EngineConfig(_Strict):
         1,
         ge=1,
         le=64,
-        description="Data-parallel processes per training step. More than 1 runs the step under "
-        "the deepspeed launcher on a cluster (kind: deepspeed); a local run uses 1.",
+        description="Data-parallel processes (GPUs) per local_sft / distill step. More than 1 "
+        "runs the step under the DeepSpeed launcher, one rank per GPU (gloo processes on CPU); "
+        "kind: deepspeed with zero_stage 0-2.",
     )
 
     @model_validator(mode="after")
     def _several_gpus_need_deepspeed(self) -> EngineConfig:
         if self.gpus_per_step > 1 and self.kind != "deepspeed":
             raise ValueError("gpus_per_step: more than 1 needs kind: deepspeed")
+        if self.gpus_per_step > 1 and self.zero_stage == 3:
+            raise ValueError(
+                "gpus_per_step: more than 1 is supported with zero_stage 0-2 (every rank holds "
+                "the whole model, rank 0 saves it); with zero_stage 3 use gpus_per_step: 1"
+            )
         return self
 
 
@@ -435,6 +446,8 @@ class ExperimentConfig(_Strict):
             del data["engine"]
         if not data["data"]["iid_mix"]:  # likewise the default (disjoint) split
             del data["data"]["iid_mix"]
+        if data["distill"]["cap"] == 0.5:  # and the default cap (used by capped_mixture only)
+            del data["distill"]["cap"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:

@@ -235,3 +235,43 @@ def posterior_log_weights(
     """log pi_i + log p_i(x) + log p_i(y_<t | x): [M], [M, B], [M, B, T], [B, T] -> [M, B, T]."""
     prefix = torch.cumsum(token_logp * mask, dim=-1) - token_logp * mask  # exclusive cumsum
     return torch.log(prior)[:, None, None] + prompt_logp[..., None] + prefix
+
+
+def cap_log_weights(
+    log_weights: torch.Tensor, mask: torch.Tensor, cap: float, iters: int = 40
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounded influence for the posterior mixture: lower a teacher's log-weights by a
+    constant delta_i until its mean weight over the scored positions is at most `cap`.
+
+    log_weights [M, B, T], mask [B, T] -> (capped log-weights, delta [M]). A teacher that
+    claims to know every prompt (log p(x) = 0) would otherwise take all the weight; capped,
+    it keeps at most `cap` of it, on the positions where its claim stands out least, and
+    the others keep their relative weights. Honest non-IID teachers (each sure of its own
+    domain) stay under the cap and are left as they are."""
+    m = log_weights.shape[0]
+    delta = torch.zeros(m)
+    if cap >= 1.0 or m < 2:
+        return log_weights, delta
+    w_mask = mask.float()
+    n = w_mask.sum().clamp(min=1.0)
+
+    def mean_weights(d: torch.Tensor) -> torch.Tensor:
+        w = torch.softmax(log_weights - d[:, None, None], dim=0)
+        return (w * w_mask).sum((1, 2)) / n
+
+    for _ in range(m):
+        share = mean_weights(delta)
+        i = int(share.argmax())
+        if float(share[i]) <= cap + 1e-4:
+            break
+        lo, hi = float(delta[i]), float(delta[i]) + 1e4
+        for _ in range(iters):  # mean weight is decreasing in delta_i: bisection
+            mid = (lo + hi) / 2
+            trial = delta.clone()
+            trial[i] = mid
+            if float(mean_weights(trial)[i]) > cap:
+                lo = mid
+            else:
+                hi = mid
+        delta[i] = hi
+    return log_weights - delta[:, None, None], delta

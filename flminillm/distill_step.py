@@ -10,6 +10,7 @@ from flminillm.config import ExperimentConfig
 from flminillm.distill import (
     MiniLLMHParams,
     aggregate_teachers,
+    cap_log_weights,
     forward_kl_loss,
     masked_mean,
     minillm_loss,
@@ -55,18 +56,24 @@ def assemble_batch(
     method: str,
     trim: float,
     posterior: bool,
+    cap: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """Student rollouts scored by the aggregated teachers + the selected teacher rollouts."""
+    """Student rollouts scored by the aggregated teachers + the selected teacher rollouts.
+    `cap` < 1 (aggregation capped_mixture) bounds each teacher's mean mixture weight."""
     stacked = torch.stack([t["scores"].float() for t in teachings])  # [M, N, T, S]
     log_w = None
-    if posterior and method == "mixture":
+    delta = torch.zeros(len(teachings))
+    if posterior and method in ("mixture", "capped_mixture"):
         log_w = posterior_log_weights(
             weights / weights.sum(),
             torch.stack([t["prompt_logp"].float() for t in teachings]),
             stacked[..., 0],
             rollouts["response_mask"].float(),
         )
-    scores = aggregate_teachers(stacked, weights, method, trim, log_weights=log_w)
+        if method == "capped_mixture":
+            log_w, delta = cap_log_weights(log_w, rollouts["response_mask"].float(), cap)
+    agg = "mixture" if method == "capped_mixture" else method
+    scores = aggregate_teachers(stacked, weights, agg, trim, log_weights=log_w)
     n = rollouts["prompt_ids"].shape[0]
     parts = [
         {
@@ -81,7 +88,9 @@ def assemble_batch(
     ]
     a = rollouts["ask_prompt_ids"].shape[0]
     if a:
-        sel = select_teacher_rollouts(teachings, weights / weights.sum(), use_prompt=posterior)
+        # a capped teacher's answers are selected with the same handicap
+        prior = weights / weights.sum() * torch.exp(-delta)
+        sel = select_teacher_rollouts(teachings, prior, use_prompt=posterior)
         parts.append(
             {
                 "prompt_ids": rollouts["ask_prompt_ids"].long(),
@@ -143,7 +152,9 @@ def run_distill(
         validate_teaching(msg, rollouts, vocab)
         teachings.append(msg)
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
-    batch = assemble_batch(rollouts, teachings, weights, d.aggregation, d.trim, d.posterior_weights)
+    batch = assemble_batch(
+        rollouts, teachings, weights, d.aggregation, d.trim, d.posterior_weights, d.cap
+    )
 
     tok = _load_tokenizer(store, state["tokenizer"])
     model = _load_model(store, student_id, model_digest)

@@ -348,3 +348,30 @@ def test_forward_kl_baseline_converges():
         opt.step()
     assert fkl() < 0.1 * start
     assert stats["forward_kl"] == pytest.approx(float(loss))
+
+
+def test_capped_mixture_bounds_a_lying_teacher():
+    from flminillm.distill import cap_log_weights
+
+    torch.manual_seed(0)
+    b, t = 60, 4
+    # three honest experts, each sure of its own third of the prompts ...
+    honest = torch.full((3, b, t), -30.0)
+    for i in range(3):
+        honest[i, i * 20 : (i + 1) * 20] = -5.0
+    mask = torch.ones(b, t)
+    capped, delta = cap_log_weights(honest, mask, cap=0.5)
+    assert torch.equal(capped, honest) and float(delta.abs().max()) == 0.0  # left alone
+    # ... and a fourth that claims probability 1 for every prompt
+    liar = torch.cat([honest, torch.zeros(1, b, t)])
+    w = torch.softmax(liar, 0)
+    assert float(w[3].mean()) > 0.99
+    capped, delta = cap_log_weights(liar, mask, cap=0.5)
+    w = torch.softmax(capped, 0)
+    assert float(w[3].mean()) == pytest.approx(0.5, abs=1e-3)
+    assert float(delta[3]) > 0 and float(delta[:3].abs().max()) == 0.0
+    # the honest experts keep their domains among themselves
+    for i in range(3):
+        own = w[i, i * 20 : (i + 1) * 20]
+        others = w[:3, i * 20 : (i + 1) * 20].sum(0)
+        assert float((own / others).min()) > 0.99

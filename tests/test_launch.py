@@ -63,11 +63,13 @@ def test_launch_only_for_deepspeed_with_several_gpus(monkeypatch):
     assert rank_world() == (1, 2)
 
 
-def test_launch_refuses_other_steps():
+def test_launch_refuses_other_steps_and_zero3():
     import pytest
 
     with pytest.raises(ValueError, match="cannot run under the launcher"):
         launch("evaluate", [], 2)
+    with pytest.raises(ValueError, match="zero_stage 3 use gpus_per_step: 1"):
+        EngineConfig(kind="deepspeed", zero_stage=3, gpus_per_step=2)
 
 
 def test_distill_on_two_ranks_matches_gradient_accumulation(tiny_config):
