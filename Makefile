@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 CONFIG ?= configs/demo.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint format clean bench
+.PHONY: install demo test test-slow lint format clean bench bench-quality
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -74,3 +74,8 @@ push-images: images
 bench: install
 	$(PIP) install -q -e ".[dev,bench]"
 	$(BIN)/flminillm bench perf
+
+# FL-MiniLLM vs local-only, FedAvg, forward-KL and pooled training, ablations and faults:
+# writes docs/results.{md,json,png} and logs every run to runs/quality/mlflow.db
+bench-quality: install
+	$(BIN)/flminillm bench quality --config configs/benchmark.yaml --seeds 3 --fault-seeds 1

@@ -368,7 +368,9 @@ def bench_distill(
 # --- 4. one round's compute, in-process -----------------------------------------------------
 
 
-def round_compute(n_clients: int, prompts: int = 64, new_tokens: int = 8) -> float:
+def round_compute(
+    n_clients: int, prompts: int = 64, new_tokens: int = 8, hidden: int | None = None
+) -> float:
     """Seconds of one round's model work for a server and `n_clients` clients, run one after
     another in this process: server generate, each client teaches, server distills; each
     client generates, the server teaches, the client distills. No store, no pipeline."""
@@ -381,6 +383,9 @@ def round_compute(n_clients: int, prompts: int = 64, new_tokens: int = 8) -> flo
     vocab, k = 1024, 8
     archs = [("gpt2", 96, 2, 4), ("llama", 96, 2, 4), ("qwen2", 64, 3, 4)]
     server = _model("llama", 128, 4, 4, vocab)
+    if hidden:  # every client `hidden` wide, the server twice that
+        archs = [(f, hidden, layers, heads) for f, _h, layers, heads in archs]
+        server = _model("llama", 2 * hidden, 4, 4, vocab)
     clients = [_model(*archs[i % 3], vocab=vocab, seed=i + 1) for i in range(n_clients)]
     ids, mask = _prompts(prompts, 24, vocab)
     g = torch.Generator().manual_seed(0)
@@ -446,43 +451,51 @@ def _round_in_process(cfg, state: dict) -> dict:
     return run_round(cfg, state, 1)
 
 
+def _round_times(base, tmp: str) -> tuple[float, float, bool]:
+    """(seconds under kfp.local, seconds in one process, same model digests) of round 1 of
+    `base`, set up in-process first; caching off, the torch thread budget of `flminillm run`."""
+    from flminillm import steps
+    from pipelines.federation import build_round_pipeline
+    from pipelines.local import init_local
+
+    cfg = base.model_copy(
+        update={
+            "store": base.store.model_copy(update={"uri": f"{tmp}/store"}),
+            "tracking": base.tracking.model_copy(update={"enabled": False}),
+            "runner": base.runner.model_copy(
+                update={"cache": False, "pipeline_root": f"{tmp}/kfp"}
+            ),
+        }
+    )
+    cj = cfg.to_json()
+    threads = max(1, (os.cpu_count() or 1) // cfg.runner.local_parallelism)
+    os.environ["FLMINILLM_TORCH_THREADS"] = str(threads)  # as pipelines.local.run_local
+    prep = json.dumps(steps.prepare(cj))
+    inits = [json.dumps(steps.init_model(cj, prep, p.id)) for p in cfg.parties]
+    state = steps.evaluate(cj, prep, 0, "", inits)
+    t = time.perf_counter()
+    direct = _round_in_process(cfg, state)
+    in_process = time.perf_counter() - t
+    init_local(cfg.runner.pipeline_root, cache=False)
+    pipeline = build_round_pipeline(cfg, parallelism=cfg.runner.local_parallelism)
+    t = time.perf_counter()
+    task = pipeline(config_json=cj, state_json=json.dumps(state), round_index=1)
+    under_kfp = time.perf_counter() - t
+    return under_kfp, in_process, json.loads(task.output)["models"] == direct["models"]
+
+
 def bench_orchestration(config: Path) -> list[Figure]:
     """One round under kfp.local's SubprocessRunner vs the same steps in one process, with
     the same torch thread budget per task as `flminillm run` gives."""
     import tempfile
 
-    from flminillm import steps
     from flminillm.config import load_config
-    from pipelines.federation import build_round_pipeline
-    from pipelines.local import init_local
 
     base = load_config(config)
     with tempfile.TemporaryDirectory(prefix="flminillm-bench-") as tmp:
-        cfg = base.model_copy(
-            update={
-                "store": base.store.model_copy(update={"uri": f"{tmp}/store"}),
-                "tracking": base.tracking.model_copy(update={"enabled": False}),
-                "runner": base.runner.model_copy(
-                    update={"cache": False, "pipeline_root": f"{tmp}/kfp"}
-                ),
-            }
-        )
-        cj = cfg.to_json()
-        threads = max(1, (os.cpu_count() or 1) // cfg.runner.local_parallelism)
-        os.environ["FLMINILLM_TORCH_THREADS"] = str(threads)  # as pipelines.local.run_local
-        prep = json.dumps(steps.prepare(cj))
-        inits = [json.dumps(steps.init_model(cj, prep, p.id)) for p in cfg.parties]
-        state = steps.evaluate(cj, prep, 0, "", inits)
-        t = time.perf_counter()
-        direct = _round_in_process(cfg, state)
-        in_process = time.perf_counter() - t
-        init_local(cfg.runner.pipeline_root, cache=False)
-        pipeline = build_round_pipeline(cfg, parallelism=cfg.runner.local_parallelism)
-        t = time.perf_counter()
-        task = pipeline(config_json=cj, state_json=json.dumps(state), round_index=1)
-        under_kfp = time.perf_counter() - t
-        same = json.loads(task.output)["models"] == direct["models"]
-    n = len(cfg.clients)
+        under_kfp, in_process, same = _round_times(base, tmp)
+    n = len(base.clients)
+    threads = max(1, (os.cpu_count() or 1) // base.runner.local_parallelism)
     return [
         Figure(
             "orchestration", "one round under kfp.local vs the same steps in one process",
@@ -492,6 +505,72 @@ def bench_orchestration(config: Path) -> list[Figure]:
             f"each task is a new Python process "
             f"that imports torch and transformers; same model digests both ways: {same}",
         )
+    ]  # fmt: skip
+
+
+def scaled_federation(n_clients: int, hidden: int = 32):
+    """configs/tiny.yaml with `n_clients` heterogeneous clients (one family each, from the
+    8 families) and models of width `hidden` (server: 2x)."""
+    from flminillm.config import ExperimentConfig, load_config
+    from flminillm.data import FAMILIES
+
+    base = load_config(ROOT / "configs" / "tiny.yaml").model_dump(mode="json")
+    fams = list(FAMILIES)
+    if n_clients > len(fams):
+        raise ValueError(f"at most {len(fams)} clients (one family each), got {n_clients}")
+    archs = ("gpt2", "llama", "qwen2")
+    base["clients"] = [
+        {"id": f"c{i}", "families": [fams[i]],
+         "model": {"family": archs[i % 3], "hidden_size": hidden, "num_layers": 1,
+                   "num_heads": 2, "max_positions": 64}}
+        for i in range(n_clients)
+    ]  # fmt: skip
+    base["server"]["model"].update(hidden_size=2 * hidden, num_heads=4)
+    base["data"]["families"] = fams[:n_clients]
+    return ExperimentConfig.model_validate(base)
+
+
+def bench_pipeline_rounds(counts=(2, 4, 8)) -> list[Figure]:
+    """Round time through the real round pipeline (kfp.local, store, every step a process)
+    as clients go 2, 4, 8, and its overhead over the same steps in one process."""
+    import tempfile
+
+    times = {}
+    for n in counts:
+        with tempfile.TemporaryDirectory(prefix="flminillm-bench-") as tmp:
+            times[n] = _round_times(scaled_federation(n), tmp)
+    lo = counts[0]
+    figs = [
+        Figure(
+            "round", f"pipeline round time, {n} vs {lo} clients", times[n][0], times[lo][0], "s",
+            f"{n} clients ({4 + 5 * n} tasks)", f"{lo} clients ({4 + 5 * lo} tasks)", "",
+            "one round of a tiny federation (configs/tiny.yaml models, one family per client) "
+            "under kfp.local with local_parallelism 2; dominated by task start-up",
+        )
+        for n in counts[1:]
+    ]  # fmt: skip
+    figs += [
+        Figure(
+            "round", f"pipeline vs in-process round, {n} clients", times[n][0], times[n][1], "s",
+            "kfp.local", "in one process", "",
+            f"same steps, same digests: {times[n][2]}",
+        )
+        for n in counts
+    ]  # fmt: skip
+    return figs
+
+
+def bench_model_size(hiddens=(64, 128, 256), clients: int = 3) -> list[Figure]:
+    """In-process round compute as every model gets wider (server 2x the clients)."""
+    times = {h: round_compute(clients, hidden=h) for h in hiddens}
+    lo = hiddens[0]
+    return [
+        Figure(
+            "round", f"in-process round compute, width {h} vs {lo}", times[h], times[lo], "s",
+            f"clients {h} wide, server {2 * h}", f"clients {lo} wide, server {2 * lo}", "",
+            f"{clients} clients, 64 prompts, 8 new tokens; parameters grow about 4x per doubling",
+        )
+        for h in hiddens[1:]
     ]  # fmt: skip
 
 
@@ -794,6 +873,15 @@ def run_perf(
     else:
         notes.append("Round compute for 2, 4, 8 clients: not measured in this run.")
     if rounds and not quick:
+        console.print("[bold]round time as models grow[/] ...")
+        report.figures += bench_model_size()
+        console.print("[bold]pipeline rounds, 2/4/8 clients[/] ...")
+        threads, env = torch_threads_state()
+        try:
+            report.figures += bench_pipeline_rounds()
+        finally:
+            restore_threads(threads, env)
+    if rounds and not quick:
         import torch
 
         console.print("[bold]orchestration overhead[/] ...")
@@ -814,9 +902,6 @@ def run_perf(
     elif not _has("trl"):
         notes.append("TRL comparison: not run (`pip install trl==1.16.0` to include it).")
     notes += [
-        "Round time as clients go 2, 4, 8 through real pipelines (KFP, store, MLflow) is not "
-        "measured: it needs pipeline runs; the in-process figure above covers the model work "
-        "only.",
         "DeepSpeed on CPU: the first use on a fresh machine JIT-compiles DeepSpeed's shared-memory "
         "communication op (about a minute, cached under ~/.cache/torch_extensions); the "
         "start-up times above are with that cache warm.",
@@ -830,6 +915,23 @@ def run_perf(
     write_markdown(report, out_md, out_png, cmd)
     console.print(f"wrote {out_md} and {out_png}")
     return report
+
+
+def torch_threads_state() -> tuple[int, str | None]:
+    import torch
+
+    return torch.get_num_threads(), os.environ.get("FLMINILLM_TORCH_THREADS")
+
+
+def restore_threads(threads: int, env: str | None) -> None:
+    """The steps set the per-task thread budget in this process too: put it back."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("FLMINILLM_TORCH_THREADS", None)
+    else:
+        os.environ["FLMINILLM_TORCH_THREADS"] = env
 
 
 def _has(module: str) -> bool:

@@ -197,9 +197,10 @@ class DistillConfig(_Strict):
         1000, ge=0, description="Rounds (from the first) in which the SeqKD term is on."
     )
     aggregation: Literal["mixture", "capped_mixture", "median", "trimmed_mean"] = Field(
-        "mixture", description="How several teachers' probabilities are combined: mixture "
+        "mixture",
+        description="How several teachers' probabilities are combined: mixture "
         "(posterior-weighted), capped_mixture (the same with each teacher's mean weight at most "
-        "`cap`: bounded influence of one lying teacher), median, trimmed_mean."
+        "`cap`: bounded influence of one lying teacher), median, trimmed_mean.",
     )
     posterior_weights: bool = Field(
         True,

@@ -174,6 +174,16 @@ def _draw_first_letter(rng: random.Random) -> tuple[dict[str, str], str]:
     return {"w": w}, w[0]
 
 
+def _draw_last_letter(rng: random.Random) -> tuple[dict[str, str], str]:
+    w = rng.choice(WORDS)
+    return {"w": w}, w[-1]
+
+
+def _draw_predecessor(rng: random.Random) -> tuple[dict[str, str], str]:
+    n = rng.randint(1, 99)
+    return {"n": str(n)}, str(n - 1)
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -252,6 +262,30 @@ FAMILIES: dict[str, Family] = {
             _draw_first_letter,
             generative=True,
             description="The first letter of a word.",
+        ),
+        Family(
+            "last_letter",
+            (
+                "What is the last letter of the word {w}?",
+                "Which letter does {w} end with?",
+                "What letter does the word {w} end in?",
+                "Give the last letter of {w}.",
+            ),
+            _draw_last_letter,
+            generative=True,
+            description="The last letter of a word (not in the default benchmark).",
+        ),
+        Family(
+            "predecessor",
+            (
+                "What number comes before {n}?",
+                "Which number precedes {n}?",
+                "What is the number just before {n}?",
+                "What number is one less than {n}?",
+            ),
+            _draw_predecessor,
+            generative=True,
+            description="n - 1 for n in 1-99 (not in the default benchmark).",
         ),
     )
 }

@@ -122,7 +122,9 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def variant_config(base: ExperimentConfig, v: Variant, seed: int, workdir: Path) -> ExperimentConfig:
+def variant_config(
+    base: ExperimentConfig, v: Variant, seed: int, workdir: Path
+) -> ExperimentConfig:
     data = _merge(base.model_dump(mode="json"), v.overrides)
     data["seed"] = seed
     data["name"] = f"{base.name}-{v.name}-s{seed}"
@@ -429,12 +431,7 @@ def run_quality(
     base_json = base.to_json()
     t_start = time.perf_counter()
     runs: dict[str, list[dict]] = {v.name: [] for v in vs}
-    todo = [
-        (v, s)
-        for s in range(seeds)
-        for v in vs
-        if v.group != "fault" or s < fault_seeds
-    ]
+    todo = [(v, s) for s in range(seeds) for v in vs if v.group != "fault" or s < fault_seeds]
     first = next((v for v in vs if v.kind == "federated" and v.group == "method"), vs[0])
     ctx = mp.get_context("spawn")
     with Progress(
@@ -452,7 +449,7 @@ def run_quality(
             memo.update(lead.pop("memo"))
             runs[first.name].append(lead)
             progress.advance(bar)
-            rest = [(v, x) for v, x in todo if x == s and not (v is first)]
+            rest = [(v, x) for v, x in todo if x == s and v is not first]
             futures = {
                 pool.submit(run_variant, base_json, v, x, str(workdir), memo): v for v, x in rest
             }
@@ -480,6 +477,8 @@ def run_quality(
         "seconds": elapsed,
         "cpu_count": os.cpu_count(),
         "server_vs_pooled": (ours / pooled_em) if ours is not None and pooled_em else None,
+        "families_by_client": base.families_by_client(),
+        "adversary": base.clients[-1].id,
     }
     if tmp is not None:
         tmp.cleanup()
@@ -596,6 +595,56 @@ def plot_results(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _server_em(results: dict, name: str, families: list[str] | None = None) -> float | None:
+    r = results.get(name)
+    if not r:
+        return None
+    if families is None:
+        return r["server"]["em_all"]["mean"]
+    f = r["server_families_em"]
+    return _mean([f[x] for x in families if f.get(x) is not None])
+
+
+def headline(results: dict) -> list[str]:
+    """The claims, in numbers: against pooled, forward-KL and local-only; under attack."""
+    meta = results["_meta"]
+    out = []
+    ours = _server_em(results, "fl-minillm")
+    if ours is None:
+        return out
+    out.append("## Headline")
+    out.append("")
+    for other in ("pooled", "forward-kl", "local-only", "fedavg"):
+        theirs = _server_em(results, other)
+        if theirs is None:
+            continue
+        sd = results[other]["server"]["em_all"]["std"] or 0.0
+        out.append(
+            f"- server EM (all families): fl-minillm {100 * ours:.1f} vs {other} "
+            f"{100 * theirs:.1f} ± {100 * sd:.1f} ({100 * (ours - theirs):+.1f} points"
+            + (
+                f"; {100 * ours / theirs:.0f}% of it, target >= 80%)"
+                if other == "pooled" and theirs
+                else ")"
+            )
+        )
+    adv = meta.get("adversary")
+    fbc = meta.get("families_by_client", {})
+    honest = [f for c, fs in fbc.items() if c != adv for f in fs]
+    for name in ("random-teacher", "adversary-mixture", "adversary-median", "adversary-capped"):
+        if name not in results:
+            continue
+        a, h = _server_em(results, name), _server_em(results, name, honest)
+        ca, ch = ours, _server_em(results, "fl-minillm", honest)
+        out.append(
+            f"- {name}: server EM {100 * a:.1f} on all families ({100 * (a - ca):+.1f} vs the "
+            f"clean run), {100 * h:.1f} on the honest clients' families "
+            f"({100 * (h - ch):+.1f} vs the clean run's {100 * ch:.1f})"
+        )
+    out.append("")
+    return out
+
+
 def write_markdown(results: dict, path: Path, png: str) -> None:
     from flminillm.store import atomic_write_bytes
 
@@ -621,6 +670,7 @@ def write_markdown(results: dict, path: Path, png: str) -> None:
             f"{100 * meta['server_vs_pooled']:.0f}%** (target: >= 80%).",
             "",
         ]
+    lines += headline(results)
     for group, title in (("method", "Methods"), ("ablation", "Ablations of FL-MiniLLM"),
                          ("fault", "Faults, attacks and non-IID severity")):  # fmt: skip
         rows = table_rows(results, group)

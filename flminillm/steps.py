@@ -22,8 +22,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flminillm.launch import launch, needs_launch, rank_world
 from flminillm.config import ExperimentConfig, config_from_json
+from flminillm.launch import launch, needs_launch, rank_world
 from flminillm.store import Store, open_store
 
 SERVER_ROLE = "server"
