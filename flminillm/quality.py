@@ -441,24 +441,27 @@ def run_quality(
         jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
     ) as pool:  # fmt: skip
         bar = progress.add_task("", total=len(todo))
-        memo: dict[str, dict] = {}
-        for s in range(seeds):
-            # each seed: the shared prefix once (pre-training, round-1 local fine-tuning)
-            progress.update(bar, description=f"seed {s}: {first.name} (shared set-up)")
-            lead = pool.submit(run_variant, base_json, first, s, str(workdir), {}).result()
-            memo.update(lead.pop("memo"))
-            runs[first.name].append(lead)
-            progress.advance(bar)
-            rest = [(v, x) for v, x in todo if x == s and v is not first]
-            futures = {
-                pool.submit(run_variant, base_json, v, x, str(workdir), memo): v for v, x in rest
-            }
-            for fut in cf.as_completed(futures):
+        # every seed's lead run (it computes the set-up the others share: pre-training,
+        # round-1 local fine-tuning) is queued first; when one finishes, the rest of its
+        # seed is queued with its memo, so no worker waits for a lead
+        pending = {
+            pool.submit(run_variant, base_json, first, s, str(workdir), {}): s for s in range(seeds)
+        }
+        leads = set(pending)
+        while pending:
+            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                s = pending.pop(fut)
                 res = fut.result()
-                res.pop("memo")
+                memo = res.pop("memo")
                 runs[res["variant"]].append(res)
                 progress.update(bar, description=f"seed {s}: {res['variant']} done")
                 progress.advance(bar)
+                if fut in leads:
+                    for v, x in todo:
+                        if x == s and v is not first:
+                            job = pool.submit(run_variant, base_json, v, x, str(workdir), memo)
+                            pending[job] = s
     elapsed = time.perf_counter() - t_start
     results: dict[str, Any] = {}
     for v in vs:
