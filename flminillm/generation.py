@@ -55,6 +55,12 @@ def build_support(sampled: torch.Tensor, logp: torch.Tensor, k: int) -> torch.Te
 
 
 @torch.no_grad()
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def sample(
     model,
     prompt_ids: torch.Tensor,
@@ -74,7 +80,11 @@ def sample(
     n = prompt_ids.shape[0]
     mask = prompt_mask.clone()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    # the prefill needs the logits of the last position only (same values, less lm_head work)
+    keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    out = model(
+        input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep
+    )
     past = out.past_key_values
     next_logits = out.logits[:, -1, :].float()
     last_pos = pos[:, -1]
