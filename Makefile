@@ -34,7 +34,7 @@ format: install
 	$(BIN)/ruff check --fix flminillm components pipelines tests
 
 test: install lint
-	$(BIN)/python -m pytest -q --timeout 900
+	$(BIN)/python -m pytest -q --timeout 900 --durations=10
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow --timeout 3600
