@@ -180,6 +180,12 @@ class DistillConfig(_Strict):
         True, description="Exact per-token KL term (single-step decomposition)."
     )
     length_norm: bool = Field(True, description="Length-normalise the long-horizon reward.")
+    iw_single_step: bool = Field(
+        True,
+        description="Weight the single-step KL by the clipped importance weights (MiniLLM). "
+        "false: the support KL at full weight on every visited prefix, teachers' sequences "
+        "included (docs/benchmark.md).",
+    )
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clipping.")
     iw_clip: float = Field(
         3.0, ge=1, description="Upper clip of the mixed-sampling importance weight."
@@ -449,6 +455,8 @@ class ExperimentConfig(_Strict):
             del data["data"]["iid_mix"]
         if data["distill"]["cap"] == 0.5:  # and the default cap (used by capped_mixture only)
             del data["distill"]["cap"]
+        if data["distill"]["iw_single_step"]:  # and the default weighting
+            del data["distill"]["iw_single_step"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:

@@ -33,6 +33,9 @@ class MiniLLMHParams:
     single_step: bool = True
     length_norm: bool = True
     teacher_mixed: bool = True
+    # weight the single-step KL by the clipped importance weights, as MiniLLM does; False:
+    # the exact support KL at every visited prefix, the teachers' sequences at full weight
+    iw_single_step: bool = True
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -135,7 +138,7 @@ def minillm_loss(
     if hp.single_step:
         support_mask = _support_mask(support_ids)
         kl = support_kl(logq_support, teacher_logp, support_mask)
-        loss_single = masked_mean(w * kl, mask)
+        loss_single = masked_mean((w if hp.iw_single_step else mask) * kl, mask)
     else:
         with torch.no_grad():
             kl = support_kl(logq_support, teacher_logp, _support_mask(support_ids))

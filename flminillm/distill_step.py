@@ -191,6 +191,7 @@ def run_distill(
     hp = MiniLLMHParams(
         clip_eps=d.clip_eps, alpha=d.alpha, iw_clip=d.iw_clip, gamma=d.gamma,
         single_step=d.single_step, length_norm=d.length_norm, teacher_mixed=d.teacher_mixed,
+        iw_single_step=d.iw_single_step,
     )  # fmt: skip
     engine = make_engine(model, d.lr, 0.0, d.max_grad_norm, cfg.engine)
     model.train()
