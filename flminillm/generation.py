@@ -54,13 +54,13 @@ def build_support(sampled: torch.Tensor, logp: torch.Tensor, k: int) -> torch.Te
     return torch.cat([sampled[:, None], others], dim=-1)
 
 
-@torch.no_grad()
 def _takes_logits_to_keep(model) -> bool:
     import inspect
 
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+@torch.no_grad()
 def sample(
     model,
     prompt_ids: torch.Tensor,
