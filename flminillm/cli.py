@@ -319,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--workdir", default=None, help="store of the runs (default: a temp dir)")
     quality.add_argument("--jobs", type=int, default=0, help="worker processes (default: 2)")
     quality.add_argument(
+        "--resume", action="store_true",
+        help="reuse the runs that finished in --workdir (an interrupted or failed benchmark); "
+        "run only the rest",
+    )  # fmt: skip
+    quality.add_argument(
         "--tracking-uri", default=None,
         help="MLflow tracking URI (default: sqlite:///<out>/../runs/quality/mlflow.db); "
         "'none' to skip MLflow",
@@ -348,11 +353,15 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
             names=[m for m in args.methods.split(",") if m] or None,
             workdir=Path(args.workdir) if args.workdir else None, out_dir=Path(args.out),
             jobs=args.jobs, tracking_uri=uri, console=console, command=command.strip(),
+            resume=args.resume,
         )  # fmt: skip
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_tables(results, console)
+    for name, fails in results["_meta"]["failures"].items():
+        for f in fails:
+            console.print(f"[red]FAILED[/] {name} seed {f['seed']}: {f['error']}")
     ratio = results["_meta"].get("server_vs_pooled")
     if ratio is not None:
         console.print(f"FL-MiniLLM server / pooled server, EM on all families: {ratio:.0%}")

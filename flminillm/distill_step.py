@@ -239,7 +239,7 @@ def run_distill(
             if own_iter is not None:
                 lm = causal_lm_loss(engine.model, [next(own_iter) for _ in range(world)][rank])
                 loss = loss + d.lm_coef * lm
-                stats["lm_loss"] = float(lm)
+                stats["lm_loss"] = float(lm.detach())
             engine.backward(loss)
             engine.step()
             stats["loss"] = float(loss.detach())

@@ -82,9 +82,7 @@ def sample(
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     # the prefill needs the logits of the last position only (same values, less lm_head work)
     keep = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
-    out = model(
-        input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep
-    )
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
     past = out.past_key_values
     next_logits = out.logits[:, -1, :].float()
     last_pos = pos[:, -1]
@@ -185,6 +183,8 @@ def score(
     """Teacher scoring in one teacher-forced pass: log p(v | y_<t, x) for every support
     token v [N, T, S], and log p(x) of every prompt [N]."""
     model.eval()
+    if prompt_ids.shape[0] == 0:
+        return torch.zeros(support_ids.shape), torch.zeros(0)
     outs, prompts = [], []
     p = prompt_ids.shape[1]
     for i in range(0, prompt_ids.shape[0], batch_size):
@@ -199,8 +199,24 @@ def score(
     return torch.cat(outs, 0) * response_mask[..., None], torch.cat(prompts)
 
 
+def empty_rollout(prompt_width: int, top_k: int) -> Rollout:
+    """A rollout of no sequences (a student whose prompts all go to its teachers)."""
+    z = torch.zeros
+    return Rollout(
+        prompt_ids=z(0, prompt_width, dtype=torch.long),
+        prompt_mask=z(0, prompt_width, dtype=torch.long),
+        response_ids=z(0, 1, dtype=torch.long),
+        response_mask=z(0, 1, dtype=torch.long),
+        logp=z(0, 1),
+        support_ids=z(0, 1, top_k + 1, dtype=torch.long),
+        support_logp=z(0, 1, top_k + 1),
+    )
+
+
 def sample_batched(model, prompt_ids, prompt_mask, batch_size: int, **kw) -> Rollout:
     """`sample` over mini-batches, right-padding responses to a common length."""
+    if prompt_ids.shape[0] == 0:
+        return empty_rollout(prompt_ids.shape[1], kw.get("top_k", 8))
     parts = [
         sample(model, prompt_ids[i : i + batch_size], prompt_mask[i : i + batch_size], **kw)
         for i in range(0, prompt_ids.shape[0], batch_size)

@@ -292,16 +292,87 @@ def run_variant(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = old
-    return {
+    result = {
         "variant": v.name,
         "seed": seed,
         "seconds": time.perf_counter() - t0,
         "families_by_client": cfg.families_by_client(),
         "server": cfg.server.id,
         "rounds": {str(k): x for k, x in sorted(rounds.items())},
-        "memo": memo.entries,
-        "memo_hits": memo.hits,
+        "config_digest": run_digest(cfg),
     }
+    from flminillm.steps import federation_id, open_store_for
+
+    # the run's result beside its ledger, so that `--resume` can reuse it
+    open_store_for(cfg).put_record(f"{federation_id(cfg)}/bench-result.json", result)
+    return {**result, "memo": memo.entries, "memo_hits": memo.hits}
+
+
+def run_digest(cfg: ExperimentConfig) -> str:
+    """The config's digest without where things are stored (what a resume must match)."""
+    import hashlib
+
+    data = json.loads(cfg.to_json())
+    for k in ("store", "tracking", "runner", "cluster", "output_dir"):
+        data.pop(k, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def result_from_ledger(base: ExperimentConfig, v: Variant, seed: int, workdir: Path) -> dict | None:
+    """A finished run of (variant, seed) in workdir's store, or None. Its bench-result
+    record when there is one (checked against the config); else rebuilt from the step
+    ledger and the round manifests (runs of a version that wrote no such record)."""
+    from flminillm.models import build_model, count_parameters
+    from flminillm.steps import open_store_for
+    from flminillm.tracking import bytes_by_party, ledger, round_manifest
+
+    cfg = variant_config(base, v, seed, workdir)
+    store = open_store_for(cfg)
+    feds = sorted({k.split("/")[1] for k in store._list(f"records/{cfg.name}-")})
+    feds = [f for f in feds if f.rsplit("-", 1)[0] == cfg.name]
+    for fed in feds:
+        saved = store.list_records(f"{fed}/bench-result.json")
+        if saved and saved[0].get("config_digest") == run_digest(cfg):
+            return {**saved[0], "resumed": "bench-result record"}
+    for fed in feds:
+        rounds_recs = ledger(store, fed)
+        if cfg.rounds not in rounds_recs:
+            continue
+        rounds: dict[str, dict] = {}
+        for r, recs in sorted(rounds_recs.items()):
+            man = round_manifest(store, recs)
+            if man is None:
+                break
+            if v.kind == "federated" and r > 0:
+                b = {
+                    p: {"sent": int(x["bytes_sent"]), "received": int(x["bytes_received"])}
+                    for p, x in bytes_by_party(recs).items()
+                }
+            elif v.kind == "fedavg" and r > 0:
+                with __import__("torch").device("meta"):
+                    size = 4 * count_parameters(
+                        build_model(cfg.server.model, man["vocab_size"], 0, 1, 0)
+                    )
+                live = [c.id for c in cfg.clients if c.id not in man.get("dropped", {})]
+                b = {c: {"sent": size, "received": size} for c in live}
+                b[cfg.server.id] = {"sent": size * len(live), "received": size * len(live)}
+            else:
+                b = {}
+            rounds[str(r)] = {"eval": man["eval"], "bytes": b,
+                              "dropped": sorted(man.get("dropped", {}))}  # fmt: skip
+        else:
+            if str(cfg.rounds) not in rounds:
+                continue
+            recs = [x for rs in rounds_recs.values() for x in rs]
+            seconds = max(x["started"] + x.get("duration_s", 0) for x in recs) - min(
+                x["started"] for x in recs
+            )
+            return {
+                "variant": v.name, "seed": seed, "seconds": seconds,
+                "families_by_client": cfg.families_by_client(), "server": cfg.server.id,
+                "rounds": rounds, "config_digest": None, "resumed": f"ledger of {fed}",
+            }  # fmt: skip
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -408,6 +479,7 @@ def run_quality(
     tracking_uri: str | None = None,
     console=None,
     command: str = "",
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every variant for `seeds` seeds (faults for `fault_seeds`, default all) and write
     results.json / results.md / results.png into out_dir. Returns the results dict."""
@@ -424,6 +496,8 @@ def run_quality(
     jobs = jobs or max(1, min(2, (os.cpu_count() or 1)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     tmp = None
+    if resume and workdir is None:
+        raise ValueError("--resume needs --workdir: the directory of the run to resume")
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="flminillm-quality-")
         workdir = Path(tmp.name)
@@ -431,6 +505,8 @@ def run_quality(
     base_json = base.to_json()
     t_start = time.perf_counter()
     runs: dict[str, list[dict]] = {v.name: [] for v in vs}
+    failures: dict[str, list[dict]] = {}
+    resumed: list[str] = []
     todo = [(v, s) for s in range(seeds) for v in vs if v.group != "fault" or s < fault_seeds]
     first = next((v for v in vs if v.kind == "federated" and v.group == "method"), vs[0])
     ctx = mp.get_context("spawn")
@@ -441,27 +517,47 @@ def run_quality(
         jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
     ) as pool:  # fmt: skip
         bar = progress.add_task("", total=len(todo))
+        to_run = []
+        for v, x in todo:  # --resume: runs that finished in an earlier invocation
+            done_before = result_from_ledger(base, v, x, workdir) if resume else None
+            if done_before is None:
+                to_run.append((v, x))
+            else:
+                runs[v.name].append(done_before)
+                resumed.append(f"{v.name}/seed {x}")
+                progress.advance(bar)
         # every seed's lead run (it computes the set-up the others share: pre-training,
         # round-1 local fine-tuning) is queued first; when one finishes, the rest of its
         # seed is queued with its memo, so no worker waits for a lead
-        pending = {
-            pool.submit(run_variant, base_json, first, s, str(workdir), {}): s for s in range(seeds)
-        }
-        leads = set(pending)
+        pending: dict = {}
+
+        def submit(v: Variant, x: int, memo: dict) -> None:
+            pending[pool.submit(run_variant, base_json, v, x, str(workdir), memo)] = (v, x)
+
+        lead_seeds = {x for v, x in to_run if v is first}
+        for v, x in to_run:
+            if v is first or x not in lead_seeds:  # a seed without a lead to wait for
+                submit(v, x, {})
         while pending:
             done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for fut in done:
-                s = pending.pop(fut)
-                res = fut.result()
-                memo = res.pop("memo")
-                runs[res["variant"]].append(res)
-                progress.update(bar, description=f"seed {s}: {res['variant']} done")
+                v, s = pending.pop(fut)
+                memo: dict = {}
+                try:
+                    res = fut.result()
+                    memo = res.pop("memo")
+                    runs[v.name].append(res)
+                    progress.update(bar, description=f"seed {s}: {v.name} done")
+                except Exception as err:  # one failed run must not lose the others
+                    failures.setdefault(v.name, []).append(
+                        {"seed": s, "error": f"{type(err).__name__}: {err}"}
+                    )
+                    progress.update(bar, description=f"seed {s}: {v.name} FAILED")
                 progress.advance(bar)
-                if fut in leads:
-                    for v, x in todo:
-                        if x == s and v is not first:
-                            job = pool.submit(run_variant, base_json, v, x, str(workdir), memo)
-                            pending[job] = s
+                if v is first and s in lead_seeds:
+                    for w, x in to_run:
+                        if x == s and w is not first:
+                            submit(w, x, memo)
     elapsed = time.perf_counter() - t_start
     results: dict[str, Any] = {}
     for v in vs:
@@ -480,6 +576,9 @@ def run_quality(
         "seconds": elapsed,
         "cpu_count": os.cpu_count(),
         "server_vs_pooled": (ours / pooled_em) if ours is not None and pooled_em else None,
+        "failures": failures,
+        "resumed": resumed,
+        "workdir": str(workdir) if tmp is None else None,
         "families_by_client": base.families_by_client(),
         "adversary": base.clients[-1].id,
     }
@@ -673,6 +772,17 @@ def write_markdown(results: dict, path: Path, png: str) -> None:
             f"{100 * meta['server_vs_pooled']:.0f}%** (target: >= 80%).",
             "",
         ]
+    if meta.get("resumed"):
+        lines += [
+            f"Resumed (`--resume`): {len(meta['resumed'])} runs were reused from the workdir "
+            "of an earlier invocation, the rest ran in this one; the time above is this "
+            "invocation's only.",
+            "",
+        ]
+    for name, fails in (meta.get("failures") or {}).items():
+        lines += [f"- **FAILED** `{name}` seed {f['seed']}: {f['error']}" for f in fails]
+    if meta.get("failures"):
+        lines.append("")
     lines += headline(results)
     for group, title in (("method", "Methods"), ("ablation", "Ablations of FL-MiniLLM"),
                          ("fault", "Faults, attacks and non-IID severity")):  # fmt: skip

@@ -437,7 +437,11 @@ def generate(
             model = _load_model(store, party_id, model_digest)
             own, ask = _round_prompts(cfg, store, state, round_index, party_id)
             max_prompt = cfg.party(party_id).model.max_positions - g.max_new_tokens
-            pids, pmask = encode_prompts(tok, [format_prompt(e.prompt) for e in own], max_prompt)
+            pids, pmask = encode_prompts(
+                tok, [format_prompt(e.prompt) for e in own] or [""], max_prompt
+            )
+            if not own:  # alpha = 1: every prompt of the round goes to the teachers
+                pids, pmask = pids[:0], pmask[:0]
             gen = torch.Generator().manual_seed(_seed(cfg, "generate", round_index, party_id))
             r = sample_batched(
                 model, pids, pmask, g.batch_size, max_new_tokens=g.max_new_tokens,

@@ -70,14 +70,15 @@ def bytes_by_party(records: list[dict]) -> dict[str, dict[str, float]]:
     def add(party: str, key: str, value: float) -> None:
         out.setdefault(party, {"bytes_sent": 0.0, "bytes_received": 0.0})[key] += value
 
+    # every teach step is one exchange: the student's rollouts to the teacher (the server's
+    # rollouts go to each of its teachers) and the teaching message back
     for r in records:
         m = r.get("metrics", {})
-        if r["step"] == "generate" and "bytes_sent" in m:
-            add(r["party"], "bytes_sent", m["bytes_sent"])
-        elif r["step"] == "teach" and "bytes_sent" in m:
+        if r["step"] == "teach" and "bytes_sent" in m:
             teacher, student = r["params"]["teacher"], r["params"]["student"]
             add(teacher, "bytes_sent", m["bytes_sent"])
             add(teacher, "bytes_received", m["bytes_received"])
+            add(student, "bytes_sent", m["bytes_received"])
             add(student, "bytes_received", m["bytes_sent"])
     return out
 

@@ -175,3 +175,32 @@ def test_dropout_schedule_keeps_a_client_each_round():
         per_round[r] = per_round.get(r, 0) + 1
     assert set(per_round.values()) == {1}  # round(0.3 * 3) clients out of every round
     assert len({c for _s, c, _r in items}) == len(cfg.clients)  # not always the same one
+
+
+def test_resume_reuses_finished_runs_and_reruns_the_rest(tmp_path):
+    from flminillm.quality import run_quality
+
+    work = tmp_path / "work"
+    names = ["fl-minillm", "local-only", "alpha-1"]  # alpha 1: no student rollouts at all
+    first = run_quality(TINY, seeds=1, names=names, workdir=work, out_dir=tmp_path / "a", jobs=1)
+    assert first["_meta"]["failures"] == {} and first["_meta"]["resumed"] == []
+    again = run_quality(
+        TINY, seeds=1, names=names, workdir=work, out_dir=tmp_path / "b", jobs=1, resume=True
+    )
+    assert sorted(again["_meta"]["resumed"]) == sorted(f"{n}/seed 0" for n in names)
+    for n in names:
+        assert again[n]["server"] == first[n]["server"]
+        assert again[n]["bytes_per_round"] == first[n]["bytes_per_round"]
+    # runs of a version that wrote no bench-result record: rebuilt from ledger and manifests
+    for f in (work / "store" / "records").glob("*/bench-result.json"):
+        f.unlink()
+    rebuilt = run_quality(
+        TINY, seeds=1, names=names, workdir=work, out_dir=tmp_path / "c", jobs=1, resume=True
+    )
+    assert len(rebuilt["_meta"]["resumed"]) == len(names)
+    for n in names:
+        assert rebuilt[n]["server"] == first[n]["server"]
+        assert rebuilt[n]["clients"] == first[n]["clients"]
+        assert rebuilt[n]["bytes_per_round"] == first[n]["bytes_per_round"]
+    with pytest.raises(ValueError, match="--resume needs --workdir"):
+        run_quality(TINY, seeds=1, names=names, resume=True)
