@@ -205,6 +205,17 @@ def test_seeded_sampling_is_reproducible(model):
     assert torch.equal(a.logp, b.logp)
     assert torch.equal(a.support_ids, b.support_ids)
     assert not torch.equal(a.response_ids, c.response_ids)
+    # sampling builds no autograd graph
+    assert not a.logp.requires_grad and not a.support_logp.requires_grad
+
+
+def test_sample_batched_of_no_prompts_is_empty(model):
+    ids, mask = _left_pad(PROMPTS)
+    r = sample_batched(
+        model, ids[:0], mask[:0], batch_size=2, max_new_tokens=MAX_NEW, eos_id=NO_EOS,
+        pad_id=PAD, top_k=3,
+    )  # fmt: skip
+    assert r.response_ids.shape == (0, 1) and r.support_ids.shape == (0, 1, 4)
 
 
 def test_sample_batched_matches_one_batch(model):
