@@ -805,6 +805,7 @@ def write_markdown(results: dict, path: Path, png: str) -> None:
 def log_to_mlflow(results: dict, runs: dict[str, list[dict]], uri: str, experiment: str) -> str:
     """A parent run for the benchmark, a child run per (variant, seed) with per-round
     server/client EM and bytes as metric histories."""
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -824,17 +825,23 @@ def log_to_mlflow(results: dict, runs: dict[str, list[dict]], uri: str, experime
                 tags={"mlflow.parentRunId": pid, "flminillm.variant": name},
             )  # fmt: skip
             cid = child.info.run_id
-            client.log_param(cid, "variant", name)
-            client.log_param(cid, "seed", run["seed"])
-            for r in run["rounds"]:
-                sc = run_scores(run, r)
-                for who in ("server", "clients"):
-                    for k, val in sc[who].items():
-                        if val is not None:
-                            client.log_metric(cid, f"{who}.{k}", val, step=int(r))
+            ts = int(time.time() * 1000)
+            metrics = [
+                Metric(f"{who}.{k}", float(val), ts, int(r))
+                for r in run["rounds"]
+                for who, sc in run_scores(run, r).items()
+                if who in ("server", "clients")
+                for k, val in sc.items()
+                if val is not None
+            ]
             b = bytes_per_round(run)
-            client.log_metric(cid, "bytes_per_round_per_client", b["per_client"])
-            client.log_metric(cid, "seconds", run["seconds"])
+            metrics += [
+                Metric("bytes_per_round_per_client", float(b["per_client"]), ts, 0),
+                Metric("seconds", float(run["seconds"]), ts, 0),
+            ]
+            params = [Param("variant", name), Param("seed", str(run["seed"]))]
+            for i in range(0, len(metrics), 900):  # MLflow's batch limit is 1000
+                client.log_batch(cid, metrics=metrics[i : i + 900], params=params if i == 0 else [])
             client.set_terminated(cid)
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "results.json"
