@@ -911,7 +911,12 @@ def run_perf(
         notes.append("Orchestration overhead: not measured in this run.")
     if trl and not quick and _has("trl"):
         console.print("[bold]TRL DistillationTrainer[/] ...")
-        report.figures += bench_trl()[0]
+        # in a fresh process, like the distill-step runs: nothing the benches before it
+        # left in this process (threads, KFP's log streaming, allocator state) can skew it
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(1) as pool:
+            report.figures += pool.apply(bench_trl)[0]
     elif not _has("trl"):
         notes.append("TRL comparison: not run (`pip install trl==1.16.0` to include it).")
     notes += [
