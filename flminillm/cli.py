@@ -328,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI (default: sqlite:///<out>/../runs/quality/mlflow.db); "
         "'none' to skip MLflow",
     )  # fmt: skip
+    quality.add_argument(
+        "--report-only", action="store_true",
+        help="with --workdir: tables, plots and MLflow from the runs there; run nothing",
+    )  # fmt: skip
     quality.set_defaults(func=cmd_bench_quality)
     return parser
 
@@ -353,7 +357,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
             names=[m for m in args.methods.split(",") if m] or None,
             workdir=Path(args.workdir) if args.workdir else None, out_dir=Path(args.out),
             jobs=args.jobs, tracking_uri=uri, console=console, command=command.strip(),
-            resume=args.resume,
+            resume=args.resume, report_only=args.report_only,
         )  # fmt: skip
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

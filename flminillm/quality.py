@@ -480,6 +480,7 @@ def run_quality(
     console=None,
     command: str = "",
     resume: bool = False,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run every variant for `seeds` seeds (faults for `fault_seeds`, default all) and write
     results.json / results.md / results.png into out_dir. Returns the results dict."""
@@ -496,6 +497,7 @@ def run_quality(
     jobs = jobs or max(1, min(2, (os.cpu_count() or 1)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     tmp = None
+    resume = resume or report_only
     if resume and workdir is None:
         raise ValueError("--resume needs --workdir: the directory of the run to resume")
     if workdir is None:
@@ -507,6 +509,7 @@ def run_quality(
     runs: dict[str, list[dict]] = {v.name: [] for v in vs}
     failures: dict[str, list[dict]] = {}
     resumed: list[str] = []
+    missing: list[str] = []
     todo = [(v, s) for s in range(seeds) for v in vs if v.group != "fault" or s < fault_seeds]
     first = next((v for v in vs if v.kind == "federated" and v.group == "method"), vs[0])
     ctx = mp.get_context("spawn")
@@ -520,7 +523,9 @@ def run_quality(
         to_run = []
         for v, x in todo:  # --resume: runs that finished in an earlier invocation
             done_before = result_from_ledger(base, v, x, workdir) if resume else None
-            if done_before is None:
+            if done_before is None and report_only:
+                missing.append(f"{v.name}/seed {x}")
+            elif done_before is None:
                 to_run.append((v, x))
             else:
                 runs[v.name].append(done_before)
@@ -578,6 +583,7 @@ def run_quality(
         "server_vs_pooled": (ours / pooled_em) if ours is not None and pooled_em else None,
         "failures": failures,
         "resumed": resumed,
+        "missing": missing,
         "workdir": str(workdir) if tmp is None else None,
         "families_by_client": base.families_by_client(),
         "adversary": base.clients[-1].id,
@@ -779,6 +785,8 @@ def write_markdown(results: dict, path: Path, png: str) -> None:
             "invocation's only.",
             "",
         ]
+    if meta.get("missing"):
+        lines += [f"Not run (`--report-only`): {', '.join(meta['missing'])}.", ""]
     for name, fails in (meta.get("failures") or {}).items():
         lines += [f"- **FAILED** `{name}` seed {f['seed']}: {f['error']}" for f in fails]
     if meta.get("failures"):
