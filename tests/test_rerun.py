@@ -103,6 +103,7 @@ def test_rerun_executes_only_the_failed_step_and_its_dependants(
     assert rerun[0].info.status == "FINISHED"
 
 
+@pytest.mark.slow  # drop-outs: also covered in-process by test_quality (dropout-30)
 def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setenv(RETRIES_ENV, "1")
     sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
@@ -117,6 +118,7 @@ def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypat
     assert final["models"]["bob"] != first["models"]["bob"]  # bob took part
 
 
+@pytest.mark.slow  # drop-outs: also covered in-process by test_quality (dropout-30)
 def test_round_fails_clearly_below_min_clients(tiny_config, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(RETRIES_ENV, "1")
     sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
