@@ -103,11 +103,16 @@ def setup(cfg: ExperimentConfig, memo: Memo | None = None) -> dict:
     return steps.evaluate(cj, pj, 0, "", inits)
 
 
+def without_bytes(state: dict) -> dict:
+    """A round manifest without the runner's `bytes` (not part of what steps receive)."""
+    return {k: v for k, v in state.items() if k != "bytes"}
+
+
 def run_round(cfg: ExperimentConfig, state: dict, r: int, memo: Memo | None = None) -> dict:
     """One round, wired like the round pipeline; returns the evaluate step's manifest with
     `bytes` added: what each party sent and received in this round's messages."""
     memo = memo or Memo()
-    state = {k: v for k, v in state.items() if k != "bytes"}
+    state = without_bytes(state)
     cj, sj, server = cfg.to_json(), json.dumps(state), cfg.server.id
     clients = steps.sample_clients(cj, r)
     sg = steps.generate(cj, sj, r, server)

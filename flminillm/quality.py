@@ -169,13 +169,13 @@ def _sft(cfg, store, state: dict, party: str, examples, steps_: int, tag: str) -
 
 def _run_local_only(cfg, memo, on_round) -> list[dict]:
     from flminillm import steps
-    from flminillm.inprocess import setup
+    from flminillm.inprocess import setup, without_bytes
 
     cj = cfg.to_json()
     states = [setup(cfg, memo)]
     on_round(0, states[0])
     for r in range(1, cfg.rounds + 1):
-        sj = json.dumps(_strip(states[-1]))
+        sj = json.dumps(without_bytes(states[-1]))
         outs = [
             json.dumps(memo.call(cfg, "local_sft", c.id, steps.local_sft, cj, sj, r, c.id))
             for c in cfg.clients
@@ -190,6 +190,7 @@ def _run_fedavg(cfg, memo, on_round) -> list[dict]:
     import torch
 
     from flminillm import steps
+    from flminillm.inprocess import without_bytes
     from flminillm.models import count_parameters
 
     cj, store, server = cfg.to_json(), steps.open_store_for(cfg), cfg.server.id
@@ -207,7 +208,7 @@ def _run_fedavg(cfg, memo, on_round) -> list[dict]:
         c: len(store.scoped(c).get_json(d["train"])) for c, d in state["data"]["clients"].items()
     }
     for r in range(1, cfg.rounds + 1):
-        sj = json.dumps(_strip(state))
+        sj = json.dumps(without_bytes(state))
         live = []
         for c in cfg.clients:
             out = memo.call(cfg, "local_sft", c.id, steps.local_sft, cj, sj, r, c.id)
@@ -229,10 +230,6 @@ def _run_fedavg(cfg, memo, on_round) -> list[dict]:
         states.append(state)
         on_round(r, state)
     return states
-
-
-def _strip(state: dict) -> dict:
-    return {k: v for k, v in state.items() if k != "bytes"}
 
 
 def _run_pooled(cfg, memo, on_round) -> list[dict]:
