@@ -58,7 +58,9 @@ class Variant:
 def _variants(cfg: ExperimentConfig) -> list[Variant]:
     last = cfg.clients[-1].id
     a, k = cfg.distill.alpha, cfg.generation.top_k
-    alphas = sorted({round(max(0.0, a - 0.25), 2), round(min(1.0, a + 0.25), 2)} - {a})
+    # the two teacher-mixed shares nearest the default, 0.25 apart, inside [0, 1]
+    near = [round(a + d, 2) for d in (-0.25, 0.25, -0.5, 0.5) if 0.0 <= a + d <= 1.0]
+    alphas = sorted(near[:2])
     topks = sorted({max(1, k // 2), k * 2} - {k})
     v = [
         Variant("fl-minillm", note="reverse-KL policy gradient (MiniLLM), both directions"),
