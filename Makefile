@@ -78,4 +78,4 @@ bench: install
 # FL-MiniLLM vs local-only, FedAvg, forward-KL and pooled training, ablations and faults:
 # writes docs/results.{md,json,png} and logs every run to runs/quality/mlflow.db
 bench-quality: install
-	$(BIN)/flminillm bench quality --config configs/benchmark.yaml --seeds 3 --fault-seeds 1
+	$(BIN)/flminillm bench quality --config configs/benchmark.yaml --seeds 3
