@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--config", default="configs/benchmark.yaml", help="the benchmark")
     quality.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every method")
     quality.add_argument(
-        "--fault-seeds", type=int, default=1,
+        "--fault-seeds",
+        type=int,
+        default=1,
         help="seeds for the fault and attack runs (default: 1, seed 0; each is compared with "
         "the clean run of the same seed)",
     )

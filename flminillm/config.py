@@ -293,6 +293,12 @@ class RunnerConfig(_Strict):
         "cpu_count / local_parallelism torch threads (a cluster runs them all at once).",
     )
     pipeline_root: str = Field("runs/kfp", description="Where the local KFP runner writes outputs.")
+    warm_steps: bool = Field(
+        True,
+        description="Local runner only: each task's step runs in a fork of one warm process "
+        "that imported torch and transformers once (flminillm/stepserver.py), instead of "
+        "importing them again in every task process. Results are the same; false to turn it off.",
+    )
 
 
 class StepResources(_Strict):
@@ -457,6 +463,8 @@ class ExperimentConfig(_Strict):
             del data["distill"]["cap"]
         if data["distill"]["iw_single_step"]:  # and the default weighting
             del data["distill"]["iw_single_step"]
+        if data["runner"]["warm_steps"]:  # and the default local runner
+            del data["runner"]["warm_steps"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:

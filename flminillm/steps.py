@@ -24,6 +24,7 @@ from typing import Any
 
 from flminillm.config import ExperimentConfig, config_from_json
 from flminillm.launch import launch, needs_launch, rank_world
+from flminillm.stepserver import forwarded
 from flminillm.store import Store, open_store
 
 SERVER_ROLE = "server"
@@ -219,6 +220,7 @@ def _seed(cfg: ExperimentConfig, *parts: object) -> int:
 # ----------------------------------------------------------------------------------------
 # set-up: data, tokenizer, base models
 # ----------------------------------------------------------------------------------------
+@forwarded
 def prepare(config_json: str) -> dict:
     """Generate the benchmark and the pre-training corpus; train (or load) the tokenizer."""
     from flminillm.data import build_benchmark, format_prompt, pretraining_corpus
@@ -293,6 +295,7 @@ def prepare(config_json: str) -> dict:
     return manifest
 
 
+@forwarded
 def init_model(config_json: str, state_json: str, party_id: str) -> dict:
     """Build a party's model from config and pre-train it on the public corpus (or load it)."""
     from flminillm.models import build_model, count_parameters, load_model
@@ -339,6 +342,7 @@ def sample_clients_ids(cfg: ExperimentConfig, round_index: int) -> list[str]:
     return sorted(rng.sample(ids, min(k, len(ids))), key=ids.index)
 
 
+@forwarded
 def sample_clients(config_json: str, round_index: int) -> list[str]:
     """The clients that take part in this round (seeded, so reruns pick the same ones)."""
     cfg, store = _ctx(config_json)
@@ -348,6 +352,7 @@ def sample_clients(config_json: str, round_index: int) -> list[str]:
     return chosen
 
 
+@forwarded
 def local_sft(config_json: str, state_json: str, round_index: int, client_id: str) -> dict:
     """Supervised fine-tuning on the client's private data (the MiniLLM starting point)."""
     from flminillm.training import encode_examples, train_lm
@@ -413,6 +418,7 @@ def _is_client(cfg: ExperimentConfig, party: str) -> bool:
     return party != cfg.server.id
 
 
+@forwarded
 def generate(
     config_json: str, state_json: str, round_index: int, party_id: str, models_json: str = ""
 ) -> dict:
@@ -480,6 +486,7 @@ def generate(
     return _retrying(run, f"generate {party_id}")
 
 
+@forwarded
 def teach(
     config_json: str,
     state_json: str,
@@ -581,6 +588,7 @@ def teach(
     return _client_step(cfg, round_index, "teach", client, run)
 
 
+@forwarded
 def distill(
     config_json: str,
     state_json: str,
@@ -653,6 +661,7 @@ def distill(
     return _retrying(run, f"distill {student_id}")
 
 
+@forwarded
 def evaluate(
     config_json: str,
     state_json: str,
@@ -703,6 +712,7 @@ def evaluate(
     return state
 
 
+@forwarded
 def track(
     config_json: str,
     state_json: str,

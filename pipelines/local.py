@@ -57,6 +57,7 @@ def run_local(
     extra_tags: dict[str, str] | None = None,
 ) -> dict:
     """Run the whole federation pipeline in local subprocesses; return the final manifest."""
+    from flminillm.stepserver import step_server
     from pipelines.federation import build_federation_pipeline
 
     init_local(cfg.runner.pipeline_root, cfg.runner.cache)
@@ -65,10 +66,12 @@ def run_local(
     threads = str(max(1, (os.cpu_count() or 1) // par))
     os.environ["FLMINILLM_TORCH_THREADS"] = threads
     pipeline = build_federation_pipeline(cfg, parallelism=par)
-    task = pipeline(
-        config_json=cfg.to_json(),
-        run_label=run_label,
-        run_started=run_started or time.time(),
-        run_tags=json.dumps(extra_tags or {}),
-    )
+    # every task still runs in its own process; its step runs in a warm fork (stepserver.py)
+    with step_server(cfg.runner.warm_steps):
+        task = pipeline(
+            config_json=cfg.to_json(),
+            run_label=run_label,
+            run_started=run_started or time.time(),
+            run_tags=json.dumps(extra_tags or {}),
+        )
     return json.loads(task.output)

@@ -63,22 +63,25 @@ def test_rerun_executes_only_the_failed_step_and_its_dependants(
     tiny_config, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv(RETRIES_ENV, "2")
+    rounds = 2  # the fault is in the second round's pipeline
     # an uninterrupted run: the reference
-    ref_cfg, ref_path = _config(tiny_config, tmp_path, "reference", rounds=2)
+    ref_cfg, ref_path = _config(tiny_config, tmp_path, "reference", rounds=rounds)
     assert main(["run", "--config", str(ref_path)]) == 0
     reference = json.loads((ref_path.parent / "out" / "round_manifest.json").read_text())
 
-    # the same federation with alice's distill step failing in round 2
-    cfg, path = _config(tiny_config, tmp_path, "faulty", rounds=2)
-    monkeypatch.setenv(FAULTS_ENV, "distill:alice:2")
+    # the same federation with alice's distill step failing in the last round
+    cfg, path = _config(tiny_config, tmp_path, "faulty", rounds=rounds)
+    monkeypatch.setenv(FAULTS_ENV, f"distill:alice:{rounds}")
     assert main(["run", "--config", str(path)]) == 1
     failed_run = _federation_runs(cfg)[0]
     assert failed_run.info.status == "FAILED"
-    assert "injected fault in distill of alice, round 2" in failed_run.data.tags["flminillm.error"]
+    error = failed_run.data.tags["flminillm.error"]
+    assert f"injected fault in distill of alice, round {rounds}" in error
     before = _executions(cfg)
-    assert before[(2, "distill", "alice")][0] == "failed"
-    assert (2, "evaluate", "all") not in before
+    assert before[(rounds, "distill", "alice")][0] == "failed"
+    assert (rounds, "evaluate", "all") not in before
     succeeded = {k: v for k, v in before.items() if v[0] == "succeeded"}
+    assert (rounds, "local_sft", "alice") in succeeded and (0, "prepare", "all") in succeeded
 
     # lineage shows the failed step
     capsys.readouterr()
@@ -91,10 +94,10 @@ def test_rerun_executes_only_the_failed_step_and_its_dependants(
     assert main(["rerun", failed_run.info.run_id, "--tracking-uri", cfg.tracking.uri]) == 0
     after = _executions(cfg)
     again = {k for k, v in after.items() if k in before and v[1] != before[k][1]}
-    assert (2, "distill", "alice") in again
+    assert (rounds, "distill", "alice") in again
     assert not again & set(succeeded), sorted(again & set(succeeded))
-    assert after[(2, "distill", "alice")][0] == "succeeded"
-    assert after[(2, "evaluate", "all")][0] == "succeeded"
+    assert after[(rounds, "distill", "alice")][0] == "succeeded"
+    assert after[(rounds, "evaluate", "all")][0] == "succeeded"
     # and the outcome is the uninterrupted run's, digest for digest
     final = json.loads((path.parent / "out" / "round_manifest.json").read_text())
     assert final["models"] == reference["models"]
@@ -103,7 +106,6 @@ def test_rerun_executes_only_the_failed_step_and_its_dependants(
     assert rerun[0].info.status == "FINISHED"
 
 
-@pytest.mark.slow  # drop-outs: also covered in-process by test_quality (dropout-30)
 def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setenv(RETRIES_ENV, "1")
     sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
@@ -118,7 +120,6 @@ def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypat
     assert final["models"]["bob"] != first["models"]["bob"]  # bob took part
 
 
-@pytest.mark.slow  # drop-outs: also covered in-process by test_quality (dropout-30)
 def test_round_fails_clearly_below_min_clients(tiny_config, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(RETRIES_ENV, "1")
     sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
