@@ -13,6 +13,7 @@ docs/performance.png.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -864,6 +865,13 @@ def write_markdown(report: Report, path: Path, png: Path, command: str) -> None:
                 f"{r['loss_first']:.4f} -> {r['loss_last']:.4f} |"
             )
     lines += ["", *report.extra.get("notes", []), ""]
+    if report.extra.get("section_s"):
+        lines += [
+            "Time per section: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in report.extra["section_s"].items())
+            + ".",
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 
@@ -883,58 +891,61 @@ def run_perf(
     t0 = time.perf_counter()
     report = Report()
     report.extra["load_before"] = os.getloadavg()[0]
-    console.print("[bold]generation[/] ...")
-    report.figures += bench_generation(
-        n=32 if quick else 64, new_tokens=8 if quick else 16, repeats=2 if quick else 15
-    )
-    console.print("[bold]communication[/] ...")
-    report.figures += bench_communication(config)
-    console.print("[bold]distill step[/] ...")
-    figs, runs = bench_distill(
-        updates=2 if quick else 20,
-        deepspeed=deepspeed and not quick and _has("deepspeed"),
-        repeats=1 if quick else 2,
-    )
-    report.figures += figs
-    report.extra["distill_runs"] = runs
+    sections: dict[str, float] = {}
+    report.extra["section_s"] = sections
+
+    @contextlib.contextmanager
+    def timed(name: str):
+        console.print(f"[bold]{name}[/] ...")
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            sections[name] = time.perf_counter() - t
+
+    with timed("generation"):
+        report.figures += bench_generation(
+            n=32 if quick else 64, new_tokens=8 if quick else 16, repeats=2 if quick else 15
+        )
+    with timed("communication"):
+        report.figures += bench_communication(config)
+    with timed("distill step"):
+        figs, runs = bench_distill(
+            updates=2 if quick else 20,
+            deepspeed=deepspeed and not quick and _has("deepspeed"),
+            repeats=1 if quick else 2,
+        )
+        report.figures += figs
+        report.extra["distill_runs"] = runs
     notes = []
     if rounds and not quick:
-        console.print("[bold]round compute[/] ...")
-        report.figures += bench_round()
+        with timed("round compute"):
+            report.figures += bench_round()
+        with timed("round time as models grow"):
+            report.figures += bench_model_size()
+        with timed("pipeline rounds, 2/4/8 clients"):
+            threads, env = torch_threads_state()
+            try:
+                report.figures += bench_pipeline_rounds()
+            finally:
+                restore_threads(threads, env)
+        with timed("orchestration overhead"):
+            threads, env = torch_threads_state()
+            try:  # the steps set the per-task thread budget in this process too
+                report.figures += bench_orchestration(Path(config))
+            finally:
+                restore_threads(threads, env)
     else:
-        notes.append("Round compute for 2, 4, 8 clients: not measured in this run.")
-    if rounds and not quick:
-        console.print("[bold]round time as models grow[/] ...")
-        report.figures += bench_model_size()
-        console.print("[bold]pipeline rounds, 2/4/8 clients[/] ...")
-        threads, env = torch_threads_state()
-        try:
-            report.figures += bench_pipeline_rounds()
-        finally:
-            restore_threads(threads, env)
-    if rounds and not quick:
-        import torch
-
-        console.print("[bold]orchestration overhead[/] ...")
-        threads, env = torch.get_num_threads(), os.environ.get("FLMINILLM_TORCH_THREADS")
-        try:
-            report.figures += bench_orchestration(Path(config))
-        finally:  # the steps set the per-task thread budget in this process too
-            torch.set_num_threads(threads)
-            if env is None:
-                os.environ.pop("FLMINILLM_TORCH_THREADS", None)
-            else:
-                os.environ["FLMINILLM_TORCH_THREADS"] = env
-    else:
+        notes.append("Round compute and time for 2, 4, 8 clients: not measured in this run.")
         notes.append("Orchestration overhead: not measured in this run.")
     if trl and not quick and _has("trl"):
-        console.print("[bold]TRL DistillationTrainer[/] ...")
-        # in a fresh process, like the distill-step runs: nothing the benches before it
-        # left in this process (threads, KFP's log streaming, allocator state) can skew it
-        import multiprocessing as mp
+        with timed("TRL DistillationTrainer"):
+            # in a fresh process, like the distill-step runs: nothing the benches before it
+            # left in this process (threads, KFP's log streaming, allocator state) can skew it
+            import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(1) as pool:
-            report.figures += pool.apply(bench_trl)[0]
+            with mp.get_context("spawn").Pool(1) as pool:
+                report.figures += pool.apply(bench_trl)[0]
     elif not _has("trl"):
         notes.append("TRL comparison: not run (`pip install trl==1.16.0` to include it).")
     notes += [
