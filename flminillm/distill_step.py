@@ -22,12 +22,39 @@ from flminillm.messages import validate_rollouts, validate_teaching
 from flminillm.store import Store
 
 
+def cap_selection(joint: torch.Tensor, cap: float) -> torch.Tensor:
+    """joint [M, A] selection scores -> the same, lowered per teacher by the least constant
+    that leaves it the best score on at most floor(cap * A) prompts. A teacher that claims
+    to be sure of everything keeps the prompts where the others are least sure; teachers
+    already under the cap are left as they are."""
+    m, a = joint.shape
+    if cap >= 1.0 or m < 2 or a == 0:
+        return joint
+    joint = joint.clone()
+    limit = int(cap * a)
+    for _ in range(m):
+        wins = torch.bincount(joint.argmax(0), minlength=m)
+        i = int(wins.argmax())
+        if int(wins[i]) <= limit:
+            break
+        others = torch.cat([joint[:i], joint[i + 1 :]]).max(0).values
+        margin = joint[i] - others  # teacher i is selected where margin > 0
+        keep = torch.sort(margin, descending=True).values
+        # lower it to the (limit+1)-th largest margin: it then wins (strictly) <= limit prompts
+        joint[i] = joint[i] - keep[limit].clamp(min=0) - 1e-6
+    return joint
+
+
 def select_teacher_rollouts(
-    teachings: list[dict[str, torch.Tensor]], prior: torch.Tensor, use_prompt: bool = True
+    teachings: list[dict[str, torch.Tensor]],
+    prior: torch.Tensor,
+    use_prompt: bool = True,
+    cap: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Per teacher-share prompt, keep the answer of the teacher with the highest joint
     log-likelihood log pi_i + log p_i(x) + log p_i(y_i | x): the teacher that knows the
-    prompt's domain and is sure of its answer (the mixture's most likely component)."""
+    prompt's domain and is sure of its answer (the mixture's most likely component).
+    `cap` < 1: no teacher's answers are kept for more than that share of the prompts."""
     width = max(t["own_response_ids"].shape[1] for t in teachings)
     ids = torch.stack(
         [right_pad(t["own_response_ids"].long(), width, 0) for t in teachings]
@@ -38,7 +65,7 @@ def select_teacher_rollouts(
     joint = (logp[..., 0] * mask).sum(-1) + torch.log(prior)[:, None]  # [M, A]
     if use_prompt:
         joint = joint + torch.stack([t["own_prompt_logp"].float() for t in teachings])
-    best = joint.argmax(0)  # [A]
+    best = cap_selection(joint, cap).argmax(0)  # [A]
     idx = torch.arange(best.shape[0])
     return {
         "response_ids": ids[best, idx],
@@ -88,9 +115,14 @@ def assemble_batch(
     ]
     a = rollouts["ask_prompt_ids"].shape[0]
     if a:
-        # a capped teacher's answers are selected with the same handicap
+        # a capped teacher's answers are selected with the same handicap, and (capped
+        # mixture) no teacher supplies more than `cap` of the answers, also when the student
+        # has no rollouts of its own to measure the mixture weights on (alpha = 1)
         prior = weights / weights.sum() * torch.exp(-delta)
-        sel = select_teacher_rollouts(teachings, prior, use_prompt=posterior)
+        sel = select_teacher_rollouts(
+            teachings, prior, use_prompt=posterior,
+            cap=cap if method == "capped_mixture" else 1.0,
+        )  # fmt: skip
         parts.append(
             {
                 "prompt_ids": rollouts["ask_prompt_ids"].long(),

@@ -375,3 +375,41 @@ def test_capped_mixture_bounds_a_lying_teacher():
         own = w[i, i * 20 : (i + 1) * 20]
         others = w[:3, i * 20 : (i + 1) * 20].sum(0)
         assert float((own / others).min()) > 0.99
+
+
+def test_capped_answer_selection_bounds_a_liar_also_without_student_rollouts():
+    """alpha = 1: the student has no rollouts to measure mixture weights on; the cap must
+    still hold in the choice of teacher answers."""
+    from flminillm.distill_step import cap_selection, select_teacher_rollouts
+
+    a = 60
+    honest = torch.full((3, a), -30.0)
+    for i in range(3):
+        honest[i, i * 20 : (i + 1) * 20] = -5.0 + 0.01 * torch.arange(20)
+    assert torch.equal(cap_selection(honest, 0.5), honest)  # each holds 1/3: left alone
+    joint = torch.cat([honest, torch.zeros(1, a)])  # a liar: sure of everything
+    assert torch.equal(joint.argmax(0), torch.full((a,), 3))
+    best = cap_selection(joint, 0.5).argmax(0)
+    assert int((best == 3).sum()) <= 30
+    # the liar keeps the prompts where the honest teachers are least sure; each honest
+    # expert gets back the most certain part of its own domain
+    for i in range(3):
+        top = torch.arange(i * 20, (i + 1) * 20)[10:]  # its ten most certain prompts
+        assert bool((best[top] == i).all())
+
+    # through select_teacher_rollouts, with message-shaped inputs
+    def teaching(logp_value: torch.Tensor) -> dict:
+        t = 3
+        return {
+            "own_response_ids": torch.ones(a, t, dtype=torch.long),
+            "own_response_mask": torch.ones(a, t, dtype=torch.long),
+            "own_support_ids": torch.ones(a, t, 2, dtype=torch.long),
+            "own_logp": (logp_value[:, None, None] / t).expand(a, t, 2).clone(),
+            "own_prompt_logp": torch.zeros(a),
+        }
+
+    teachings = [teaching(joint[i]) for i in range(4)]
+    prior = torch.full((4,), 0.25)
+    uncapped = select_teacher_rollouts(teachings, prior)["teacher_index"]
+    capped = select_teacher_rollouts(teachings, prior, cap=0.5)["teacher_index"]
+    assert int((uncapped == 3).sum()) == a and int((capped == 3).sum()) <= 30
