@@ -452,10 +452,12 @@ def _round_in_process(cfg, state: dict) -> dict:
     return run_round(cfg, state, 1)
 
 
-def _round_times(base, tmp: str, warm: bool = True) -> tuple[float, float, bool]:
-    """(seconds under kfp.local, seconds in one process, same model digests) of round 1 of
-    `base`, set up in-process first; caching off, the torch thread budget of `flminillm run`;
-    `warm`: the tasks' steps run in forks of a warm step server, as `flminillm run` does."""
+def _round_times(base, tmp: str, warm: bool = True, all_cores: bool = False) -> dict:
+    """Round 1 of `base`, set up in-process first; caching off, the torch thread budget of
+    `flminillm run`: seconds under kfp.local (`kfp`) and in one process (`in_process`), and
+    whether both gave the same model digests (`same`). `warm`: the tasks' steps run in forks
+    of a warm step server, as `flminillm run` does. `all_cores`: also the same round in one
+    process with every core per step (`in_process_all_cores`)."""
     from flminillm import steps
     from flminillm.stepserver import step_server
     from pipelines.federation import build_round_pipeline
@@ -476,7 +478,6 @@ def _round_times(base, tmp: str, warm: bool = True) -> tuple[float, float, bool]
     prep = json.dumps(steps.prepare(cj))
     inits = [json.dumps(steps.init_model(cj, prep, p.id)) for p in cfg.parties]
     state = steps.evaluate(cj, prep, 0, "", inits)
-    (Path(tmp) / "state.json").write_text(json.dumps(state))
     t = time.perf_counter()
     direct = _round_in_process(cfg, state)
     in_process = time.perf_counter() - t
@@ -486,7 +487,17 @@ def _round_times(base, tmp: str, warm: bool = True) -> tuple[float, float, bool]
         t = time.perf_counter()
         task = pipeline(config_json=cj, state_json=json.dumps(state), round_index=1)
         under_kfp = time.perf_counter() - t
-    return under_kfp, in_process, json.loads(task.output)["models"] == direct["models"]
+    out = {
+        "kfp": under_kfp,
+        "in_process": in_process,
+        "same": json.loads(task.output)["models"] == direct["models"],
+    }
+    if all_cores:  # the best one process can do: the steps one after another, all cores each
+        os.environ["FLMINILLM_TORCH_THREADS"] = str(os.cpu_count() or 1)
+        t = time.perf_counter()
+        _round_in_process(cfg, state)
+        out["in_process_all_cores"] = time.perf_counter() - t
+    return out
 
 
 def bench_orchestration(config: Path) -> list[Figure]:
@@ -501,17 +512,9 @@ def bench_orchestration(config: Path) -> list[Figure]:
     base = base.model_copy(update={"pretrain": base.pretrain.model_copy(update={"steps": 20})})
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="flminillm-bench-") as tmp:
-        under_kfp, in_process, same = _round_times(base, tmp)
-        # the best one process can do: the same steps one after another, every core per step
-        os.environ["FLMINILLM_TORCH_THREADS"] = str(cores)
-        cfg = base.model_copy(update={
-            "store": base.store.model_copy(update={"uri": f"{tmp}/store"}),
-            "tracking": base.tracking.model_copy(update={"enabled": False}),
-        })  # fmt: skip
-        state = json.loads((Path(tmp) / "state.json").read_text())  # the round's input
-        t = time.perf_counter()
-        _round_in_process(cfg, state)
-        in_process_all = time.perf_counter() - t
+        r = _round_times(base, tmp, all_cores=True)
+    under_kfp, in_process, same = r["kfp"], r["in_process"], r["same"]
+    in_process_all = r["in_process_all_cores"]
     n = len(base.clients)
     threads = max(1, cores // base.runner.local_parallelism)
     return [
@@ -573,18 +576,20 @@ def bench_pipeline_rounds(counts=(2, 4, 8)) -> list[Figure]:
         Figure(
             "round",
             f"pipeline round, warm step server vs a cold process per step, {lo} clients",
-            times[lo][0],
-            cold[0],
+            times[lo]["kfp"],
+            cold["kfp"],
             "s",
             "steps in forks of a warm step server",
             "every step imports torch and transformers itself",
             "",
-            f"runner.warm_steps true (the default) vs false; same digests: {cold[2] and times[lo][2]}",
+            "runner.warm_steps true (the default) vs false; same digests: "
+            f"{cold['same'] and times[lo]['same']}",
         ),
     ]
     figs += [
         Figure(
-            "round", f"pipeline round time, {n} vs {lo} clients", times[n][0], times[lo][0], "s",
+            "round", f"pipeline round time, {n} vs {lo} clients", times[n]["kfp"],
+            times[lo]["kfp"], "s",
             f"{n} clients ({4 + 5 * n} tasks)", f"{lo} clients ({4 + 5 * lo} tasks)", "",
             "one round of a tiny federation (configs/tiny.yaml models, one family per client) "
             "under kfp.local with local_parallelism 2 and warm steps",
@@ -593,9 +598,10 @@ def bench_pipeline_rounds(counts=(2, 4, 8)) -> list[Figure]:
     ]  # fmt: skip
     figs += [
         Figure(
-            "round", f"pipeline vs in-process round, {n} clients", times[n][0], times[n][1], "s",
+            "round", f"pipeline vs in-process round, {n} clients", times[n]["kfp"],
+            times[n]["in_process"], "s",
             "kfp.local", "in one process", "",
-            f"same steps, same digests: {times[n][2]}",
+            f"same steps, same digests: {times[n]['same']}",
         )
         for n in counts
     ]  # fmt: skip
