@@ -1,150 +1,57 @@
-"""One component per round step (see ../shared/DESIGN.md: the round as a DAG)."""
+"""One KFP component per recipe of `flminillm.steps`, derived from the step registry.
 
+A component is a lightweight function whose body is two lines: import the invocation layer
+and run the recipe (`flminillm.invoke.run_component`). KFP ships the function's source to
+the task, so each one is written out here from the recipe's signature: the recipe's `cfg`
+becomes the `experiment_json` input (the deployment reaches the task through its
+environment) and its other parameters keep their names and types. On a cluster the task
+runs in our image, which already holds flminillm and kfp; nothing is installed at run time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, List
 
 from kfp import dsl
 
+from flminillm.steps import STEPS, Step
+
 DEFAULT_IMAGE = "ghcr.io/fl-minillm/flminillm:0.1.0"
 
-
-def prepare(config_json: str) -> str:
-    import json
-
-    from flminillm import steps
-
-    return json.dumps(steps.prepare(config_json))
+_TYPES = {str: "str", int: "int", float: "float", list[str]: "List[str]"}
+_OUTPUTS = {"json": "str", "list": "List[str]", "text": "str"}
 
 
-def list_parties(config_json: str) -> list[str]:
-    from flminillm.config import config_from_json
-
-    return [p.id for p in config_from_json(config_json).parties]
-
-
-def init_model(config_json: str, state_json: str, party_id: str) -> str:
-    import json
-
-    from flminillm import steps
-
-    return json.dumps(steps.init_model(config_json, state_json, party_id))
-
-
-def sample_clients(config_json: str, round_index: int) -> list[str]:
-    from flminillm import steps
-
-    return steps.sample_clients(config_json, round_index)
-
-
-def local_sft(config_json: str, state_json: str, round_index: int, client_id: str) -> str:
-    import json
-
-    from flminillm import steps
-
-    return json.dumps(steps.local_sft(config_json, state_json, round_index, client_id))
-
-
-def generate(
-    config_json: str, state_json: str, round_index: int, party_id: str, models_json: str
-) -> str:
-    import json
-
-    from flminillm import steps
-
-    return json.dumps(steps.generate(config_json, state_json, round_index, party_id, models_json))
-
-
-def teach(
-    config_json: str,
-    state_json: str,
-    round_index: int,
-    teacher_id: str,
-    models_json: str,
-    rollouts_json: str,
-) -> str:
-    import json
-
-    from flminillm import steps
-
-    return json.dumps(
-        steps.teach(config_json, state_json, round_index, teacher_id, models_json, rollouts_json)
+def component_source(step: Step) -> str:
+    """The source of `step`'s component function."""
+    hints = typing.get_type_hints(step.fn)
+    names = ["experiment_json", *list(inspect.signature(step.fn).parameters)[1:]]  # [0]: cfg
+    params = ["experiment_json: str"]
+    for name in names[1:]:
+        if hints[name] not in _TYPES:
+            raise TypeError(f"steps.{step.name}: parameter {name} has no KFP type")
+        params.append(f"{name}: {_TYPES[hints[name]]}")
+    kwargs = ", ".join(f"{n}={n}" for n in names)
+    return (
+        f"def {step.name}({', '.join(params)}) -> {_OUTPUTS[step.output]}:\n"
+        f"    from flminillm.invoke import run_component\n\n"
+        f"    return run_component({step.name!r}, dict({kwargs}))\n"
     )
 
 
-def distill(
-    config_json: str,
-    state_json: str,
-    round_index: int,
-    student_id: str,
-    models_json: str,
-    rollouts_json: str,
-    teachings: list[str],
-) -> str:
-    import json
-
-    from flminillm import steps
-
-    return json.dumps(
-        steps.distill(
-            config_json, state_json, round_index, student_id, models_json, rollouts_json, teachings
-        )
-    )
-
-
-def distill_one(
-    config_json: str,
-    state_json: str,
-    round_index: int,
-    student_id: str,
-    models_json: str,
-    rollouts_json: str,
-    teaching: str,
-) -> str:
-    import json
-
-    from flminillm import steps
-
-    return json.dumps(
-        steps.distill(
-            config_json, state_json, round_index, student_id, models_json, rollouts_json, [teaching]
-        )
-    )
-
-
-def evaluate(
-    config_json: str, state_json: str, round_index: int, update: str, updates: list[str]
-) -> str:
-    import json
-
-    from flminillm import steps
-
-    return json.dumps(steps.evaluate(config_json, state_json, round_index, update, updates))
-
-
-def track(
-    config_json: str, state_json: str, run_label: str, run_started: float, run_tags: str
-) -> str:
-    from flminillm import steps
-
-    return steps.track(config_json, state_json, run_label, run_started, run_tags)
-
-
-STEP_FUNCTIONS = {
-    f.__name__: f
-    for f in (
-        prepare,
-        list_parties,
-        init_model,
-        sample_clients,
-        local_sft,
-        generate,
-        teach,
-        distill,
-        distill_one,
-        evaluate,
-        track,
-    )
-}
+def component_function(step: Step):
+    """`step`'s component as a Python function whose source `inspect` can read (KFP
+    reads it to build the task's command)."""
+    source = component_source(step)
+    filename = f"<flminillm component {step.name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict[str, Any] = {"List": List}
+    exec(compile(source, filename, "exec", dont_inherit=True), namespace)
+    return namespace[step.name]
 
 
 @dataclass(frozen=True)
@@ -165,7 +72,7 @@ def build_components(image: str = DEFAULT_IMAGE) -> RoundComponents:
     """Lightweight components running in `image` (which holds flminillm; nothing is
     installed at run time)."""
     ops = {
-        name: dsl.component(fn, base_image=image, install_kfp_package=False)
-        for name, fn in STEP_FUNCTIONS.items()
+        name: dsl.component(component_function(step), base_image=image, install_kfp_package=False)
+        for name, step in STEPS.items()
     }
     return RoundComponents(image=image, ops=ops)

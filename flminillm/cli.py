@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from flminillm.config import ConfigError, ExperimentConfig, load_config
+from flminillm.config import Config, ConfigError, load_config
 
 
 def _console():
@@ -23,13 +23,13 @@ def _console():
     return console
 
 
-def expected_tasks(cfg: ExperimentConfig) -> int:
+def expected_tasks(cfg: Config) -> int:
     """Leaf tasks of a federation run (for the progress bar)."""
+    from flminillm.rounds import setup_tasks, tasks_per_round
+
     n = len(cfg.clients)
     c = min(n, max(cfg.sampling.min_clients, math.ceil(cfg.sampling.fraction * n)))
-    setup = 3 + len(cfg.parties)  # prepare, list_parties, init x P, evaluate
-    per_round = 4 + 5 * c  # sample, server generate, server distill, evaluate + 5 per client
-    return setup + cfg.rounds * per_round + 1  # + track
+    return setup_tasks(len(cfg.parties)) + cfg.rounds * tasks_per_round(c) + 1  # + track
 
 
 class _TaskProgress(logging.Filter):
@@ -52,14 +52,14 @@ class _TaskProgress(logging.Filter):
         return True
 
 
-def failure_summary(cfg: ExperimentConfig, since: float) -> str:
+def failure_summary(cfg: Config, since: float) -> str:
     """The errors of the steps that failed since `since`, from the store's ledger."""
-    from flminillm.steps import federation_id, open_store_for
-    from flminillm.tracking import ledger
+    from flminillm.artifacts import open_store_for
+    from flminillm.ledger import ledger
 
     failed = [
         rec
-        for recs in ledger(open_store_for(cfg), federation_id(cfg)).values()
+        for recs in ledger(open_store_for(cfg), cfg.federation_id()).values()
         for rec in recs
         if rec.get("status") == "failed" and rec["started"] >= since
     ]
@@ -68,21 +68,19 @@ def failure_summary(cfg: ExperimentConfig, since: float) -> str:
     )
 
 
-def run_federation(
-    cfg: ExperimentConfig, label: str, extra_tags: dict[str, str] | None = None
-) -> dict:
+def run_federation(cfg: Config, label: str, extra_tags: dict[str, str] | None = None) -> dict:
     """Run the federation locally with progress; log a failed run to MLflow before raising."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from flminillm.artifacts import open_store_for
     from flminillm.report import render_table, results_table
-    from flminillm.steps import federation_id, open_store_for
     from flminillm.store import atomic_write_text
     from flminillm.tracking import log_federation, round_chain
     from pipelines.local import run_local
 
     console = _console()
     fbc = cfg.families_by_client()
-    console.print(f"[bold]FL-MiniLLM[/] federation [cyan]{federation_id(cfg)}[/]: {cfg.rounds} rounds, "
+    console.print(f"[bold]FL-MiniLLM[/] federation [cyan]{cfg.federation_id()}[/]: {cfg.rounds} rounds, "
                   f"server [cyan]{cfg.server.id}[/] ({cfg.server.model.family}), "
                   f"{len(cfg.clients)} clients")  # fmt: skip
     for c in cfg.clients:
@@ -221,11 +219,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:
-    print(json.dumps(ExperimentConfig.model_json_schema(), indent=1))
+    print(json.dumps(Config.model_json_schema(), indent=1))
     return 0
 
 
-def _load(args: argparse.Namespace) -> ExperimentConfig:
+def _load(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config)
     updates = {}
     if getattr(args, "tracking_uri", None):
@@ -341,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    from flminillm.quality import print_tables, run_quality
+    from flminillm.bench.quality import run_quality
+    from flminillm.bench.quality_report import print_tables
 
     if args.seeds < 1:
         print("error: --seeds must be >= 1", file=sys.stderr)
@@ -378,7 +377,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_perf(args: argparse.Namespace) -> int:
-    from flminillm.bench import run_perf
+    from flminillm.bench.perf import run_perf
 
     run_perf(
         Path(args.output),
@@ -393,7 +392,20 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
     return 0
 
 
+# quiet third-party progress bars and advice in step logs (the tasks inherit these); our own
+# progress is shown instead. Set by the command line, not by importing the library.
+QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:

@@ -9,12 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PartyId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+
+
+def canonical_json(data: Any) -> str:
+    """Sorted keys, no spaces: the same text for the same data (what digests are taken of)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 class ConfigError(ValueError):
@@ -347,8 +352,8 @@ class ClusterConfig(_Strict):
     default_resources: StepResources = Field(default_factory=StepResources)
     resources: dict[str, StepResources] = Field(
         default_factory=dict,
-        description="Per-step overrides, keyed by step: prepare, init_model, sample_clients, "
-        "local_sft, generate, teach, distill, evaluate, track.",
+        description="Per-step overrides, keyed by step name (the recipes of flminillm.steps: "
+        "`flminillm steps` lists them).",
     )
     s3_secret: str = Field(
         "flminillm-s3",
@@ -372,12 +377,13 @@ class ClusterConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
-    """A whole federation: parties, data, rounds and every hyper-parameter."""
+    """What determines a federation's results: parties, data, training, generation, the
+    distill step, seeds and rounds. Hashed: its digest names the federation, its JSON is
+    what every step receives (and so what a pipeline cache keys on)."""
 
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     seed: int = Field(0, description="Master seed; every step derives its own from it.")
     rounds: int = Field(2, ge=1, le=10000)
-    output_dir: str = Field("runs/demo", description="Where results.json and plots go.")
     server: PartyConfig
     clients: list[PartyConfig] = Field(min_length=1)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -391,10 +397,6 @@ class ExperimentConfig(_Strict):
         default_factory=EngineConfig,
         description="Training engine of pre-training, local SFT and distill steps.",
     )
-    store: StoreConfig = Field(default_factory=StoreConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    runner: RunnerConfig = Field(default_factory=RunnerConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _check_parties(self) -> ExperimentConfig:
@@ -453,24 +455,49 @@ class ExperimentConfig(_Strict):
             list(self.data.families), [c.id for c in self.clients], seed=self.seed
         )
 
-    def to_json(self) -> str:
-        data = self.model_dump(mode="json")
-        if self.engine == EngineConfig():  # the default engine leaves digests and caches as before
-            del data["engine"]
-        if not data["data"]["iid_mix"]:  # likewise the default (disjoint) split
-            del data["data"]["iid_mix"]
-        if data["distill"]["cap"] == 0.5:  # and the default cap (used by capped_mixture only)
-            del data["distill"]["cap"]
-        if data["distill"]["iw_single_step"]:  # and the default weighting
-            del data["distill"]["iw_single_step"]
-        if data["runner"]["warm_steps"]:  # and the default local runner
-            del data["runner"]["warm_steps"]
-        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+    @property
+    def experiment(self) -> ExperimentConfig:
+        """The experiment alone (a Config also carries its deployment)."""
+        return ExperimentConfig.model_validate(self.experiment_dict())
+
+    def experiment_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", include=set(ExperimentConfig.model_fields))
+
+    def experiment_json(self) -> str:
+        """The canonical JSON of the experiment: what steps receive and what is hashed."""
+        return canonical_json(self.experiment_dict())
 
     def digest(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
+        """sha256 of the experiment: the same wherever and however it is run."""
+        return hashlib.sha256(self.experiment_json().encode()).hexdigest()
 
-    def resolved(self, base_dir: Path) -> ExperimentConfig:
+    def federation_id(self) -> str:
+        return f"{self.name}-{self.digest()[:12]}"
+
+
+class DeploymentConfig(_Strict):
+    """Where and how a federation runs: store, tracking, runner, cluster, output directory.
+    Not hashed: moving a run, changing its tracking server or its pods' resources leaves
+    its federation id and its cached steps as they are."""
+
+    output_dir: str = Field("runs/demo", description="Where results.json and plots go.")
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @property
+    def deployment(self) -> DeploymentConfig:
+        """The deployment alone (a Config also carries its experiment)."""
+        return DeploymentConfig.model_validate(self.deployment_dict())
+
+    def deployment_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", include=set(DeploymentConfig.model_fields))
+
+    def deployment_json(self) -> str:
+        return canonical_json(self.deployment_dict())
+
+    def resolved(self, base_dir: Path) -> Self:
         """Make relative paths absolute against `base_dir`, so every step sees the same paths."""
 
         def fix(p: str) -> str:
@@ -493,6 +520,19 @@ class ExperimentConfig(_Strict):
         )
 
 
+class Config(ExperimentConfig, DeploymentConfig):
+    """What a config file holds: the experiment and its deployment, side by side (one flat
+    mapping; `experiment` and `deployment` give each part alone)."""
+
+    @classmethod
+    def join(cls, experiment: ExperimentConfig, deployment: DeploymentConfig) -> Config:
+        return cls.model_validate({**experiment.experiment_dict(), **deployment.deployment_dict()})
+
+    def to_json(self) -> str:
+        """The whole config (experiment and deployment) as JSON."""
+        return canonical_json(self.model_dump(mode="json"))
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}: {err.error_count()} problem(s)"]
     for e in err.errors():
@@ -511,14 +551,14 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: dict, source: str = "<dict>") -> ExperimentConfig:
+def parse_config(data: dict, source: str = "<dict>") -> Config:
     try:
-        return ExperimentConfig.model_validate(data)
+        return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
+def load_config(path: str | Path) -> Config:
     """Read a YAML experiment; relative paths are resolved against the working directory."""
     path = Path(path)
     if not path.is_file():
@@ -532,5 +572,21 @@ def load_config(path: str | Path) -> ExperimentConfig:
     return parse_config(data, str(path)).resolved(Path.cwd())
 
 
-def config_from_json(text: str) -> ExperimentConfig:
+def config_from_json(text: str) -> Config:
+    """A whole Config from `Config.to_json()`."""
     return parse_config(json.loads(text), "<json>")
+
+
+def experiment_from_json(text: str) -> ExperimentConfig:
+    """An experiment from `experiment_json()` (what a step receives)."""
+    try:
+        return ExperimentConfig.model_validate_json(text)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "<experiment json>")) from None
+
+
+def deployment_from_json(text: str) -> DeploymentConfig:
+    try:
+        return DeploymentConfig.model_validate_json(text)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "<deployment json>")) from None

@@ -1,6 +1,8 @@
-"""MiniLLM reverse-KL policy gradient, its forward-KL baseline, and teacher aggregation.
+"""The losses: MiniLLM's reverse-KL policy gradient and its forward-KL / SeqKD baseline.
 
-Pure tensor functions: tensors in, a loss and a few statistics out. The derivation is in
+Pure tensor functions: tensors in, a loss and a few statistics (detached 0-d tensors) out;
+combining several teachers is `flminillm.aggregate`, the optimisation step around these
+losses `flminillm.update`. The derivation is in
 docs/algorithm.md. Shapes: B sequences, T response positions, S support tokens per
 position (column 0 = the sampled token y_t), M teachers, V vocabulary.
 
@@ -18,24 +20,13 @@ Without single-step decomposition the immediate reward joins the return instead:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class MiniLLMHParams:
-    clip_eps: float = 0.2
-    alpha: float = 0.0  # share of teacher-sampled rollouts (teacher-mixed sampling)
-    iw_clip: float = 3.0
-    gamma: float = 1.0
-    single_step: bool = True
-    length_norm: bool = True
-    teacher_mixed: bool = True
-    # weight the single-step KL by the clipped importance weights, as MiniLLM does; False:
-    # the exact support KL at every visited prefix, the teachers' sequences at full weight
-    iw_single_step: bool = True
+if TYPE_CHECKING:
+    from flminillm.config import DistillConfig
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -108,9 +99,9 @@ def minillm_loss(
     behaviour_logp: torch.Tensor,
     support_ids: torch.Tensor,
     teacher_logp: torch.Tensor,
-    hp: MiniLLMHParams,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The MiniLLM loss for one mini-batch.
+    hp: DistillConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The MiniLLM loss for one mini-batch; `hp` is the config's distill section.
 
     student_logits [B, T, V] (with grad), response_ids [B, T], response_mask [B, T],
     behaviour_logp [B, T] = log q_old(y_t), support_ids [B, T, S] with support_ids[..., 0]
@@ -148,13 +139,13 @@ def minillm_loss(
     with torch.no_grad():
         clipped = ((ratio - 1).abs() > hp.clip_eps).to(mask.dtype)
         stats = {
-            "loss_single": float(loss_single),
-            "loss_long": float(loss_long),
-            "reverse_kl": float(masked_mean(kl, mask)),
-            "reward": float(masked_mean(rewards, mask)),
-            "seq_reverse_kl": float((-(rewards * mask).sum(-1)).mean()),
-            "iw_mean": float(masked_mean(w, mask)),
-            "clip_frac": float(masked_mean(clipped, mask)),
+            "loss_single": loss_single.detach(),
+            "loss_long": loss_long.detach(),
+            "reverse_kl": masked_mean(kl, mask),
+            "reward": masked_mean(rewards, mask),
+            "seq_reverse_kl": (-(rewards * mask).sum(-1)).mean(),
+            "iw_mean": masked_mean(w, mask),
+            "clip_frac": masked_mean(clipped, mask),
         }
     return loss, stats
 
@@ -174,7 +165,7 @@ def forward_kl_loss(
     response_mask: torch.Tensor,
     support_ids: torch.Tensor,
     teacher_logp: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """FedMKT-style baseline: teacher-forced KL(p_S || q_S) on the teacher's top-k support."""
     mask = response_mask.to(student_logits.dtype)
     logq = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, support_ids.clamp(min=0))
@@ -184,97 +175,10 @@ def forward_kl_loss(
     p = torch.log_softmax(teacher_logp.masked_fill(~smask, neg), dim=-1)
     kl = (p.exp() * (p - q)).masked_fill(~smask, 0.0).sum(-1)
     loss = masked_mean(kl, mask)
-    return loss, {"forward_kl": float(loss.detach())}
+    return loss, {"forward_kl": loss.detach()}
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Token-level cross-entropy of `labels` [B, T] under `logits` [B, T, V] where mask is 1."""
     ce = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
     return masked_mean(ce, mask)
-
-
-def aggregate_teachers(
-    teacher_logp: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    method: str = "mixture",
-    trim: float = 0.2,
-    log_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Combine M teachers' log-probs on the same support: [M, B, T, S] -> [B, T, S].
-
-    mixture: log sum_i w_i p_i with w = normalised `weights` [M], or, when `log_weights`
-    [M, B, T] is given, per-position weights w_i(b, t) = softmax_i(log_weights): with
-    log_weights = log pi_i + log p_i(x) + log p_i(y_<t | x) this is the exact next-token
-    conditional of the mixture LM sum_i pi_i p_i(x, y), so a teacher counts where it
-    knows the prompt. median: per-entry median of p_i; trimmed_mean: mean of p_i after
-    dropping the `trim` share at both ends. The robust options bound the influence of
-    one faulty or malicious teacher.
-    """
-    m = teacher_logp.shape[0]
-    if weights is None:
-        weights = torch.ones(m)
-    if method == "mixture":
-        if log_weights is None:
-            log_weights = (
-                torch.log(weights / weights.sum()).view(m, 1, 1).expand(teacher_logp.shape[:3])
-            )
-        logw = log_weights - torch.logsumexp(log_weights, dim=0, keepdim=True)
-        return torch.logsumexp(teacher_logp + logw[..., None], dim=0)
-    probs = teacher_logp.exp()
-    if method == "median":
-        srt = probs.sort(dim=0).values
-        agg = srt[m // 2] if m % 2 else srt[m // 2 - 1 : m // 2 + 1].mean(0)
-    elif method == "trimmed_mean":
-        cut = int(m * trim)
-        agg = probs.sort(dim=0).values[cut : m - cut].mean(0)
-    else:
-        raise ValueError(f"unknown aggregation {method!r}; use mixture, median or trimmed_mean")
-    return torch.log(agg.clamp(min=1e-30))
-
-
-def posterior_log_weights(
-    prior: torch.Tensor, prompt_logp: torch.Tensor, token_logp: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """log pi_i + log p_i(x) + log p_i(y_<t | x): [M], [M, B], [M, B, T], [B, T] -> [M, B, T]."""
-    prefix = torch.cumsum(token_logp * mask, dim=-1) - token_logp * mask  # exclusive cumsum
-    return torch.log(prior)[:, None, None] + prompt_logp[..., None] + prefix
-
-
-def cap_log_weights(
-    log_weights: torch.Tensor, mask: torch.Tensor, cap: float, iters: int = 40
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounded influence for the posterior mixture: lower a teacher's log-weights by a
-    constant delta_i until its mean weight over the scored positions is at most `cap`.
-
-    log_weights [M, B, T], mask [B, T] -> (capped log-weights, delta [M]). A teacher that
-    claims to know every prompt (log p(x) = 0) would otherwise take all the weight; capped,
-    it keeps at most `cap` of it, on the positions where its claim stands out least, and
-    the others keep their relative weights. Honest non-IID teachers (each sure of its own
-    domain) stay under the cap and are left as they are."""
-    m = log_weights.shape[0]
-    delta = torch.zeros(m)
-    if cap >= 1.0 or m < 2:
-        return log_weights, delta
-    w_mask = mask.float()
-    n = w_mask.sum().clamp(min=1.0)
-
-    def mean_weights(d: torch.Tensor) -> torch.Tensor:
-        w = torch.softmax(log_weights - d[:, None, None], dim=0)
-        return (w * w_mask).sum((1, 2)) / n
-
-    for _ in range(m):
-        share = mean_weights(delta)
-        i = int(share.argmax())
-        if float(share[i]) <= cap + 1e-4:
-            break
-        lo, hi = float(delta[i]), float(delta[i]) + 1e4
-        for _ in range(iters):  # mean weight is decreasing in delta_i: bisection
-            mid = (lo + hi) / 2
-            trial = delta.clone()
-            trial[i] = mid
-            if float(mean_weights(trial)[i]) > cap:
-                lo = mid
-            else:
-                hi = mid
-        delta[i] = hi
-    return log_weights - delta[:, None, None], delta

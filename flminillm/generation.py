@@ -22,13 +22,6 @@ class Rollout:
     support_ids: torch.Tensor  # [N, T, S] int64: sampled token + k others
     support_logp: torch.Tensor  # [N, T, S] float32: sampler's log-probs on the support
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> Rollout:
-        return cls(**{k: t[k] for k in cls.__dataclass_fields__})
-
 
 def encode_prompts(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and mask (the last `max_len` tokens of each prompt are kept)."""

@@ -1,17 +1,16 @@
 """Several processes (GPUs) in one training step, through the DeepSpeed launcher.
 
-When `engine.kind` is deepspeed and `engine.gpus_per_step` > 1, the local_sft and distill
-steps do not train in their own process: they start
+When `engine.kind` is deepspeed and `engine.gpus_per_step` > 1, a training step (local_sft,
+distill) does not train in its own process: it starts
 
-    python -m deepspeed.launcher.runner --num_gpus N --module flminillm.launch STEP ARGS OUT
+    python -m deepspeed.launcher.runner --num_gpus N --module flminillm.invoke rank ARGS OUT
 
-which runs the same step function in N ranks (one per GPU; on a CPU-only machine N gloo
-processes, which is how the tests run it). Every rank loads the same inputs from the store
-and trains on its own share of each global batch (rank r takes micro-batches r, r+N, ...
-of the step's seeded batch stream); DeepSpeed averages the gradients, so N ranks with
-micro-batch b take the same optimizer steps as one process with b and N-step gradient
-accumulation. Rank 0 writes the lineage record and the step's output, which the calling
-step returns as its own.
+which runs the same recipe in N ranks (one per GPU; on a CPU-only machine N gloo processes,
+which is how the tests run it). Every rank loads the same inputs from the store and trains
+on its own share of each global batch (rank r takes micro-batches r, r+N, ... of the step's
+seeded batch stream); DeepSpeed averages the gradients, so N ranks with micro-batch b take
+the same optimizer steps as one process with b and N-step gradient accumulation. Rank 0
+writes the lineage record and the step's output, which the calling step returns as its own.
 """
 
 from __future__ import annotations
@@ -25,15 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-LAUNCHED_ENV = "FLMINILLM_LAUNCHED"
-STEPS = ("local_sft", "distill")
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) outside a launcher."""
-    if not os.environ.get(LAUNCHED_ENV):
-        return 0, 1
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+from flminillm.ranks import LAUNCHED_ENV
 
 
 def needs_launch(engine) -> bool:
@@ -48,17 +39,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(step: str, args: list[Any], n: int, timeout: float | None = None) -> dict:
-    """Run steps.<step>(*args) in n ranks under the DeepSpeed launcher; rank 0's output."""
-    if step not in STEPS:
-        raise ValueError(f"{step!r} cannot run under the launcher; steps that can: {STEPS}")
+def launch(module: str, payload: dict[str, Any], n: int, timeout: float | None = None) -> Any:
+    """Run `python -m <module> rank ARGS OUT` in n ranks under the DeepSpeed launcher, with
+    `payload` in the ARGS file; returns what rank 0 wrote to OUT (JSON)."""
     with tempfile.TemporaryDirectory(prefix="flminillm-launch-") as tmp:
         args_file, out_file = Path(tmp) / "args.json", Path(tmp) / "out.json"
-        args_file.write_text(json.dumps(args))
+        args_file.write_text(json.dumps(payload))
         cmd = [
             sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n),
             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-            "--module", "flminillm.launch", step, str(args_file), str(out_file),
+            "--module", module, "rank", str(args_file), str(out_file),
         ]  # fmt: skip
         env = {**os.environ, LAUNCHED_ENV: "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
@@ -66,28 +56,7 @@ def launch(step: str, args: list[Any], n: int, timeout: float | None = None) -> 
         if proc.returncode != 0 or not out_file.exists():
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
             raise RuntimeError(
-                f"{step} under the DeepSpeed launcher ({n} ranks) failed with exit code "
-                f"{proc.returncode}:\n{tail}"
+                f"{payload.get('step', module)} under the DeepSpeed launcher ({n} ranks) failed "
+                f"with exit code {proc.returncode}:\n{tail}"
             )
         return json.loads(out_file.read_text())
-
-
-def main(argv: list[str] | None = None) -> int:
-    from flminillm import steps
-    from flminillm.store import atomic_write_text
-
-    # the launcher adds --local_rank=N (LOCAL_RANK is in the environment too)
-    argv = [a for a in (argv or sys.argv[1:]) if not a.startswith("--local_rank")]
-    step, args_file, out_file = argv
-    if step not in STEPS:
-        raise SystemExit(f"unknown step {step!r}; one of {STEPS}")
-    args = json.loads(Path(args_file).read_text())
-    out = getattr(steps, step)(*args)
-    rank, _world = rank_world()
-    if rank == 0:
-        atomic_write_text(out_file, json.dumps(out))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

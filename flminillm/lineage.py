@@ -6,7 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from flminillm.config import ExperimentConfig, config_from_json
+from flminillm.config import Config, config_from_json
 
 
 def _client(uri: str):
@@ -92,7 +92,7 @@ def lineage_tree(uri: str, run_id: str, show_io: bool = True, show_uris: bool = 
     return root
 
 
-def config_of_run(uri: str, run_id: str) -> ExperimentConfig:
+def config_of_run(uri: str, run_id: str) -> Config:
     """The experiment config a federation run used (its config.json artifact)."""
     client = _client(uri)
     _federation_run(client, run_id)

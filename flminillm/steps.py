@@ -1,9 +1,12 @@
-"""The round steps: one function per step, read top to bottom (load, compute, save, record).
+"""The round steps: one recipe per step, read top to bottom (load, compute, save, record),
+and the step registry that everything else derives from.
 
-Each step takes JSON strings (the experiment config and small manifests of earlier steps),
-reads models and messages from the content-addressed store, writes its outputs there and
-returns a small manifest. Steps are seeded from (master seed, round, step, party), so the
-same inputs give the same outputs and a pipeline cache can skip them on a rerun.
+A recipe takes the run's `Config` and small JSON manifests of earlier steps, reads models
+and messages from the content-addressed store, writes its outputs there and returns a
+small manifest. Recipes are seeded from (master seed, round, step, party), so the same
+inputs give the same outputs and a pipeline cache can skip them on a rerun. How a recipe
+is invoked (a KFP task, a warm fork of the step server, several ranks under the DeepSpeed
+launcher, or a plain call in one process) is `flminillm.invoke`'s business, not theirs.
 
 Roles are symmetric: `generate`, `teach` and `distill` serve both directions of a round
 (clients teach the server, then the server teaches the clients).
@@ -11,221 +14,113 @@ Roles are symmetric: `generate`, `teach` and `distill` serve both directions of 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
-import socket
-import tempfile
-import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from flminillm.config import ExperimentConfig, config_from_json
-from flminillm.launch import launch, needs_launch, rank_world
-from flminillm.stepserver import forwarded
-from flminillm.store import Store, open_store
+from flminillm.artifacts import (
+    EXCHANGE,
+    PUBLIC,
+    load_examples,
+    load_model,
+    load_tokenizer,
+    open_store_for,
+    put_examples,
+    ref,
+    save_model,
+    save_tokenizer,
+    seed,
+)
+from flminillm.config import Config, ExperimentConfig
+from flminillm.faults import client_step, dropped_out, retrying
+from flminillm.ledger import step_record
+from flminillm.store import Store
 
 SERVER_ROLE = "server"
-PUBLIC = "public"  # store scope of shared, public objects (tokenizer, public prompts, eval)
-EXCHANGE = "exchange"  # store scope of the messages that cross party boundaries
-FAULTS_ENV = "FLMINILLM_FAULTS"
-RETRIES_ENV = "FLMINILLM_STEP_RETRIES"
-
-
-class InjectedFault(RuntimeError):
-    """A failure injected on purpose (FLMINILLM_FAULTS), to rehearse recovery."""
-
-
-class TransientError(RuntimeError):
-    """A failure worth retrying (I/O, network, an injected transient fault)."""
 
 
 # ----------------------------------------------------------------------------------------
-# shared plumbing
+# the registry: every recipe, with what its invokers need to know about it
 # ----------------------------------------------------------------------------------------
-def _ctx(config_json: str) -> tuple[ExperimentConfig, Store]:
-    threads = os.environ.get("FLMINILLM_TORCH_THREADS")
-    if threads:
-        import torch
+@dataclass(frozen=True)
+class Step:
+    """A registered recipe. `output`: what the recipe returns and a KFP task passes on
+    (json: a manifest dict, as JSON text; list: a list of strings; text: a string).
+    `launchable`: may train in several ranks (`engine.gpus_per_step` > 1). `tracking`:
+    writes to MLflow (on a cluster its pod gets the tracking secret). `form_of`: the step
+    this one is another form of (its cluster settings and resources are that step's)."""
 
-        torch.set_num_threads(int(threads))
-    cfg = config_from_json(config_json)
-    return cfg, open_store_for(cfg)
+    name: str
+    fn: Callable[..., Any]
+    output: Literal["json", "list", "text"] = "json"
+    launchable: bool = False
+    tracking: bool = False
+    form_of: str = ""
 
-
-def open_store_for(cfg: ExperimentConfig) -> Store:
-    try:
-        from flminillm.store import open_store_from_config
-    except ImportError:  # pragma: no cover - older store module
-        return open_store(cfg.store.uri)
-    return open_store_from_config(cfg.store)
-
-
-def parse_faults(spec: str) -> list[dict[str, Any]]:
-    """`step:party:round[:times]`, comma-separated; `*` matches any party or round.
-    times = how many executions fail (then the step succeeds: a transient fault);
-    without it every execution fails."""
-    faults = []
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        parts = item.split(":")
-        if len(parts) not in (3, 4):
-            raise ValueError(f"{FAULTS_ENV}: {item!r} is not step:party:round[:times]")
-        faults.append(
-            {
-                "step": parts[0],
-                "party": parts[1],
-                "round": parts[2],
-                "times": int(parts[3]) if len(parts) == 4 else None,
-            }
-        )
-    return faults
+    @property
+    def settings_name(self) -> str:
+        """The name cluster settings (`cluster.resources`) know this step by."""
+        return self.form_of or self.name
 
 
-def maybe_inject_fault(store: Store, fed: str, step: str, party: str, round_index: int) -> None:
-    """Fail this execution if FLMINILLM_FAULTS names it (for tests and recovery drills)."""
-    for f in parse_faults(os.environ.get(FAULTS_ENV, "")):
-        if (
-            f["step"] != step
-            or f["party"] not in ("*", party)
-            or f["round"] not in ("*", str(round_index))
-        ):
-            continue
-        if f["times"] is None:
-            raise InjectedFault(f"injected fault in {step} of {party}, round {round_index}")
-        name = f"{fed}/faults/{step}.{party}.{round_index}.json"
-        seen = (store.list_records(name) or [{"count": 0}])[0]["count"]
-        if seen < f["times"]:
-            store.put_record(name, {"count": seen + 1})
-            raise TransientError(
-                f"injected transient fault {seen + 1}/{f['times']} in {step} of {party}"
-            )
+STEPS: dict[str, Step] = {}
 
 
-def _retrying(fn, label: str, attempts: int | None = None, backoff: float = 0.5):
-    """Call fn(); retry transient errors with exponential backoff."""
-    attempts = attempts or int(os.environ.get(RETRIES_ENV, "3"))
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except (TransientError, ConnectionError, TimeoutError) as err:
-            if attempt == attempts:
-                raise
-            delay = backoff * 2 ** (attempt - 1)
-            print(f"{label}: attempt {attempt}/{attempts} failed ({err}); retrying in {delay:.1f}s")
-            time.sleep(delay)
+def step(
+    output: Literal["json", "list", "text"] = "json", launchable: bool = False,
+    tracking: bool = False, form_of: str = "",
+) -> Callable:  # fmt: skip
+    """Register a recipe under its function's name."""
+
+    def register(fn: Callable) -> Callable:
+        STEPS[fn.__name__] = Step(fn.__name__, fn, output, launchable, tracking, form_of)
+        return fn
+
+    return register
+
+
+# ----------------------------------------------------------------------------------------
+# small helpers shared by the recipes
+# ----------------------------------------------------------------------------------------
+def _loads(text: str | dict) -> dict:
+    return text if isinstance(text, dict) else json.loads(text)
 
 
 def _dropped(manifest: str | dict) -> bool:
     return bool(manifest) and bool(_loads(manifest).get("dropped"))
 
 
-def _client_step(cfg: ExperimentConfig, round_index: int, label: str, client: str, fn) -> dict:
-    """Run a client-side step with retries; if it still fails and the round can spare
-    the client (more sampled than min_clients), the client drops out of the round."""
-    try:
-        return _retrying(fn, label)
-    except Exception as err:
-        sampled = len(sample_clients_ids(cfg, round_index))
-        if sampled - 1 < cfg.sampling.min_clients:
-            raise
-        reason = f"{label}: {type(err).__name__}: {err}"
-        print(f"client {client} drops out of round {round_index}: {reason}")
-        return {"party": client, "dropped": client, "reason": reason}
+def _is_client(cfg: ExperimentConfig, party: str) -> bool:
+    return party != cfg.server.id
 
 
-def federation_id(cfg: ExperimentConfig) -> str:
-    return f"{cfg.name}-{cfg.digest()[:12]}"
+def _model_for(models_json: str, state: dict, party: str) -> str:
+    if models_json:
+        models = _loads(models_json).get("models", {})
+        if party in models:
+            return models[party]
+    return state["models"][party]
 
 
-def _loads(text: str | dict) -> dict:
-    return text if isinstance(text, dict) else json.loads(text)
-
-
-def _ref(store: Store, digest: str) -> dict[str, str]:
-    return {"digest": digest, "uri": store.object_uri(digest)}
-
-
-@contextlib.contextmanager
-def step_record(
-    cfg: ExperimentConfig, store: Store, round_index: int, step: str, party: str
-) -> Iterator[dict[str, Any]]:
-    """Collect a step's lineage (inputs, outputs, params, metrics) and write it to the
-    store's ledger, also when the step fails, so that lineage shows what happened."""
-    rec: dict[str, Any] = {
-        "federation": federation_id(cfg),
-        "round": round_index,
-        "step": step,
-        "party": party,
-        "inputs": {},
-        "outputs": {},
-        "params": {},
-        "metrics": {},
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started": time.time(),
-    }
-    name = f"{rec['federation']}/round-{round_index:04d}/{step}.{party}.json"
-    try:
-        maybe_inject_fault(store, rec["federation"], step, party, round_index)
-        yield rec
-        rec["status"] = "succeeded"
-    except BaseException as err:
-        rec["status"] = "failed"
-        rec["error"] = f"{type(err).__name__}: {err}"
-        raise
-    finally:
-        rec["duration_s"] = round(time.time() - rec["started"], 3)
-        rank, world = rank_world()
-        if world > 1:
-            rec["params"]["world_size"] = world
-        if rank == 0:  # under the launcher, one record per step
-            store.put_record(name, rec)
-
-
-def _load_tokenizer(store: Store, digest: str):
-    from flminillm.tokenizer import load_tokenizer
-
-    return load_tokenizer(str(store.scoped(PUBLIC).get_dir(digest)))
-
-
-def _load_model(store: Store, party: str, digest: str):
-    """A party's model: it lives under that party's prefix of the store."""
-    from flminillm.models import load_model
-
-    return load_model(store.scoped(party).get_dir(digest))
-
-
-def _save_model(store: Store, party: str, model) -> str:
-    from flminillm.models import save_model
-
-    with tempfile.TemporaryDirectory(prefix="flminillm-model-") as tmp:
-        save_model(model, tmp)
-        return store.scoped(party).put_dir(tmp)
-
-
-def _examples(store: Store, scope: str, digest: str):
-    from flminillm.data import Example
-
-    return [Example.from_dict(d) for d in store.scoped(scope).get_json(digest)]
-
-
-def _seed(cfg: ExperimentConfig, *parts: object) -> int:
-    from flminillm.training import derive_seed
-
-    return derive_seed(cfg.seed, *parts)
+def _as_client(cfg: ExperimentConfig, round_index: int, label: str, client: str, fn) -> dict:
+    """A client's step: retried, and dropped out of the round if it still fails and the
+    round can spare it (more clients sampled than sampling.min_clients)."""
+    sampled = len(sample_clients_ids(cfg, round_index))
+    return client_step(fn, label, client, round_index, sampled, cfg.sampling.min_clients)
 
 
 # ----------------------------------------------------------------------------------------
 # set-up: data, tokenizer, base models
 # ----------------------------------------------------------------------------------------
-@forwarded
-def prepare(config_json: str) -> dict:
+@step()
+def prepare(cfg: Config) -> dict:
     """Generate the benchmark and the pre-training corpus; train (or load) the tokenizer."""
     from flminillm.data import build_benchmark, format_prompt, pretraining_corpus
 
-    cfg, store = _ctx(config_json)
+    store = open_store_for(cfg)
     public = store.scoped(PUBLIC)
     with step_record(cfg, store, 0, "prepare", "all") as rec:
         fbc = cfg.families_by_client()
@@ -236,37 +131,31 @@ def prepare(config_json: str) -> dict:
         )  # fmt: skip
         corpus = pretraining_corpus(d.pretrain_docs, seed=cfg.seed)
         if cfg.tokenizer.name_or_path:
-            from flminillm.tokenizer import load_tokenizer
+            from flminillm.tokenizer import load_tokenizer as load_pretrained_tokenizer
 
-            tok = load_tokenizer(cfg.tokenizer.name_or_path)
+            tok = load_pretrained_tokenizer(cfg.tokenizer.name_or_path)
         else:
             from flminillm.tokenizer import train_tokenizer
 
             # public text only: the corpus and the public prompts, never private answers
             texts = corpus + [format_prompt(e.prompt) for e in bench.public_prompts]
             tok = train_tokenizer(texts, vocab_size=cfg.tokenizer.vocab_size)
-        with tempfile.TemporaryDirectory() as tmp:
-            tok.save_pretrained(tmp)
-            tok_digest = public.put_dir(tmp)
-
-        def put(scope: Store, examples) -> str:
-            return scope.put_json([e.to_dict() for e in examples])
-
+        tok_digest = save_tokenizer(store, tok)
         data = {
-            "public": put(public, bench.public_prompts),
+            "public": put_examples(public, bench.public_prompts),
             "pretrain": public.put_json(corpus),
-            "eval": {f: put(public, v) for f, v in bench.eval_sets.items()},
+            "eval": {f: put_examples(public, v) for f, v in bench.eval_sets.items()},
             "clients": {  # each client's private data under its own prefix
                 c: {
-                    "train": put(store.scoped(c), bench.client_train[c]),
-                    "test": put(store.scoped(c), bench.client_test[c]),
+                    "train": put_examples(store.scoped(c), bench.client_train[c]),
+                    "test": put_examples(store.scoped(c), bench.client_test[c]),
                 }
                 for c in fbc
             },
         }
         manifest = {
             "kind": "round_manifest",
-            "federation": federation_id(cfg),
+            "federation": cfg.federation_id(),
             "round": -1,
             "tokenizer": tok_digest,
             "vocab_size": len(tok),
@@ -276,13 +165,13 @@ def prepare(config_json: str) -> dict:
             "history": [],
         }
         rec["outputs"] = {
-            "tokenizer": _ref(public, tok_digest),
-            "public_prompts": _ref(public, data["public"]),
-            "pretrain_corpus": _ref(public, data["pretrain"]),
+            "tokenizer": ref(public, tok_digest),
+            "public_prompts": ref(public, data["public"]),
+            "pretrain_corpus": ref(public, data["pretrain"]),
         }
         for c, dd in data["clients"].items():
-            rec["outputs"][f"data.{c}.train"] = _ref(store.scoped(c), dd["train"])
-            rec["outputs"][f"data.{c}.test"] = _ref(store.scoped(c), dd["test"])
+            rec["outputs"][f"data.{c}.train"] = ref(store.scoped(c), dd["train"])
+            rec["outputs"][f"data.{c}.test"] = ref(store.scoped(c), dd["test"])
         rec["params"] = {"families_by_client": json.dumps(fbc), "vocab_size": len(tok)}
         rec["metrics"] = {"n_public": len(bench.public_prompts), "n_pretrain_docs": len(corpus)}
         rec["datasets"] = {
@@ -295,38 +184,45 @@ def prepare(config_json: str) -> dict:
     return manifest
 
 
-@forwarded
-def init_model(config_json: str, state_json: str, party_id: str) -> dict:
+@step(output="list")
+def list_parties(cfg: Config) -> list[str]:
+    """Every party id, server first (a runtime list for the pipeline's set-up loop)."""
+    return [p.id for p in cfg.parties]
+
+
+@step()
+def init_model(cfg: Config, state_json: str, party_id: str) -> dict:
     """Build a party's model from config and pre-train it on the public corpus (or load it)."""
-    from flminillm.models import build_model, count_parameters, load_model
+    from flminillm.models import build_model, count_parameters
+    from flminillm.models import load_model as load_pretrained_model
     from flminillm.training import encode_docs, train_lm
 
-    cfg, store = _ctx(config_json)
+    store = open_store_for(cfg)
     state = _loads(state_json)
     spec = cfg.party(party_id).model
     public = store.scoped(PUBLIC)
     with step_record(cfg, store, 0, "init_model", party_id) as rec:
-        tok = _load_tokenizer(store, state["tokenizer"])
-        rec["inputs"]["tokenizer"] = _ref(public, state["tokenizer"])
+        tok = load_tokenizer(store, state["tokenizer"])
+        rec["inputs"]["tokenizer"] = ref(public, state["tokenizer"])
         if spec.name_or_path:
-            model = load_model(spec.name_or_path)
+            model = load_pretrained_model(spec.name_or_path)
             stats: dict[str, float] = {}
         else:
             model = build_model(
-                spec, len(tok), tok.pad_token_id, tok.eos_token_id, _seed(cfg, "init", party_id)
+                spec, len(tok), tok.pad_token_id, tok.eos_token_id, seed(cfg, "init", party_id)
             )
             corpus = public.get_json(state["data"]["pretrain"])
             rows = encode_docs(tok, corpus, spec.max_positions)
             p = cfg.pretrain
             stats = train_lm(
                 model, rows, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
-                pad_id=tok.pad_token_id, seed=_seed(cfg, "pretrain", party_id),
+                pad_id=tok.pad_token_id, seed=seed(cfg, "pretrain", party_id),
                 warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
                 max_grad_norm=p.max_grad_norm, progress=f"pretrain {party_id}", engine=cfg.engine,
             )  # fmt: skip
-            rec["inputs"]["corpus"] = _ref(public, state["data"]["pretrain"])
-        digest = _save_model(store, party_id, model)
-        rec["outputs"]["model"] = _ref(store.scoped(party_id), digest)
+            rec["inputs"]["corpus"] = ref(public, state["data"]["pretrain"])
+        digest = save_model(store, party_id, model)
+        rec["outputs"]["model"] = ref(store.scoped(party_id), digest)
         rec["params"] = {"family": spec.family, "parameters": count_parameters(model)}
         rec["metrics"] = stats
     return {"models": {party_id: digest}}
@@ -338,67 +234,64 @@ def init_model(config_json: str, state_json: str, party_id: str) -> dict:
 def sample_clients_ids(cfg: ExperimentConfig, round_index: int) -> list[str]:
     ids = [c.id for c in cfg.clients]
     k = max(cfg.sampling.min_clients, math.ceil(cfg.sampling.fraction * len(ids)))
-    rng = random.Random(_seed(cfg, "sample_clients", cfg.sampling.seed, round_index))
+    rng = random.Random(seed(cfg, "sample_clients", cfg.sampling.seed, round_index))
     return sorted(rng.sample(ids, min(k, len(ids))), key=ids.index)
 
 
-@forwarded
-def sample_clients(config_json: str, round_index: int) -> list[str]:
+@step(output="list")
+def sample_clients(cfg: Config, round_index: int) -> list[str]:
     """The clients that take part in this round (seeded, so reruns pick the same ones)."""
-    cfg, store = _ctx(config_json)
+    store = open_store_for(cfg)
     with step_record(cfg, store, round_index, "sample_clients", SERVER_ROLE) as rec:
         chosen = sample_clients_ids(cfg, round_index)
         rec["outputs"]["clients"] = chosen
     return chosen
 
 
-@forwarded
-def local_sft(config_json: str, state_json: str, round_index: int, client_id: str) -> dict:
+@step(launchable=True)
+def local_sft(cfg: Config, state_json: str, round_index: int, client_id: str) -> dict:
     """Supervised fine-tuning on the client's private data (the MiniLLM starting point)."""
     from flminillm.training import encode_examples, train_lm
 
-    cfg, store = _ctx(config_json)
+    store = open_store_for(cfg)
     state = _loads(state_json)
-    if needs_launch(cfg.engine):  # several GPUs: the ranks run this step, rank 0 answers
-        args = [config_json, state_json, round_index, client_id]
-        return launch("local_sft", args, cfg.engine.gpus_per_step)
 
     def run() -> dict:
         with step_record(cfg, store, round_index, "local_sft", client_id) as rec:
-            tok = _load_tokenizer(store, state["tokenizer"])
-            model = _load_model(store, client_id, state["models"][client_id])
+            tok = load_tokenizer(store, state["tokenizer"])
+            model = load_model(store, client_id, state["models"][client_id])
             train_digest = state["data"]["clients"][client_id]["train"]
             s = cfg.local_sft
             rows = encode_examples(
-                tok, _examples(store, client_id, train_digest),
+                tok, load_examples(store, client_id, train_digest),
                 cfg.party(client_id).model.max_positions, s.prompt_loss,
             )  # fmt: skip
             steps = s.steps if round_index <= 1 else s.later_round_steps
             stats = train_lm(
                 model, rows, steps=steps, batch_size=s.batch_size, lr=s.lr,
-                pad_id=tok.pad_token_id, seed=_seed(cfg, "local_sft", round_index, client_id),
+                pad_id=tok.pad_token_id, seed=seed(cfg, "local_sft", round_index, client_id),
                 warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
                 max_grad_norm=s.max_grad_norm, progress=f"round {round_index} local_sft {client_id}",
                 engine=cfg.engine,
             )  # fmt: skip
-            digest = _save_model(store, client_id, model)
+            digest = save_model(store, client_id, model)
             mine = store.scoped(client_id)
             rec["inputs"] = {
-                "model": _ref(mine, state["models"][client_id]),
-                "data": _ref(mine, train_digest),
+                "model": ref(mine, state["models"][client_id]),
+                "data": ref(mine, train_digest),
             }
-            rec["outputs"]["model"] = _ref(mine, digest)
+            rec["outputs"]["model"] = ref(mine, digest)
             rec["params"] = {"steps": steps}
             rec["metrics"] = stats
         return {"party": client_id, "models": {client_id: digest}}
 
-    return _client_step(cfg, round_index, "local_sft", client_id, run)
+    return _as_client(cfg, round_index, "local_sft", client_id, run)
 
 
 def _round_prompts(cfg: ExperimentConfig, store: Store, state: dict, round_index: int, party: str):
     """This round's public prompts for a student: (own share, teacher share)."""
-    public = _examples(store, PUBLIC, state["data"]["public"])
-    rng = random.Random(_seed(cfg, "prompts", round_index, party))
+    public = load_examples(store, PUBLIC, state["data"]["public"])
+    rng = random.Random(seed(cfg, "prompts", round_index, party))
     n = min(cfg.generation.prompts_per_round, len(public))
     chosen = rng.sample(public, n)
     d = cfg.distill
@@ -406,21 +299,9 @@ def _round_prompts(cfg: ExperimentConfig, store: Store, state: dict, round_index
     return chosen[: n - n_teacher], chosen[n - n_teacher :]
 
 
-def _model_for(models_json: str, state: dict, party: str) -> str:
-    if models_json:
-        models = _loads(models_json).get("models", {})
-        if party in models:
-            return models[party]
-    return state["models"][party]
-
-
-def _is_client(cfg: ExperimentConfig, party: str) -> bool:
-    return party != cfg.server.id
-
-
-@forwarded
+@step()
 def generate(
-    config_json: str, state_json: str, round_index: int, party_id: str, models_json: str = ""
+    cfg: Config, state_json: str, round_index: int, party_id: str, models_json: str = ""
 ) -> dict:
     """The student samples responses to public prompts: the RolloutMessage for its teachers."""
     import torch
@@ -429,18 +310,18 @@ def generate(
     from flminillm.generation import encode_prompts, sample_batched
     from flminillm.messages import nbytes
 
-    cfg, store = _ctx(config_json)
+    store = open_store_for(cfg)
     state = _loads(state_json)
     g = cfg.generation
     earlier = _loads(models_json).get("dropped", {}) if models_json else {}
     if party_id in earlier:
-        return {"party": party_id, "dropped": party_id, "reason": earlier[party_id]}
+        return dropped_out(party_id, earlier[party_id])
 
     def run() -> dict:
         with step_record(cfg, store, round_index, "generate", party_id) as rec:
             model_digest = _model_for(models_json, state, party_id)
-            tok = _load_tokenizer(store, state["tokenizer"])
-            model = _load_model(store, party_id, model_digest)
+            tok = load_tokenizer(store, state["tokenizer"])
+            model = load_model(store, party_id, model_digest)
             own, ask = _round_prompts(cfg, store, state, round_index, party_id)
             max_prompt = cfg.party(party_id).model.max_positions - g.max_new_tokens
             pids, pmask = encode_prompts(
@@ -448,7 +329,7 @@ def generate(
             )
             if not own:  # alpha = 1: every prompt of the round goes to the teachers
                 pids, pmask = pids[:0], pmask[:0]
-            gen = torch.Generator().manual_seed(_seed(cfg, "generate", round_index, party_id))
+            gen = torch.Generator().manual_seed(seed(cfg, "generate", round_index, party_id))
             r = sample_batched(
                 model, pids, pmask, g.batch_size, max_new_tokens=g.max_new_tokens,
                 eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, top_k=g.top_k,
@@ -471,8 +352,8 @@ def generate(
             exchange = store.scoped(EXCHANGE)
             digest = exchange.put_tensors(msg)
             size = nbytes(msg)
-            rec["inputs"]["model"] = _ref(store.scoped(party_id), model_digest)
-            rec["outputs"]["rollouts"] = _ref(exchange, digest)
+            rec["inputs"]["model"] = ref(store.scoped(party_id), model_digest)
+            rec["outputs"]["rollouts"] = ref(exchange, digest)
             rec["metrics"] = {
                 "n_rollouts": float(len(own)),
                 "n_ask": float(len(ask)),
@@ -482,13 +363,13 @@ def generate(
         return {"party": party_id, "model": model_digest, "rollouts": digest, "bytes": size}
 
     if _is_client(cfg, party_id):
-        return _client_step(cfg, round_index, "generate", party_id, run)
-    return _retrying(run, f"generate {party_id}")
+        return _as_client(cfg, round_index, "generate", party_id, run)
+    return retrying(run, f"generate {party_id}")
 
 
-@forwarded
+@step()
 def teach(
-    config_json: str,
+    cfg: Config,
     state_json: str,
     round_index: int,
     teacher_id: str,
@@ -503,21 +384,21 @@ def teach(
     from flminillm.generation import prompt_logprob, sample_batched, score
     from flminillm.messages import nbytes, validate_rollouts
 
-    cfg, store = _ctx(config_json)
+    store = open_store_for(cfg)
     state = _loads(state_json)
     ro = _loads(rollouts_json)
     g = cfg.generation
     client = teacher_id if _is_client(cfg, teacher_id) else ro["party"]
     for upstream in (models_json, rollouts_json):
         if _dropped(upstream) and _loads(upstream)["dropped"] == client:
-            return {"party": client, "dropped": client, "reason": _loads(upstream)["reason"]}
+            return dropped_out(client, _loads(upstream)["reason"])
 
     def run() -> dict:
         label = f"{teacher_id}-to-{ro['party']}"
         with step_record(cfg, store, round_index, "teach", label) as rec:
             model_digest = _model_for(models_json, state, teacher_id)
-            tok = _load_tokenizer(store, state["tokenizer"])
-            model = _load_model(store, teacher_id, model_digest)
+            tok = load_tokenizer(store, state["tokenizer"])
+            model = load_model(store, teacher_id, model_digest)
             exchange = store.scoped(EXCHANGE)
             msg = exchange.get_tensors(ro["rollouts"])
             validate_rollouts(msg, vocab_size=state["vocab_size"])
@@ -529,7 +410,7 @@ def teach(
             k = msg["support_ids"].shape[-1] - 1
             if msg["ask_prompt_ids"].shape[0]:
                 gen = torch.Generator().manual_seed(
-                    _seed(cfg, "teach", round_index, teacher_id, ro["party"])
+                    seed(cfg, "teach", round_index, teacher_id, ro["party"])
                 )
                 own = sample_batched(
                     model, msg["ask_prompt_ids"].long(), msg["ask_prompt_mask"].long(),
@@ -560,17 +441,17 @@ def teach(
             if mode:  # benchmark fault injection: a faulty or malicious teacher
                 teaching = corrupt_teaching(
                     teaching, mode, state["vocab_size"],
-                    _seed(cfg, "adversary", round_index, teacher_id, ro["party"]),
+                    seed(cfg, "adversary", round_index, teacher_id, ro["party"]),
                 )  # fmt: skip
                 rec["params"]["adversary"] = mode
             digest = exchange.put_tensors(teaching)
             size = nbytes(teaching)
             mask = msg["response_mask"].float()
             rec["inputs"] = {
-                "model": _ref(store.scoped(teacher_id), model_digest),
-                "rollouts": _ref(exchange, ro["rollouts"]),
+                "model": ref(store.scoped(teacher_id), model_digest),
+                "rollouts": ref(exchange, ro["rollouts"]),
             }
-            rec["outputs"]["teaching"] = _ref(exchange, digest)
+            rec["outputs"]["teaching"] = ref(exchange, digest)
             rec["params"].update({"teacher": teacher_id, "student": ro["party"]})
             rec["metrics"] = {
                 "bytes_received": float(nbytes(msg)),
@@ -585,12 +466,12 @@ def teach(
             "bytes": size,
         }
 
-    return _client_step(cfg, round_index, "teach", client, run)
+    return _as_client(cfg, round_index, "teach", client, run)
 
 
-@forwarded
+@step(launchable=True)
 def distill(
-    config_json: str,
+    cfg: Config,
     state_json: str,
     round_index: int,
     student_id: str,
@@ -600,16 +481,11 @@ def distill(
 ) -> dict:
     """The student's MiniLLM step: aggregate its teachers, then PPO reverse-KL updates
     (plus SeqKD on the selected teacher rollouts and the LM loss on its own data)."""
-    from flminillm.distill_step import run_distill
-
-    cfg, store = _ctx(config_json)
+    store = open_store_for(cfg)
     state = _loads(state_json)
     ro = _loads(rollouts_json)
-    if needs_launch(cfg.engine):  # several GPUs: the ranks run this step, rank 0 answers
-        args = [config_json, state_json, round_index, student_id, models_json, rollouts_json]
-        return launch("distill", [*args, list(teachings)], cfg.engine.gpus_per_step)
     if _dropped(ro):
-        return {"party": student_id, "dropped": student_id, "reason": ro["reason"]}
+        return dropped_out(student_id, ro["reason"])
     if ro["party"] != student_id:
         raise ValueError(f"rollouts belong to {ro['party']!r}, not to the student {student_id!r}")
     parsed = [_loads(t) for t in teachings if t]
@@ -617,7 +493,7 @@ def distill(
     dropped = {t["dropped"]: t["reason"] for t in parsed if t.get("dropped")}
     if _is_client(cfg, student_id):
         if dropped:
-            return {"party": student_id, "dropped": student_id, "reason": dropped[student_id]}
+            return dropped_out(student_id, dropped[student_id])
     elif len(live) < cfg.sampling.min_clients:
         lines = "; ".join(f"{c}: {r}" for c, r in dropped.items())
         with step_record(cfg, store, round_index, "distill", student_id) as rec:
@@ -631,17 +507,17 @@ def distill(
     def run() -> dict:
         with step_record(cfg, store, round_index, "distill", student_id) as rec:
             model_digest = _model_for(models_json, state, student_id)
-            new_digest, metrics = run_distill(
-                cfg, store, state, round_index, student_id, model_digest, ro, live
+            new_digest, metrics = _distill(
+                cfg, store, state, round_index, student_id, model_digest, ro["rollouts"], live
             )
             exchange = store.scoped(EXCHANGE)
             mine = store.scoped(student_id)
             rec["inputs"] = {
-                "model": _ref(mine, model_digest),
-                "rollouts": _ref(exchange, ro["rollouts"]),
-                **{f"teaching.{t['teacher']}": _ref(exchange, t["teaching"]) for t in live},
+                "model": ref(mine, model_digest),
+                "rollouts": ref(exchange, ro["rollouts"]),
+                **{f"teaching.{t['teacher']}": ref(exchange, t["teaching"]) for t in live},
             }
-            rec["outputs"]["model"] = _ref(mine, new_digest)
+            rec["outputs"]["model"] = ref(mine, new_digest)
             rec["params"] = {
                 "teachers": ",".join(t["teacher"] for t in live),
                 "dropped": ",".join(dropped),
@@ -657,27 +533,97 @@ def distill(
         }
 
     if _is_client(cfg, student_id):
-        return _client_step(cfg, round_index, "distill", student_id, run)
-    return _retrying(run, f"distill {student_id}")
+        return _as_client(cfg, round_index, "distill", student_id, run)
+    return retrying(run, f"distill {student_id}")
 
 
-@forwarded
-def evaluate(
-    config_json: str,
+def _distill(
+    cfg: Config, store: Store, state: dict, round_index: int, student_id: str,
+    model_digest: str, rollouts_digest: str, teachings_manifests: list[dict],
+) -> tuple[str, dict[str, float]]:  # fmt: skip
+    """The distill step's work: the student's rollouts and its teachers' messages in, its
+    updated model and the update's statistics out."""
+    import torch
+
+    from flminillm.aggregate import assemble_batch
+    from flminillm.engine import make_engine
+    from flminillm.messages import validate_rollouts, validate_teaching
+    from flminillm.ranks import rank_world
+    from flminillm.training import batches, encode_examples
+    from flminillm.update import as_floats, behaviour_logprobs, distill_epochs
+
+    d = cfg.distill
+    vocab = state["vocab_size"]
+    exchange = store.scoped(EXCHANGE)
+    rollouts = exchange.get_tensors(rollouts_digest)
+    validate_rollouts(rollouts, vocab)
+    teachings = []
+    for t in teachings_manifests:
+        msg = exchange.get_tensors(t["teaching"])
+        validate_teaching(msg, rollouts, vocab)
+        teachings.append(msg)
+    weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
+    batch = assemble_batch(rollouts, teachings, weights, d)
+
+    tok = load_tokenizer(store, state["tokenizer"])
+    model = load_model(store, student_id, model_digest)
+    torch.manual_seed(seed(cfg, "distill", round_index, student_id))
+    behaviour = behaviour_logprobs(model, batch, cfg.generation.batch_size)  # q_old, before updates
+
+    lm_batches = None
+    if student_id in state["data"]["clients"] and d.lm_coef > 0:
+        own = load_examples(store, student_id, state["data"]["clients"][student_id]["train"])
+        rows = encode_examples(
+            tok, own, cfg.party(student_id).model.max_positions, cfg.local_sft.prompt_loss
+        )
+        if rows:
+            lm_seed = seed(cfg, "lm", round_index, student_id)
+            lm_batches = batches(rows, d.batch_size, tok.pad_token_id, lm_seed)
+
+    engine = make_engine(model, d.lr, 0.0, d.max_grad_norm, cfg.engine)
+    model.train()
+    rank, world = rank_world()
+    stats = distill_epochs(
+        engine, batch, behaviour, d, seqkd=d.seqkd_coef > 0 and round_index <= d.seqkd_rounds,
+        order_seed=seed(cfg, "distill-order", round_index, student_id), lm_batches=lm_batches,
+        rank=rank, world=world,
+    )  # fmt: skip
+    model.eval()
+    metrics = as_floats(stats)
+    metrics["n_student_rollouts"] = float(int((~batch["from_teacher"]).sum()))
+    metrics["n_teacher_rollouts"] = float(int(batch["from_teacher"].sum()))
+    metrics["bytes_received"] = float(sum(t["bytes"] for t in teachings_manifests))
+    return save_model(store, student_id, engine.hf_model), metrics
+
+
+@step(launchable=True, form_of="distill")
+def distill_one(
+    cfg: Config,
     state_json: str,
     round_index: int,
-    update: str = "",
-    updates: list[str] | None = None,
+    student_id: str,
+    models_json: str,
+    rollouts_json: str,
+    teaching: str,
+) -> dict:
+    """`distill` with a single teacher (a pipeline cannot make a list of one task output)."""
+    return distill(cfg, state_json, round_index, student_id, models_json, rollouts_json,
+                   [teaching])  # fmt: skip
+
+
+@step()
+def evaluate(
+    cfg: Config, state_json: str, round_index: int, update: str, updates: list[str]
 ) -> dict:
     """Score every party on every family's held-out set and write the round manifest."""
     from flminillm.evaluation import evaluate_model
 
-    cfg, store = _ctx(config_json)
+    store = open_store_for(cfg)
     prev = _loads(state_json)
     state = json.loads(json.dumps(prev))
     state["models"] = dict(prev["models"])
     dropped: dict[str, str] = {}
-    for u in [_loads(x) for x in ([update] if update else []) + list(updates or [])]:
+    for u in [_loads(x) for x in ([update] if update else []) + list(updates)]:
         if u.get("dropped") and isinstance(u["dropped"], str):
             dropped.setdefault(u["dropped"], u["reason"])  # keeps its previous model
             continue
@@ -685,18 +631,18 @@ def evaluate(
             dropped.setdefault(client, reason)
         state["models"].update(u["models"])
     with step_record(cfg, store, round_index, "evaluate", "all") as rec:
-        tok = _load_tokenizer(store, state["tokenizer"])
-        eval_sets = {f: _examples(store, PUBLIC, d) for f, d in state["data"]["eval"].items()}
+        tok = load_tokenizer(store, state["tokenizer"])
+        eval_sets = {f: load_examples(store, PUBLIC, d) for f, d in state["data"]["eval"].items()}
         results = {}
         for party in [p.id for p in cfg.parties]:
             if party not in state["models"]:
                 raise RuntimeError(f"round {round_index}: no model for party {party!r}")
-            model = _load_model(store, party, state["models"][party])
+            model = load_model(store, party, state["models"][party])
             results[party] = evaluate_model(
                 model, tok, eval_sets, batch_size=cfg.generation.batch_size,
                 max_new_tokens=cfg.generation.eval_max_new_tokens,
             )  # fmt: skip
-            rec["inputs"][f"model.{party}"] = _ref(store.scoped(party), state["models"][party])
+            rec["inputs"][f"model.{party}"] = ref(store.scoped(party), state["models"][party])
             for fam, m in results[party].items():
                 for k, v in m.items():
                     rec["metrics"][f"{party}.{fam}.{k}"] = v
@@ -707,24 +653,19 @@ def evaluate(
             state["history"] = prev.get("history", []) + [prev["manifest"]]
         state.pop("manifest", None)
         state["manifest"] = store.put_json(state)
-        rec["outputs"]["round_manifest"] = _ref(store, state["manifest"])
+        rec["outputs"]["round_manifest"] = ref(store, state["manifest"])
         rec["params"] = {"dropped": json.dumps(dropped)}
     return state
 
 
-@forwarded
-def track(
-    config_json: str,
-    state_json: str,
-    run_label: str = "",
-    run_started: float = 0.0,
-    run_tags: str = "{}",
-) -> str:
+@step(output="text", tracking=True)
+def track(cfg: Config, state_json: str, run_label: str, run_started: float, run_tags: str) -> str:
     """Log the federation's lineage (ledger + round manifests) to MLflow; returns the run id.
     Runs last; `state_json` (the final manifest) only orders it after the rounds."""
+    import os
+
     from flminillm.tracking import log_federation
 
-    cfg, store = _ctx(config_json)
     if not cfg.tracking.enabled:
         return ""
     if os.environ.get("KFP_POD_NAME") and os.environ.get("MLFLOW_TRACKING_URI"):
@@ -732,6 +673,6 @@ def track(
         uri = os.environ["MLFLOW_TRACKING_URI"]
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
     return log_federation(
-        cfg, store, run_label=run_label, run_started=run_started,
+        cfg, open_store_for(cfg), run_label=run_label, run_started=run_started,
         extra_tags=json.loads(run_tags or "{}"),
     )  # fmt: skip

@@ -6,20 +6,22 @@ step, and most of the gap between a round under the local runner and the same st
 in one process (docs/performance.md). The local runner therefore starts one *step server*
 per run: a single-threaded process that imports those modules once, then forks a child for
 every step call it receives. Each KFP task is still its own process, started by kfp.local
-with its own inputs, outputs, logs and exit status; its step function (wrapped by
-`forwarded` in flminillm.steps) sends the call over a Unix socket, with the task's
+with its own inputs, outputs, logs and exit status; its component (flminillm.invoke.call)
+sends the call over a Unix socket, with the task's
 environment, working directory and stdout/stderr file descriptors, and the forked child runs
 the step with them and sends back the result or the error. The results are those of a task
 that ran the step itself (tests/test_stepserver.py checks digests against direct calls).
 
-On a cluster nothing changes: no server runs, FLMINILLM_STEP_SERVER is unset, and every step
-runs in its task's own process. `runner.warm_steps: false` turns the server off locally.
+This module is only the server and its client: what a call means (which recipe, which
+config) is the handler's business, given by the invocation layer (flminillm.invoke, whose
+`python -m flminillm.invoke serve` is the server process). On a cluster nothing changes: no
+server runs, FLMINILLM_STEP_SERVER is unset, and every step runs in its task's own process.
+`runner.warm_steps: false` turns the server off locally.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import signal
@@ -29,8 +31,9 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 ENV = "FLMINILLM_STEP_SERVER"
 _HEADER = struct.Struct("!Q")
@@ -41,32 +44,12 @@ class RemoteStepError(RuntimeError):
     """A step that failed in the step server's child: the child's error and traceback."""
 
 
-def _preload() -> None:
-    """What every step imports: done once here, inherited by every forked child."""
+def _preload(modules: Sequence[str]) -> None:
+    """What every call imports: done once here, inherited by every forked child."""
     import importlib
 
-    for name in (
-        "torch",
-        "transformers",
-        "transformers.models.auto.tokenization_auto",
-        "transformers.tokenization_utils_tokenizers",
-        "transformers.integrations.accelerate",  # imports deepspeed, which imports mlflow
-        "deepspeed",
-        "mlflow",
-        "flminillm.data",
-        "flminillm.distill",
-        "flminillm.distill_step",
-        "flminillm.engine",
-        "flminillm.evaluation",
-        "flminillm.generation",
-        "flminillm.models",
-        "flminillm.steps",
-        "flminillm.store",
-        "flminillm.tokenizer",
-        "flminillm.training",
-    ):
+    for name in modules:
         importlib.import_module(name)
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM  # noqa: F401
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
@@ -105,8 +88,8 @@ def _recv(conn: socket.socket, want_fds: int = 0) -> tuple[dict, list[int]]:
 # ----------------------------------------------------------------------------------------
 # the server
 # ----------------------------------------------------------------------------------------
-def _run_call(conn: socket.socket) -> None:
-    """In the forked child: take the task's environment and output, run the step, reply."""
+def _run_call(conn: socket.socket, handler: Callable[[dict], Any]) -> None:
+    """In the forked child: take the task's environment and output, run the call, reply."""
     request, fds = _recv(conn, want_fds=2)
     env = dict(request["env"])
     env.pop(ENV, None)  # the child runs the step itself
@@ -118,12 +101,8 @@ def _run_call(conn: socket.socket) -> None:
     for fd, target in zip(fds, (1, 2), strict=True):
         os.dup2(fd, target)
         os.close(fd)
-    from flminillm import steps
-
-    fn = getattr(steps, request["fn"])
-    fn = getattr(fn, "__wrapped__", fn)
     try:
-        reply = {"ok": True, "result": fn(*request["args"], **request["kwargs"])}
+        reply = {"ok": True, "result": handler(request["payload"])}
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the task
         traceback.print_exc()
         reply = {
@@ -136,9 +115,12 @@ def _run_call(conn: socket.socket) -> None:
     _send(conn, reply)
 
 
-def serve(path: str, parent: int | None = None) -> None:
-    """Listen on the Unix socket `path`; fork a child per call. Exits when `parent` dies."""
-    _preload()
+def serve(
+    path: str, parent: int | None, handler: Callable[[dict], Any], preload: Sequence[str] = ()
+) -> None:
+    """Listen on the Unix socket `path`; fork a child per call, which runs
+    `handler(payload)`. Imports `preload` first. Exits when `parent` dies."""
+    _preload(preload)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
@@ -159,7 +141,7 @@ def serve(path: str, parent: int | None = None) -> None:
             try:
                 sock.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # steps may wait on subprocesses
-                _run_call(conn)
+                _run_call(conn, handler)
             except BaseException:  # noqa: BLE001
                 traceback.print_exc()
                 code = 1
@@ -169,16 +151,17 @@ def serve(path: str, parent: int | None = None) -> None:
 
 
 @contextlib.contextmanager
-def step_server(enabled: bool = True) -> Iterator[str | None]:
-    """Start a step server for the duration of a local run and point FLMINILLM_STEP_SERVER
-    at it (restored afterwards); yields its socket path, or None when disabled."""
+def step_server(enabled: bool = True, module: str = "flminillm.invoke") -> Iterator[str | None]:
+    """Start a step server (`python -m <module> serve PATH PARENT`) for the duration of a
+    local run and point FLMINILLM_STEP_SERVER at it (restored afterwards); yields its socket
+    path, or None when disabled."""
     if not enabled or os.environ.get(ENV):
         yield os.environ.get(ENV) if enabled else None
         return
     tmp = tempfile.mkdtemp(prefix="flminillm-steps-")
     path = str(Path(tmp) / "steps.sock")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flminillm.stepserver", path, str(os.getpid())],
+        [sys.executable, "-m", module, "serve", path, str(os.getpid())],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -212,46 +195,23 @@ def step_server(enabled: bool = True) -> Iterator[str | None]:
 # ----------------------------------------------------------------------------------------
 # the task side
 # ----------------------------------------------------------------------------------------
-def call(path: str, fn: str, args: tuple, kwargs: dict) -> object:
-    """Run steps.<fn>(*args, **kwargs) in a child of the step server at `path`."""
+def call(path: str, payload: dict) -> Any:
+    """Run the server's handler on `payload` in a fork of the step server at `path`, with
+    this process's environment, working directory, stdout and stderr."""
     sys.stdout.flush()
     sys.stderr.flush()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.connect(path)
-        request = {
-            "fn": fn,
-            "args": list(args),
-            "kwargs": kwargs,
-            "env": dict(os.environ),
-            "cwd": os.getcwd(),
-        }
+        request = {"payload": payload, "env": dict(os.environ), "cwd": os.getcwd()}
         _send(conn, request, fds=[1, 2])  # the task's own stdout and stderr
         try:
             reply, _ = _recv(conn)
         except ConnectionError as e:
-            raise RemoteStepError(f"{fn}: the step server's child died ({e})") from None
+            raise RemoteStepError(f"{_what(payload)}: the step server's child died ({e})") from None
     if not reply["ok"]:
-        raise RemoteStepError(f"{fn} failed in the step server: {reply['error']}")
+        raise RemoteStepError(f"{_what(payload)} failed in the step server: {reply['error']}")
     return reply["result"]
 
 
-def forwarded(fn: Callable) -> Callable:
-    """Decorate a step: with FLMINILLM_STEP_SERVER set, run it in a warm forked child."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        path = os.environ.get(ENV)
-        if not path:
-            return fn(*args, **kwargs)
-        try:
-            return call(path, fn.__name__, args, kwargs)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            print(f"step server at {path} unreachable ({e}); running {fn.__name__} here",
-                  file=sys.stderr)  # fmt: skip
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
+def _what(payload: dict) -> str:
+    return str(payload.get("step", "call"))

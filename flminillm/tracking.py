@@ -15,7 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from flminillm.config import ExperimentConfig
+from flminillm.config import Config
+from flminillm.ledger import bytes_by_party, ledger, round_manifest
 from flminillm.store import Store
 
 FEDERATION_TAG = "flminillm.federation"
@@ -29,7 +30,7 @@ def _flatten(prefix: str, obj: Any, out: dict[str, str]) -> None:
         out[prefix] = json.dumps(obj) if isinstance(obj, list) else str(obj)
 
 
-def _experiment_id(client, cfg: ExperimentConfig) -> str:
+def _experiment_id(client, cfg: Config) -> str:
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
         return exp.experiment_id
@@ -45,44 +46,6 @@ def round_chain(store: Store, final_state: dict) -> list[dict]:
     return [store.get_json(d) for d in final_state.get("history", [])] + [final_state]
 
 
-def ledger(store: Store, fed: str) -> dict[int, list[dict]]:
-    """The federation's step records, by round (from the store's ledger)."""
-    rounds: dict[int, list[dict]] = {}
-    for rec in store.list_records(f"{fed}/round-"):
-        if rec.get("federation") == fed and "step" in rec:
-            rounds.setdefault(int(rec["round"]), []).append(rec)
-    return rounds
-
-
-def round_manifest(store: Store, records: list[dict]) -> dict | None:
-    """The manifest an evaluate step wrote for its round, if it succeeded."""
-    for rec in records:
-        if rec["step"] == "evaluate" and rec.get("status") == "succeeded":
-            digest = rec["outputs"]["round_manifest"]["digest"]
-            return {**store.get_json(digest), "manifest": digest}
-    return None
-
-
-def bytes_by_party(records: list[dict]) -> dict[str, dict[str, float]]:
-    """Bytes each party sent and received in a round, from the step records."""
-    out: dict[str, dict[str, float]] = {}
-
-    def add(party: str, key: str, value: float) -> None:
-        out.setdefault(party, {"bytes_sent": 0.0, "bytes_received": 0.0})[key] += value
-
-    # every teach step is one exchange: the student's rollouts to the teacher (the server's
-    # rollouts go to each of its teachers) and the teaching message back
-    for r in records:
-        m = r.get("metrics", {})
-        if r["step"] == "teach" and "bytes_sent" in m:
-            teacher, student = r["params"]["teacher"], r["params"]["student"]
-            add(teacher, "bytes_sent", m["bytes_sent"])
-            add(teacher, "bytes_received", m["bytes_received"])
-            add(student, "bytes_sent", m["bytes_received"])
-            add(student, "bytes_received", m["bytes_sent"])
-    return out
-
-
 def _metric_batch(metrics: dict[str, float], step: int = 0, ts: int | None = None):
     from mlflow.entities import Metric
 
@@ -94,14 +57,24 @@ def _metric_batch(metrics: dict[str, float], step: int = 0, ts: int | None = Non
     ]
 
 
+def log_chunked(client, run_id: str, metrics=(), params=(), tags=()) -> None:
+    """MLflow entities in batches under its limit of 1000 per call."""
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    for i in range(0, max(len(metrics), len(params), len(tags), 1), 900):
+        client.log_batch(
+            run_id, metrics=metrics[i : i + 900], params=params[i : i + 900],
+            tags=tags[i : i + 900],
+        )  # fmt: skip
+
+
 def _log(client, run_id: str, metrics=None, params=None, tags=None, step: int = 0) -> None:
     from mlflow.entities import Param, RunTag
 
-    m = _metric_batch(metrics or {}, step)
-    p = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
-    t = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
-    for i in range(0, max(len(m), len(p), len(t), 1), 900):
-        client.log_batch(run_id, metrics=m[i : i + 900], params=p[i : i + 900], tags=t[i : i + 900])
+    log_chunked(
+        client, run_id, _metric_batch(metrics or {}, step),
+        [Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
+        [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()],
+    )  # fmt: skip
 
 
 def _log_datasets(client, run_id: str, store: Store, records: list[dict]) -> None:
@@ -134,7 +107,7 @@ def _log_datasets(client, run_id: str, store: Store, records: list[dict]) -> Non
 
 
 def log_federation(
-    cfg: ExperimentConfig,
+    cfg: Config,
     store: Store,
     run_label: str = "",
     run_started: float = 0.0,
@@ -147,13 +120,12 @@ def log_federation(
     from mlflow.tracking import MlflowClient
 
     from flminillm.report import party_summary, results_table
-    from flminillm.steps import federation_id
 
     # an explicit client: mlflow.set_tracking_uri would also export MLFLOW_TRACKING_URI to
     # this process's environment and leak into later runs
     client = MlflowClient(cfg.tracking.uri)
     exp_id = _experiment_id(client, cfg)
-    fed = federation_id(cfg)
+    fed = cfg.federation_id()
     by_round = ledger(store, fed)
     if run_started and status != "FINISHED":
         # a failed run: only the rounds it reached (later records belong to older runs)
@@ -215,7 +187,7 @@ def log_federation(
                     round_metrics[f"{party}.{k}"] = v
         for party, b in bytes_by_party(records).items():
             for k, v in b.items():
-                round_metrics[f"{party}.{k}"] = v
+                round_metrics[f"{party}.bytes_{k}"] = v
         params = {"round": r}
         if manifest is not None:
             params["models"] = json.dumps(manifest["models"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -11,17 +10,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from flminillm.data import Example, format_prompt, format_target
-from flminillm.engine import make_engine, make_optimizer  # noqa: F401  (re-exported)
-from flminillm.launch import rank_world
+from flminillm.engine import make_engine
+from flminillm.ranks import rank_world
 
 if TYPE_CHECKING:
     from flminillm.config import EngineConfig
-
-
-def derive_seed(*parts: object) -> int:
-    """A 31-bit seed from any parts (master seed, step name, round, party)."""
-    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 def encode_examples(

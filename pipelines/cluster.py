@@ -1,9 +1,12 @@
 """Cluster settings of the compiled pipelines: what Kubeflow Pipelines on Kubernetes needs
 and the local runner ignores (caching, retries, resources, GPUs, node selection, secrets,
-the pipeline root). All of it comes from `cfg.cluster` (flminillm.config.ClusterConfig).
+the pipeline root, the deployment each task reads). All of it comes from the config's
+deployment (`cluster`, `store`, `tracking`; flminillm.config.DeploymentConfig).
 
 The pipelines stay wiring only: `pipelines.federation` calls a task hook on every task it
-creates with the step's name, and `cluster_task_hook` sets the step's options there.
+creates with the step's name, and `cluster_task_hook` sets the step's options there. The
+pipeline's parameter is the experiment alone, so changing a step's resources, retries or
+image, or compiling on another machine, keeps every task's cache key.
 """
 
 from __future__ import annotations
@@ -13,22 +16,11 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from components import build_components
-from flminillm.config import ClusterConfig, ExperimentConfig, RunnerConfig, StepResources
+from flminillm.config import ClusterConfig, Config, DeploymentConfig, StepResources
+from flminillm.invoke import DEPLOYMENT_ENV
+from flminillm.steps import STEPS
 from pipelines.federation import TaskHook, build_federation_pipeline, build_round_pipeline
 
-# every step name the pipelines pass to the task hook
-STEPS = (
-    "prepare",
-    "list_parties",
-    "init_model",
-    "sample_clients",
-    "local_sft",
-    "generate",
-    "teach",
-    "distill",
-    "evaluate",
-    "track",
-)
 # secret key -> environment variable. boto3 reads all three (AWS_ENDPOINT_URL points it at
 # MinIO or any S3-compatible store; for AWS S3 set it to the regional endpoint).
 S3_SECRET_ENV = {
@@ -42,8 +34,6 @@ MLFLOW_SECRET_ENV_OPTIONAL = {
     "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
 }
-# steps that talk to MLflow (the others only need the artifact store)
-MLFLOW_STEPS = frozenset({"track"})
 # the images' user (images/Dockerfile, images/Dockerfile.cuda)
 IMAGE_UID = 1000
 
@@ -53,11 +43,17 @@ def step_resources(cluster: ClusterConfig, step: str) -> StepResources:
     return cluster.resources.get(step, cluster.default_resources)
 
 
+def settings_names() -> list[str]:
+    """The step names that cluster settings (`cluster.resources`) accept."""
+    return list(dict.fromkeys(s.settings_name for s in STEPS.values()))
+
+
 def check_cluster_config(cluster: ClusterConfig) -> None:
     """Refuse settings that would compile to a pipeline that cannot run."""
-    unknown = sorted(set(cluster.resources) - set(STEPS))
+    known = settings_names()
+    unknown = sorted(set(cluster.resources) - set(known))
     if unknown:
-        raise ValueError(f"cluster.resources: unknown steps {unknown}; allowed: {', '.join(STEPS)}")
+        raise ValueError(f"cluster.resources: unknown steps {unknown}; allowed: {', '.join(known)}")
     allowed = {"key", "operator", "value", "effect"}
     for step, res in [("default_resources", cluster.default_resources), *cluster.resources.items()]:
         for t in res.tolerations:
@@ -73,16 +69,26 @@ def check_cluster_config(cluster: ClusterConfig) -> None:
         )
 
 
-def cluster_task_hook(cluster: ClusterConfig, caching: bool | None = None) -> TaskHook:
-    """A task hook setting `cluster`'s options on every task. `caching` overrides
-    `cluster.caching` (False: every step runs again)."""
+def task_deployment(dep: DeploymentConfig) -> str:
+    """The deployment a cluster task reads (FLMINILLM_DEPLOYMENT): where the store is and
+    how it tracks; the cluster section itself only shapes the compiled pipeline."""
+    return dep.deployment.model_copy(update={"cluster": ClusterConfig()}).deployment_json()
+
+
+def cluster_task_hook(dep: DeploymentConfig, caching: bool | None = None) -> TaskHook:
+    """A task hook setting the deployment's cluster options on every task, and the
+    deployment in its environment. `caching` overrides `cluster.caching` (False: every step
+    runs again)."""
+    cluster = dep.cluster
     enable_caching = cluster.caching if caching is None else caching
+    deployment = task_deployment(dep)
 
     def hook(task: dsl.PipelineTask, step: str) -> None:
-        if step not in STEPS:
-            raise ValueError(f"unknown step {step!r} (known: {', '.join(STEPS)})")
+        if step not in STEPS or STEPS[step].form_of:
+            raise ValueError(f"unknown step {step!r} (known: {', '.join(settings_names())})")
         res = step_resources(cluster, step)
         task.set_caching_options(enable_caching)
+        task.set_env_variable(DEPLOYMENT_ENV, deployment)  # not part of the cache key
         if cluster.retries:
             task.set_retry(
                 num_retries=cluster.retries,
@@ -101,7 +107,7 @@ def cluster_task_hook(cluster: ClusterConfig, caching: bool | None = None) -> Ta
         kubernetes.use_secret_as_env(
             task, secret_name=cluster.s3_secret, secret_key_to_env=S3_SECRET_ENV
         )
-        if step in MLFLOW_STEPS:
+        if STEPS[step].tracking:  # the other steps only need the artifact store
             kubernetes.use_secret_as_env(
                 task, secret_name=cluster.mlflow_secret, secret_key_to_env=MLFLOW_SECRET_ENV
             )
@@ -116,17 +122,7 @@ def cluster_task_hook(cluster: ClusterConfig, caching: bool | None = None) -> Ta
     return hook
 
 
-def pipeline_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The config the cluster pipeline carries (its `config_json`): deployment-only sections
-    (`cluster`, `runner`) are reset to their defaults, so that changing a step's resources or
-    retries, or compiling on another machine, keeps the steps' inputs, and so KFP's cache
-    keys, the same: a resubmitted run skips the steps that already succeeded."""
-    return cfg.model_copy(update={"cluster": ClusterConfig(), "runner": RunnerConfig()})
-
-
-def build_cluster_pipeline(
-    cfg: ExperimentConfig, round_only: bool = False, caching: bool | None = None
-):
+def build_cluster_pipeline(cfg: Config, round_only: bool = False, caching: bool | None = None):
     """The federation (or single-round) pipeline with `cfg.cluster`'s settings on every task
     and `cfg.cluster.pipeline_root` as its default pipeline root."""
     cluster = cfg.cluster
@@ -135,15 +131,15 @@ def build_cluster_pipeline(
     ops = build_components(cluster.image)
     build = build_round_pipeline if round_only else build_federation_pipeline
     return build(
-        pipeline_config(cfg),
+        cfg.experiment,
         ops,
-        task_hook=cluster_task_hook(cluster, caching),
+        task_hook=cluster_task_hook(cfg, caching),
         pipeline_root=cluster.pipeline_root,
     )
 
 
 def compile_pipeline(
-    cfg: ExperimentConfig,
+    cfg: Config,
     package_path: str | Path,
     round_only: bool = False,
     caching: bool | None = None,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flminillm.config import ExperimentConfig
-from pipelines.cluster import compile_pipeline, pipeline_config
+from flminillm.config import Config
+from pipelines.cluster import compile_pipeline
 
 _DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 
@@ -34,15 +34,14 @@ def run_url(host: str, run_id: str) -> str:
     return f"{host.rstrip('/')}/#/runs/details/{run_id}"
 
 
-def read_manifest(source: str, cfg: ExperimentConfig) -> dict:
+def read_manifest(source: str, cfg: Config) -> dict:
     """A round manifest from a JSON file, or from the artifact store when `source` is
     `sha256:<hex>` (the digest printed by `flminillm run` and logged to MLflow)."""
     m = _DIGEST.match(source.strip().lower())
     if m:
-        from flminillm import store
+        from flminillm.artifacts import open_store_for
 
-        opener = getattr(store, "open_store_from_config", None)
-        st = opener(cfg.store) if opener else store.open_store(cfg.store.uri)
+        st = open_store_for(cfg)
         try:
             manifest = st.get_json(m.group(1))
         except Exception as err:  # not found, corrupt, unreachable: say where we looked
@@ -93,7 +92,7 @@ def next_round(manifest: dict, round_index: int | None) -> int:
 
 
 def submit(
-    cfg: ExperimentConfig,
+    cfg: Config,
     host: str,
     run_name: str | None = None,
     caching: bool = True,
@@ -111,13 +110,13 @@ def submit(
 
         client_factory = kfp.Client
     cluster = cfg.cluster
-    config_json = pipeline_config(cfg).to_json()
+    experiment_json = cfg.experiment_json()
     started = time.time()
     if manifest is not None:
         r = next_round(manifest, round_index)
         name = run_name or f"{cfg.name}-round-{r}-{time.strftime('%Y%m%d-%H%M%S')}"
         arguments: dict[str, Any] = {
-            "config_json": config_json,
+            "experiment_json": experiment_json,
             # serialised as the evaluate step does: from the round_manifest.json that
             # `flminillm run` wrote, the same text, so cache keys match that run's
             "state_json": json.dumps(manifest),
@@ -126,7 +125,7 @@ def submit(
     else:
         name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         arguments = {
-            "config_json": config_json,
+            "experiment_json": experiment_json,
             "run_label": name,
             "run_started": started,
             # tags of the federation's MLflow run: where it ran

@@ -144,11 +144,12 @@ def test_compiled_federation_carries_the_cluster_settings(tiny_config, tmp_path)
             step == "track"
         )
         assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": "1000"}
-    # the config travels as the default parameter, without the deployment-only sections
-    default = spec["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"]
+    # the experiment travels as the default parameter; the deployment (store, tracking) in
+    # every task's environment, which is not part of a cache key
+    default = spec["root"]["inputDefinitions"]["parameters"]["experiment_json"]["defaultValue"]
     carried = json.loads(default)
     assert carried["name"] == "tiny"
-    assert carried["cluster"] == ClusterConfig().model_dump(mode="json")
+    assert not {"cluster", "store", "tracking", "runner", "output_dir"} & set(carried)
 
 
 def test_cache_keys_do_not_depend_on_deployment_settings(tiny_config, tmp_path):
@@ -158,7 +159,7 @@ def test_cache_keys_do_not_depend_on_deployment_settings(tiny_config, tmp_path):
     def config_default(cfg, sub):
         (tmp_path / sub).mkdir()
         spec, _, _ = compile_cli(cfg, tmp_path / sub)
-        return spec["root"]["inputDefinitions"]["parameters"]["config_json"]["defaultValue"]
+        return spec["root"]["inputDefinitions"]["parameters"]["experiment_json"]["defaultValue"]
 
     bigger = DEFAULT.model_copy(update={"memory_limit": "30G"})
     a = config_default(cluster_config(tiny_config), "a")

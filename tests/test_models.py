@@ -42,13 +42,14 @@ def test_same_seed_same_weights_and_heterogeneous_sizes():
 def test_init_model_loads_name_or_path_through_the_same_code(tiny_config, tmp_path):
     """A party whose model is given by path is loaded, not built, and keeps its weights."""
     from flminillm import steps
+    from flminillm.artifacts import PUBLIC
     from flminillm.store import open_store
     from flminillm.tokenizer import load_tokenizer
 
     cfg = tiny_config
-    prep = steps.prepare(cfg.to_json())
+    prep = steps.prepare(cfg)
     store = open_store(cfg.store.uri)
-    tok = load_tokenizer(str(store.scoped(steps.PUBLIC).get_dir(prep["tokenizer"])))
+    tok = load_tokenizer(str(store.scoped(PUBLIC).get_dir(prep["tokenizer"])))
     spec = ModelSpec(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, max_positions=64)
     saved = save_model(build_model(spec, len(tok), 0, 1, seed=11), tmp_path / "pretrained")
     clients = [
@@ -56,7 +57,7 @@ def test_init_model_loads_name_or_path_through_the_same_code(tiny_config, tmp_pa
         for c in cfg.clients
     ]
     cfg2 = cfg.model_copy(update={"clients": clients})
-    out = steps.init_model(cfg2.to_json(), json.dumps(prep), "bob")
+    out = steps.init_model(cfg2, json.dumps(prep), "bob")
     reloaded = load_model(store.scoped("bob").get_dir(out["models"]["bob"]))
     original = load_model(saved)
     for (n, p1), (_, p2) in zip(

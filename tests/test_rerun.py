@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from flminillm.cli import main
-from flminillm.steps import FAULTS_ENV, RETRIES_ENV, federation_id, parse_faults
+from flminillm.faults import FAULTS_ENV, RETRIES_ENV, parse_faults
+from flminillm.ledger import ledger
 from flminillm.store import open_store
-from flminillm.tracking import ledger
 
 
 def _config(tiny_config, tmp_path, name, **updates):
@@ -35,7 +35,7 @@ def _executions(cfg) -> dict[tuple, tuple]:
     store = open_store(cfg.store.uri)
     return {
         (r, rec["step"], rec["party"]): (rec["status"], rec["started"])
-        for r, recs in ledger(store, federation_id(cfg)).items()
+        for r, recs in ledger(store, cfg.federation_id()).items()
         for rec in recs
     }
 

@@ -6,9 +6,11 @@ import os
 
 import pytest
 
-from flminillm import steps
-from flminillm.stepserver import ENV, RemoteStepError, step_server
-from flminillm.tracking import ledger
+from flminillm import invoke
+from flminillm.artifacts import open_store_for
+from flminillm.faults import FAULTS_ENV
+from flminillm.ledger import ledger
+from flminillm.stepserver import ENV, RemoteStepError
 
 
 def _cfg(tiny_config, tmp_path, name):
@@ -18,24 +20,25 @@ def _cfg(tiny_config, tmp_path, name):
 
 
 def test_forwarded_steps_match_direct_calls(tiny_config, tmp_path, monkeypatch, capfd):
-    monkeypatch.setenv("FLMINILLM_TORCH_THREADS", "1")
-    direct_cfg = _cfg(tiny_config, tmp_path, "direct").to_json()
-    warm_cfg = _cfg(tiny_config, tmp_path, "warm").to_json()
-    direct = steps.prepare(direct_cfg)
-    direct_init = steps.init_model(direct_cfg, json.dumps(direct), "alice")
+    monkeypatch.setenv(invoke.THREADS_ENV, "1")
+    direct_cfg = _cfg(tiny_config, tmp_path, "direct")
+    warm_cfg = _cfg(tiny_config, tmp_path, "warm")
+    direct = invoke.call("prepare", direct_cfg)
+    direct_init = invoke.call("init_model", direct_cfg, state_json=json.dumps(direct),
+                              party_id="alice")  # fmt: skip
 
-    with step_server() as path:
+    with invoke.warm_steps() as path:
         assert path and os.environ[ENV] == path
-        warm = steps.prepare(warm_cfg)
-        warm_init = steps.init_model(warm_cfg, json.dumps(warm), "alice")
+        warm = invoke.call("prepare", warm_cfg)
+        warm_init = invoke.call("init_model", warm_cfg, state_json=json.dumps(warm),
+                                party_id="alice")  # fmt: skip
     assert ENV not in os.environ  # restored after the run
 
     # content-addressed outputs: the same digests from a fork of the server as from here
     assert warm["tokenizer"] == direct["tokenizer"] and warm["data"] == direct["data"]
     assert warm_init["models"] == direct_init["models"]
     # the steps ran in other processes (forks of the server), which wrote to our stderr
-    cfg = _cfg(tiny_config, tmp_path, "warm")
-    recs = [r for rs in ledger(steps.open_store_for(cfg), steps.federation_id(cfg)).values()
+    recs = [r for rs in ledger(open_store_for(warm_cfg), warm_cfg.federation_id()).values()
             for r in rs]  # fmt: skip
     assert {r["step"] for r in recs} == {"prepare", "init_model"}
     assert all(r["pid"] != os.getpid() and r["status"] == "succeeded" for r in recs)
@@ -45,26 +48,26 @@ def test_forwarded_steps_match_direct_calls(tiny_config, tmp_path, monkeypatch, 
 def test_task_environment_reaches_the_step_and_failures_reach_the_task(
     tiny_config, tmp_path, monkeypatch
 ):
-    cfg = _cfg(tiny_config, tmp_path, "store").to_json()
-    with step_server():
+    cfg = _cfg(tiny_config, tmp_path, "store")
+    with invoke.warm_steps():
         # the environment is the calling task's, read at call time (here: a fault drill)
-        monkeypatch.setenv(steps.FAULTS_ENV, "prepare:all:0")
+        monkeypatch.setenv(FAULTS_ENV, "prepare:all:0")
         with pytest.raises(RemoteStepError, match="InjectedFault: injected fault in prepare"):
-            steps.prepare(cfg)
-        monkeypatch.delenv(steps.FAULTS_ENV)
-        assert steps.prepare(cfg)["tokenizer"]  # the server still serves after a failure
+            invoke.call("prepare", cfg)
+        monkeypatch.delenv(FAULTS_ENV)
+        assert invoke.call("prepare", cfg)["tokenizer"]  # the server still serves after a failure
 
 
 def test_unreachable_server_runs_the_step_here(tiny_config, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv(ENV, str(tmp_path / "missing.sock"))
-    out = steps.prepare(_cfg(tiny_config, tmp_path, "store").to_json())
+    out = invoke.call("prepare", _cfg(tiny_config, tmp_path, "store"))
     assert out["tokenizer"]
     assert "unreachable" in capfd.readouterr().err
 
 
 def test_disabled_server_sets_nothing(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    with step_server(enabled=False) as path:
+    with invoke.warm_steps(enabled=False) as path:
         assert path is None and ENV not in os.environ
 
 

@@ -161,7 +161,7 @@ def test_submit_federation_creates_experiment_and_run(kfp_server, tiny_config, t
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert all(e["secretAsEnv"][0]["secretName"] == "flminillm-s3" for e in executors.values())
     params = run["runtime_config"]["parameters"]
-    assert json.loads(params["config_json"])["name"] == "tiny"
+    assert json.loads(params["experiment_json"])["name"] == "tiny"
     assert params["run_label"] == "first"
     assert json.loads(params["run_tags"])["kfp.experiment"] == "fl-test"
     # caching on by default, except the MLflow step that logs every run
@@ -197,7 +197,7 @@ def test_submit_one_round_from_a_manifest_file(kfp_server, tiny_config, tmp_path
     assert json.loads(params["state_json"]) == manifest
     assert params["state_json"] == json.dumps(manifest)  # as the evaluate step returns it
     assert params["round_index"] == 3
-    assert json.loads(params["config_json"])["name"] == "tiny"
+    assert json.loads(params["experiment_json"])["name"] == "tiny"
     assert run["display_name"].startswith("tiny-round-3-")
     rid = next(iter(fake.runs))
     assert f"{host}/#/runs/details/{rid}" in capsys.readouterr().out

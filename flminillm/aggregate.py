@@ -1,0 +1,237 @@
+"""Combining several teachers into one signal for the student, and the student's batch.
+
+Per student rollout, the teachers' log-probs on its support are combined (a posterior-
+weighted mixture by default, or median / trimmed mean); per teacher-share prompt, one
+teacher's answer is kept. The defences against a faulty or lying teacher (capped weights
+and capped answer selection) live here too. Shapes as in flminillm.distill, M teachers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from flminillm.generation import left_pad, right_pad
+
+if TYPE_CHECKING:
+    from flminillm.config import DistillConfig
+
+
+def aggregate_teachers(
+    teacher_logp: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    method: str = "mixture",
+    trim: float = 0.2,
+    log_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Combine M teachers' log-probs on the same support: [M, B, T, S] -> [B, T, S].
+
+    mixture: log sum_i w_i p_i with w = normalised `weights` [M], or, when `log_weights`
+    [M, B, T] is given, per-position weights w_i(b, t) = softmax_i(log_weights): with
+    log_weights = log pi_i + log p_i(x) + log p_i(y_<t | x) this is the exact next-token
+    conditional of the mixture LM sum_i pi_i p_i(x, y), so a teacher counts where it
+    knows the prompt. median: per-entry median of p_i; trimmed_mean: mean of p_i after
+    dropping the `trim` share at both ends. The robust options bound the influence of
+    one faulty or malicious teacher.
+    """
+    m = teacher_logp.shape[0]
+    if weights is None:
+        weights = torch.ones(m)
+    if method == "mixture":
+        if log_weights is None:
+            log_weights = (
+                torch.log(weights / weights.sum()).view(m, 1, 1).expand(teacher_logp.shape[:3])
+            )
+        logw = log_weights - torch.logsumexp(log_weights, dim=0, keepdim=True)
+        return torch.logsumexp(teacher_logp + logw[..., None], dim=0)
+    probs = teacher_logp.exp()
+    if method == "median":
+        srt = probs.sort(dim=0).values
+        agg = srt[m // 2] if m % 2 else srt[m // 2 - 1 : m // 2 + 1].mean(0)
+    elif method == "trimmed_mean":
+        cut = int(m * trim)
+        agg = probs.sort(dim=0).values[cut : m - cut].mean(0)
+    else:
+        raise ValueError(f"unknown aggregation {method!r}; use mixture, median or trimmed_mean")
+    return torch.log(agg.clamp(min=1e-30))
+
+
+def posterior_log_weights(
+    prior: torch.Tensor, prompt_logp: torch.Tensor, token_logp: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """log pi_i + log p_i(x) + log p_i(y_<t | x): [M], [M, B], [M, B, T], [B, T] -> [M, B, T]."""
+    prefix = torch.cumsum(token_logp * mask, dim=-1) - token_logp * mask  # exclusive cumsum
+    return torch.log(prior)[:, None, None] + prompt_logp[..., None] + prefix
+
+
+def cap_log_weights(
+    log_weights: torch.Tensor, mask: torch.Tensor, cap: float, iters: int = 40
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounded influence for the posterior mixture: lower a teacher's log-weights by a
+    constant delta_i until its mean weight over the scored positions is at most `cap`.
+
+    log_weights [M, B, T], mask [B, T] -> (capped log-weights, delta [M]). A teacher that
+    claims to know every prompt (log p(x) = 0) would otherwise take all the weight; capped,
+    it keeps at most `cap` of it, on the positions where its claim stands out least, and
+    the others keep their relative weights. Honest non-IID teachers (each sure of its own
+    domain) stay under the cap and are left as they are."""
+    m = log_weights.shape[0]
+    delta = torch.zeros(m)
+    if cap >= 1.0 or m < 2:
+        return log_weights, delta
+    w_mask = mask.float()
+    n = w_mask.sum().clamp(min=1.0)
+
+    def mean_weights(d: torch.Tensor) -> torch.Tensor:
+        w = torch.softmax(log_weights - d[:, None, None], dim=0)
+        return (w * w_mask).sum((1, 2)) / n
+
+    for _ in range(m):
+        share = mean_weights(delta)
+        i = int(share.argmax())
+        if float(share[i]) <= cap + 1e-4:
+            break
+        lo, hi = float(delta[i]), float(delta[i]) + 1e4
+        for _ in range(iters):  # mean weight is decreasing in delta_i: bisection
+            mid = (lo + hi) / 2
+            trial = delta.clone()
+            trial[i] = mid
+            if float(mean_weights(trial)[i]) > cap:
+                lo = mid
+            else:
+                hi = mid
+        delta[i] = hi
+    return log_weights - delta[:, None, None], delta
+
+
+def cap_selection(joint: torch.Tensor, cap: float) -> torch.Tensor:
+    """joint [M, A] selection scores -> the same, lowered per teacher by the least constant
+    that leaves it the best score on at most floor(cap * A) prompts. A teacher that claims
+    to be sure of everything keeps the prompts where the others are least sure; teachers
+    already under the cap are left as they are."""
+    m, a = joint.shape
+    if cap >= 1.0 or m < 2 or a == 0:
+        return joint
+    joint = joint.clone()
+    limit = int(cap * a)
+    for _ in range(m):
+        wins = torch.bincount(joint.argmax(0), minlength=m)
+        i = int(wins.argmax())
+        if int(wins[i]) <= limit:
+            break
+        others = torch.cat([joint[:i], joint[i + 1 :]]).max(0).values
+        margin = joint[i] - others  # teacher i is selected where margin > 0
+        keep = torch.sort(margin, descending=True).values
+        # lower it to the (limit+1)-th largest margin: it then wins (strictly) <= limit prompts
+        joint[i] = joint[i] - keep[limit].clamp(min=0) - 1e-6
+    return joint
+
+
+def select_teacher_rollouts(
+    teachings: list[dict[str, torch.Tensor]],
+    prior: torch.Tensor,
+    use_prompt: bool = True,
+    cap: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Per teacher-share prompt, keep the answer of the teacher with the highest joint
+    log-likelihood log pi_i + log p_i(x) + log p_i(y_i | x): the teacher that knows the
+    prompt's domain and is sure of its answer (the mixture's most likely component).
+    `cap` < 1: no teacher's answers are kept for more than that share of the prompts."""
+    width = max(t["own_response_ids"].shape[1] for t in teachings)
+    ids = torch.stack(
+        [right_pad(t["own_response_ids"].long(), width, 0) for t in teachings]
+    )  # [M,A,T]
+    mask = torch.stack([right_pad(t["own_response_mask"].long(), width, 0) for t in teachings])
+    sup = torch.stack([right_pad(t["own_support_ids"].long(), width, 0) for t in teachings])
+    logp = torch.stack([right_pad(t["own_logp"].float(), width, 0.0) for t in teachings])
+    joint = (logp[..., 0] * mask).sum(-1) + torch.log(prior)[:, None]  # [M, A]
+    if use_prompt:
+        joint = joint + torch.stack([t["own_prompt_logp"].float() for t in teachings])
+    best = cap_selection(joint, cap).argmax(0)  # [A]
+    idx = torch.arange(best.shape[0])
+    return {
+        "response_ids": ids[best, idx],
+        "response_mask": mask[best, idx],
+        "support_ids": sup[best, idx],
+        "teacher_logp": logp[best, idx],
+        "teacher_index": best,
+    }
+
+
+def assemble_batch(
+    rollouts: dict[str, torch.Tensor],
+    teachings: list[dict[str, torch.Tensor]],
+    weights: torch.Tensor,
+    d: DistillConfig,
+) -> dict[str, torch.Tensor]:
+    """The student's training batch: its rollouts scored by the aggregated teachers, then
+    the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
+    its aggregation, trim, posterior_weights and cap (capped_mixture: each teacher's mean
+    mixture weight, and its share of the selected answers, at most `cap`)."""
+    method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
+    cap = d.cap
+    stacked = torch.stack([t["scores"].float() for t in teachings])  # [M, N, T, S]
+    log_w = None
+    delta = torch.zeros(len(teachings))
+    if posterior and method in ("mixture", "capped_mixture"):
+        log_w = posterior_log_weights(
+            weights / weights.sum(),
+            torch.stack([t["prompt_logp"].float() for t in teachings]),
+            stacked[..., 0],
+            rollouts["response_mask"].float(),
+        )
+        if method == "capped_mixture":
+            log_w, delta = cap_log_weights(log_w, rollouts["response_mask"].float(), cap)
+    agg = "mixture" if method == "capped_mixture" else method
+    scores = aggregate_teachers(stacked, weights, agg, trim, log_weights=log_w)
+    n = rollouts["prompt_ids"].shape[0]
+    parts = [
+        {
+            "prompt_ids": rollouts["prompt_ids"].long(),
+            "prompt_mask": rollouts["prompt_mask"].long(),
+            "response_ids": rollouts["response_ids"].long(),
+            "response_mask": rollouts["response_mask"].long(),
+            "support_ids": rollouts["support_ids"].long(),
+            "teacher_logp": scores,
+            "from_teacher": torch.zeros(n, dtype=torch.bool),
+        }
+    ]
+    a = rollouts["ask_prompt_ids"].shape[0]
+    if a:
+        # a capped teacher's answers are selected with the same handicap, and (capped
+        # mixture) no teacher supplies more than `cap` of the answers, also when the student
+        # has no rollouts of its own to measure the mixture weights on (alpha = 1)
+        prior = weights / weights.sum() * torch.exp(-delta)
+        sel = select_teacher_rollouts(
+            teachings, prior, use_prompt=posterior,
+            cap=cap if method == "capped_mixture" else 1.0,
+        )  # fmt: skip
+        parts.append(
+            {
+                "prompt_ids": rollouts["ask_prompt_ids"].long(),
+                "prompt_mask": rollouts["ask_prompt_mask"].long(),
+                "response_ids": sel["response_ids"],
+                "response_mask": sel["response_mask"],
+                "support_ids": sel["support_ids"],
+                "teacher_logp": sel["teacher_logp"],
+                "from_teacher": torch.ones(a, dtype=torch.bool),
+            }
+        )
+    wp = max(p["prompt_ids"].shape[1] for p in parts)
+    wt = max(p["response_ids"].shape[1] for p in parts)
+    s = max(p["support_ids"].shape[2] for p in parts)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in parts[0]}
+    for p in parts:
+        out["prompt_ids"].append(left_pad(p["prompt_ids"], wp, 0))
+        out["prompt_mask"].append(left_pad(p["prompt_mask"], wp, 0))
+        out["response_ids"].append(right_pad(p["response_ids"], wt, 0))
+        out["response_mask"].append(right_pad(p["response_mask"], wt, 0))
+        # supports of different widths: pad with -1 (invalid, masked in the KL)
+        sup = F.pad(p["support_ids"], (0, s - p["support_ids"].shape[2]), value=-1)
+        out["support_ids"].append(right_pad(sup, wt, 0))
+        tl = F.pad(p["teacher_logp"], (0, s - p["teacher_logp"].shape[2]), value=-1e4)
+        out["teacher_logp"].append(right_pad(tl, wt, 0.0))
+        out["from_teacher"].append(p["from_teacher"])
+    return {k: torch.cat(v) for k, v in out.items()}

@@ -1,0 +1,227 @@
+"""`flminillm bench quality`: FL-MiniLLM against baselines, ablations and faults on one
+non-IID benchmark, over several seeds; writes docs/results.{md,json,png} and logs to MLflow.
+
+Every variant (flminillm.bench.variants) runs the same rounds on the same data (per seed)
+through the same steps as `flminillm run` (flminillm.steps), called in-process
+(flminillm.inprocess, or a baseline of flminillm.bench.baselines) so that one seed's
+pre-training and round-1 local fine-tuning are shared by all variants that use the same
+models. This module runs them (in worker processes, resumable) and summarises them; the
+report is flminillm.bench.quality_report.
+
+Held / unseen: a client's held families are the ones it was given in the federation's
+config (also for pooled and IID variants); the server holds none, so its "unseen" is all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flminillm.bench.baselines import RUNNERS
+from flminillm.bench.quality_report import log_to_mlflow, plot_results, summarise, write_markdown
+from flminillm.bench.variants import Variant, variant_config, variant_env, variants
+from flminillm.config import Config, load_config
+
+
+def run_variant(
+    base_json: str, v: Variant, seed: int, workdir: str, memo_entries: dict | None = None
+) -> dict:
+    """Run one (variant, seed); returns per-round evaluations, bytes and timing."""
+    from flminillm.artifacts import open_store_for
+    from flminillm.config import config_from_json
+    from flminillm.inprocess import Memo, run_federation
+
+    base = config_from_json(base_json)
+    cfg = variant_config(base, v, seed, Path(workdir))
+    memo = Memo(memo_entries)
+    env = variant_env(cfg, v)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    rounds: dict[int, dict] = {}
+
+    def on_round(r: int, st: dict, sent: dict) -> None:
+        rounds[r] = {"eval": st["eval"], "bytes": sent, "dropped": sorted(st.get("dropped", {}))}
+
+    t0 = time.perf_counter()
+    try:
+        runner: Callable = RUNNERS.get(v.kind, run_federation)
+        runner(cfg, memo, on_round)
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
+    result = {
+        "variant": v.name,
+        "seed": seed,
+        "seconds": time.perf_counter() - t0,
+        "families_by_client": cfg.families_by_client(),
+        "server": cfg.server.id,
+        "rounds": {str(k): x for k, x in sorted(rounds.items())},
+    }
+    # the run's result beside its ledger, so that `--resume` can reuse it
+    open_store_for(cfg).put_record(f"{cfg.federation_id()}/bench-result.json", result)
+    return {**result, "memo": memo.entries, "memo_hits": memo.hits}
+
+
+def finished_result(base: Config, v: Variant, seed: int, workdir: Path) -> dict | None:
+    """The result of (variant, seed) if a run of this very experiment finished in workdir's
+    store (its bench-result record, under the federation id: the experiment's digest), else
+    None."""
+    from flminillm.artifacts import open_store_for
+
+    cfg = variant_config(base, v, seed, workdir)
+    saved = open_store_for(cfg).list_records(f"{cfg.federation_id()}/bench-result.json")
+    return {**saved[0], "resumed": "bench-result record"} if saved else None
+
+
+# --------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_quality(
+    config: Path,
+    seeds: int = 3,
+    names: list[str] | None = None,
+    fault_seeds: int | None = None,
+    workdir: Path | None = None,
+    out_dir: Path = Path("docs"),
+    jobs: int = 0,
+    tracking_uri: str | None = None,
+    console=None,
+    command: str = "",
+    resume: bool = False,
+    report_only: bool = False,
+) -> dict[str, Any]:
+    """Run every variant for `seeds` seeds (faults for `fault_seeds`, default all) and write
+    results.json / results.md / results.png into out_dir. Returns the results dict."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flminillm.config import config_from_json  # noqa: F401  (workers import it)
+
+    base = load_config(config)
+    vs = variants(base, names)
+    fault_seeds = seeds if fault_seeds is None else fault_seeds
+    jobs = jobs or max(1, min(2, (os.cpu_count() or 1)))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    tmp = None
+    resume = resume or report_only
+    if resume and workdir is None:
+        raise ValueError("--resume needs --workdir: the directory of the run to resume")
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="flminillm-quality-")
+        workdir = Path(tmp.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    base_json = base.to_json()
+    t_start = time.perf_counter()
+    runs: dict[str, list[dict]] = {v.name: [] for v in vs}
+    failures: dict[str, list[dict]] = {}
+    resumed: list[str] = []
+    missing: list[str] = []
+    todo = [(v, s) for s in range(seeds) for v in vs if v.group != "fault" or s < fault_seeds]
+    first = next((v for v in vs if v.kind == "federated" and v.group == "method"), vs[0])
+    ctx = mp.get_context("spawn")
+    with Progress(
+        TextColumn("[bold]bench quality"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False,
+    ) as progress, cf.ProcessPoolExecutor(
+        jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+    ) as pool:  # fmt: skip
+        bar = progress.add_task("", total=len(todo))
+        to_run = []
+        for v, x in todo:  # --resume: runs that finished in an earlier invocation
+            done_before = finished_result(base, v, x, workdir) if resume else None
+            if done_before is None and report_only:
+                missing.append(f"{v.name}/seed {x}")
+            elif done_before is None:
+                to_run.append((v, x))
+            else:
+                runs[v.name].append(done_before)
+                resumed.append(f"{v.name}/seed {x}")
+                progress.advance(bar)
+        # every seed's lead run (it computes the set-up the others share: pre-training,
+        # round-1 local fine-tuning) is queued first; when one finishes, the rest of its
+        # seed is queued with its memo, so no worker waits for a lead
+        pending: dict = {}
+
+        def submit(v: Variant, x: int, memo: dict) -> None:
+            pending[pool.submit(run_variant, base_json, v, x, str(workdir), memo)] = (v, x)
+
+        lead_seeds = {x for v, x in to_run if v is first}
+        for v, x in to_run:
+            if v is first or x not in lead_seeds:  # a seed without a lead to wait for
+                submit(v, x, {})
+        while pending:
+            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                v, s = pending.pop(fut)
+                memo: dict = {}
+                try:
+                    res = fut.result()
+                    memo = res.pop("memo")
+                    runs[v.name].append(res)
+                    progress.update(bar, description=f"seed {s}: {v.name} done")
+                except Exception as err:  # one failed run must not lose the others
+                    failures.setdefault(v.name, []).append(
+                        {"seed": s, "error": f"{type(err).__name__}: {err}"}
+                    )
+                    progress.update(bar, description=f"seed {s}: {v.name} FAILED")
+                progress.advance(bar)
+                if v is first and s in lead_seeds:
+                    for w, x in to_run:
+                        if x == s and w is not first:
+                            submit(w, x, memo)
+    elapsed = time.perf_counter() - t_start
+    results: dict[str, Any] = {}
+    for v in vs:
+        if runs[v.name]:
+            results[v.name] = summarise(sorted(runs[v.name], key=lambda r: r["seed"]), v)
+    pooled_em = results.get("pooled", {}).get("server", {}).get("em_all", {}).get("mean")
+    ours = results.get("fl-minillm", {}).get("server", {}).get("em_all", {}).get("mean")
+    results["_meta"] = {
+        "config": str(config),
+        "config_json": json.loads(base_json),
+        "seeds": list(range(seeds)),
+        "fault_seeds": list(range(fault_seeds)),
+        "command": command,
+        "jobs": jobs,
+        "torch_threads_per_job": threads,
+        "seconds": elapsed,
+        "cpu_count": os.cpu_count(),
+        "server_vs_pooled": (ours / pooled_em) if ours is not None and pooled_em else None,
+        "failures": failures,
+        "resumed": resumed,
+        "missing": missing,
+        "workdir": str(workdir) if tmp is None else None,
+        "families_by_client": base.families_by_client(),
+        "adversary": base.clients[-1].id,
+    }
+    if tmp is not None:
+        tmp.cleanup()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(results, out_dir / "results.json")
+    plot_results(results, out_dir / "results.png")
+    write_markdown(results, out_dir / "results.md", "results.png")
+    if tracking_uri:
+        log_to_mlflow(results, runs, tracking_uri, base.tracking.experiment + "-quality")
+    return results
+
+
+def write_json(results: dict, path: Path) -> None:
+    from flminillm.store import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(results, indent=2, sort_keys=False) + "\n").encode())

@@ -1,0 +1,138 @@
+"""The variants of `flminillm bench quality`: the method, its baselines, its ablations, and
+faults and attacks, each a change to the benchmark's config (and environment).
+
+- fl-minillm: the method (reverse-KL policy gradient, both directions every round);
+- forward-kl: federated forward KL / SeqKD (FedDF/FedMKT-style): the student fits the
+  teachers' top-k distributions on every scored sequence (its own and the teachers') and
+  the teachers' answers (SeqKD); same prompts, messages and bytes as fl-minillm;
+- local-only, fedavg, pooled: flminillm.bench.baselines;
+- ablations of fl-minillm (no teacher-mixed sampling, no single-step decomposition, no
+  length normalisation, alpha and top-k sweeps);
+- faults: one client (the last) a random or adversarial teacher (flminillm.attacks) with
+  the mixture or a robust aggregation, 30% of clients dropping out of each round, and
+  the non-IID severity (data.iid_mix) swept.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flminillm.config import Config
+
+METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str = "federated"  # federated | local-only | fedavg | pooled
+    group: str = "method"  # method | ablation | fault
+    overrides: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # FLMINILLM_* fault injection
+    note: str = ""
+
+
+def _variants(cfg: Config) -> list[Variant]:
+    last = cfg.clients[-1].id
+    a, k = cfg.distill.alpha, cfg.generation.top_k
+    # the two teacher-mixed shares nearest the default, 0.25 apart, inside [0, 1]
+    near = [round(a + d, 2) for d in (-0.25, 0.25, -0.5, 0.5) if 0.0 <= a + d <= 1.0]
+    alphas = sorted(near[:2])
+    topks = sorted({max(1, k // 2), k * 2} - {k})
+    v = [
+        Variant("fl-minillm", note="reverse-KL policy gradient (MiniLLM), both directions"),
+        Variant("local-only", "local-only", note="own data only; server keeps its pre-training"),
+        Variant("fedavg", "fedavg", note="homogeneous: every party has the server's model"),
+        Variant(
+            "forward-kl", overrides={"distill": {"method": "forward_kl"}},
+            note="forward KL to the teachers' top-k on every scored sequence + SeqKD on their "
+            "answers (FedDF/FedMKT-style); same prompts, messages and bytes",
+        ),
+        Variant("pooled", "pooled", note="all clients' data in one place (upper bound)"),
+        Variant("no-teacher-mixed", group="ablation",
+                overrides={"distill": {"teacher_mixed": False}}, note="student rollouts only"),
+        Variant("no-single-step", group="ablation",
+                overrides={"distill": {"single_step": False}}, note="sampled-token reward only"),
+        Variant("no-length-norm", group="ablation",
+                overrides={"distill": {"length_norm": False}}, note="unnormalised future return"),
+        *[Variant(f"alpha-{x:g}", group="ablation", overrides={"distill": {"alpha": x}},
+                  note=f"teacher-mixed share {x:g} (default {a:g})") for x in alphas],
+        *[Variant(f"top-k-{x}", group="ablation", overrides={"generation": {"top_k": x}},
+                  note=f"support size {x} (default {k})") for x in topks],
+        Variant("clean-median", group="fault", overrides={"distill": {"aggregation": "median"}},
+                note="no fault, median aggregation (the price of robustness)"),
+        Variant("random-teacher", group="fault", env={"FLMINILLM_ADVERSARY": f"{last}:random"},
+                note=f"{last} sends random scores; mixture aggregation"),
+        Variant("adversary-mixture", group="fault",
+                env={"FLMINILLM_ADVERSARY": f"{last}:adversarial"},
+                note=f"{last} lies (inverted scores, claims p=1); mixture aggregation"),
+        Variant("adversary-median", group="fault",
+                env={"FLMINILLM_ADVERSARY": f"{last}:adversarial"},
+                overrides={"distill": {"aggregation": "median"}},
+                note=f"{last} lies; median aggregation"),
+        Variant("adversary-capped", group="fault",
+                env={"FLMINILLM_ADVERSARY": f"{last}:adversarial"},
+                overrides={"distill": {"aggregation": "capped_mixture", "cap": 0.5}},
+                note=f"{last} lies; mixture with each teacher's mean weight capped at 0.5"),
+        Variant("dropout-30", group="fault", overrides={"sampling": {"min_clients": 1}},
+                note="30% of the clients (rounded, at least 1) drop out of each round, at random"),
+        *[Variant(f"iid-mix-{x:g}", group="fault", overrides={"data": {"iid_mix": x}},
+                  note=f"non-IID severity: share {x:g} of private data from all families")
+          for x in (0.5, 1.0)],
+    ]  # fmt: skip
+    return v
+
+
+def variants(cfg: Config, names: list[str] | None = None) -> list[Variant]:
+    allv = _variants(cfg)
+    if not names:
+        return allv
+    known = {v.name: v for v in allv}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {sorted(known)}")
+    return [known[n] for n in names]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def variant_config(base: Config, v: Variant, seed: int, workdir: Path) -> Config:
+    """The config of (variant, seed): the benchmark's with the variant's changes, its own
+    name, the shared store in `workdir`, no MLflow of its own."""
+    data = _merge(base.model_dump(mode="json"), v.overrides)
+    data["seed"] = seed
+    data["name"] = f"{base.name}-{v.name}-s{seed}"
+    data["store"]["uri"] = str(workdir / "store")
+    data["tracking"]["enabled"] = False
+    if v.kind == "fedavg":  # homogeneous: every client gets the server's architecture
+        for c in data["clients"]:
+            c["model"] = dict(data["server"]["model"])
+    return Config.model_validate(data)
+
+
+def variant_env(cfg: Config, v: Variant) -> dict[str, str]:
+    """The environment a run of `v` needs (fault injection), with one attempt per step."""
+    env = dict(v.env)
+    if v.name.startswith("dropout"):
+        env["FLMINILLM_FAULTS"] = dropout_faults(cfg)
+    env.setdefault("FLMINILLM_STEP_RETRIES", "1")
+    return env
+
+
+def dropout_faults(cfg: Config, p: float = 0.3) -> str:
+    """FLMINILLM_FAULTS that make round(p * N) clients, drawn at random (seeded) each
+    round, drop out of it (at least one client always stays)."""
+    rng = random.Random(f"dropout/{cfg.seed}")
+    ids = [c.id for c in cfg.clients]
+    k = min(len(ids) - 1, max(1, round(p * len(ids))))
+    items = []
+    for r in range(1, cfg.rounds + 1):
+        items += [f"local_sft:{c}:{r}" for c in rng.sample(ids, k)]
+    return ",".join(items)

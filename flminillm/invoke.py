@@ -1,0 +1,187 @@
+"""How a recipe of `flminillm.steps` is invoked: the one place that knows the ways.
+
+- `run_component(name, kwargs)`: the body of every KFP component. Its inputs are the
+  experiment (JSON text, hashed into the task's cache key) and the manifests of earlier
+  tasks; the deployment (where the store is, the tracking server) comes from the task's
+  environment, FLMINILLM_DEPLOYMENT, so that it never changes a cache key: a run that
+  moves, or whose pods get other resources, keeps its cached steps.
+- `call(name, cfg, **kwargs)`: run a recipe from Python with a whole `Config`: in a warm
+  fork of the step server when one serves this run (the local runner), else here.
+- `run_here`: here, or in `engine.gpus_per_step` ranks under the DeepSpeed launcher when the
+  step trains and the engine asks for several GPUs.
+
+`python -m flminillm.invoke serve PATH PARENT` is the step server's process and
+`python -m flminillm.invoke rank ARGS OUT` a launched rank's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from flminillm import launch, stepserver
+from flminillm.config import (
+    Config,
+    ConfigError,
+    DeploymentConfig,
+    deployment_from_json,
+    experiment_from_json,
+)
+from flminillm.steps import STEPS, Step
+
+DEPLOYMENT_ENV = "FLMINILLM_DEPLOYMENT"
+THREADS_ENV = "FLMINILLM_TORCH_THREADS"  # the local runner's torch thread budget per task
+
+
+def spec(name: str) -> Step:
+    try:
+        return STEPS[name]
+    except KeyError:
+        raise ValueError(f"unknown step {name!r}; steps: {', '.join(STEPS)}") from None
+
+
+# ----------------------------------------------------------------------------------------
+# the deployment in the environment
+# ----------------------------------------------------------------------------------------
+def deployment_from_env() -> DeploymentConfig:
+    text = os.environ.get(DEPLOYMENT_ENV)
+    if not text:
+        raise ConfigError(
+            f"{DEPLOYMENT_ENV} is not set: a step run as a pipeline task reads its deployment "
+            "(store, tracking) from it. `flminillm run` sets it for the local runner and "
+            "`flminillm compile` / `submit` on every task of a cluster pipeline"
+        )
+    return deployment_from_json(text)
+
+
+@contextlib.contextmanager
+def deployment_env(cfg: DeploymentConfig) -> Iterator[None]:
+    """FLMINILLM_DEPLOYMENT set to `cfg`'s deployment while the block runs (restored after)."""
+    old = os.environ.get(DEPLOYMENT_ENV)
+    os.environ[DEPLOYMENT_ENV] = cfg.deployment_json()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(DEPLOYMENT_ENV, None)
+        else:
+            os.environ[DEPLOYMENT_ENV] = old
+
+
+# ----------------------------------------------------------------------------------------
+# invocation
+# ----------------------------------------------------------------------------------------
+def encode_output(step: Step, out: Any) -> Any:
+    """What a KFP task returns for a recipe's output: JSON text for a manifest."""
+    return json.dumps(out) if step.output == "json" else out
+
+
+def run_component(name: str, kwargs: dict[str, Any]) -> Any:
+    """A KFP component's body: the experiment from its input, the deployment from the
+    environment, the recipe's output as the task's output."""
+    kwargs = dict(kwargs)
+    exp = experiment_from_json(kwargs.pop("experiment_json"))
+    cfg = Config.join(exp, deployment_from_env())
+    return encode_output(spec(name), call(name, cfg, **kwargs))
+
+
+def call(name: str, cfg: Config, **kwargs: Any) -> Any:
+    """Run the recipe `name`: in a fork of the step server when FLMINILLM_STEP_SERVER names
+    one (the task's environment, working directory and output go with it), else here."""
+    path = os.environ.get(stepserver.ENV)
+    if path:
+        payload = {"step": name, "config": cfg.to_json(), "kwargs": kwargs}
+        try:
+            return stepserver.call(path, payload)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            print(f"step server at {path} unreachable ({e}); running {name} here",
+                  file=sys.stderr)  # fmt: skip
+    return run_here(name, cfg, **kwargs)
+
+
+def run_here(name: str, cfg: Config, **kwargs: Any) -> Any:
+    """Run the recipe in this process, or in several ranks when it trains on several GPUs."""
+    step = spec(name)
+    threads = os.environ.get(THREADS_ENV)
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    if step.launchable and launch.needs_launch(cfg.engine):
+        payload = {"step": name, "config": cfg.to_json(), "kwargs": kwargs}
+        return launch.launch("flminillm.invoke", payload, cfg.engine.gpus_per_step)
+    return step.fn(cfg, **kwargs)
+
+
+def _from_payload(payload: dict) -> tuple[str, Config, dict]:
+    from flminillm.config import config_from_json
+
+    return payload["step"], config_from_json(payload["config"]), payload["kwargs"]
+
+
+def _serve_call(payload: dict) -> Any:
+    """The step server's handler, in a forked child."""
+    name, cfg, kwargs = _from_payload(payload)
+    return run_here(name, cfg, **kwargs)
+
+
+# what every step imports: the step server imports it once, its forked children inherit it
+PRELOAD = (
+    "torch",
+    "transformers",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.tokenization_utils_tokenizers",
+    "transformers.integrations.accelerate",  # imports deepspeed, which imports mlflow
+    "deepspeed",
+    "mlflow",
+    "flminillm.aggregate",
+    "flminillm.data",
+    "flminillm.distill",
+    "flminillm.engine",
+    "flminillm.evaluation",
+    "flminillm.generation",
+    "flminillm.models",
+    "flminillm.steps",
+    "flminillm.store",
+    "flminillm.tokenizer",
+    "flminillm.training",
+    "flminillm.update",
+    "transformers.models.gpt2.modeling_gpt2",
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.qwen2.modeling_qwen2",
+)
+
+
+def warm_steps(enabled: bool = True):
+    """A step server for the duration of a local run (see flminillm.stepserver)."""
+    return stepserver.step_server(enabled, module=__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # the DeepSpeed launcher adds --local_rank=N (LOCAL_RANK is in the environment too)
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    command = argv.pop(0)
+    if command == "serve":  # the step server
+        path, parent = argv[0], int(argv[1]) if len(argv) > 1 else None
+        stepserver.serve(path, parent, handler=_serve_call, preload=PRELOAD)
+        return 0
+    if command == "rank":  # one rank of a launched step
+        from flminillm.ranks import rank_world
+        from flminillm.store import atomic_write_text
+
+        args_file, out_file = argv
+        name, cfg, kwargs = _from_payload(json.loads(Path(args_file).read_text()))
+        out = spec(name).fn(cfg, **kwargs)
+        if rank_world()[0] == 0:
+            atomic_write_text(out_file, json.dumps(out))
+        return 0
+    raise SystemExit("usage: python -m flminillm.invoke serve PATH [PARENT] | rank ARGS OUT")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The student's optimisation step, written once: the behaviour log-probs, the MiniLLM (or
+forward-KL) loss with SeqKD and the LM loss on the party's own data, the optimizer step,
+and the epochs over a round's batch. Used by the distill step and by every benchmark.
+
+Statistics stay tensors on the model's device until a whole pass is done, and are read
+back once (`as_floats`). Shapes as in flminillm.distill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from flminillm.distill import forward_kl_loss, lm_loss, minillm_loss
+from flminillm.generation import response_logits
+from flminillm.training import causal_lm_loss
+
+if TYPE_CHECKING:
+    from flminillm.config import DistillConfig
+    from flminillm.engine import Engine
+
+Batch = dict[str, torch.Tensor]
+
+
+def behaviour_logprobs(model, batch: Batch, micro_batch: int = 0) -> torch.Tensor:
+    """log q_old(y_t), the behaviour policy: one teacher-forced pass of the model before any
+    update, `micro_batch` sequences at a time (0: all at once). [N, T], 0 where masked."""
+    n = batch["response_ids"].shape[0]
+    step = micro_batch or max(n, 1)
+    parts = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, n, step):
+            ids, mask = batch["response_ids"][i : i + step], batch["response_mask"][i : i + step]
+            logits = response_logits(
+                model, batch["prompt_ids"][i : i + step], batch["prompt_mask"][i : i + step],
+                ids, mask,
+            )  # fmt: skip
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None])[..., 0]
+            parts.append(logp * mask)
+    return torch.cat(parts) if parts else torch.zeros(batch["response_ids"].shape)
+
+
+def distill_loss(
+    logits: torch.Tensor, mb: Batch, behaviour: torch.Tensor, d: DistillConfig, seqkd: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one micro-batch `mb` (an assembled batch's rows) given the student's
+    logits [B, T, V]: MiniLLM's reverse-KL policy gradient (or the forward-KL baseline on
+    every scored position) plus, with `seqkd`, cross-entropy on the teachers' sequences."""
+    if d.method == "reverse_kl":
+        loss, stats = minillm_loss(
+            logits, mb["response_ids"], mb["response_mask"], behaviour, mb["support_ids"],
+            mb["teacher_logp"], d,
+        )  # fmt: skip
+    else:  # forward KL on every scored position: the student's own sequences (teacher
+        # scores on their support) and the selected teacher sequences
+        loss, stats = forward_kl_loss(
+            logits, mb["response_mask"], mb["support_ids"], mb["teacher_logp"]
+        )
+    if seqkd and bool(mb["from_teacher"].any()):
+        tmask = mb["response_mask"] * mb["from_teacher"][:, None]
+        ce = lm_loss(logits, mb["response_ids"], tmask)
+        loss = loss + d.seqkd_coef * ce
+        stats["seqkd_ce"] = ce.detach()
+    return loss, stats
+
+
+def update_step(
+    engine: Engine,
+    mb: Batch,
+    behaviour: torch.Tensor,
+    d: DistillConfig,
+    seqkd: bool = True,
+    lm_batch: Batch | None = None,
+) -> dict[str, torch.Tensor]:
+    """One optimisation step on the micro-batch `mb` (behaviour: its rows of
+    `behaviour_logprobs`), with `d.lm_coef` x the LM loss on `lm_batch` when given."""
+    logits = response_logits(
+        engine.model, mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"]
+    )
+    loss, stats = distill_loss(logits, mb, behaviour, d, seqkd)
+    if lm_batch is not None:
+        lm = causal_lm_loss(engine.model, lm_batch)
+        loss = loss + d.lm_coef * lm
+        stats["lm_loss"] = lm.detach()
+    engine.backward(loss)
+    engine.step()
+    stats["loss"] = loss.detach()
+    return stats
+
+
+def distill_epochs(
+    engine: Engine,
+    batch: Batch,
+    behaviour: torch.Tensor,
+    d: DistillConfig,
+    *,
+    order_seed: int,
+    seqkd: bool,
+    lm_batches: Iterator[Batch] | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, torch.Tensor]:
+    """`d.epochs` passes over `batch` in seeded random order, `d.batch_size` rows per step.
+    Returns the mean of every statistic over the steps, `updates` and, when the loss has
+    one, `reverse_kl_first` (the first step's). Under the launcher (`world` > 1) rank r
+    takes the r-th micro-batch of each global batch of `world` micro-batches."""
+    n = batch["prompt_ids"].shape[0]
+    g = torch.Generator().manual_seed(order_seed)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    first_rkl = None
+    span = d.batch_size * world
+    for _epoch in range(d.epochs):
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, span):
+            if world == 1:
+                idx = order[i : i + d.batch_size]
+            else:  # wrapping around at the end, so that every rank steps together: the
+                # split of one process with gradient accumulation over `world` micro-batches
+                idx = order[(i + rank * d.batch_size + torch.arange(d.batch_size)) % n]
+            mb = {k: v[idx] for k, v in batch.items()}
+            lm_batch = [next(lm_batches) for _ in range(world)][rank] if lm_batches else None
+            stats = update_step(engine, mb, behaviour[idx], d, seqkd, lm_batch)
+            if first_rkl is None and "reverse_kl" in stats:
+                first_rkl = stats["reverse_kl"]
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v.double()
+            count += 1
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    out["updates"] = torch.tensor(float(count))
+    if first_rkl is not None:
+        out["reverse_kl_first"] = first_rkl
+    return out
+
+
+def as_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Statistics read back to the host in one transfer."""
+    if not stats:
+        return {}
+    device = next(iter(stats.values())).device
+    values = torch.stack([v.detach().to(device, torch.float64).reshape(()) for v in stats.values()])
+    return dict(zip(stats, values.tolist(), strict=True))

@@ -1,0 +1,123 @@
+"""Tests for combining teachers (flminillm.aggregate): mixture, median, trimmed mean, and the
+capped defences against a lying teacher."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flminillm.aggregate import (
+    aggregate_teachers,
+    cap_log_weights,
+    cap_selection,
+    select_teacher_rollouts,
+)
+from tests.tensors import log_probs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# -- aggregate_teachers ---------------------------------------------------------------------
+
+
+def test_aggregate_mixture_weights():
+    p1 = [0.7, 0.2, 0.1]
+    p2 = [0.1, 0.3, 0.6]
+    stacked = torch.stack([log_probs(p1), log_probs(p2)])  # [M=2, B=1, T=1, S=3]
+    got = aggregate_teachers(stacked, weights=torch.tensor([1.0, 3.0]), method="mixture")
+    expected = [math.log(0.25 * a + 0.75 * b) for a, b in zip(p1, p2, strict=True)]
+    assert got.shape == (1, 1, 3)
+    assert got[0, 0].tolist() == pytest.approx(expected, abs=1e-6)
+    # per-position log weights (unnormalised) give the same mixture
+    logw = torch.tensor([math.log(2.0), math.log(6.0)]).view(2, 1, 1)
+    got2 = aggregate_teachers(stacked, method="mixture", log_weights=logw)
+    assert got2[0, 0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_aggregate_median_ignores_outlier():
+    p1 = [0.5, 0.3, 0.2]
+    p2 = [0.45, 0.35, 0.2]
+    crazy = [1e-9, 1e-9, 1.0 - 2e-9]
+    stacked = torch.stack([log_probs(p1), log_probs(crazy), log_probs(p2)])
+    got = aggregate_teachers(stacked, method="median").exp()[0, 0]
+    lo = torch.minimum(torch.tensor(p1), torch.tensor(p2))
+    hi = torch.maximum(torch.tensor(p1), torch.tensor(p2))
+    assert (got >= lo - 1e-6).all() and (got <= hi + 1e-6).all()
+    # the mixture, by contrast, is pulled towards the outlier
+    mix = aggregate_teachers(stacked, method="mixture").exp()[0, 0]
+    assert float(mix[2]) > 0.4
+
+
+def test_aggregate_trimmed_mean_drops_extremes():
+    vals = [[0.01, 0.9], [0.2, 0.5], [0.3, 0.4], [0.4, 0.3], [0.99, 0.001]]
+    stacked = torch.stack([log_probs(v) for v in vals])  # [5, 1, 1, 2]
+    got = aggregate_teachers(stacked, method="trimmed_mean", trim=0.2).exp()[0, 0]
+    # entry 0: drop 0.01 and 0.99 -> mean(0.2, 0.3, 0.4); entry 1: drop 0.9 and 0.001
+    assert got.tolist() == pytest.approx([0.3, 0.4], abs=1e-6)
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregate_teachers(stacked, method="mode")
+
+
+def test_capped_mixture_bounds_a_lying_teacher():
+
+    torch.manual_seed(0)
+    b, t = 60, 4
+    # three honest experts, each sure of its own third of the prompts ...
+    honest = torch.full((3, b, t), -30.0)
+    for i in range(3):
+        honest[i, i * 20 : (i + 1) * 20] = -5.0
+    mask = torch.ones(b, t)
+    capped, delta = cap_log_weights(honest, mask, cap=0.5)
+    assert torch.equal(capped, honest) and float(delta.abs().max()) == 0.0  # left alone
+    # ... and a fourth that claims probability 1 for every prompt
+    liar = torch.cat([honest, torch.zeros(1, b, t)])
+    w = torch.softmax(liar, 0)
+    assert float(w[3].mean()) > 0.99
+    capped, delta = cap_log_weights(liar, mask, cap=0.5)
+    w = torch.softmax(capped, 0)
+    assert float(w[3].mean()) == pytest.approx(0.5, abs=1e-3)
+    assert float(delta[3]) > 0 and float(delta[:3].abs().max()) == 0.0
+    # the honest experts keep their domains among themselves
+    for i in range(3):
+        own = w[i, i * 20 : (i + 1) * 20]
+        others = w[:3, i * 20 : (i + 1) * 20].sum(0)
+        assert float((own / others).min()) > 0.99
+
+
+def test_capped_answer_selection_bounds_a_liar_also_without_student_rollouts():
+    """alpha = 1: the student has no rollouts to measure mixture weights on; the cap must
+    still hold in the choice of teacher answers."""
+
+    a = 60
+    honest = torch.full((3, a), -30.0)
+    for i in range(3):
+        honest[i, i * 20 : (i + 1) * 20] = -5.0 + 0.01 * torch.arange(20)
+    assert torch.equal(cap_selection(honest, 0.5), honest)  # each holds 1/3: left alone
+    joint = torch.cat([honest, torch.zeros(1, a)])  # a liar: sure of everything
+    assert torch.equal(joint.argmax(0), torch.full((a,), 3))
+    best = cap_selection(joint, 0.5).argmax(0)
+    assert int((best == 3).sum()) <= 30
+    # the liar keeps the prompts where the honest teachers are least sure; each honest
+    # expert gets back the most certain part of its own domain
+    for i in range(3):
+        top = torch.arange(i * 20, (i + 1) * 20)[10:]  # its ten most certain prompts
+        assert bool((best[top] == i).all())
+
+    # through select_teacher_rollouts, with message-shaped inputs
+    def teaching(logp_value: torch.Tensor) -> dict:
+        t = 3
+        return {
+            "own_response_ids": torch.ones(a, t, dtype=torch.long),
+            "own_response_mask": torch.ones(a, t, dtype=torch.long),
+            "own_support_ids": torch.ones(a, t, 2, dtype=torch.long),
+            "own_logp": (logp_value[:, None, None] / t).expand(a, t, 2).clone(),
+            "own_prompt_logp": torch.zeros(a),
+        }
+
+    teachings = [teaching(joint[i]) for i in range(4)]
+    prior = torch.full((4,), 0.25)
+    uncapped = select_teacher_rollouts(teachings, prior)["teacher_index"]
+    capped = select_teacher_rollouts(teachings, prior, cap=0.5)["teacher_index"]
+    assert int((uncapped == 3).sum()) == a and int((capped == 3).sum()) <= 30
