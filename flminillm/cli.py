@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -15,124 +13,18 @@ from flminillm.config import Config, ConfigError, load_config
 
 
 def _console():
-    from rich.console import Console
+    from flminillm.runs import make_console
 
-    console = Console(highlight=False)
-    if not console.is_terminal:  # logs and CI: wide enough for the results table
-        console = Console(highlight=False, width=120)
-    return console
-
-
-def expected_tasks(cfg: Config) -> int:
-    """Leaf tasks of a federation run (for the progress bar)."""
-    from flminillm.rounds import setup_tasks, tasks_per_round
-
-    n = len(cfg.clients)
-    c = min(n, max(cfg.sampling.min_clients, math.ceil(cfg.sampling.fraction * n)))
-    return setup_tasks(len(cfg.parties)) + cfg.rounds * tasks_per_round(c) + 1  # + track
-
-
-class _TaskProgress(logging.Filter):
-    """Turns kfp.local's task log lines into a progress bar. A filter on the root logger,
-    because kfp.local replaces the root logger's handlers while a pipeline runs."""
-
-    pattern = re.compile(r"Task .*?'([\w-]+)'.* finished with status .*?(SUCCESS|FAILURE)")
-
-    def __init__(self, progress, task_id) -> None:
-        super().__init__()
-        self.progress, self.task_id = progress, task_id
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())
-        m = self.pattern.search(msg)
-        if m and not m.group(1).startswith(("for-loop", "fl-minillm", "round-")):
-            self.progress.update(
-                self.task_id, advance=1, description=f"{m.group(1)} {m.group(2).lower()}"
-            )
-        return True
-
-
-def failure_summary(cfg: Config, since: float) -> str:
-    """The errors of the steps that failed since `since`, from the store's ledger."""
-    from flminillm.artifacts import open_store_for
-    from flminillm.ledger import ledger
-
-    failed = [
-        rec
-        for recs in ledger(open_store_for(cfg), cfg.federation_id()).values()
-        for rec in recs
-        if rec.get("status") == "failed" and rec["started"] >= since
-    ]
-    return "; ".join(
-        f"{r['step']}.{r['party']} (round {r['round']}): {r.get('error', '')}" for r in failed
-    )
-
-
-def run_federation(cfg: Config, label: str, extra_tags: dict[str, str] | None = None) -> dict:
-    """Run the federation locally with progress; log a failed run to MLflow before raising."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from flminillm.artifacts import open_store_for
-    from flminillm.report import render_table, results_table
-    from flminillm.store import atomic_write_text
-    from flminillm.tracking import log_federation, round_chain
-    from pipelines.local import run_local
-
-    console = _console()
-    fbc = cfg.families_by_client()
-    console.print(f"[bold]FL-MiniLLM[/] federation [cyan]{cfg.federation_id()}[/]: {cfg.rounds} rounds, "
-                  f"server [cyan]{cfg.server.id}[/] ({cfg.server.model.family}), "
-                  f"{len(cfg.clients)} clients")  # fmt: skip
-    for c in cfg.clients:
-        m = c.model
-        console.print(
-            f"  client [cyan]{c.id}[/] ({m.family} {m.hidden_size}x{m.num_layers}) holds {fbc[c.id]}"
-        )
-    console.print(f"  store {cfg.store.uri}\n  tracking {cfg.tracking.uri}")
-    started = time.time()
-    with Progress(
-        TextColumn("[progress.description]{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=False,
-    ) as progress:  # fmt: skip
-        task_id = progress.add_task("starting", total=expected_tasks(cfg))
-        counter = _TaskProgress(progress, task_id)
-        logging.getLogger().addFilter(counter)
-        try:
-            final = run_local(cfg, run_label=label, run_started=started, extra_tags=extra_tags)
-        except Exception as err:
-            error = failure_summary(cfg, started) or f"{type(err).__name__}: {err}"
-            console.print(f"[red]federation failed[/]: {error}")
-            if cfg.tracking.enabled:
-                run_id = log_federation(
-                    cfg, open_store_for(cfg), run_label=label, run_started=started,
-                    status="FAILED", error=error, extra_tags=extra_tags,
-                )  # fmt: skip
-                console.print(f"MLflow run {run_id}: `flminillm lineage {run_id}` shows what "
-                              f"happened, `flminillm rerun {run_id}` finishes it")  # fmt: skip
-            raise
-        finally:
-            logging.getLogger().removeFilter(counter)
-    store = open_store_for(cfg)
-    chain = round_chain(store, final)
-    results = results_table(cfg, chain[0], chain[-1])
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
-    atomic_write_text(out / "round_manifest.json", json.dumps(final, indent=1))
-    console.print(render_table(results))
-    console.print(f"finished in {time.time() - started:.0f} s")
-    console.print(f"results: {out / 'results.json'}")
-    console.print(f"round manifest: {out / 'round_manifest.json'} (sha256 {final['manifest']})")
-    if cfg.tracking.enabled:
-        console.print(f"lineage: mlflow ui --backend-store-uri {cfg.tracking.uri}")
-    return final
+    return make_console(sys.stdout)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flminillm.runs import FederationFailed, run_federation
+
     cfg = _load(args)
     try:
-        run_federation(cfg, args.label or time.strftime("%Y%m%d-%H%M%S"))
-    except Exception:
+        run_federation(cfg, args.label or time.strftime("%Y%m%d-%H%M%S"), verbose=args.verbose)
+    except FederationFailed:
         return 1
     return 0
 
@@ -160,20 +52,60 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    """Finish a failed federation: succeeded steps come from the cache."""
-    from flminillm.lineage import config_of_run, purge_dropped_cache_entries
+    """Finish a failed or killed federation: succeeded steps come from the cache."""
+    from flminillm.lineage import config_of_run
+    from flminillm.runs import FederationFailed, run_federation
+    from pipelines.local import dropped_out, forget_cached
 
     uri = _tracking_uri(args)
     cfg = config_of_run(uri, args.run_id)
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
-    purged = purge_dropped_cache_entries(Path(cfg.runner.pipeline_root) / ".kfp_cache")
+    purged = forget_cached(cfg.runner.pipeline_root, dropped_out)
     if purged:
         print(f"cleared {purged} cached client drop-out(s), so those steps run again")
     try:
         run_federation(
-            cfg, f"rerun-{args.run_id[:8]}", extra_tags={"flminillm.rerun_of": args.run_id}
-        )
-    except Exception:
+            cfg, f"rerun-{args.run_id[:8]}", extra_tags={"flminillm.rerun_of": args.run_id},
+            verbose=args.verbose,
+        )  # fmt: skip
+    except FederationFailed:
+        return 1
+    return 0
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    """Check every object of a store against its key and every materialised copy against
+    its tree; with --repair drop what is corrupt and the cached tasks that produced it."""
+    from flminillm.store import open_store
+
+    if bool(args.config) == bool(args.store):
+        raise ConfigError("give one of --config FILE or --store URI")
+    cfg = load_config(args.config) if args.config else None
+    uri = cfg.store.uri if cfg else args.store
+    if "://" not in uri and not Path(uri).is_dir():
+        raise ConfigError(f"no store at {uri}: check store.uri (or --store)")
+    if cfg is not None:
+        from flminillm.artifacts import open_store_for
+
+        store = open_store_for(cfg)
+    else:
+        store = open_store(uri)
+    report = store.verify(repair=args.repair)
+    for key in report.corrupt_objects:
+        print(f"corrupt object: {key}" + (" (dropped)" if args.repair else ""))
+    for copy in report.corrupt_copies:
+        print(f"corrupt copy: {copy}" + (" (dropped)" if args.repair else ""))
+    forgotten = 0
+    if args.repair and report.affected and cfg is not None:
+        from pipelines.local import forget_cached, mentions_any
+
+        forgotten = forget_cached(cfg.runner.pipeline_root, mentions_any(report.affected))
+    bad = len(report.corrupt_objects) + len(report.corrupt_copies)
+    print(f"checked {report.checked} objects and copies in {store.uri}: {bad} corrupt" + (
+        f"; dropped them and forgot {forgotten} cached task(s) that produced them: the next "
+        "run makes them again" if args.repair and bad else ""))  # fmt: skip
+    if bad and not args.repair:
+        print("run again with --repair to drop them (the steps that made them run again)")
         return 1
     return 0
 
@@ -242,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", help="MLflow tracking URI (overrides the config)")
     run.add_argument("--no-cache", action="store_true", help="re-execute every step")
     run.add_argument("--label", help="name of this run in MLflow")
+    run.add_argument(
+        "--verbose", action="store_true",
+        help="stream every task's output and library warnings (default: to the run's log file)",
+    )  # fmt: skip
     run.set_defaults(func=cmd_run)
 
     comp = sub.add_parser(
@@ -284,7 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
     rer.add_argument("run_id", help="the failed federation's MLflow run id")
     rer.add_argument("--tracking-uri", help="MLflow tracking URI")
     rer.add_argument("--config", help="take the tracking URI from this experiment config")
+    rer.add_argument("--verbose", action="store_true", help="stream every task's output")
     rer.set_defaults(func=cmd_rerun)
+
+    store = sub.add_parser("store", help="the artifact store")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    verify = store_sub.add_parser(
+        "verify", help="check every object against its sha256 and every materialised copy"
+    )
+    verify.add_argument("--config", help="the experiment config whose store to check")
+    verify.add_argument("--store", help="a store URI (local path or s3://bucket/prefix)")
+    verify.add_argument(
+        "--repair", action="store_true",
+        help="drop corrupt objects and copies, and forget the cached tasks that produced them",
+    )  # fmt: skip
+    verify.set_defaults(func=cmd_store_verify)
 
     schema = sub.add_parser("config-schema", help="print the JSON schema of experiment configs")
     schema.set_defaults(func=cmd_config_schema)
@@ -398,6 +348,8 @@ QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 
@@ -408,11 +360,37 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if not getattr(args, "verbose", False):  # also when mlflow was imported before
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # the errors a user can act on get one line, not a traceback
+        message = user_error(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def user_error(err: Exception) -> str | None:
+    """One line for an error a user can fix (an unknown run id, an unreachable tracking
+    server or store), or None for a bug (then the traceback is what helps)."""
+    from flminillm.store import StoreError
+
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, StoreError | FileNotFoundError):
+        return text
+    if type(err).__name__ == "MlflowException":
+        if "not found" in text.lower() or "RESOURCE_DOES_NOT_EXIST" in str(err):
+            return f"{text}. Check the run id (`mlflow ui` lists the runs of a tracking store)"
+        return f"the tracking server answered: {text}"
+    if isinstance(err, ConnectionError | OSError) or "Connection" in type(err).__name__:
+        return f"cannot reach it: {text}"
+    return None
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flminillm import launch, stepserver
+from flminillm import launch, ledger, stepserver
 from flminillm.config import (
     Config,
     ConfigError,
@@ -115,7 +115,31 @@ def run_here(name: str, cfg: Config, **kwargs: Any) -> Any:
     if step.launchable and launch.needs_launch(cfg.engine):
         payload = {"step": name, "config": cfg.to_json(), "kwargs": kwargs}
         return launch.launch("flminillm.invoke", payload, cfg.engine.gpus_per_step)
-    return step.fn(cfg, **kwargs)
+    return _run_recipe(step, cfg, kwargs)
+
+
+def _run_recipe(step: Step, cfg: Config, kwargs: dict[str, Any]) -> Any:
+    """The recipe itself; with a federation run to track (FLMINILLM_MLFLOW_RUN), its ledger
+    records also go to MLflow as they are written."""
+    from flminillm.tracking import RUN_ENV
+
+    run_id = os.environ.get(RUN_ENV)
+    if not (run_id and cfg.tracking.enabled):
+        return step.fn(cfg, **kwargs)
+    with ledger.listening(lambda rec: _track(cfg, run_id, rec)):
+        return step.fn(cfg, **kwargs)
+
+
+def _track(cfg: Config, run_id: str, rec: dict) -> None:
+    """Log a step's record to MLflow; a tracking failure never fails the step."""
+    from flminillm.artifacts import open_store_for
+    from flminillm.tracking import log_step
+
+    try:
+        log_step(cfg, open_store_for(cfg), run_id, rec)
+    except Exception as e:  # noqa: BLE001 - the step's result matters more than its log
+        print(f"warning: could not log {rec['step']}.{rec['party']} to MLflow: "
+              f"{type(e).__name__}: {e}", file=sys.stderr)  # fmt: skip
 
 
 def _from_payload(payload: dict) -> tuple[str, Config, dict]:
@@ -176,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args_file, out_file = argv
         name, cfg, kwargs = _from_payload(json.loads(Path(args_file).read_text()))
-        out = spec(name).fn(cfg, **kwargs)
+        out = _run_recipe(spec(name), cfg, kwargs)
         if rank_world()[0] == 0:
             atomic_write_text(out_file, json.dumps(out))
         return 0

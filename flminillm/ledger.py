@@ -8,7 +8,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from flminillm.faults import maybe_inject_fault
@@ -17,6 +17,20 @@ from flminillm.store import Store
 
 if TYPE_CHECKING:
     from flminillm.config import ExperimentConfig
+
+
+# called with every record written, while `listening` (e.g. live MLflow tracking)
+_LISTENERS: list[Callable[[dict[str, Any]], None]] = []
+
+
+@contextlib.contextmanager
+def listening(listener: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """Call `listener(record)` after every step record written while the block runs."""
+    _LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(listener)
 
 
 def record_name(fed: str, round_index: int, step: str, party: str) -> str:
@@ -57,6 +71,8 @@ def step_record(
             rec["params"]["world_size"] = world
         if rank == 0:  # under the launcher, one record per step
             store.put_record(record_name(rec["federation"], round_index, step, party), rec)
+            for listener in list(_LISTENERS):
+                listener(rec)
 
 
 def ledger(store: Store, fed: str) -> dict[int, list[dict]]:

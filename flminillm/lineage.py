@@ -24,7 +24,11 @@ def _children(client, run) -> list:
 
 
 def _federation_run(client, run_id: str):
+    from flminillm.tracking import mark_dead_runs
+
     run = client.get_run(run_id)
+    if run.info.status == "RUNNING" and mark_dead_runs(client, run.info.experiment_id):
+        run = client.get_run(run_id)  # it was killed: it says so now
     if run.data.tags.get("flminillm.kind") != "federation":
         raise ValueError(
             f"MLflow run {run_id} is not a federation run (kind="
@@ -55,7 +59,7 @@ def lineage_tree(uri: str, run_id: str, show_io: bool = True, show_uris: bool = 
     fed = lin["run"]
     t = fed.data.tags
     status = fed.info.status
-    colour = "green" if status == "FINISHED" else "red"
+    colour = {"FINISHED": "green", "RUNNING": "yellow"}.get(status, "red")
     root = Tree(
         f"[bold]{fed.info.run_name}[/] [{colour}]{status}[/] federation {t.get('flminillm.federation')}"
         + (f" (rerun of {t['flminillm.rerun_of']})" if t.get("flminillm.rerun_of") else "")
@@ -83,13 +87,32 @@ def lineage_tree(uri: str, run_id: str, show_io: bool = True, show_uris: bool = 
             if st.get("flminillm.error"):
                 leaf.add(f"[red]{st['flminillm.error']}[/]")
             if show_io:
+                uris = _uris(uri, s) if show_uris else {}
                 for key in sorted(st):
-                    if key.startswith(("inputs.", "outputs.")) and key.endswith(".sha256"):
-                        name = key[: -len(".sha256")]
-                        arrow = "<-" if key.startswith("inputs.") else "->"
-                        where = f" {st.get(name + '.uri', '')}" if show_uris else ""
-                        leaf.add(f"{arrow} {name.split('.', 1)[1]} sha256:{st[key][:16]}{where}")
+                    direction, _, name = key.partition(".")
+                    if direction in ("in", "out") and st[key].startswith("sha256:"):
+                        arrow = "<-" if direction == "in" else "->"
+                        where = f" {uris.get(key, '')}" if show_uris else ""
+                        leaf.add(f"{arrow} {name} {st[key][:23]}{where}")
     return root
+
+
+def _uris(uri: str, step_run) -> dict[str, str]:
+    """{"in.<name>" | "out.<name>": store URI} from a step run's lineage.json artifact."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=step_run.info.run_id, artifact_path="lineage.json", dst_path=tmp,
+            tracking_uri=uri,
+        )  # fmt: skip
+        rec = json.loads(Path(path).read_text())
+    return {
+        f"{short}.{name}": ref["uri"]
+        for direction, short in (("inputs", "in"), ("outputs", "out"))
+        for name, ref in rec.get(direction, {}).items()
+        if isinstance(ref, dict)
+    }
 
 
 def config_of_run(uri: str, run_id: str) -> Config:
@@ -99,22 +122,3 @@ def config_of_run(uri: str, run_id: str) -> Config:
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, "config.json", tmp)
         return config_from_json(Path(path).read_text())
-
-
-def purge_dropped_cache_entries(cache_dir: Path) -> int:
-    """Forget cached outputs of client steps that dropped out, so a rerun retries them
-    (a drop-out is a successful task to KFP, so its cache would otherwise replay it)."""
-    if not cache_dir.is_dir():
-        return 0
-    n = 0
-    for entry in cache_dir.glob("*.json"):
-        try:
-            outputs = json.loads(entry.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        for value in outputs.values() if isinstance(outputs, dict) else []:
-            if isinstance(value, str) and '"dropped": "' in value:
-                entry.unlink(missing_ok=True)
-                n += 1
-                break
-    return n

@@ -37,12 +37,12 @@ def group_means(scores: dict[str, dict[str, float]], families: list[str]) -> dic
     return {k: mean(scores[f][k] for f in families) for k in METRICS}
 
 
-def party_summary(results: dict, manifest: dict) -> dict[str, dict[str, float]]:
+def party_summary(manifest: dict) -> dict[str, dict[str, float]]:
     """Mean scores over held, unseen and all families for each party in `manifest`."""
     out = {}
     for party, fams in manifest.get("eval", {}).items():
         scores = _scores(fams)
-        held = results["parties"].get(party, {}).get("held", [])
+        held = manifest.get("families_by_client", {}).get(party, [])
         groups = {
             "all": list(scores),
             "held": [f for f in scores if f in held],

@@ -660,19 +660,23 @@ def evaluate(
 
 @step(output="text", tracking=True)
 def track(cfg: Config, state_json: str, run_label: str, run_started: float, run_tags: str) -> str:
-    """Log the federation's lineage (ledger + round manifests) to MLflow; returns the run id.
-    Runs last; `state_json` (the final manifest) only orders it after the rounds."""
+    """Close the federation's MLflow run with its summary (results, final manifest, the
+    steps that came from the cache); the steps logged themselves as they finished. Without a
+    run to close (FLMINILLM_MLFLOW_RUN unset: not tracked while running), log the whole tree
+    from the ledger. Runs last (`state_json`, the final manifest, orders it); returns the
+    run id."""
     import os
 
-    from flminillm.tracking import log_federation
+    from flminillm.tracking import RUN_ENV, finish_federation, log_federation
 
     if not cfg.tracking.enabled:
         return ""
-    if os.environ.get("KFP_POD_NAME") and os.environ.get("MLFLOW_TRACKING_URI"):
-        # on a cluster the tracking URI (and its credentials) come from a Kubernetes secret
-        uri = os.environ["MLFLOW_TRACKING_URI"]
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
+    store = open_store_for(cfg)
+    run_id = os.environ.get(RUN_ENV)
+    if run_id:
+        finish_federation(cfg, store, run_id, run_started)
+        return run_id
     return log_federation(
-        cfg, open_store_for(cfg), run_label=run_label, run_started=run_started,
+        cfg, store, run_label=run_label, run_started=run_started,
         extra_tags=json.loads(run_tags or "{}"),
     )  # fmt: skip

@@ -160,9 +160,14 @@ def step_server(enabled: bool = True, module: str = "flminillm.invoke") -> Itera
         return
     tmp = tempfile.mkdtemp(prefix="flminillm-steps-")
     path = str(Path(tmp) / "steps.sock")
+    try:  # the server's own messages (import warnings) go where this process's stderr goes
+        stderr = sys.stderr if sys.stderr.fileno() >= 0 else None
+    except (AttributeError, OSError, ValueError):
+        stderr = None
     proc = subprocess.Popen(
         [sys.executable, "-m", module, "serve", path, str(os.getpid())],
         stdout=subprocess.PIPE,
+        stderr=stderr,
         text=True,
     )
     try:

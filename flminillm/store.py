@@ -1,7 +1,10 @@
 """Content-addressed artifact store.
 
 Every object is keyed by the sha256 of its bytes and verified on every read, so a
-tampered or truncated object is refused instead of silently used. Writes are atomic
+tampered or truncated object is refused instead of silently used; a materialised copy of a
+directory is checked against its tree's digests every time it is used. Writing an object
+that is already there checks the stored bytes and replaces them if they are corrupt, so
+running the step that produced an object again repairs it. Writes are atomic
 (temporary file + rename): a reader never sees a partial object, and a writer killed
 mid-way leaves only a temporary file that no key points to.
 On S3 (`S3Store`, s3://bucket/prefix) an object becomes visible only once its (multipart)
@@ -20,7 +23,9 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,12 @@ HEX = set("0123456789abcdef")
 
 class IntegrityError(RuntimeError):
     """An object's bytes do not match the digest it is stored under."""
+
+
+REPAIR_HINT = (
+    "Run `flminillm store verify --repair --config <your config>` to drop it (and the cached "
+    "steps that produced it), then run again"
+)
 
 
 class ObjectNotFound(FileNotFoundError):
@@ -88,6 +99,9 @@ class Store:
     def _exists(self, key: str) -> bool:
         raise NotImplementedError
 
+    def _delete(self, key: str) -> None:
+        raise NotImplementedError
+
     def object_uri(self, digest: str) -> str:
         raise NotImplementedError
 
@@ -108,10 +122,15 @@ class Store:
 
     # verified blob API ----------------------------------------------------------------
     def put_bytes(self, data: bytes) -> str:
+        """Store `data` under its sha256. An object already there is kept if its bytes are
+        intact and replaced if they are not (a producer run again repairs its outputs)."""
         digest = sha256_bytes(data)
         key = self._key(digest)
-        if not self._exists(key):
-            self._write(key, data)
+        if self._exists(key):
+            if sha256_bytes(self._read(key)) == digest:
+                return digest
+            print(f"store: replacing corrupt object {self.object_uri(digest)}", file=sys.stderr)
+        self._write(key, data)
         return digest
 
     def get_bytes(self, digest: str) -> bytes:
@@ -123,7 +142,7 @@ class Store:
         if actual != digest:
             raise IntegrityError(
                 f"object {self.object_uri(digest)} is corrupt: its sha256 is {actual} "
-                f"({len(data)} bytes); refusing to use it. Re-run the step that produced it."
+                f"({len(data)} bytes); refusing to use it. {REPAIR_HINT}."
             )
         return data
 
@@ -171,14 +190,21 @@ class Store:
         return self.put_json({"kind": "tree", "files": files})
 
     def get_dir(self, digest: str, cache_dir: str | Path | None = None) -> Path:
-        """Materialise a tree under a local cache directory (verified) and return its path."""
+        """Materialise a tree under a local cache directory and return its path. Every file
+        of a copy made before is checked (size and sha256) against the tree, every time."""
         cache_root = Path(cache_dir or self.default_cache_dir())
         dest = cache_root / digest
-        if (dest / ".complete").exists():
-            return dest
         tree = self.get_json(digest)
         if tree.get("kind") != "tree":
             raise ValueError(f"object {digest} is not a directory tree")
+        if (dest / ".complete").exists():
+            problem = copy_problem(dest, tree)
+            if problem:
+                raise IntegrityError(
+                    f"materialised copy {dest} of tree {self.object_uri(digest)} is corrupt: "
+                    f"{problem}; refusing to use it. {REPAIR_HINT}."
+                )
+            return dest
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}.", dir=_mkdir(cache_root)))
         try:
             for entry in tree["files"]:
@@ -204,6 +230,97 @@ class Store:
     def default_cache_dir(self) -> Path:
         return Path(tempfile.gettempdir()) / "flminillm-cache"
 
+    # checking a whole store --------------------------------------------------------------
+    def object_keys(self) -> dict[str, list[str]]:
+        """{digest: [keys]} of every object in the store, in every scope."""
+        out: dict[str, list[str]] = {}
+        for key in self._list("objects/sha256/") + self._list("parties/"):
+            parts = key.split("/")
+            if len(parts) >= 4 and parts[-4:-2] == ["objects", "sha256"]:
+                out.setdefault(parts[-1], []).append(key)
+        return out
+
+    def verify(self, repair: bool = False, progress=None) -> StoreReport:
+        """Check every object against its key and every materialised copy against its tree.
+        With `repair`, drop what is corrupt: the objects (a step that produces one again
+        writes it anew) and the copies (made again from the objects on next use)."""
+        report = StoreReport()
+        keys = self.object_keys()
+        trees: dict[str, dict] = {}
+        for digest, where in keys.items():
+            for key in where:
+                data = self._read(key)
+                report.checked += 1
+                if sha256_bytes(data) != digest:
+                    report.corrupt_objects.append(key)
+                    if repair:
+                        self._delete(key)
+                elif (tree := _as_tree(data)) is not None:
+                    trees[digest] = tree
+            if progress:
+                progress()
+        bad_blobs = {k.rsplit("/", 1)[-1] for k in report.corrupt_objects}
+        report.affected = sorted(
+            bad_blobs
+            | {t for t, tree in trees.items() if {e["sha256"] for e in tree["files"]} & bad_blobs}
+        )
+        root = self.default_cache_dir()
+        for marker in sorted(root.glob("*/.complete")) if root.is_dir() else []:
+            dest = marker.parent
+            tree = trees.get(dest.name)
+            if tree is None:  # its tree is gone or corrupt: the copy cannot be checked
+                problem = "its tree is not in the store (or is corrupt)"
+            else:
+                problem = copy_problem(dest, tree)
+            report.checked += 1
+            if problem:
+                report.corrupt_copies.append(f"{dest}: {problem}")
+                if repair:
+                    shutil.rmtree(dest, ignore_errors=True)
+        report.repaired = repair
+        return report
+
+
+def _as_tree(data: bytes) -> dict | None:
+    """The tree manifest `data` holds, or None (another kind of object)."""
+    if data[:1] != b"{" or len(data) > 1 << 24:
+        return None
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, dict) and obj.get("kind") == "tree" else None
+
+
+def copy_problem(dest: Path, tree: dict) -> str:
+    """What is wrong with the materialised copy `dest` of `tree` ('' when nothing)."""
+    for entry in tree["files"]:
+        path = dest / entry["path"]
+        if not path.is_file():
+            return f"{entry['path']} is missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{entry['path']} has {size} bytes, the tree says {entry['size']}"
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            return f"{entry['path']} has sha256 {actual}, the tree says {entry['sha256']}"
+    return ""
+
+
+@dataclass
+class StoreReport:
+    """What `Store.verify` found."""
+
+    checked: int = 0
+    corrupt_objects: list[str] = field(default_factory=list)  # keys
+    corrupt_copies: list[str] = field(default_factory=list)  # "path: problem"
+    affected: list[str] = field(default_factory=list)  # corrupt digests + trees holding them
+    repaired: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not (self.corrupt_objects or self.corrupt_copies)
+
 
 def _mkdir(p: Path) -> Path:
     p.mkdir(parents=True, exist_ok=True)
@@ -228,6 +345,9 @@ class LocalStore(Store):
 
     def _exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def _delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def object_uri(self, digest: str) -> str:
         return f"file://{self._path(self._key(digest))}"
@@ -495,6 +615,14 @@ class S3Store(Store):
             raise self._error("check", key, exc) from None
         except BotoCoreError as exc:
             raise self._error("check", key, exc) from None
+
+    def _delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._full(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("delete", key, exc) from None
 
     _list_page_size = 1000
 

@@ -19,6 +19,7 @@ from components import build_components
 from flminillm.config import ClusterConfig, Config, DeploymentConfig, StepResources
 from flminillm.invoke import DEPLOYMENT_ENV
 from flminillm.steps import STEPS
+from flminillm.tracking import RUN_ENV
 from pipelines.federation import TaskHook, build_federation_pipeline, build_round_pipeline
 
 # secret key -> environment variable. boto3 reads all three (AWS_ENDPOINT_URL points it at
@@ -75,10 +76,13 @@ def task_deployment(dep: DeploymentConfig) -> str:
     return dep.deployment.model_copy(update={"cluster": ClusterConfig()}).deployment_json()
 
 
-def cluster_task_hook(dep: DeploymentConfig, caching: bool | None = None) -> TaskHook:
+def cluster_task_hook(
+    dep: DeploymentConfig, caching: bool | None = None, mlflow_run: str | None = None
+) -> TaskHook:
     """A task hook setting the deployment's cluster options on every task, and the
     deployment in its environment. `caching` overrides `cluster.caching` (False: every step
-    runs again)."""
+    runs again). `mlflow_run`: the federation's MLflow run, opened by `submit`, under which
+    every step logs itself when it finishes."""
     cluster = dep.cluster
     enable_caching = cluster.caching if caching is None else caching
     deployment = task_deployment(dep)
@@ -89,6 +93,8 @@ def cluster_task_hook(dep: DeploymentConfig, caching: bool | None = None) -> Tas
         res = step_resources(cluster, step)
         task.set_caching_options(enable_caching)
         task.set_env_variable(DEPLOYMENT_ENV, deployment)  # not part of the cache key
+        if mlflow_run:
+            task.set_env_variable(RUN_ENV, mlflow_run)
         if cluster.retries:
             task.set_retry(
                 num_retries=cluster.retries,
@@ -107,22 +113,26 @@ def cluster_task_hook(dep: DeploymentConfig, caching: bool | None = None) -> Tas
         kubernetes.use_secret_as_env(
             task, secret_name=cluster.s3_secret, secret_key_to_env=S3_SECRET_ENV
         )
-        if STEPS[step].tracking:  # the other steps only need the artifact store
-            kubernetes.use_secret_as_env(
-                task, secret_name=cluster.mlflow_secret, secret_key_to_env=MLFLOW_SECRET_ENV
-            )
-            kubernetes.use_secret_as_env(
-                task,
-                secret_name=cluster.mlflow_secret,
-                secret_key_to_env=MLFLOW_SECRET_ENV_OPTIONAL,
-                optional=True,
-            )
+        # every step logs itself to MLflow when the secret is there; `track` needs it
+        kubernetes.use_secret_as_env(
+            task, secret_name=cluster.mlflow_secret, secret_key_to_env=MLFLOW_SECRET_ENV,
+            optional=not STEPS[step].tracking,
+        )  # fmt: skip
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=cluster.mlflow_secret,
+            secret_key_to_env=MLFLOW_SECRET_ENV_OPTIONAL,
+            optional=True,
+        )
         kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_non_root=True)
 
     return hook
 
 
-def build_cluster_pipeline(cfg: Config, round_only: bool = False, caching: bool | None = None):
+def build_cluster_pipeline(
+    cfg: Config, round_only: bool = False, caching: bool | None = None,
+    mlflow_run: str | None = None,
+):  # fmt: skip
     """The federation (or single-round) pipeline with `cfg.cluster`'s settings on every task
     and `cfg.cluster.pipeline_root` as its default pipeline root."""
     cluster = cfg.cluster
@@ -133,7 +143,7 @@ def build_cluster_pipeline(cfg: Config, round_only: bool = False, caching: bool 
     return build(
         cfg.experiment,
         ops,
-        task_hook=cluster_task_hook(cfg, caching),
+        task_hook=cluster_task_hook(cfg, caching, mlflow_run),
         pipeline_root=cluster.pipeline_root,
     )
 
@@ -143,11 +153,12 @@ def compile_pipeline(
     package_path: str | Path,
     round_only: bool = False,
     caching: bool | None = None,
+    mlflow_run: str | None = None,
 ) -> Path:
     """Compile the cluster pipeline to KFP YAML at `package_path`."""
     path = Path(package_path)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-    pipeline = build_cluster_pipeline(cfg, round_only=round_only, caching=caching)
+    pipeline = build_cluster_pipeline(cfg, round_only, caching, mlflow_run)
     compiler.Compiler().compile(pipeline, package_path=str(path))
     return path

@@ -5,8 +5,12 @@ import contextlib
 import functools
 import json
 import os
+import threading
 import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flminillm.config import Config
 
@@ -63,6 +67,130 @@ def patch_kfp_local_indented_print() -> None:
     builtins.print = _ORIGINAL_PRINT
 
 
+@dataclass(frozen=True)
+class TaskEvent:
+    """A task of the local runner has finished: which step, with which arguments (round,
+    party), how (SUCCESS or FAILURE), in how many seconds, and whether from the cache."""
+
+    step: str
+    arguments: dict[str, Any]
+    status: str
+    seconds: float
+    cached: bool
+
+    @property
+    def party(self) -> str:
+        a = self.arguments
+        if "teacher_id" in a:  # who teaches whom
+            student = json.loads(a.get("rollouts_json") or "{}").get("party", "?")
+            return f"{a['teacher_id']}->{student}"
+        for key in ("party_id", "client_id", "student_id"):
+            if key in a:
+                return str(a[key])
+        return ""
+
+    @property
+    def round(self) -> int | None:
+        r = self.arguments.get("round_index")
+        return int(r) if r is not None else (0 if self.step in ("init_model", "prepare") else None)
+
+
+_OBSERVERS: list[Callable[[TaskEvent], None]] = []
+_CACHE_HIT = threading.local()
+
+
+@contextlib.contextmanager
+def observing_tasks(observer: Callable[[TaskEvent], None]) -> Iterator[None]:
+    """Call `observer` with a TaskEvent whenever a task of the local runner finishes (from
+    the thread that ran it) while the block runs."""
+    patch_kfp_local_task_events()
+    _OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
+
+
+def _step_of(component_name: str) -> str:
+    """comp-generate-2 -> generate (components are named after the recipes)."""
+    name = component_name.removeprefix("comp-")
+    base, _, suffix = name.rpartition("-")
+    return (base if suffix.isdigit() and base else name).replace("-", "_")
+
+
+def patch_kfp_local_task_events() -> None:
+    """Wrap kfp.local's execution of one task (and its cache lookup) so that
+    `observing_tasks` sees every finished task, cache hits included. Local runner only."""
+    from kfp.local import cache as cache_module
+    from kfp.local.orchestrator import task_executor
+    from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
+
+    original = task_executor.execute_single_task
+    if getattr(original, "_flminillm_patched", False):
+        return
+    original_get = cache_module.LocalCache.get
+
+    @functools.wraps(original_get)
+    def get(self, key):
+        out = original_get(self, key)
+        _CACHE_HIT.value = out is not None
+        return out
+
+    @functools.wraps(original)
+    def execute(*args, **kwargs):
+        _CACHE_HIT.value = False
+        started = time.time()
+        outputs, task_status = original(*args, **kwargs)
+        if _OBSERVERS:
+            spec = kwargs["task_spec"]
+            arguments = OrchestratorUtils.make_task_arguments(
+                task_inputs_spec=spec.inputs, io_store=kwargs["io_store"]
+            )
+            event = TaskEvent(
+                step=_step_of(spec.component_ref.name), arguments=arguments,
+                status=getattr(task_status, "name", str(task_status)),
+                seconds=time.time() - started, cached=bool(getattr(_CACHE_HIT, "value", False)),
+            )  # fmt: skip
+            for observer in list(_OBSERVERS):
+                observer(event)
+        return outputs, task_status
+
+    execute._flminillm_patched = True
+    cache_module.LocalCache.get = get
+    task_executor.execute_single_task = execute
+
+
+def cache_dir(pipeline_root: str | Path) -> Path:
+    """Where the local runner's task cache lives."""
+    return Path(pipeline_root) / ".kfp_cache"
+
+
+def forget_cached(pipeline_root: str | Path, predicate: Callable[[dict], bool]) -> int:
+    """Delete the task cache entries (their outputs, a dict) that `predicate` selects, so
+    that those tasks run again; returns how many."""
+    root = cache_dir(pipeline_root)
+    n = 0
+    for entry in sorted(root.glob("*.json")) if root.is_dir() else []:
+        try:
+            outputs = json.loads(entry.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(outputs, dict) and predicate(outputs):
+            entry.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def dropped_out(outputs: dict) -> bool:
+    """A task whose output says that a client dropped out (a success to KFP)."""
+    return any(isinstance(v, str) and '"dropped": "' in v for v in outputs.values())
+
+
+def mentions_any(digests: Collection[str]) -> Callable[[dict], bool]:
+    """A predicate: the outputs mention one of `digests`."""
+    return lambda outputs: any(d in json.dumps(outputs) for d in digests)
+
+
 def init_local(pipeline_root: str | Path, cache: bool) -> None:
     from kfp import local
 
@@ -74,7 +202,7 @@ def init_local(pipeline_root: str | Path, cache: bool) -> None:
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(root),
         enable_caching=cache,
-        cache_root=str(root / ".kfp_cache"),
+        cache_root=str(cache_dir(root)),
     )
 
 

@@ -28,6 +28,7 @@ class Submitted:
     run_id: str
     url: str
     experiment_id: str
+    mlflow_run: str | None = None
 
 
 def run_url(host: str, run_id: str) -> str:
@@ -133,10 +134,14 @@ def submit(
                 {"flminillm.runner": "kubeflow", "kfp.experiment": cluster.experiment}
             ),
         }
+    mlflow_run = None
+    if manifest is None and cfg.tracking.enabled:
+        mlflow_run = open_mlflow_run(cfg, name, started, json.loads(arguments["run_tags"]), log)
     with tempfile.TemporaryDirectory(prefix="flminillm-submit-") as tmp:
         package = compile_pipeline(
-            cfg, Path(tmp) / "pipeline.yaml", round_only=manifest is not None, caching=caching
-        )
+            cfg, Path(tmp) / "pipeline.yaml", round_only=manifest is not None, caching=caching,
+            mlflow_run=mlflow_run,
+        )  # fmt: skip
         client = client_factory(host=host, namespace=cluster.namespace or "kubeflow")
         result = client.create_run_from_pipeline_package(
             str(package),
@@ -152,4 +157,26 @@ def submit(
     experiment_id = getattr(getattr(result, "run_info", None), "experiment_id", "") or ""
     url = run_url(host, run_id)
     log(f"submitted run {name!r} ({run_id}) to experiment {cluster.experiment!r}")
-    return Submitted(run_id=run_id, url=url, experiment_id=experiment_id)
+    if mlflow_run:
+        from flminillm.tracking import client_for
+
+        client_for(cfg.tracking.uri).set_tag(mlflow_run, "kfp.run_id", run_id)
+    return Submitted(run_id=run_id, url=url, experiment_id=experiment_id, mlflow_run=mlflow_run)
+
+
+def open_mlflow_run(
+    cfg: Config, name: str, started: float, tags: dict[str, str], log: Callable[[str], None]
+) -> str | None:
+    """The federation's MLflow run, opened now so that every step logs itself under it as it
+    finishes; None (the `track` step logs the whole tree at the end) when the tracking server
+    cannot be reached from here."""
+    from flminillm.tracking import start_federation
+
+    try:
+        run_id = start_federation(cfg, name, started, tags)
+    except Exception as err:  # noqa: BLE001 - tracking must not stop a submission
+        log(f"MLflow at {cfg.tracking.uri} is not reachable from here ({type(err).__name__}); "
+            "the run's track step logs it when the run ends")  # fmt: skip
+        return None
+    log(f"MLflow run {run_id} at {cfg.tracking.uri}: steps appear as they finish")
+    return run_id

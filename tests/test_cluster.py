@@ -131,18 +131,22 @@ def test_compiled_federation_carries_the_cluster_settings(tiny_config, tmp_path)
             assert container["image"] == "registry.example/flminillm:test"
             assert "accelerator" not in r
             assert "nodeSelector" not in pod and "tolerations" not in pod
-        # secrets as environment variables: S3 everywhere, MLflow where it is logged to
+        # secrets as environment variables: S3 everywhere; MLflow everywhere (every step
+        # logs itself), required by the track step only
         env = {
-            (s["secretName"], e["secretKey"]): e["envVar"]
+            (s["secretName"], e["secretKey"]): (e["envVar"], s.get("optional", False))
             for s in pod["secretAsEnv"]
             for e in s["keyToEnv"]
         }
-        assert env[("s3-creds", "AWS_ACCESS_KEY_ID")] == "AWS_ACCESS_KEY_ID"
-        assert env[("s3-creds", "AWS_SECRET_ACCESS_KEY")] == "AWS_SECRET_ACCESS_KEY"
-        assert env[("s3-creds", "AWS_ENDPOINT_URL")] == "AWS_ENDPOINT_URL"
-        assert (env.get(("mlflow-creds", "MLFLOW_TRACKING_URI")) == "MLFLOW_TRACKING_URI") is (
-            step == "track"
-        )
+        assert env[("s3-creds", "AWS_ACCESS_KEY_ID")] == ("AWS_ACCESS_KEY_ID", False)
+        assert env[("s3-creds", "AWS_SECRET_ACCESS_KEY")] == ("AWS_SECRET_ACCESS_KEY", False)
+        assert env[("s3-creds", "AWS_ENDPOINT_URL")] == ("AWS_ENDPOINT_URL", False)
+        uri = env[("mlflow-creds", "MLFLOW_TRACKING_URI")]
+        assert uri == ("MLFLOW_TRACKING_URI", step != "track")
+        # and the deployment each task reads: the store and tracking, not the cluster
+        task_env = {e["name"]: e["value"] for e in container.get("env", [])}
+        deployed = json.loads(task_env["FLMINILLM_DEPLOYMENT"])
+        assert deployed["store"] == json.loads(cfg.deployment_json())["store"]
         assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": "1000"}
     # the experiment travels as the default parameter; the deployment (store, tracking) in
     # every task's environment, which is not part of a cache key

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "flminillm"
 # the application layer may run pipelines; everything else of the package is the core
-APPLICATION = ("flminillm.cli", "flminillm.bench")
+APPLICATION = ("flminillm.cli", "flminillm.runs", "flminillm.bench")
 FORBIDDEN_IN_CORE = ("kfp", "pipelines", "components")
 
 

@@ -213,3 +213,69 @@ def test_records(store):
     # a stray temporary file (a writer killed mid-way) is not listed
     (store.root / "records" / "round-1" / ".alice.123.tmp").write_text("{partial")
     assert store.list_records("round-1/") == [got[0], {"round": 1, "party": "bob", "retry": True}]
+
+
+def _flip_byte(path: Path, offset: int = -10) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _model_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"weights" * 1000)
+    (d / "config.json").write_text('{"a": 1}')
+    return d
+
+
+def test_a_corrupt_materialised_copy_is_refused_every_time_it_is_used(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    digest = store.put_dir(_model_dir(tmp_path))
+    copy = store.get_dir(digest)
+    assert store.get_dir(digest) == copy  # an intact copy is used as it is
+    _flip_byte(copy / "model.safetensors")
+    with pytest.raises(IntegrityError, match="model.safetensors has sha256") as err:
+        store.get_dir(digest)
+    assert str(copy) in str(err.value) and "flminillm store verify --repair" in str(err.value)
+    (copy / "config.json").unlink()
+    with pytest.raises(IntegrityError, match="config.json is missing"):
+        store.get_dir(digest)
+
+
+def test_writing_an_object_again_replaces_a_corrupt_one(tmp_path, capsys):
+    store = LocalStore(tmp_path / "store")
+    data = b"some object" * 100
+    digest = store.put_bytes(data)
+    path = Path(store.object_uri(digest).removeprefix("file://"))
+    _flip_byte(path)
+    with pytest.raises(IntegrityError, match="flminillm store verify --repair"):
+        store.get_bytes(digest)
+    assert store.put_bytes(data) == digest  # the step that produced it runs again
+    assert store.get_bytes(digest) == data
+    assert "replacing corrupt object" in capsys.readouterr().err
+
+
+def test_verify_finds_and_repair_drops_corrupt_objects_and_copies(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    scoped = store.scoped("alice")
+    tree = scoped.put_dir(_model_dir(tmp_path))
+    other = store.scoped("public").put_json({"fine": True})
+    copy = scoped.get_dir(tree)
+    report = store.verify()
+    assert report.ok and report.checked == 4 + 1  # 2 files + tree + json; 1 copy
+    blob = next(e["sha256"] for e in scoped.get_json(tree)["files"]
+                if e["path"] == "model.safetensors")  # fmt: skip
+    _flip_byte(Path(scoped.object_uri(blob).removeprefix("file://")))
+    _flip_byte(copy / "config.json", 0)
+    report = store.verify()
+    assert not report.ok
+    assert [k.rsplit("/", 1)[-1] for k in report.corrupt_objects] == [blob]
+    assert len(report.corrupt_copies) == 1 and "config.json" in report.corrupt_copies[0]
+    assert set(report.affected) == {blob, tree}  # the blob and the tree that holds it
+    assert scoped.exists(blob) and copy.exists()  # without --repair nothing is dropped
+    repaired = store.verify(repair=True)
+    assert repaired.repaired and not scoped.exists(blob) and not copy.exists()
+    assert store.scoped("public").get_json(other) == {"fine": True}  # the rest is untouched
+    again = store.verify()
+    assert again.ok

@@ -170,6 +170,20 @@ def test_submit_federation_creates_experiment_and_run(kfp_server, tiny_config, t
     # the printed URL is the run's page
     (rid,) = fake.runs  # the id the server gave the run
     assert f"{host}/#/runs/details/{rid}" in out
+    # the federation's MLflow run is open already, and every task knows it, so that each
+    # step logs itself under it when it finishes on the cluster
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tiny_config.tracking.uri)
+    exp_id = client.get_experiment_by_name(tiny_config.tracking.experiment).experiment_id
+    (mlrun,) = client.search_runs([exp_id], "tags.`flminillm.kind` = 'federation'")
+    assert mlrun.info.status == "RUNNING" and mlrun.data.tags["kfp.run_id"] == rid
+    assert "flminillm.pid" not in mlrun.data.tags  # no local process owns it
+    task_env = [
+        {e["name"]: e["value"] for e in ex["container"].get("env", [])}
+        for ex in spec["deploymentSpec"]["executors"].values()
+    ]
+    assert task_env and all(e["FLMINILLM_MLFLOW_RUN"] == mlrun.info.run_id for e in task_env)
 
     # a second submission reuses the experiment
     n_experiments = len(fake.experiments)
