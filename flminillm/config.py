@@ -30,6 +30,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoraSpec(_Strict):
+    """LoRA adapters (peft) on a party's model: only the adapters train in local_sft and
+    distill, and its checkpoints hold the adapters plus the digest of the base model."""
+
+    r: int = Field(8, ge=1, le=1024, description="Rank of each adapter.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator (the update is alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj], or [c_attn] for GPT-2), "
+        "or all-linear.",
+    )
+
+
 class ModelSpec(_Strict):
     """A causal LM: either built from these hyper-parameters or loaded from `name_or_path`."""
 
@@ -51,6 +65,10 @@ class ModelSpec(_Strict):
         None,
         description="Load weights from a local directory or a hub name instead of building "
         "(same code path: transformers' from_pretrained).",
+    )
+    lora: LoraSpec | None = Field(
+        None,
+        description="Train LoRA adapters instead of every weight (local_sft and distill).",
     )
 
     @model_validator(mode="after")
@@ -235,9 +253,26 @@ class EngineConfig(_Strict):
     zero_stage: int = Field(
         0, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 (kind: deepspeed only)."
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where every step runs (models, batches, sampling, scoring, losses, "
+        "evaluation): auto = the GPU when one is visible, else the CPU; cuda without a GPU is "
+        "an error.",
+    )
     bf16: bool | None = Field(
         None,
-        description="DeepSpeed bf16 mixed precision; empty: on when a GPU is present, fp32 on CPU.",
+        description="bf16 mixed precision: autocast with fp32 weights (torch) or bf16 weights "
+        "with fp32 master weights (deepspeed). Empty: on on a GPU, off (fp32) on the CPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass of local_sft / distill / "
+        "pre-training (less memory, about a third more compute).",
+    )
+    offload: Literal["none", "cpu"] = Field(
+        "none",
+        description="DeepSpeed ZeRO offload to CPU memory: the optimizer state (zero_stage "
+        ">= 1) and, at zero_stage 3, the parameters, for a student that does not fit one GPU.",
     )
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=1024, description="Micro-batches per optimizer step (both kinds)."
@@ -255,6 +290,11 @@ class EngineConfig(_Strict):
     def _several_gpus_need_deepspeed(self) -> EngineConfig:
         if self.gpus_per_step > 1 and self.kind != "deepspeed":
             raise ValueError("gpus_per_step: more than 1 needs kind: deepspeed")
+        if self.offload != "none" and (self.kind != "deepspeed" or self.zero_stage == 0):
+            raise ValueError(
+                "offload: cpu needs kind: deepspeed and zero_stage 1-3 (3 also offloads the "
+                "parameters); set offload: none or change the engine"
+            )
         if self.gpus_per_step > 1 and self.zero_stage == 3:
             raise ValueError(
                 "gpus_per_step: more than 1 is supported with zero_stage 0-2 (every rank holds "

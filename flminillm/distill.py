@@ -67,8 +67,8 @@ def future_returns(
     b, t = r.shape
     ret = torch.zeros_like(r)
     count = torch.zeros_like(r)
-    acc = torch.zeros(b, dtype=r.dtype)
-    n = torch.zeros(b, dtype=r.dtype)
+    acc = r.new_zeros(b)
+    n = r.new_zeros(b)
     for i in range(t - 2, -1, -1):
         acc = r[:, i + 1] + gamma * acc
         n = mask[:, i + 1].to(r.dtype) + gamma * n
@@ -133,7 +133,7 @@ def minillm_loss(
     else:
         with torch.no_grad():
             kl = support_kl(logq_support, teacher_logp, _support_mask(support_ids))
-        loss_single = torch.zeros((), dtype=logq_all.dtype)
+        loss_single = logq_all.new_zeros(())
 
     loss = loss_single + loss_long
     with torch.no_grad():
@@ -155,7 +155,7 @@ def _support_mask(support_ids: torch.Tensor) -> torch.Tensor:
     valid = support_ids >= 0
     s = support_ids.shape[-1]
     eq = support_ids[..., :, None] == support_ids[..., None, :]  # [.., S, S]
-    earlier = torch.ones(s, s, dtype=torch.bool).tril(-1)
+    earlier = torch.ones(s, s, dtype=torch.bool, device=support_ids.device).tril(-1)
     dup = (eq & earlier).any(-1)
     return valid & ~dup
 

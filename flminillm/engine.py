@@ -19,6 +19,7 @@ seconds). On CPU it runs as a single gloo process, with the torch AdamW as its o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable
@@ -32,16 +33,24 @@ if TYPE_CHECKING:
 
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95)
-    )
+    """AdamW on the trainable parameters (all of them, or a LoRA model's adapters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
 
 
 class Engine:
-    """What the training loops use: `model`, `backward(loss)`, `step()`, `save(dir)`."""
+    """What the training loops use: `model`, `backward(loss)`, `step()`, `save(dir)`, and
+    `autocast()` around forward passes (bf16 on a GPU, nothing on the CPU)."""
 
     model: torch.nn.Module
     gradient_accumulation_steps: int = 1
+    device: torch.device = torch.device("cpu")
+    bf16_autocast: bool = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.bf16_autocast and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -119,12 +128,19 @@ def deepspeed_config(
     """The DeepSpeed config dict that `EngineConfig` stands for."""
     bf16 = on_gpu if cfg.bf16 is None else cfg.bf16
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload == "cpu":  # optimizer state (ZeRO 1-3) and, at stage 3, parameters
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "train_batch_size": micro_batch_size * cfg.gradient_accumulation_steps * world,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "gradient_clipping": max_grad_norm,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
+        # the torch AdamW also steps offloaded state (DeepSpeedCPUAdam needs compiled ops)
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": bool(bf16)},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
@@ -151,7 +167,8 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        on_gpu = torch.cuda.is_available()
+        self.device = next(model.parameters()).device  # placed by the step (flminillm.devices)
+        on_gpu = self.device.type == "cuda"
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
         self.gradient_accumulation_steps = cfg.gradient_accumulation_steps
@@ -197,8 +214,16 @@ def make_engine(
     cfg: EngineConfig | None = None,
     lr_lambda: Callable[[int], float] | None = None,
 ) -> Engine:
-    """The engine `cfg.kind` names (plain torch when `cfg` is None)."""
+    """The engine `cfg.kind` names (plain torch when `cfg` is None), on the device the model
+    is on. With `cfg.gradient_checkpointing` the model recomputes activations in backward."""
+    from flminillm.devices import uses_bf16
+
+    if cfg is not None and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg is None or cfg.kind == "torch":
         ga = 1 if cfg is None else cfg.gradient_accumulation_steps
-        return TorchEngine(model, lr, weight_decay, max_grad_norm, ga, lr_lambda)
+        eng: Engine = TorchEngine(model, lr, weight_decay, max_grad_norm, ga, lr_lambda)
+        eng.device = next(model.parameters()).device
+        eng.bf16_autocast = uses_bf16(cfg, eng.device)  # fp32 weights: fp32 master weights
+        return eng
     return DeepSpeedEngine(model, lr, weight_decay, max_grad_norm, cfg, lr_lambda)

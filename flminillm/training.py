@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from flminillm.data import Example, format_prompt, format_target
+from flminillm.devices import to_device
 from flminillm.engine import make_engine
 from flminillm.ranks import rank_world
 
@@ -116,20 +117,25 @@ def train_lm(
     tokens = 0
     from tqdm import tqdm
 
+    device = next(model.parameters()).device  # placed by the step (flminillm.devices)
     bar = tqdm(range(steps), desc=progress, disable=progress is None, mininterval=2.0)
+    last_t = None
     for step in bar:
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # read every 20 steps
         for _micro in range(accum):
-            batch = [next(it) for _ in range(world)][rank]
-            loss = causal_lm_loss(eng.model, batch)
+            host = [next(it) for _ in range(world)][rank]
+            batch = to_device(host, device)
+            with eng.autocast():
+                loss = causal_lm_loss(eng.model, batch)
             eng.backward(loss)
             eng.step()
-            tokens += int(batch["attention_mask"].sum())
-            total += float(loss.detach())
-        last = total / accum
+            tokens += int(host["attention_mask"].sum())
+            total = total + loss.detach().double()
+        last_t = total / accum
         if step == 0:
-            first = last
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{last:.3f}")
+            first = float(last_t)
+        if step % 20 == 0 and progress is not None:
+            bar.set_postfix(loss=f"{float(last_t):.3f}")
+    last = float(last_t) if last_t is not None else last
     model.eval()
     return {"loss_first": first, "loss_last": last, "tokens": float(tokens)}

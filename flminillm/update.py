@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from flminillm.devices import to_device
 from flminillm.distill import forward_kl_loss, lm_loss, minillm_loss
 from flminillm.generation import response_logits
 from flminillm.training import causal_lm_loss
@@ -40,7 +41,11 @@ def behaviour_logprobs(model, batch: Batch, micro_batch: int = 0) -> torch.Tenso
             )  # fmt: skip
             logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None])[..., 0]
             parts.append(logp * mask)
-    return torch.cat(parts) if parts else torch.zeros(batch["response_ids"].shape)
+    return (
+        torch.cat(parts)
+        if parts
+        else batch["response_ids"].new_zeros(batch["response_ids"].shape, dtype=torch.float32)
+    )
 
 
 def distill_loss(
@@ -48,7 +53,8 @@ def distill_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch `mb` (an assembled batch's rows) given the student's
     logits [B, T, V]: MiniLLM's reverse-KL policy gradient (or the forward-KL baseline on
-    every scored position) plus, with `seqkd`, cross-entropy on the teachers' sequences."""
+    every scored position) plus, with `seqkd`, cross-entropy on the teachers' sequences
+    (the caller says whether `mb` has any: deciding it here would read the device)."""
     if d.method == "reverse_kl":
         loss, stats = minillm_loss(
             logits, mb["response_ids"], mb["response_mask"], behaviour, mb["support_ids"],
@@ -59,7 +65,7 @@ def distill_loss(
         loss, stats = forward_kl_loss(
             logits, mb["response_mask"], mb["support_ids"], mb["teacher_logp"]
         )
-    if seqkd and bool(mb["from_teacher"].any()):
+    if seqkd:
         tmask = mb["response_mask"] * mb["from_teacher"][:, None]
         ce = lm_loss(logits, mb["response_ids"], tmask)
         loss = loss + d.seqkd_coef * ce
@@ -74,17 +80,24 @@ def update_step(
     d: DistillConfig,
     seqkd: bool = True,
     lm_batch: Batch | None = None,
+    has_teacher_rows: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimisation step on the micro-batch `mb` (behaviour: its rows of
-    `behaviour_logprobs`), with `d.lm_coef` x the LM loss on `lm_batch` when given."""
-    logits = response_logits(
-        engine.model, mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"]
-    )
-    loss, stats = distill_loss(logits, mb, behaviour, d, seqkd)
-    if lm_batch is not None:
-        lm = causal_lm_loss(engine.model, lm_batch)
-        loss = loss + d.lm_coef * lm
-        stats["lm_loss"] = lm.detach()
+    `behaviour_logprobs`), with `d.lm_coef` x the LM loss on `lm_batch` when given.
+    `has_teacher_rows`: whether `mb` holds teacher sequences (for SeqKD), when the caller
+    knows it without a device read."""
+    if has_teacher_rows is None:
+        has_teacher_rows = bool(mb["from_teacher"].any())
+    with engine.autocast():
+        logits = response_logits(
+            engine.model, mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"],
+            mb["response_mask"],
+        )  # fmt: skip
+        loss, stats = distill_loss(logits, mb, behaviour, d, seqkd and has_teacher_rows)
+        if lm_batch is not None:
+            lm = causal_lm_loss(engine.model, lm_batch)
+            loss = loss + d.lm_coef * lm
+            stats["lm_loss"] = lm.detach()
     engine.backward(loss)
     engine.step()
     stats["loss"] = loss.detach()
@@ -113,24 +126,32 @@ def distill_epochs(
     count = 0
     first_rkl = None
     span = d.batch_size * world
+    from_teacher = batch["from_teacher"].cpu()  # read once: which rows get SeqKD
     for _epoch in range(d.epochs):
-        order = torch.randperm(n, generator=g)
+        order = torch.randperm(n, generator=g, device="cpu")  # host-side: the same on any device
         for i in range(0, n, span):
             if world == 1:
                 idx = order[i : i + d.batch_size]
             else:  # wrapping around at the end, so that every rank steps together: the
                 # split of one process with gradient accumulation over `world` micro-batches
-                idx = order[(i + rank * d.batch_size + torch.arange(d.batch_size)) % n]
-            mb = {k: v[idx] for k, v in batch.items()}
+                idx = order[
+                    (i + rank * d.batch_size + torch.arange(d.batch_size, device="cpu")) % n
+                ]
+            mb = {k: v[idx.to(v.device)] for k, v in batch.items()}
             lm_batch = [next(lm_batches) for _ in range(world)][rank] if lm_batches else None
-            stats = update_step(engine, mb, behaviour[idx], d, seqkd, lm_batch)
+            if lm_batch is not None:
+                lm_batch = to_device(lm_batch, behaviour.device)
+            stats = update_step(
+                engine, mb, behaviour[idx.to(behaviour.device)], d, seqkd, lm_batch,
+                has_teacher_rows=bool(from_teacher[idx].any()),
+            )  # fmt: skip
             if first_rkl is None and "reverse_kl" in stats:
                 first_rkl = stats["reverse_kl"]
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v.double()
             count += 1
     out = {k: v / max(count, 1) for k, v in sums.items()}
-    out["updates"] = torch.tensor(float(count))
+    out["updates"] = torch.tensor(float(count), device=behaviour.device)
     if first_rkl is not None:
         out["reverse_kl_first"] = first_rkl
     return out

@@ -86,6 +86,36 @@ def plot(report: Report, path: Path) -> None:
     plt.close(fig)
 
 
+DEVICES_TEXT = [
+    "## Devices, memory, LoRA",
+    "",
+    "`engine.device` (auto | cpu | cuda) places every step's model and tensors: sampling with",
+    "the KV cache, teacher scoring, the losses, the update and evaluation; statistics stay on",
+    "the device and are read once per step. On a GPU the forward passes run under bf16",
+    "autocast with fp32 weights (fp32 master weights for the optimizer), or in bf16 weights",
+    "under DeepSpeed's bf16; on the CPU nothing changes (the tiny federation's digests are the",
+    "same as before devices existed). Behaviour log-probs and teacher scoring go",
+    "`generation.batch_size` sequences at a time; `engine.gradient_checkpointing: true`",
+    "recomputes activations in backward (same gradients within 1e-6, `tests/test_devices.py`);",
+    "`engine.offload: cpu` with DeepSpeed ZeRO 1-3 keeps the optimizer state (and at stage 3",
+    "the parameters) in CPU memory, for a student that does not fit one GPU (the config is",
+    "tested; the offload itself needs a GPU and was not run here).",
+    "",
+    "`model.lora: {r, alpha, dropout, target_modules}` trains LoRA adapters (peft) instead of",
+    "every weight in local_sft and distill. A round's checkpoint is the adapters and the",
+    "digest of their base model, which the store holds once: for SmolLM2-135M at r=8",
+    "(all linear layers) 2.4M of 137M parameters train and a checkpoint is 9.8 MB against",
+    "538 MB for the full model (1.8%; `make test-slow`, tests/test_lora.py).",
+    "",
+]
+
+
+def device_section(gpu_json: Path) -> list[str]:
+    from flminillm.bench.gpu import load_result, markdown
+
+    return DEVICES_TEXT + markdown(load_result(gpu_json))
+
+
 def write_markdown(report: Report, path: Path, png: Path, command: str) -> None:
     import torch
 
@@ -150,6 +180,7 @@ def write_markdown(report: Report, path: Path, png: Path, command: str) -> None:
         "CUDA ops); `tests/test_engine.py` checks that ZeRO-0 and ZeRO-2 give the plain loop's",
         "loss at step 0 (within 1e-6) and the same losses after.",
         "",
+        *device_section(path.parent / "gpu.json"),
         "## Local runner",
         "",
         "Under kfp.local every task is its own Python process. Importing torch, transformers",
