@@ -150,6 +150,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_export(args: argparse.Namespace) -> int:
+    import yaml
+
+    from flminillm.config import load_config
+    from flminillm.datafiles import export_benchmark
+    from flminillm.store import atomic_write_text
+
+    cfg = load_config(args.config)
+    if cfg.data.source != "benchmark":
+        raise SystemExit(f"{args.config}: data.source is {cfg.data.source}; export needs a "
+                         "config that generates the benchmark")  # fmt: skip
+    done = export_benchmark(cfg, args.out)
+    target = Path(args.config_out or Path(args.out) / "config.yaml")
+    atomic_write_text(target, yaml.safe_dump(done["config"], sort_keys=False))
+    for name, path in done["files"].items():
+        print(f"{name:>14}  {path}")
+    print(f"config reading them: {target} (flminillm run --config {target})")
+    return 0
+
+
 def cmd_config_schema(args: argparse.Namespace) -> int:
     print(json.dumps(Config.model_json_schema(), indent=1))
     return 0
@@ -236,6 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     verify.set_defaults(func=cmd_store_verify)
 
+    data = sub.add_parser("data", help="data sets as files")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    export = data_sub.add_parser(
+        "export",
+        help="write a config's generated benchmark as JSONL files, and a config that reads them",
+    )
+    export.add_argument(
+        "--config", required=True, help="a benchmark config (data.source: benchmark)"
+    )
+    export.add_argument("--out", required=True, help="directory for the JSONL files")
+    export.add_argument(
+        "--config-out",
+        default=None,
+        help="where to write the files config (default: OUT/config.yaml)",
+    )
+    export.set_defaults(func=cmd_data_export)
     schema = sub.add_parser("config-schema", help="print the JSON schema of experiment configs")
     schema.set_defaults(func=cmd_config_schema)
 

@@ -44,6 +44,26 @@ class LoraSpec(_Strict):
     )
 
 
+class PartyTokenizer(_Strict):
+    """A party's own tokenizer, instead of the federation's shared one."""
+
+    vocab_size: int | None = Field(
+        None, ge=300, le=262144,
+        description="Train the party its own byte-level BPE of this size on the public text.",
+    )  # fmt: skip
+    name_or_path: str | None = Field(
+        None,
+        description="Load it (local directory, hub name, or a .gguf / package: file whose "
+        "tokenizer transformers reads).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PartyTokenizer:
+        if (self.vocab_size is None) == (self.name_or_path is None):
+            raise ValueError("tokenizer: give exactly one of vocab_size or name_or_path")
+        return self
+
+
 class ModelSpec(_Strict):
     """A causal LM: either built from these hyper-parameters or loaded from `name_or_path`."""
 
@@ -70,6 +90,17 @@ class ModelSpec(_Strict):
         None,
         description="Train LoRA adapters instead of every weight (local_sft and distill).",
     )
+    tokenizer: PartyTokenizer | None = Field(
+        None,
+        description="The party's own tokenizer. Empty: the model's own when it is loaded "
+        "(name_or_path), else the federation's shared one. Parties with different tokenizers "
+        "exchange text and character offsets (docs/algorithm.md, 'Across tokenizers').",
+    )
+    chat_template: bool = Field(
+        True,
+        description="Format prompts with the tokenizer's chat template when it has one "
+        "(else the benchmark's 'Q: ... A:' format).",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelSpec:
@@ -79,6 +110,60 @@ class ModelSpec(_Strict):
                 f"({self.num_heads}); change one of them"
             )
         return self
+
+
+FIELD_PRESETS: dict[str, dict[str, Any]] = {
+    # prompt fields are joined with a newline (the empty ones left out)
+    "prompt_response": {"prompt": ["prompt"], "response": "response", "category": "category"},
+    "alpaca": {"prompt": ["instruction", "input"], "response": "output", "category": "category"},
+    "dolly": {"prompt": ["instruction", "context"], "response": "response", "category": "category"},
+    "flminillm": {"prompt": ["prompt"], "response": "answer", "category": "family"},
+    "text": {"prompt": ["text"], "response": None, "category": None},
+}
+
+
+class FieldMap(_Strict):
+    """Which JSON fields of a record hold the prompt, the response and the category."""
+
+    prompt: list[str] = Field(
+        default_factory=lambda: ["prompt"],
+        min_length=1,
+        description="Field(s) whose text makes the prompt, joined with a newline when several "
+        "are non-empty (Alpaca: [instruction, input]).",
+    )
+    response: str | None = Field(
+        "response", description="Field of the response (empty: a prompt-only set)."
+    )
+    category: str | None = Field(
+        "category",
+        description="Optional field naming the record's category (task family); results are "
+        "reported per category. Records without it count as category 'all'.",
+    )
+
+
+class DataFile(_Strict):
+    """A data set in a party's storage: JSON lines at a local path or s3://bucket/key."""
+
+    uri: str = Field(
+        description="Local path (relative: from the working directory) or s3://bucket/key of "
+        "a JSONL file (one JSON object per line), read with the store's S3 settings."
+    )
+    fields: (
+        Literal["auto", "prompt_response", "alpaca", "dolly", "flminillm", "text"] | FieldMap
+    ) = Field(
+        "auto",
+        description="Field mapping: a preset (prompt_response: prompt/response/category; "
+        "alpaca: instruction+input/output; dolly: instruction+context/response/category; "
+        "flminillm: prompt/answer/family; text: text) or an explicit {prompt, response, "
+        "category}; auto picks the preset from the first record's keys.",
+    )
+
+
+class PartyData(_Strict):
+    """A client's private data, when `data.source` is files."""
+
+    train: DataFile = Field(description="The client's private training set (prompt + response).")
+    test: DataFile | None = Field(None, description="The client's private test set (optional).")
 
 
 class PartyConfig(_Strict):
@@ -94,10 +179,30 @@ class PartyConfig(_Strict):
     weight: float = Field(
         1.0, gt=0, description="Weight of this party as a teacher in the mixture."
     )
+    data: PartyData | None = Field(
+        None, description="The client's own data files (data.source: files; clients only)."
+    )
 
 
 class DataConfig(_Strict):
-    """The procedurally generated benchmark and the pre-training corpus."""
+    """Where the data comes from: the procedurally generated benchmark (default) or files."""
+
+    source: Literal["benchmark", "files"] = Field(
+        "benchmark",
+        description="benchmark: generated from the fields below; files: each client's "
+        "`data`, and `public`, `eval` (and `pretrain` for models built from config) here.",
+    )
+    public: DataFile | None = Field(
+        None, description="Public prompt pool (files): prompts only; responses are ignored."
+    )
+    eval: DataFile | None = Field(
+        None, description="Evaluation set (files): prompt, response, optional category."
+    )
+    pretrain: DataFile | None = Field(
+        None,
+        description="Pre-training corpus (files) for models built from config: one document "
+        "per record (fields: text).",
+    )
 
     families: list[str] = Field(
         default_factory=lambda: [
@@ -438,6 +543,24 @@ class ExperimentConfig(_Strict):
         description="Training engine of pre-training, local SFT and distill steps.",
     )
 
+    def _check_files(self) -> None:
+        missing = [f"clients[{i}].data.train" for i, c in enumerate(self.clients) if c.data is None]
+        missing += [f"data.{k}" for k in ("public", "eval") if getattr(self.data, k) is None]
+        built = [p.id for p in self.parties if p.model.name_or_path is None]
+        if built and self.pretrain.steps > 0 and self.data.pretrain is None:
+            missing.append(f"data.pretrain (the models of {built} are built from config)")
+        if missing:
+            raise ValueError(
+                "data.source is files, so these files are needed: "
+                + ", ".join(missing)
+                + "; give each as {uri: path-or-s3-uri, fields: auto}"
+            )
+        if any(c.families for c in self.clients):
+            raise ValueError(
+                "clients[*].families: with data.source: files a client's families are the "
+                "categories of its training file; remove families"
+            )
+
     @model_validator(mode="after")
     def _check_parties(self) -> ExperimentConfig:
         ids = [self.server.id] + [c.id for c in self.clients]
@@ -448,6 +571,17 @@ class ExperimentConfig(_Strict):
             )
         if self.server.families:
             raise ValueError("server.families: must be empty, the server holds no private data")
+        if self.server.data is not None:
+            raise ValueError("server.data: must be empty, the server holds no private data")
+        if self.data.source == "files":
+            self._check_files()
+            return self
+        with_files = [c.id for c in self.clients if c.data is not None]
+        if with_files:
+            raise ValueError(
+                f"clients[*].data (given for {with_files}): data files are read only with "
+                "data.source: files; set it, or remove the clients' data"
+            )
         if self.sampling.min_clients > len(self.clients):
             raise ValueError(
                 f"sampling.min_clients: {self.sampling.min_clients} exceeds the number of "
@@ -487,6 +621,10 @@ class ExperimentConfig(_Strict):
         raise KeyError(f"no party {party_id!r}; parties: {[p.id for p in self.parties]}")
 
     def families_by_client(self) -> dict[str, list[str]]:
+        """Each client's task families: from config (benchmark). With data from files they
+        are the categories of its training file, known once `prepare` has read it: {}."""
+        if self.data.source == "files":
+            return {}
         if self.clients[0].families:
             return {c.id: list(c.families or []) for c in self.clients}
         from flminillm.data import partition_families

@@ -26,7 +26,7 @@ class Rollout:
 def encode_prompts(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and mask (the last `max_len` tokens of each prompt are kept)."""
     pad = tokenizer.pad_token_id
-    rows = [tokenizer.encode(t)[-max_len:] for t in texts]
+    rows = [tokenizer.encode(t, add_special_tokens=False)[-max_len:] for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

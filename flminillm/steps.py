@@ -120,18 +120,13 @@ def _as_client(cfg: ExperimentConfig, round_index: int, label: str, client: str,
 @step()
 def prepare(cfg: Config) -> dict:
     """Generate the benchmark and the pre-training corpus; train (or load) the tokenizer."""
-    from flminillm.data import build_benchmark, format_prompt, pretraining_corpus
+    from flminillm.data import format_prompt
 
     store = open_store_for(cfg)
     public = store.scoped(PUBLIC)
     with step_record(cfg, store, 0, "prepare", "all") as rec:
-        fbc = cfg.families_by_client()
-        d = cfg.data
-        bench = build_benchmark(
-            fbc, d.n_train_per_family, d.n_test_per_family, d.n_public_per_family,
-            d.n_eval_per_family, seed=cfg.seed, iid_mix=d.iid_mix,
-        )  # fmt: skip
-        corpus = pretraining_corpus(d.pretrain_docs, seed=cfg.seed)
+        bench, corpus = _read_data(cfg)
+        fbc = bench.families_by_client
         if cfg.tokenizer.name_or_path:
             from flminillm.tokenizer import load_tokenizer as load_pretrained_tokenizer
 
@@ -142,7 +137,9 @@ def prepare(cfg: Config) -> dict:
             # public text only: the corpus and the public prompts, never private answers
             texts = corpus + [format_prompt(e.prompt) for e in bench.public_prompts]
             tok = train_tokenizer(texts, vocab_size=cfg.tokenizer.vocab_size)
+        _check_special_tokens(tok, "tokenizer")
         tok_digest = save_tokenizer(store, tok)
+        own = _own_tokenizers(cfg, store, corpus, bench.public_prompts)
         data = {
             "public": put_examples(public, bench.public_prompts),
             "pretrain": public.put_json(corpus),
@@ -166,6 +163,11 @@ def prepare(cfg: Config) -> dict:
             "models": {},
             "history": [],
         }
+        if own:  # parties with a tokenizer of their own (the others use the shared one)
+            manifest["tokenizers"] = {p.id: own.get(p.id, (tok_digest, len(tok)))[0]
+                                      for p in cfg.parties}  # fmt: skip
+            manifest["vocab_sizes"] = {p.id: own.get(p.id, (tok_digest, len(tok)))[1]
+                                       for p in cfg.parties}  # fmt: skip
         rec["outputs"] = {
             "tokenizer": ref(public, tok_digest),
             "public_prompts": ref(public, data["public"]),
@@ -186,6 +188,94 @@ def prepare(cfg: Config) -> dict:
     return manifest
 
 
+def _check_special_tokens(tok, field: str) -> None:
+    if tok.eos_token_id is None or tok.pad_token_id is None:
+        raise ValueError(
+            f"{field}: the tokenizer has no {'eos' if tok.eos_token_id is None else 'pad'} token; "
+            "generation needs an end-of-sequence token (and a pad token, which may equal it): "
+            "use a tokenizer that defines eos_token, or one trained here (vocab_size)"
+        )
+
+
+def _own_tokenizers(cfg: Config, store: Store, corpus, public_prompts) -> dict[str, tuple]:
+    """{party: (digest, vocab size)} of the parties with a tokenizer of their own: one given
+    in `model.tokenizer`, or a loaded model's own."""
+    from flminillm.data import format_prompt
+    from flminillm.tokenizer import load_tokenizer as load_pretrained_tokenizer
+    from flminillm.tokenizer import train_tokenizer
+
+    out = {}
+    for i, p in enumerate(cfg.parties):
+        spec = p.model.tokenizer
+        field = f"{'server' if i == 0 else f'clients[{i - 1}]'}.model.tokenizer"
+        if spec is not None and spec.vocab_size:
+            texts = corpus + [format_prompt(e.prompt) for e in public_prompts]
+            tok = train_tokenizer(texts, vocab_size=spec.vocab_size)
+        elif spec is not None or p.model.name_or_path:
+            tok = load_pretrained_tokenizer(spec.name_or_path if spec else p.model.name_or_path)
+        else:
+            continue
+        _check_special_tokens(tok, field)
+        out[p.id] = (save_tokenizer(store, tok), len(tok))
+    return out
+
+
+def tokenizer_of(state: dict, party: str) -> str:
+    """The digest of `party`'s tokenizer (its own, or the federation's shared one)."""
+    return state.get("tokenizers", {}).get(party, state["tokenizer"])
+
+
+def vocab_of(state: dict, party: str) -> int:
+    return state.get("vocab_sizes", {}).get(party, state["vocab_size"])
+
+
+def _party_tokenizer(cfg: ExperimentConfig, store: Store, state: dict, party: str):
+    """(tokenizer, prompt style) of a party."""
+    from flminillm.tokenizer import prompt_style
+
+    tok = load_tokenizer(store, tokenizer_of(state, party))
+    return tok, prompt_style(tok, cfg.party(party).model.chat_template)
+
+
+def _teachers_across(cfg: ExperimentConfig, state: dict, student: str) -> bool:
+    """Whether any possible teacher of `student` uses another tokenizer than it does."""
+    teachers = [c.id for c in cfg.clients] if student == cfg.server.id else [cfg.server.id]
+    mine = tokenizer_of(state, student)
+    return any(tokenizer_of(state, t) != mine for t in teachers)
+
+
+def _read_data(cfg: Config):
+    """(Benchmark, pre-training corpus): generated, or read from the configured files."""
+    from flminillm.data import Benchmark, build_benchmark, pretraining_corpus
+
+    d = cfg.data
+    if d.source == "benchmark":
+        bench = build_benchmark(
+            cfg.families_by_client(), d.n_train_per_family, d.n_test_per_family,
+            d.n_public_per_family, d.n_eval_per_family, seed=cfg.seed, iid_mix=d.iid_mix,
+        )  # fmt: skip
+        return bench, pretraining_corpus(d.pretrain_docs, seed=cfg.seed)
+    from flminillm.datafiles import categories, load_examples_from, load_texts_from
+
+    train, test = {}, {}
+    for i, c in enumerate(cfg.clients):
+        train[c.id] = load_examples_from(c.data.train, cfg.store, what=f"clients[{i}].data.train")
+        test[c.id] = (
+            load_examples_from(c.data.test, cfg.store, what=f"clients[{i}].data.test")
+            if c.data.test else []
+        )  # fmt: skip
+    public = load_examples_from(d.public, cfg.store, need_response=False, what="data.public")
+    public = [type(e)(family=e.family, prompt=e.prompt, answer="") for e in public]
+    evals = load_examples_from(d.eval, cfg.store, what="data.eval")
+    eval_sets = {f: [e for e in evals if e.family == f] for f in categories(evals)}
+    corpus = load_texts_from(d.pretrain, cfg.store) if d.pretrain else []
+    bench = Benchmark(
+        client_train=train, client_test=test, public_prompts=public, eval_sets=eval_sets,
+        families_by_client={c: categories(v) for c, v in train.items()},
+    )  # fmt: skip
+    return bench, corpus
+
+
 @step(output="list")
 def list_parties(cfg: Config) -> list[str]:
     """Every party id, server first (a runtime list for the pipeline's set-up loop)."""
@@ -204,8 +294,8 @@ def init_model(cfg: Config, state_json: str, party_id: str) -> dict:
     spec = cfg.party(party_id).model
     public = store.scoped(PUBLIC)
     with step_record(cfg, store, 0, "init_model", party_id) as rec:
-        tok = load_tokenizer(store, state["tokenizer"])
-        rec["inputs"]["tokenizer"] = ref(public, state["tokenizer"])
+        tok = load_tokenizer(store, tokenizer_of(state, party_id))
+        rec["inputs"]["tokenizer"] = ref(public, tokenizer_of(state, party_id))
         if spec.name_or_path:
             model = load_pretrained_model(spec.name_or_path)
             stats: dict[str, float] = {}
@@ -260,15 +350,20 @@ def local_sft(cfg: Config, state_json: str, round_index: int, client_id: str) ->
 
     def run() -> dict:
         with step_record(cfg, store, round_index, "local_sft", client_id) as rec:
-            tok = load_tokenizer(store, state["tokenizer"])
+            tok, style = _party_tokenizer(cfg, store, state, client_id)
             spec = cfg.party(client_id).model
             model = load_model(store, client_id, state["models"][client_id], cfg.engine, spec.lora)
             train_digest = state["data"]["clients"][client_id]["train"]
             s = cfg.local_sft
+            counts: dict[str, int] = {}
             rows = encode_examples(
                 tok, load_examples(store, client_id, train_digest),
-                cfg.party(client_id).model.max_positions, s.prompt_loss,
+                cfg.party(client_id).model.max_positions, s.prompt_loss, style, counts,
             )  # fmt: skip
+            if counts.get("truncated"):
+                print(f"local_sft {client_id}: {counts['truncated']} of {len(rows)} examples are "
+                      f"longer than the model's {spec.max_positions} positions; their last "
+                      "tokens are kept")  # fmt: skip
             steps = s.steps if round_index <= 1 else s.later_round_steps
             stats = train_lm(
                 model, rows, steps=steps, batch_size=s.batch_size, lr=s.lr,
@@ -285,7 +380,7 @@ def local_sft(cfg: Config, state_json: str, round_index: int, client_id: str) ->
             }
             rec["outputs"].update(model_refs(mine, digest, model))
             rec["params"] = {"steps": steps}
-            rec["metrics"] = stats
+            rec["metrics"] = {**stats, "truncated_examples": float(counts.get("truncated", 0))}
         return {"party": client_id, "models": {client_id: digest}}
 
     return _as_client(cfg, round_index, "local_sft", client_id, run)
@@ -309,7 +404,6 @@ def generate(
     """The student samples responses to public prompts: the RolloutMessage for its teachers."""
     import torch
 
-    from flminillm.data import format_prompt
     from flminillm.generation import encode_prompts, sample_batched
     from flminillm.messages import nbytes
 
@@ -323,13 +417,13 @@ def generate(
     def run() -> dict:
         with step_record(cfg, store, round_index, "generate", party_id) as rec:
             model_digest = _model_for(models_json, state, party_id)
-            tok = load_tokenizer(store, state["tokenizer"])
+            tok, style = _party_tokenizer(cfg, store, state, party_id)
             model = load_model(store, party_id, model_digest, cfg.engine)
             device = next(model.parameters()).device
             own, ask = _round_prompts(cfg, store, state, round_index, party_id)
             max_prompt = cfg.party(party_id).model.max_positions - g.max_new_tokens
             pids, pmask = encode_prompts(
-                tok, [format_prompt(e.prompt) for e in own] or [""], max_prompt
+                tok, [style.prompt(e.prompt) for e in own] or [""], max_prompt
             )
             if not own:  # alpha = 1: every prompt of the round goes to the teachers
                 pids, pmask = pids[:0], pmask[:0]
@@ -343,7 +437,7 @@ def generate(
                 )  # fmt: skip
             r = to_host(r)
             aids, amask = encode_prompts(
-                tok, [format_prompt(e.prompt) for e in ask] or [""], max_prompt
+                tok, [style.prompt(e.prompt) for e in ask] or [""], max_prompt
             )
             if not ask:
                 aids, amask = aids[:0], amask[:0]
@@ -356,6 +450,13 @@ def generate(
                 "ask_prompt_ids": aids.int(),
                 "ask_prompt_mask": amask.to(torch.uint8),
             }
+            if _teachers_across(cfg, state, party_id):  # some teacher reads text, not ids
+                from flminillm.crosstok import rollout_text_fields
+
+                msg.update(rollout_text_fields(
+                    tok, [e.prompt for e in own], r.response_ids, r.response_mask,
+                    [e.prompt for e in ask],
+                ))  # fmt: skip
             exchange = store.scoped(EXCHANGE)
             digest = exchange.put_tensors(msg)
             size = nbytes(msg)
@@ -385,10 +486,8 @@ def teach(
 ) -> dict:
     """The teacher scores the student's rollouts on their support and answers the
     teacher-share prompts itself: the TeachingMessage."""
-    import torch
 
     from flminillm.attacks import adversaries, corrupt_teaching
-    from flminillm.generation import prompt_logprob, sample_batched, score
     from flminillm.messages import nbytes, validate_rollouts
 
     store = open_store_for(cfg)
@@ -404,66 +503,38 @@ def teach(
         label = f"{teacher_id}-to-{ro['party']}"
         with step_record(cfg, store, round_index, "teach", label) as rec:
             model_digest = _model_for(models_json, state, teacher_id)
-            tok = load_tokenizer(store, state["tokenizer"])
+            tok, style = _party_tokenizer(cfg, store, state, teacher_id)
             model = load_model(store, teacher_id, model_digest, cfg.engine)
             device = next(model.parameters()).device
             exchange = store.scoped(EXCHANGE)
             msg = exchange.get_tensors(ro["rollouts"])
-            validate_rollouts(msg, vocab_size=state["vocab_size"])
-            on = {k: v.long().to(device) for k, v in msg.items()}  # validated, then placed
+            validate_rollouts(msg, vocab_size=vocab_of(state, ro["party"]))
+            gen = generator(device, seed(cfg, "teach", round_index, teacher_id, ro["party"]))
+            across = tokenizer_of(state, teacher_id) != tokenizer_of(state, ro["party"])
             with autocast(cfg.engine, device):
-                scores, prompt_logp = to_host(
-                    score(
-                        model,
-                        on["prompt_ids"],
-                        on["prompt_mask"],
-                        on["response_ids"],
-                        on["response_mask"],
-                        on["support_ids"],
-                        batch_size=g.batch_size,
+                if across:  # text in, its own tokens' log-probs and their spans out
+                    from flminillm.crosstok import teach_across
+
+                    teaching = teach_across(
+                        model, tok, style, msg, batch_size=g.batch_size,
+                        max_prompt=cfg.party(teacher_id).model.max_positions - g.max_new_tokens,
+                        sample_kw=dict(max_new_tokens=g.max_new_tokens, eos_id=tok.eos_token_id,
+                                       pad_id=tok.pad_token_id, top_k=1,
+                                       temperature=g.temperature, generator=gen),
                     )  # fmt: skip
-                )
-            k = msg["support_ids"].shape[-1] - 1
-            if msg["ask_prompt_ids"].shape[0]:
-                gen = generator(device, seed(cfg, "teach", round_index, teacher_id, ro["party"]))
-                with autocast(cfg.engine, device):
-                    own = sample_batched(
-                        model, on["ask_prompt_ids"], on["ask_prompt_mask"],
-                        g.batch_size, max_new_tokens=g.max_new_tokens, eos_id=tok.eos_token_id,
-                        pad_id=tok.pad_token_id, top_k=k, temperature=g.temperature,
-                        generator=gen,
-                    )  # fmt: skip
-                    own_prompt_logp = prompt_logprob(
-                        model, on["ask_prompt_ids"], on["ask_prompt_mask"], g.batch_size
-                    ).cpu()
-                own = to_host(own)
-                own_ids, own_mask = own.response_ids, own.response_mask
-                own_sup, own_logp = own.support_ids, own.support_logp * own.response_mask[..., None]
-            else:
-                own_ids = torch.zeros(0, 1, dtype=torch.long)
-                own_mask = torch.zeros(0, 1, dtype=torch.long)
-                own_sup = torch.zeros(0, 1, k + 1, dtype=torch.long)
-                own_logp = torch.zeros(0, 1, k + 1)
-                own_prompt_logp = torch.zeros(0)
-            teaching = {
-                "scores": scores.float().contiguous(),
-                "prompt_logp": prompt_logp.float().contiguous(),
-                "own_prompt_logp": own_prompt_logp.float().contiguous(),
-                "own_response_ids": own_ids.int(),
-                "own_response_mask": own_mask.to(torch.uint8),
-                "own_support_ids": own_sup.int(),
-                "own_logp": own_logp.float().contiguous(),
-            }
+                    seq_logp = (teaching["x_scores"] * teaching["x_score_mask"]).sum(1)
+                else:
+                    teaching = _teach_same(model, tok, msg, g, gen)
+                    seq_logp = (teaching["scores"][..., 0] * msg["response_mask"].float()).sum(1)
             mode = adversaries().get(teacher_id)
-            if mode:  # benchmark fault injection: a faulty or malicious teacher
+            if mode and not across:  # benchmark fault injection: a faulty or malicious teacher
                 teaching = corrupt_teaching(
-                    teaching, mode, state["vocab_size"],
+                    teaching, mode, vocab_of(state, ro["party"]),
                     seed(cfg, "adversary", round_index, teacher_id, ro["party"]),
                 )  # fmt: skip
                 rec["params"]["adversary"] = mode
             digest = exchange.put_tensors(teaching)
             size = nbytes(teaching)
-            mask = msg["response_mask"].float()
             rec["inputs"] = {
                 "model": ref(store.scoped(teacher_id), model_digest),
                 "rollouts": ref(exchange, ro["rollouts"]),
@@ -473,7 +544,7 @@ def teach(
             rec["metrics"] = {
                 "bytes_received": float(nbytes(msg)),
                 "bytes_sent": float(size),
-                "student_seq_logp": float((scores[..., 0] * mask).sum(1).mean()),
+                "student_seq_logp": float(seq_logp.mean()) if seq_logp.numel() else 0.0,
             }
         return {
             "teacher": teacher_id,
@@ -484,6 +555,49 @@ def teach(
         }
 
     return _as_client(cfg, round_index, "teach", client, run)
+
+
+def _teach_same(model, tok, msg: dict, g, gen) -> dict:
+    """A teacher that shares the student's tokenizer: its log-probs on the student's support
+    and its own answers, in token ids (the TeachingMessage)."""
+    import torch
+
+    from flminillm.generation import prompt_logprob, sample_batched, score
+
+    device = next(model.parameters()).device
+    on = {k: v.long().to(device) for k, v in msg.items() if not k.startswith("text_")}
+    scores, prompt_logp = to_host(score(
+        model, on["prompt_ids"], on["prompt_mask"], on["response_ids"], on["response_mask"],
+        on["support_ids"], batch_size=g.batch_size,
+    ))  # fmt: skip
+    k = msg["support_ids"].shape[-1] - 1
+    if msg["ask_prompt_ids"].shape[0]:
+        own = sample_batched(
+            model, on["ask_prompt_ids"], on["ask_prompt_mask"], g.batch_size,
+            max_new_tokens=g.max_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+            top_k=k, temperature=g.temperature, generator=gen,
+        )  # fmt: skip
+        own_prompt_logp = prompt_logprob(
+            model, on["ask_prompt_ids"], on["ask_prompt_mask"], g.batch_size
+        ).cpu()
+        own = to_host(own)
+        own_ids, own_mask = own.response_ids, own.response_mask
+        own_sup, own_logp = own.support_ids, own.support_logp * own.response_mask[..., None]
+    else:
+        own_ids = torch.zeros(0, 1, dtype=torch.long)
+        own_mask = torch.zeros(0, 1, dtype=torch.long)
+        own_sup = torch.zeros(0, 1, k + 1, dtype=torch.long)
+        own_logp = torch.zeros(0, 1, k + 1)
+        own_prompt_logp = torch.zeros(0)
+    return {
+        "scores": scores.float().contiguous(),
+        "prompt_logp": prompt_logp.float().contiguous(),
+        "own_prompt_logp": own_prompt_logp.float().contiguous(),
+        "own_response_ids": own_ids.int(),
+        "own_response_mask": own_mask.to(torch.uint8),
+        "own_support_ids": own_sup.int(),
+        "own_logp": own_logp.float().contiguous(),
+    }
 
 
 @step(launchable=True)
@@ -570,19 +684,37 @@ def _distill(
     from flminillm.update import as_floats, behaviour_logprobs, distill_epochs
 
     d = cfg.distill
-    vocab = state["vocab_size"]
+    vocab = vocab_of(state, student_id)
+    tok, style = _party_tokenizer(cfg, store, state, student_id)
     exchange = store.scoped(EXCHANGE)
     rollouts = exchange.get_tensors(rollouts_digest)
     validate_rollouts(rollouts, vocab)
-    teachings = []
+    teachings, across = [], 0
     for t in teachings_manifests:
         msg = exchange.get_tensors(t["teaching"])
+        if tokenizer_of(state, t["teacher"]) != tokenizer_of(state, student_id):
+            from flminillm.crosstok import to_student_space
+            from flminillm.messages import validate_cross_teaching
+
+            validate_cross_teaching(msg, rollouts)
+            msg = to_student_space(msg, rollouts, tok)  # its log-probs on our tokens
+            across += 1
         validate_teaching(msg, rollouts, vocab)
         teachings.append(msg)
+    if across:
+        # a teacher of another tokenizer scores the sampled token only: no single-step KL on
+        # a support, so the immediate reward joins the return (still the exact reverse-KL
+        # policy gradient); every support is the sampled token alone
+        d = d.model_copy(update={"single_step": False})
+        rollouts = {**rollouts, "support_ids": rollouts["support_ids"][..., :1]}
+        teachings = [
+            {**t, "scores": t["scores"][..., :1], "own_support_ids": t["own_support_ids"][..., :1],
+             "own_logp": t["own_logp"][..., :1]}
+            for t in teachings
+        ]  # fmt: skip
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
     batch = assemble_batch(rollouts, teachings, weights, d)
 
-    tok = load_tokenizer(store, state["tokenizer"])
     model = load_model(
         store, student_id, model_digest, cfg.engine, cfg.party(student_id).model.lora
     )
@@ -597,7 +729,7 @@ def _distill(
     if student_id in state["data"]["clients"] and d.lm_coef > 0:
         own = load_examples(store, student_id, state["data"]["clients"][student_id]["train"])
         rows = encode_examples(
-            tok, own, cfg.party(student_id).model.max_positions, cfg.local_sft.prompt_loss
+            tok, own, cfg.party(student_id).model.max_positions, cfg.local_sft.prompt_loss, style
         )
         if rows:
             lm_seed = seed(cfg, "lm", round_index, student_id)
@@ -654,17 +786,17 @@ def evaluate(
             dropped.setdefault(client, reason)
         state["models"].update(u["models"])
     with step_record(cfg, store, round_index, "evaluate", "all") as rec:
-        tok = load_tokenizer(store, state["tokenizer"])
         eval_sets = {f: load_examples(store, PUBLIC, d) for f, d in state["data"]["eval"].items()}
         results = {}
         for party in [p.id for p in cfg.parties]:
             if party not in state["models"]:
                 raise RuntimeError(f"round {round_index}: no model for party {party!r}")
             model = load_model(store, party, state["models"][party], cfg.engine)
+            tok, style = _party_tokenizer(cfg, store, state, party)
             with autocast(cfg.engine, next(model.parameters()).device):
                 results[party] = evaluate_model(
                     model, tok, eval_sets, batch_size=cfg.generation.batch_size,
-                    max_new_tokens=cfg.generation.eval_max_new_tokens,
+                    max_new_tokens=cfg.generation.eval_max_new_tokens, style=style,
                 )  # fmt: skip
             rec["inputs"][f"model.{party}"] = ref(store.scoped(party), state["models"][party])
             for fam, m in results[party].items():

@@ -60,10 +60,56 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerB
 
     Guarantees a pad token (falls back to eos) and left padding.
     """
-    tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    from flminillm.models import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    if path.endswith(".gguf"):
+        from pathlib import Path
+
+        tok = AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
+    else:
+        tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"tokenizer {name_or_path!s} has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
+
+
+class PromptStyle:
+    """How a party writes a prompt and its answer: the benchmark's `Q: ... A:` format, or the
+    tokenizer's chat template (a user turn, then the assistant's answer)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        self.tokenizer = tokenizer  # None: the Q/A format
+
+    @property
+    def chat(self) -> bool:
+        return self.tokenizer is not None
+
+    def prompt(self, text: str) -> str:
+        if self.tokenizer is None:
+            from flminillm.data import format_prompt
+
+            return format_prompt(text)
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+
+    def target(self, answer: str) -> str:
+        if self.tokenizer is None:
+            from flminillm.data import format_target
+
+            return format_target(answer)
+        return answer
+
+
+QA_STYLE = PromptStyle()
+
+
+def prompt_style(tokenizer: PreTrainedTokenizerBase, use_chat_template: bool = True) -> PromptStyle:
+    """The chat template when the tokenizer has one and the party wants it, else Q/A."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return PromptStyle(tokenizer)
+    return QA_STYLE

@@ -9,24 +9,34 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flminillm.data import Example, format_prompt, format_target
+from flminillm.data import Example
 from flminillm.devices import to_device
 from flminillm.engine import make_engine
 from flminillm.ranks import rank_world
+from flminillm.tokenizer import QA_STYLE, PromptStyle
 
 if TYPE_CHECKING:
     from flminillm.config import EngineConfig
 
 
 def encode_examples(
-    tokenizer, examples: Sequence[Example], max_len: int, prompt_loss: bool = False
+    tokenizer,
+    examples: Sequence[Example],
+    max_len: int,
+    prompt_loss: bool = False,
+    style: PromptStyle = QA_STYLE,
+    counts: dict[str, int] | None = None,
 ) -> list[tuple[list[int], int]]:
-    """Token ids of prompt + answer + EOS, and where the loss starts (answer, or all)."""
+    """Token ids of prompt + answer + EOS, and where the loss starts (answer, or all).
+    An example longer than `max_len` keeps its last `max_len` tokens (the answer and the
+    end of the prompt); `counts["truncated"]` counts them."""
     eos = tokenizer.eos_token_id
     out = []
     for ex in examples:
-        p = tokenizer.encode(format_prompt(ex.prompt))
-        a = tokenizer.encode(format_target(ex.answer)) + [eos]
+        p = tokenizer.encode(style.prompt(ex.prompt), add_special_tokens=False)
+        a = tokenizer.encode(style.target(ex.answer), add_special_tokens=False) + [eos]
+        if counts is not None and len(p) + len(a) > max_len:
+            counts["truncated"] = counts.get("truncated", 0) + 1
         ids = (p + a)[-max_len:]
         out.append((ids, 0 if prompt_loss else max(len(ids) - len(a), 0)))
     return out

@@ -128,6 +128,8 @@ def build_federation_pipeline(
         run_tags: str = "{}",
     ) -> str:
         made = add_tasks(SETUP, ops, experiment_json, {}, cfg.server.id, parallelism, task_hook)
+        if cfg.data.source == "files":  # a file may change under the same URI: read it again
+            made["prepare"].set_caching_options(False)  # (what follows stays cached if not)
         state = made[SETUP_RESULT]
         for r in range(1, cfg.rounds + 1):
             state = round_pipeline(
