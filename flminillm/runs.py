@@ -96,6 +96,12 @@ def _env(name: str, value: str | None) -> Iterator[None]:
             os.environ[name] = old
 
 
+def _model_name(spec) -> str:
+    if spec.name_or_path:
+        return spec.name_or_path.rsplit("/", 1)[-1]
+    return spec.family
+
+
 def run_federation(
     cfg: Config,
     label: str,
@@ -115,7 +121,7 @@ def run_federation(
     console = console or make_console(sys.stdout)
     fbc = cfg.families_by_client()
     parties = ", ".join(
-        f"{p.id} ({p.model.family}{', holds ' + '+'.join(fbc[p.id]) if p.id in fbc else ''})"
+        f"{p.id} ({_model_name(p.model)}{', holds ' + '+'.join(fbc[p.id]) if p.id in fbc else ''})"
         for p in cfg.parties
     )
     console.print(f"[bold]FL-MiniLLM[/] federation [cyan]{cfg.federation_id()}[/]: "

@@ -45,12 +45,16 @@ def test_repo_configs_load(path, monkeypatch):
     assert isinstance(cfg, ExperimentConfig)
     assert len(cfg.clients) >= 1
     assert Path(cfg.store.uri).is_absolute()
-    fbc = cfg.families_by_client()
-    assert set(fbc) == {c.id for c in cfg.clients}
-    held = [f for fams in fbc.values() for f in fams]
-    assert len(held) == len(set(held))  # disjoint
-    assert set(held) == set(cfg.data.families)  # covering
-    assert all(fams for fams in fbc.values())  # every client holds something
+    if cfg.data.source == "files":  # every client reads a training file that exists
+        assert all(Path(c.data.train.uri).is_file() for c in cfg.clients)
+        assert cfg.families_by_client() == {}  # known once prepare has read the files
+    else:
+        fbc = cfg.families_by_client()
+        assert set(fbc) == {c.id for c in cfg.clients}
+        held = [f for fams in fbc.values() for f in fams]
+        assert len(held) == len(set(held))  # disjoint
+        assert set(held) == set(cfg.data.families)  # covering
+        assert all(fams for fams in fbc.values())  # every client holds something
     # the digest is a stable function of the content
     assert cfg.digest() == load_config(path).digest()
 
