@@ -314,6 +314,11 @@ class DistillConfig(_Strict):
         "false: the support KL at full weight on every visited prefix, teachers' sequences "
         "included (docs/benchmark.md).",
     )
+    tail_bucket: bool = Field(
+        False,
+        description="Support KLs (single-step reverse KL, forward KL) over the support plus "
+        "one bucket for the rest of the vocabulary, instead of renormalised on the support.",
+    )
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clipping.")
     iw_clip: float = Field(
         3.0, ge=1, description="Upper clip of the mixed-sampling importance weight."

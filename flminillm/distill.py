@@ -54,6 +54,32 @@ def support_kl(
     return kl.sum(-1)
 
 
+def _log1mexp(logp_sum: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable near 0 (the mass outside a support)."""
+    x = logp_sum.clamp(max=-1e-12)
+    return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def tail_kl(
+    first_logp: torch.Tensor, second_logp: torch.Tensor, support_mask: torch.Tensor
+) -> torch.Tensor:
+    """KL(a || b) over the support S plus one "rest" bucket for the mass outside it:
+    [B, T, S] full-softmax log-probs of a and b on S -> [B, T].
+
+    Unlike `support_kl` nothing is renormalised, so mass a puts outside S counts (90% of
+    the student's mass off-support gives a large KL, not ~0). The teacher sends full-softmax
+    log-probs on S, so its rest mass 1 - sum_S p is known at no cost (TRL's
+    `loss_add_tail`)."""
+    neg = torch.finfo(first_logp.dtype).min
+    a = first_logp.masked_fill(~support_mask, neg)
+    b = second_logp.masked_fill(~support_mask, neg)
+    on = (a.exp() * (a - b)).masked_fill(~support_mask, 0.0).sum(-1)
+    # the rest buckets in float64: 1 - sum_S is a difference of nearly equal numbers
+    a_rest = _log1mexp(torch.logsumexp(a.double(), -1))
+    b_rest = _log1mexp(torch.logsumexp(b.double(), -1))
+    return on + (a_rest.exp() * (a_rest - b_rest)).to(on.dtype)
+
+
 def future_returns(
     rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, length_norm: bool = True
 ) -> torch.Tensor:
@@ -126,13 +152,14 @@ def minillm_loss(
     pg2 = ratio.clamp(1 - hp.clip_eps, 1 + hp.clip_eps) * returns
     loss_long = -masked_mean(w * torch.minimum(pg1, pg2), mask)
 
+    kl_fn = tail_kl if hp.tail_bucket else support_kl
     if hp.single_step:
         support_mask = _support_mask(support_ids)
-        kl = support_kl(logq_support, teacher_logp, support_mask)
+        kl = kl_fn(logq_support, teacher_logp, support_mask)
         loss_single = masked_mean((w if hp.iw_single_step else mask) * kl, mask)
     else:
         with torch.no_grad():
-            kl = support_kl(logq_support, teacher_logp, _support_mask(support_ids))
+            kl = kl_fn(logq_support, teacher_logp, _support_mask(support_ids))
         loss_single = logq_all.new_zeros(())
 
     loss = loss_single + loss_long
@@ -165,11 +192,16 @@ def forward_kl_loss(
     response_mask: torch.Tensor,
     support_ids: torch.Tensor,
     teacher_logp: torch.Tensor,
+    tail_bucket: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """FedMKT-style baseline: teacher-forced KL(p_S || q_S) on the teacher's top-k support."""
+    """FedMKT-style baseline: teacher-forced KL(p_S || q_S) on the teacher's top-k support
+    (with `tail_bucket`, over S and the rest of the vocabulary as one bucket)."""
     mask = response_mask.to(student_logits.dtype)
     logq = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, support_ids.clamp(min=0))
     smask = _support_mask(support_ids)
+    if tail_bucket:
+        loss = masked_mean(tail_kl(teacher_logp.float(), logq, smask), mask)
+        return loss, {"forward_kl": loss.detach()}
     neg = torch.finfo(logq.dtype).min
     q = torch.log_softmax(logq.masked_fill(~smask, neg), dim=-1)
     p = torch.log_softmax(teacher_logp.masked_fill(~smask, neg), dim=-1)

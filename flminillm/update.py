@@ -63,7 +63,7 @@ def distill_loss(
     else:  # forward KL on every scored position: the student's own sequences (teacher
         # scores on their support) and the selected teacher sequences
         loss, stats = forward_kl_loss(
-            logits, mb["response_mask"], mb["support_ids"], mb["teacher_logp"]
+            logits, mb["response_mask"], mb["support_ids"], mb["teacher_logp"], d.tail_bucket
         )
     if seqkd:
         tmask = mb["response_mask"] * mb["from_teacher"][:, None]

@@ -297,3 +297,37 @@ def test_forward_kl_baseline_converges():
         opt.step()
     assert fkl() < 0.1 * start
     assert float(stats["forward_kl"]) == pytest.approx(float(loss))
+
+
+def test_tail_bucket_sees_mass_outside_the_support():
+    """90% of the student's mass off the support: the renormalised support KL is ~0, the
+    KL with a rest bucket is large; with the support = the whole vocabulary they agree with
+    the full KL."""
+    from flminillm.distill import tail_kl
+
+    v = 50
+    teacher = torch.full((v,), -12.0)
+    teacher[:3] = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    teacher = torch.log_softmax(teacher, -1)
+    student = torch.full((v,), 0.0)
+    student[:3] = torch.log(torch.tensor([0.5, 0.3, 0.2])) + 3.0
+    student = torch.log_softmax(student, -1)
+    on_support = student[:3].exp().sum()
+    assert 0.05 < float(on_support) < 0.5  # most of the student's mass is off the support
+    s = torch.arange(3)
+    mask = torch.ones(1, 1, 3, dtype=torch.bool)
+    renorm = support_kl(student[s][None, None], teacher[s][None, None], mask)
+    tail = tail_kl(student[s][None, None], teacher[s][None, None], mask)
+    assert float(renorm) < 1e-6 and float(tail) > 3.0
+    full = (student.exp() * (student - teacher)).sum()
+    every = torch.arange(v)
+    all_mask = torch.ones(1, 1, v, dtype=torch.bool)
+    assert float(tail_kl(student[every][None, None], teacher[every][None, None], all_mask)) == (
+        pytest.approx(float(full), rel=1e-5)
+    )
+    # rest mass known exactly: KL(student || teacher) over {S, rest}
+    rest_q, rest_p = student[3:].exp().sum(), teacher[3:].exp().sum()  # summed, not 1 - x
+    by_hand = (student[:3].exp() * (student[:3] - teacher[:3])).sum() + rest_q * torch.log(
+        rest_q / rest_p
+    )
+    assert float(tail) == pytest.approx(float(by_hand), rel=1e-4)
