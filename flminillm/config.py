@@ -314,6 +314,15 @@ class DistillConfig(_Strict):
         "false: the support KL at full weight on every visited prefix, teachers' sequences "
         "included (docs/benchmark.md).",
     )
+    prefix_iw: bool = Field(
+        False,
+        description="Importance weights of the sampling actually done: 1 on the student's own "
+        "sequences, the clipped prefix ratio q_old/p on a teacher's (the single-step KL "
+        "weighted by the prefix only); false: MiniLLM's per-token mixture weight.",
+    )
+    whiten_returns: bool = Field(
+        False, description="Whiten the returns over each mini-batch (as MiniLLM does)."
+    )
     tail_bucket: bool = Field(
         False,
         description="Support KLs (single-step reverse KL, forward KL) over the support plus "

@@ -58,7 +58,7 @@ def distill_loss(
     if d.method == "reverse_kl":
         loss, stats = minillm_loss(
             logits, mb["response_ids"], mb["response_mask"], behaviour, mb["support_ids"],
-            mb["teacher_logp"], d,
+            mb["teacher_logp"], d, mb.get("from_teacher"),
         )  # fmt: skip
     else:  # forward KL on every scored position: the student's own sequences (teacher
         # scores on their support) and the selected teacher sequences
