@@ -421,3 +421,12 @@ def test_whitened_returns_and_the_own_rows_kl_estimate():
     _, stats = minillm_loss(logits, ids, torch.ones(2, 3), q_old, sup, p, DistillConfig(),
                             torch.tensor([False, True]))  # fmt: skip
     assert float(stats["seq_reverse_kl"]) == pytest.approx(3.0)  # (-1 - -2) * 3 on row 0
+
+
+def test_the_warm_up_schedule():
+    d = DistillConfig(alpha=0.2, warmup_rounds=2, seqkd_rounds=1000)
+    first, third = d.for_round(1), d.for_round(3)
+    assert (first.alpha, first.seqkd_rounds >= 1) == (1.0, True)  # teachers' answers, SeqKD
+    assert d.for_round(2).alpha == 1.0
+    assert third.alpha == 0.2 and third.seqkd_rounds < 3  # on-policy, SeqKD off
+    assert DistillConfig(alpha=0.5).for_round(7).alpha == 0.5  # no schedule: as given
