@@ -314,6 +314,20 @@ class DistillConfig(_Strict):
         "false: the support KL at full weight on every visited prefix, teachers' sequences "
         "included (docs/benchmark.md).",
     )
+    prefix_iw: bool = Field(
+        False,
+        description="Importance weights of the sampling actually done: 1 on the student's own "
+        "sequences, the clipped prefix ratio q_old/p on a teacher's (the single-step KL "
+        "weighted by the prefix only); false: MiniLLM's per-token mixture weight.",
+    )
+    whiten_returns: bool = Field(
+        False, description="Whiten the returns over each mini-batch (as MiniLLM does)."
+    )
+    tail_bucket: bool = Field(
+        False,
+        description="Support KLs (single-step reverse KL, forward KL) over the support plus "
+        "one bucket for the rest of the vocabulary, instead of renormalised on the support.",
+    )
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clipping.")
     iw_clip: float = Field(
         3.0, ge=1, description="Upper clip of the mixed-sampling importance weight."
@@ -330,6 +344,27 @@ class DistillConfig(_Strict):
     seqkd_rounds: int = Field(
         1000, ge=0, description="Rounds (from the first) in which the SeqKD term is on."
     )
+    warmup_rounds: int = Field(
+        0,
+        ge=0,
+        description="The schedule MiniLLM assumes (students start from an SFT model): for "
+        "this many rounds the student learns from its teachers' answers (teacher share "
+        "`warmup_alpha`, SeqKD on); after them it takes on-policy reverse-KL steps with the "
+        "teacher share `alpha` (MiniLLM: 0.2) and SeqKD off. 0: no schedule (alpha and "
+        "seqkd_rounds as given).",
+    )
+    warmup_alpha: float = Field(
+        1.0, ge=0, le=1, description="Teacher share during the warm-up rounds."
+    )
+
+    def for_round(self, round_index: int) -> DistillConfig:
+        """The settings of round `round_index` (1-based) under the warm-up schedule."""
+        if self.warmup_rounds == 0:
+            return self
+        if round_index <= self.warmup_rounds:
+            return self.model_copy(update={"alpha": self.warmup_alpha, "seqkd_rounds": 10**6})
+        return self.model_copy(update={"seqkd_rounds": 0})
+
     aggregation: Literal["mixture", "capped_mixture", "median", "trimmed_mean"] = Field(
         "mixture",
         description="How several teachers' probabilities are combined: mixture "

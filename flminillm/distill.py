@@ -54,6 +54,32 @@ def support_kl(
     return kl.sum(-1)
 
 
+def _log1mexp(logp_sum: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable near 0 (the mass outside a support)."""
+    x = logp_sum.clamp(max=-1e-12)
+    return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def tail_kl(
+    first_logp: torch.Tensor, second_logp: torch.Tensor, support_mask: torch.Tensor
+) -> torch.Tensor:
+    """KL(a || b) over the support S plus one "rest" bucket for the mass outside it:
+    [B, T, S] full-softmax log-probs of a and b on S -> [B, T].
+
+    Unlike `support_kl` nothing is renormalised, so mass a puts outside S counts (90% of
+    the student's mass off-support gives a large KL, not ~0). The teacher sends full-softmax
+    log-probs on S, so its rest mass 1 - sum_S p is known at no cost (TRL's
+    `loss_add_tail`)."""
+    neg = torch.finfo(first_logp.dtype).min
+    a = first_logp.masked_fill(~support_mask, neg)
+    b = second_logp.masked_fill(~support_mask, neg)
+    on = (a.exp() * (a - b)).masked_fill(~support_mask, 0.0).sum(-1)
+    # the rest buckets in float64: 1 - sum_S is a difference of nearly equal numbers
+    a_rest = _log1mexp(torch.logsumexp(a.double(), -1))
+    b_rest = _log1mexp(torch.logsumexp(b.double(), -1))
+    return on + (a_rest.exp() * (a_rest - b_rest)).to(on.dtype)
+
+
 def future_returns(
     rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, length_norm: bool = True
 ) -> torch.Tensor:
@@ -92,6 +118,44 @@ def mixed_importance_weights(
     return torch.exp(behaviour_logp - mix).clamp(max=clip)
 
 
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (MiniLLM whitens its returns)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def prefix_importance_weights(
+    behaviour_logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    mask: torch.Tensor,
+    from_teacher: torch.Tensor | None,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weights for the sampling actually done, per sequence: the student's own
+    rows are samples of q_old (weight 1); a teacher's row is a sample of p, so an
+    expectation under q_old weighs position t by prod_{t' < t} q_old / p (the prefix: for a
+    term that already sums over y_t, as the single-step KL) or prod_{t' <= t} (the prefix
+    and the token: for the policy-gradient term). Both clipped at `clip`: [B, T] each."""
+    log_ratio = (behaviour_logp - teacher_logp) * mask
+    inclusive = torch.cumsum(log_ratio, dim=-1)
+    exclusive = inclusive - log_ratio
+    w_prefix = torch.exp(exclusive.clamp(max=math.log(clip)))
+    w_token = torch.exp(inclusive.clamp(max=math.log(clip)))
+    if from_teacher is None:
+        own = torch.ones_like(mask)
+        return own * mask, own * mask
+    t = from_teacher.to(mask.dtype)[:, None]
+    return (t * w_prefix + (1 - t)) * mask, (t * w_token + (1 - t)) * mask
+
+
+def _own_rows_mean(x: torch.Tensor, from_teacher: torch.Tensor | None) -> torch.Tensor:
+    if from_teacher is None:
+        return x.mean()
+    own = (~from_teacher.bool()).to(x.dtype)
+    return (x * own).sum() / own.sum().clamp(min=1.0)
+
+
 def minillm_loss(
     student_logits: torch.Tensor,
     response_ids: torch.Tensor,
@@ -100,8 +164,10 @@ def minillm_loss(
     support_ids: torch.Tensor,
     teacher_logp: torch.Tensor,
     hp: DistillConfig,
+    from_teacher: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The MiniLLM loss for one mini-batch; `hp` is the config's distill section.
+    `from_teacher` [B] bool marks the rows a teacher wrote (None: all the student's own).
 
     student_logits [B, T, V] (with grad), response_ids [B, T], response_mask [B, T],
     behaviour_logp [B, T] = log q_old(y_t), support_ids [B, T, S] with support_ids[..., 0]
@@ -118,21 +184,30 @@ def minillm_loss(
         returns = future_returns(rewards, mask, hp.gamma, hp.length_norm)
         if not hp.single_step:
             returns = returns + rewards * mask
-        alpha = hp.alpha if hp.teacher_mixed else 0.0
-        w = mixed_importance_weights(behaviour_logp, p_tok, alpha, hp.iw_clip) * mask
+        if hp.whiten_returns:
+            returns = whiten(returns, mask)
+        if hp.prefix_iw:  # the weights of the sampling actually done: whole sequences
+            w_single, w = prefix_importance_weights(
+                behaviour_logp, p_tok, mask, from_teacher, hp.iw_clip
+            )
+        else:
+            alpha = hp.alpha if hp.teacher_mixed else 0.0
+            w = mixed_importance_weights(behaviour_logp, p_tok, alpha, hp.iw_clip) * mask
+            w_single = w
 
     ratio = torch.exp(logq_tok - behaviour_logp)
     pg1 = ratio * returns
     pg2 = ratio.clamp(1 - hp.clip_eps, 1 + hp.clip_eps) * returns
     loss_long = -masked_mean(w * torch.minimum(pg1, pg2), mask)
 
+    kl_fn = tail_kl if hp.tail_bucket else support_kl
     if hp.single_step:
         support_mask = _support_mask(support_ids)
-        kl = support_kl(logq_support, teacher_logp, support_mask)
-        loss_single = masked_mean((w if hp.iw_single_step else mask) * kl, mask)
+        kl = kl_fn(logq_support, teacher_logp, support_mask)
+        loss_single = masked_mean((w_single if hp.iw_single_step else mask) * kl, mask)
     else:
         with torch.no_grad():
-            kl = support_kl(logq_support, teacher_logp, _support_mask(support_ids))
+            kl = kl_fn(logq_support, teacher_logp, _support_mask(support_ids))
         loss_single = logq_all.new_zeros(())
 
     loss = loss_single + loss_long
@@ -143,7 +218,9 @@ def minillm_loss(
             "loss_long": loss_long.detach(),
             "reverse_kl": masked_mean(kl, mask),
             "reward": masked_mean(rewards, mask),
-            "seq_reverse_kl": (-(rewards * mask).sum(-1)).mean(),
+            # sum_t log q_old - log p on the student's own sequences: an estimate of the
+            # sequence-level KL(q_old || p) (teacher-written rows would bias it negative)
+            "seq_reverse_kl": _own_rows_mean(-(rewards * mask).sum(-1), from_teacher),
             "iw_mean": masked_mean(w, mask),
             "clip_frac": masked_mean(clipped, mask),
         }
@@ -165,11 +242,16 @@ def forward_kl_loss(
     response_mask: torch.Tensor,
     support_ids: torch.Tensor,
     teacher_logp: torch.Tensor,
+    tail_bucket: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """FedMKT-style baseline: teacher-forced KL(p_S || q_S) on the teacher's top-k support."""
+    """FedMKT-style baseline: teacher-forced KL(p_S || q_S) on the teacher's top-k support
+    (with `tail_bucket`, over S and the rest of the vocabulary as one bucket)."""
     mask = response_mask.to(student_logits.dtype)
     logq = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, support_ids.clamp(min=0))
     smask = _support_mask(support_ids)
+    if tail_bucket:
+        loss = masked_mean(tail_kl(teacher_logp.float(), logq, smask), mask)
+        return loss, {"forward_kl": loss.detach()}
     neg = torch.finfo(logq.dtype).min
     q = torch.log_softmax(logq.masked_fill(~smask, neg), dim=-1)
     p = torch.log_softmax(teacher_logp.masked_fill(~smask, neg), dim=-1)

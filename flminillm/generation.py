@@ -68,7 +68,9 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> Rollout:
     """Sample responses token by token with the KV cache; per-token log-probs and the
-    top-k support come from the same forward pass that produced the token."""
+    top-k support come from the same forward pass that produced the token. Tokens are
+    drawn at `temperature`; the log-probs reported are the model's own (temperature 1), so
+    a teacher's answers and its scores of a student's rollouts are on one scale."""
     model.eval()
     n = prompt_ids.shape[0]
     mask = prompt_mask.clone()
@@ -82,11 +84,14 @@ def sample(
     done = torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
     ids, masks, logps, sup_ids, sup_logps = [], [], [], [], []
     for _ in range(max_new_tokens):
-        logp = torch.log_softmax(next_logits / temperature, dim=-1)  # [N, V]
+        # draw at `temperature`; report log-probs of the model itself (temperature 1), the
+        # same quantity a teacher's scores and the student's behaviour log-probs are
+        logp = torch.log_softmax(next_logits, dim=-1)  # [N, V]
+        draw = logp if temperature == 1.0 else torch.log_softmax(next_logits / temperature, -1)
         if greedy:
             tok = logp.argmax(-1)
         else:
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            tok = torch.multinomial(draw.exp(), 1, generator=generator).squeeze(-1)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         support = build_support(tok, logp, top_k)
         ids.append(tok)

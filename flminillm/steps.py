@@ -392,7 +392,7 @@ def _round_prompts(cfg: ExperimentConfig, store: Store, state: dict, round_index
     rng = random.Random(seed(cfg, "prompts", round_index, party))
     n = min(cfg.generation.prompts_per_round, len(public))
     chosen = rng.sample(public, n)
-    d = cfg.distill
+    d = cfg.distill.for_round(round_index)
     n_teacher = round(d.alpha * n) if d.teacher_mixed else 0
     return chosen[: n - n_teacher], chosen[n - n_teacher :]
 
@@ -683,7 +683,7 @@ def _distill(
     from flminillm.training import batches, encode_examples
     from flminillm.update import as_floats, behaviour_logprobs, distill_epochs
 
-    d = cfg.distill
+    d = cfg.distill.for_round(round_index)
     vocab = vocab_of(state, student_id)
     tok, style = _party_tokenizer(cfg, store, state, student_id)
     exchange = store.scoped(EXCHANGE)

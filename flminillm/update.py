@@ -58,12 +58,12 @@ def distill_loss(
     if d.method == "reverse_kl":
         loss, stats = minillm_loss(
             logits, mb["response_ids"], mb["response_mask"], behaviour, mb["support_ids"],
-            mb["teacher_logp"], d,
+            mb["teacher_logp"], d, mb.get("from_teacher"),
         )  # fmt: skip
     else:  # forward KL on every scored position: the student's own sequences (teacher
         # scores on their support) and the selected teacher sequences
         loss, stats = forward_kl_loss(
-            logits, mb["response_mask"], mb["support_ids"], mb["teacher_logp"]
+            logits, mb["response_mask"], mb["support_ids"], mb["teacher_logp"], d.tail_bucket
         )
     if seqkd:
         tmask = mb["response_mask"] * mb["from_teacher"][:, None]

@@ -297,3 +297,136 @@ def test_forward_kl_baseline_converges():
         opt.step()
     assert fkl() < 0.1 * start
     assert float(stats["forward_kl"]) == pytest.approx(float(loss))
+
+
+def test_tail_bucket_sees_mass_outside_the_support():
+    """90% of the student's mass off the support: the renormalised support KL is ~0, the
+    KL with a rest bucket is large; with the support = the whole vocabulary they agree with
+    the full KL."""
+    from flminillm.distill import tail_kl
+
+    v = 50
+    teacher = torch.full((v,), -12.0)
+    teacher[:3] = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    teacher = torch.log_softmax(teacher, -1)
+    student = torch.full((v,), 0.0)
+    student[:3] = torch.log(torch.tensor([0.5, 0.3, 0.2])) + 3.0
+    student = torch.log_softmax(student, -1)
+    on_support = student[:3].exp().sum()
+    assert 0.05 < float(on_support) < 0.5  # most of the student's mass is off the support
+    s = torch.arange(3)
+    mask = torch.ones(1, 1, 3, dtype=torch.bool)
+    renorm = support_kl(student[s][None, None], teacher[s][None, None], mask)
+    tail = tail_kl(student[s][None, None], teacher[s][None, None], mask)
+    assert float(renorm) < 1e-6 and float(tail) > 3.0
+    full = (student.exp() * (student - teacher)).sum()
+    every = torch.arange(v)
+    all_mask = torch.ones(1, 1, v, dtype=torch.bool)
+    assert float(tail_kl(student[every][None, None], teacher[every][None, None], all_mask)) == (
+        pytest.approx(float(full), rel=1e-5)
+    )
+    # rest mass known exactly: KL(student || teacher) over {S, rest}
+    rest_q, rest_p = student[3:].exp().sum(), teacher[3:].exp().sum()  # summed, not 1 - x
+    by_hand = (student[:3].exp() * (student[:3] - teacher[:3])).sum() + rest_q * torch.log(
+        rest_q / rest_p
+    )
+    assert float(tail) == pytest.approx(float(by_hand), rel=1e-4)
+
+
+def _oracle_minillm(logits, y, mask, q_old, p_full, gamma, clip_eps):
+    """MiniLLM's loss written from the paper's equations (Gu et al. 2024, Sec. 2.2), on
+    the student's own samples, with the full vocabulary: the single-step term is the exact
+    KL(q_theta(.|y_<t) || p(.|y_<t)), the long-term term the clipped policy gradient of the
+    length-normalised discounted future reward."""
+    logq = torch.log_softmax(logits, -1)
+    r = (p_full.gather(-1, y[..., None])[..., 0] - q_old) * mask
+    b, t = y.shape
+    returns = torch.zeros(b, t, dtype=logits.dtype)
+    for i in range(t):
+        acc, norm = torch.zeros(b, dtype=logits.dtype), torch.zeros(b, dtype=logits.dtype)
+        for j in range(i + 1, t):
+            acc = acc + gamma ** (j - i - 1) * r[:, j]
+            norm = norm + gamma ** (j - i - 1) * mask[:, j]
+        returns[:, i] = acc / norm.clamp(min=1.0)
+    ratio = torch.exp(logq.gather(-1, y[..., None])[..., 0] - q_old)
+    pg = torch.minimum(ratio * returns, ratio.clamp(1 - clip_eps, 1 + clip_eps) * returns)
+    long = -(pg * mask).sum() / mask.sum()
+    single = ((logq.exp() * (logq - p_full)).sum(-1) * mask).sum() / mask.sum()
+    return single + long
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_federated_loss_with_the_whole_vocabulary_as_support_is_the_papers(tail):
+    """With S = the whole vocabulary (the sampled token first, then every other one) the
+    federated loss and the oracle have the same gradient, to 1e-5."""
+    g = torch.Generator().manual_seed(3)
+    b, t, v = 3, 5, 7
+    logits = torch.randn(b, t, v, generator=g, dtype=torch.float64)
+    y = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.float64)
+    mask[0, 3:] = 0
+    p_full = torch.log_softmax(torch.randn(b, t, v, generator=g, dtype=torch.float64), -1)
+    q_old = torch.log_softmax(logits + 0.1 * torch.randn(b, t, v, generator=g, dtype=torch.float64), -1).gather(-1, y[..., None])[..., 0]  # fmt: skip
+    others = torch.arange(v).expand(b, t, v)
+    order = (others == y[..., None]).long().argsort(dim=-1, descending=True, stable=True)
+    support = others.gather(-1, order)  # y_t first, then the rest
+    assert torch.equal(support[..., 0], y)
+    hp = DistillConfig(teacher_mixed=False, tail_bucket=tail, gamma=0.95)
+    ours = logits.clone().requires_grad_(True)
+    loss, _ = minillm_loss(ours, y, mask, q_old, support, p_full.gather(-1, support), hp)
+    loss.backward()
+    ref = logits.clone().requires_grad_(True)
+    _oracle_minillm(ref, y, mask, q_old, p_full, 0.95, hp.clip_eps).backward()
+    assert float(loss) == pytest.approx(float(_oracle_minillm(logits, y, mask, q_old, p_full, 0.95, hp.clip_eps)), abs=1e-5)  # fmt: skip
+    assert torch.allclose(ours.grad, ref.grad, atol=1e-5)
+
+
+def test_prefix_importance_weights():
+    from flminillm.distill import prefix_importance_weights
+
+    q = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    p = torch.log(torch.tensor([[0.25, 0.5, 1.0], [0.25, 0.5, 1.0]]))
+    mask = torch.ones(2, 3)
+    w_prefix, w_token = prefix_importance_weights(q, p, mask, torch.tensor([False, True]), 3.0)
+    assert w_prefix[0].tolist() == [1.0, 1.0, 1.0]  # the student's own row: on-policy
+    assert w_token[0].tolist() == [1.0, 1.0, 1.0]
+    # a teacher's row: prod_{t'<t} q/p = 1, 2, 2 (prefix); prod_{t'<=t} = 2, 2, 1 (token)
+    assert w_prefix[1].tolist() == pytest.approx([1.0, 2.0, 2.0])
+    assert w_token[1].tolist() == pytest.approx([2.0, 2.0, 1.0])
+    # the prefix weight does not depend on y_t: changing the last token's p leaves it
+    p2 = p.clone()
+    p2[1, 2] = math.log(0.01)
+    assert torch.equal(prefix_importance_weights(q, p2, mask, torch.tensor([False, True]), 3.0)[0], w_prefix)  # fmt: skip
+    # clipped
+    w, _ = prefix_importance_weights(q * 0, p * 4, mask, torch.tensor([True, True]), 3.0)
+    assert float(w.max()) <= 3.0 + 1e-6
+
+
+def test_whitened_returns_and_the_own_rows_kl_estimate():
+    from flminillm.distill import whiten
+
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = whiten(x, mask)
+    assert float((w * mask).sum()) == pytest.approx(0.0, abs=1e-5) and float(w[0, 3]) == 0.0
+    assert float(((w**2) * mask).sum() / mask.sum()) == pytest.approx(1.0, rel=1e-4)
+    # the logged sequence KL comes from the student's own rows only: a teacher row (where
+    # log p > log q) would make it negative
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, generator=g)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    sup = ids[..., None]
+    q_old = torch.full((2, 3), -1.0)
+    p = torch.tensor([[-2.0] * 3, [-0.1] * 3])[..., None]
+    _, stats = minillm_loss(logits, ids, torch.ones(2, 3), q_old, sup, p, DistillConfig(),
+                            torch.tensor([False, True]))  # fmt: skip
+    assert float(stats["seq_reverse_kl"]) == pytest.approx(3.0)  # (-1 - -2) * 3 on row 0
+
+
+def test_the_warm_up_schedule():
+    d = DistillConfig(alpha=0.2, warmup_rounds=2, seqkd_rounds=1000)
+    first, third = d.for_round(1), d.for_round(3)
+    assert (first.alpha, first.seqkd_rounds >= 1) == (1.0, True)  # teachers' answers, SeqKD
+    assert d.for_round(2).alpha == 1.0
+    assert third.alpha == 0.2 and third.seqkd_rounds < 3  # on-policy, SeqKD off
+    assert DistillConfig(alpha=0.5).for_round(7).alpha == 0.5  # no schedule: as given

@@ -229,3 +229,23 @@ def test_sample_batched_matches_one_batch(model):
     assert torch.equal(parts.support_ids[..., 0], parts.response_ids)
     assert torch.allclose(parts.logp, whole.logp, atol=1e-4)
     assert torch.allclose(parts.support_logp[valid], whole.support_logp[valid], atol=1e-4)
+
+
+def test_sampling_temperature_draws_but_reports_the_models_own_logprobs():
+    """A teacher's log-probs on its own answers and its scores of the student's rollouts are
+    the same quantity: sampled at a temperature, reported at 1."""
+    import torch
+
+    from flminillm.config import ModelSpec
+    from flminillm.generation import sample, score
+    from flminillm.models import build_model
+
+    spec = ModelSpec(family="llama", hidden_size=32, num_layers=1, num_heads=2, max_positions=64)
+    model = build_model(spec, 40, 0, 1, seed=0)
+    ids = torch.randint(2, 40, (4, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    r = sample(model, ids, mask, max_new_tokens=4, eos_id=1, pad_id=0, top_k=3,
+               temperature=2.0, generator=torch.Generator().manual_seed(1))  # fmt: skip
+    scores, _ = score(model, ids, mask, r.response_ids, r.response_mask, r.support_ids)
+    m = r.response_mask.bool()
+    assert torch.allclose(r.support_logp[m], scores[m], atol=1e-5)
