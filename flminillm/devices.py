@@ -16,9 +16,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays cheap
+    import torch  # (every KFP task imports the step registry, which imports this module)
 
-if TYPE_CHECKING:
     from flminillm.config import EngineConfig
 
 T = TypeVar("T")
@@ -28,6 +28,8 @@ def device_for(engine: EngineConfig | None) -> torch.device:
     """`engine.device`: cpu, cuda (this process's local rank's GPU), or auto (cuda when a
     GPU is visible); no engine: the CPU. Asking for cuda on a machine without one is an
     error, not a fallback."""
+    import torch
+
     want = "cpu" if engine is None else engine.device
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -51,6 +53,8 @@ def autocast(
     engine: EngineConfig | None, device: torch.device
 ) -> contextlib.AbstractContextManager:
     """bf16 autocast for the forward passes on a GPU; nothing on the CPU (bit-identical)."""
+    import torch
+
     if device.type == "cuda" and uses_bf16(engine, device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -59,6 +63,8 @@ def autocast(
 def to_device(x: T, device: torch.device) -> T:
     """Tensors (alone, or in a dict, tuple or dataclass such as a Rollout) moved to
     `device`; other values unchanged."""
+    import torch
+
     if isinstance(x, torch.Tensor):
         return x.to(device)  # type: ignore[return-value]
     if isinstance(x, Mapping):
@@ -73,9 +79,13 @@ def to_device(x: T, device: torch.device) -> T:
 
 def to_host(x: T) -> T:
     """The inverse of `to_device` before anything is written to the store."""
+    import torch
+
     return to_device(x, torch.device("cpu"))
 
 
 def generator(device: torch.device, seed: int) -> torch.Generator:
     """A seeded generator on `device` (sampling draws on the device of its logits)."""
+    import torch
+
     return torch.Generator(device=device).manual_seed(seed)
