@@ -296,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--tiny", action="store_true", help="toy sizes (checks the script on a CPU)")
     gpu.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 peak, for MFU")
     gpu.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    gpu.add_argument("--no-deepspeed", action="store_true", help="skip the ZeRO-2 figure")
     gpu.set_defaults(func=cmd_bench_gpu)
     quality = bench_sub.add_parser(
         "quality", help="FL-MiniLLM vs baselines, ablations and faults (docs/results.md)"
@@ -377,8 +378,9 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from flminillm.bench.gpu import markdown, run_gpu_bench
 
     result = run_gpu_bench(
-        args.device, tiny=args.tiny, peak_tflops=args.peak_tflops, with_trl=not args.no_trl
-    )
+        args.device, tiny=args.tiny, peak_tflops=args.peak_tflops, with_trl=not args.no_trl,
+        with_deepspeed=not args.no_deepspeed,
+    )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -149,9 +149,37 @@ def test_a_teachers_message_projects_exactly_onto_the_students_tokens(tokenizers
     assert back["own_response_ids"].max() < len(s_tok)
 
 
+def test_a_federation_across_tokenizers(tiny_config):
+    """The tiny federation with bob on a tokenizer of his own (BPE 300 instead of the shared
+    400), in one process: the server and bob teach each other in text, alice in ids."""
+    from flminillm.config import PartyTokenizer
+    from flminillm.inprocess import run_federation
+    from flminillm.ledger import round_records
+    from flminillm.messages import CROSS_TEACHING_FIELDS, TEACHING_FIELDS
+    from flminillm.store import open_store
+
+    bob = tiny_config.clients[1]
+    own = bob.model_copy(
+        update={"model": bob.model.model_copy(update={"tokenizer": PartyTokenizer(vocab_size=300)})}
+    )
+    cfg = tiny_config.model_copy(update={"clients": [tiny_config.clients[0], own]})
+    final = run_federation(cfg)[-1]
+    assert final["vocab_sizes"] == {"server": 400, "alice": 400, "bob": 300}
+    store = open_store(cfg.store.uri)
+    fields = {
+        r["party"]: set(store.scoped("exchange").get_tensors(r["outputs"]["teaching"]["digest"]))
+        for r in round_records(store, cfg.federation_id(), 1) if r["step"] == "teach"
+    }  # fmt: skip
+    assert fields["server-to-bob"] == fields["bob-to-server"] == set(CROSS_TEACHING_FIELDS)
+    assert fields["server-to-alice"] == set(TEACHING_FIELDS)
+    assert set(final["eval"]["bob"]) == set(tiny_config.data.families)
+
+
+@pytest.mark.slow
 def test_a_federation_across_tokenizers_through_kfp(tmp_path, capsys):
     """configs/files-example.yaml with bob on a tokenizer of his own (BPE 300 instead of the
-    shared 400), through the CLI and the KFP local runner."""
+    shared 400), through the CLI and the KFP local runner (slow: the same federation runs in
+    one process in the default suite)."""
     import json
     from pathlib import Path
 

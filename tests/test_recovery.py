@@ -42,25 +42,28 @@ def _config(tiny_config, root: Path):
     )
 
 
-@pytest.fixture
-def reference(tiny_config, tmp_path, monkeypatch) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, str]:
     """The final models of an uninterrupted run of the experiment (in one process, with the
-    torch thread budget the local runner gives each task: float sums depend on it)."""
+    torch thread budget the local runner gives each task: float sums depend on it); once
+    for the module."""
     import torch
 
+    from flminillm.config import load_config
     from flminillm.inprocess import run_federation
     from flminillm.invoke import THREADS_ENV
 
-    cfg = _config(tiny_config, tmp_path / "reference").model_copy(
-        update={"tracking": tiny_config.tracking.model_copy(update={"enabled": False})}
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    cfg = _config(tiny, tmp_path_factory.mktemp("reference")).model_copy(
+        update={"tracking": tiny.tracking.model_copy(update={"enabled": False})}
     )
     threads = torch.get_num_threads()
-    monkeypatch.setenv(THREADS_ENV, str(max(1, os.cpu_count() // cfg.runner.local_parallelism)))
+    os.environ[THREADS_ENV] = str(max(1, os.cpu_count() // cfg.runner.local_parallelism))
     try:
         return run_federation(cfg)[-1]["models"]
     finally:
         torch.set_num_threads(threads)
-        monkeypatch.delenv(THREADS_ENV)
+        del os.environ[THREADS_ENV]
 
 
 def _init_model(cfg, party: str) -> str:

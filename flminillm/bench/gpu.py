@@ -78,6 +78,7 @@ def run_gpu_bench(
     repeats: int = 3,
     peak_tflops: float = DEFAULT_PEAK_TFLOPS,
     with_trl: bool = True,
+    with_deepspeed: bool = True,
 ) -> dict:
     from flminillm import devices
     from flminillm.config import DistillConfig, EngineConfig, LoraSpec
@@ -161,16 +162,19 @@ def run_gpu_bench(
         figs[f"update_{label}_mfu"] = flops / t / (peak_tflops * 1e12)
 
     update_figures("torch", server, engine_cfg, n_server)
-    try:
-        import deepspeed  # noqa: F401
-
-        fresh = _build(sizes["server"], vocab, maxpos).to(dev)
-        ds = EngineConfig(device=dev.type, kind="deepspeed", zero_stage=2)
-        update_figures("zero2", fresh, ds, n_server)
-        figs["zero2_vs_torch"] = figs["update_zero2_tok_s"] / figs["update_torch_tok_s"]
-        del fresh
-    except ImportError as e:
-        result["skipped"]["zero2"] = f"deepspeed not importable: {e}"
+    if not with_deepspeed:
+        result["skipped"]["zero2"] = "not asked for (--no-deepspeed)"
+    else:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as e:
+            result["skipped"]["zero2"] = f"deepspeed not importable: {e}"
+        else:
+            fresh = _build(sizes["server"], vocab, maxpos).to(dev)
+            ds = EngineConfig(device=dev.type, kind="deepspeed", zero_stage=2)
+            update_figures("zero2", fresh, ds, n_server)
+            figs["zero2_vs_torch"] = figs["update_zero2_tok_s"] / figs["update_torch_tok_s"]
+            del fresh
     try:
         lora = add_lora(_build(sizes["server"], vocab, maxpos).to(dev), LoraSpec(r=16), "0" * 64)
         update_figures("lora", lora, engine_cfg, count_parameters(lora, trainable_only=True))
