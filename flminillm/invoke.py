@@ -118,14 +118,19 @@ def run_here(name: str, cfg: Config, **kwargs: Any) -> Any:
     return _run_recipe(step, cfg, kwargs)
 
 
+# set by the local runner, which logs each finished step to MLflow from its own process
+# (one MLflow store for the whole run instead of one per forked step: 1.6 s per step)
+RUNNER_LOGS_ENV = "FLMINILLM_RUNNER_LOGS_STEPS"
+
+
 def _run_recipe(step: Step, cfg: Config, kwargs: dict[str, Any]) -> Any:
     """The recipe itself; with a federation run to track (FLMINILLM_MLFLOW_RUN), its ledger
     records also go to MLflow as they are written."""
     from flminillm.tracking import RUN_ENV
 
     run_id = os.environ.get(RUN_ENV)
-    if not (run_id and cfg.tracking.enabled):
-        return step.fn(cfg, **kwargs)
+    if not (run_id and cfg.tracking.enabled) or os.environ.get(RUNNER_LOGS_ENV):
+        return step.fn(cfg, **kwargs)  # (the local runner logs its steps itself)
     with ledger.listening(lambda rec: _track(cfg, run_id, rec)):
         return step.fn(cfg, **kwargs)
 

@@ -112,6 +112,7 @@ def run_federation(
     """Run the federation under the local runner with a readable console; returns the final
     round manifest. Raises FederationFailed (after saying why) when a step fails."""
     from flminillm.artifacts import open_store_for
+    from flminillm.invoke import RUNNER_LOGS_ENV
     from flminillm.report import render_table, results_table
     from flminillm.steps import STEPS
     from flminillm.store import atomic_write_text
@@ -137,9 +138,32 @@ def run_federation(
         console.print(f"MLflow run {run_id} at {cfg.tracking.uri} (steps appear as they finish)")
 
     total, done, lock = expected_tasks(cfg), [0], threading.Lock()
+    logged: set[tuple] = set()
+    store = open_store_for(cfg)
+
+    def log_finished_steps() -> None:
+        """Each step record this run wrote and has not logged yet, to MLflow (as it happens:
+        called when a task finishes)."""
+        from flminillm.ledger import ledger
+        from flminillm.tracking import log_step
+
+        for recs in ledger(store, cfg.federation_id()).values():
+            for rec in sorted(recs, key=lambda r: r.get("started", 0)):
+                key = (rec["round"], rec["step"], rec["party"], rec.get("started"))
+                if key in logged or rec.get("started", 0) < started:
+                    continue
+                logged.add(key)
+                try:
+                    with output_to(log_path, verbose):
+                        log_step(cfg, store, run_id, rec)
+                except Exception as e:  # noqa: BLE001 - a log never fails the federation
+                    console.print(f"warning: could not log {rec['step']}.{rec['party']} to "
+                                  f"MLflow: {type(e).__name__}: {e}")  # fmt: skip
 
     def on_task(ev: TaskEvent) -> None:
         with lock:
+            if run_id and not ev.cached:
+                log_finished_steps()
             done[0] += 1
             where = f"round {ev.round}" if ev.round is not None else ""
             how = (
@@ -152,7 +176,12 @@ def run_federation(
             console.print(f"[{done[0]:>3}/{total}] {where:<8} {step:<14} {ev.party:<16} {how}")
 
     try:
-        with _env(RUN_ENV, run_id), observing_tasks(on_task), output_to(log_path, verbose):
+        with (
+            _env(RUN_ENV, run_id),
+            _env(RUNNER_LOGS_ENV, "1" if run_id else None),
+            observing_tasks(on_task),
+            output_to(log_path, verbose),
+        ):
             final = run_local(cfg, run_label=label, run_started=started, extra_tags=extra_tags)
     except Exception as err:
         error = failure_summary(cfg, started) or f"{type(err).__name__}: {err}"
