@@ -60,17 +60,24 @@ def deployment_from_env() -> DeploymentConfig:
 
 
 @contextlib.contextmanager
-def deployment_env(cfg: DeploymentConfig) -> Iterator[None]:
-    """FLMINILLM_DEPLOYMENT set to `cfg`'s deployment while the block runs (restored after)."""
-    old = os.environ.get(DEPLOYMENT_ENV)
-    os.environ[DEPLOYMENT_ENV] = cfg.deployment_json()
+def env_set(name: str, value: str | None) -> Iterator[None]:
+    """Environment variable `name` set to `value` while the block runs (None: left as it
+    is), restored after."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop(DEPLOYMENT_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[DEPLOYMENT_ENV] = old
+            os.environ[name] = old
+
+
+def deployment_env(cfg: DeploymentConfig) -> contextlib.AbstractContextManager:
+    """FLMINILLM_DEPLOYMENT set to `cfg`'s deployment while the block runs (restored after)."""
+    return env_set(DEPLOYMENT_ENV, cfg.deployment_json())
 
 
 # ----------------------------------------------------------------------------------------

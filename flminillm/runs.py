@@ -82,20 +82,6 @@ def output_to(log_path: Path, verbose: bool) -> Iterator[None]:
                 logging.getLogger(name).setLevel(level)
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def _model_name(spec) -> str:
     if spec.name_or_path:
         return spec.name_or_path.rsplit("/", 1)[-1]
@@ -112,7 +98,7 @@ def run_federation(
     """Run the federation under the local runner with a readable console; returns the final
     round manifest. Raises FederationFailed (after saying why) when a step fails."""
     from flminillm.artifacts import open_store_for
-    from flminillm.invoke import RUNNER_LOGS_ENV
+    from flminillm.invoke import RUNNER_LOGS_ENV, env_set
     from flminillm.report import render_table, results_table
     from flminillm.steps import STEPS
     from flminillm.store import atomic_write_text
@@ -177,8 +163,8 @@ def run_federation(
 
     try:
         with (
-            _env(RUN_ENV, run_id),
-            _env(RUNNER_LOGS_ENV, "1" if run_id else None),
+            env_set(RUN_ENV, run_id),
+            env_set(RUNNER_LOGS_ENV, "1" if run_id else None),
             observing_tasks(on_task),
             output_to(log_path, verbose),
         ):

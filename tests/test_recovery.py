@@ -13,33 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from flminillm.cli import main
 from flminillm.ledger import ledger
 from flminillm.store import open_store
+from tests.isolated import isolated_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _write(cfg, root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(json.loads(cfg.to_json())))
-    return path
-
-
-def _config(tiny_config, root: Path):
-    return tiny_config.model_copy(
-        update={
-            "output_dir": str(root / "out"),
-            "store": tiny_config.store.model_copy(update={"uri": str(root / "store")}),
-            "tracking": tiny_config.tracking.model_copy(
-                update={"uri": f"sqlite:///{root}/mlflow.db"}
-            ),
-            "runner": tiny_config.runner.model_copy(update={"pipeline_root": str(root / "kfp")}),
-        }
-    )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +34,7 @@ def reference(tmp_path_factory) -> dict[str, str]:
     from flminillm.invoke import THREADS_ENV
 
     tiny = load_config(ROOT / "configs" / "tiny.yaml")
-    cfg = _config(tiny, tmp_path_factory.mktemp("reference")).model_copy(
+    cfg = isolated_config(tiny, tmp_path_factory.mktemp("reference"), "run")[0].model_copy(
         update={"tracking": tiny.tracking.model_copy(update={"enabled": False})}
     )
     threads = torch.get_num_threads()
@@ -81,8 +61,7 @@ def _flip(path: Path) -> None:
 def test_a_tampered_store_fails_the_run_until_verify_repairs_it(
     tiny_config, tmp_path, reference, monkeypatch, capsys
 ):
-    cfg = _config(tiny_config, tmp_path / "run")
-    config = _write(cfg, tmp_path / "run")
+    cfg, config = isolated_config(tiny_config, tmp_path, "run")
     # a first run fails in round 1 (alice's fine-tuning), after the set-up was cached
     monkeypatch.setenv("FLMINILLM_FAULTS", "local_sft:alice:1")
     assert main(["run", "--config", str(config)]) == 1
@@ -124,8 +103,7 @@ def test_a_killed_run_shows_in_mlflow_and_rerun_completes_it(
 ):
     from mlflow.tracking import MlflowClient
 
-    cfg = _config(tiny_config, tmp_path / "run")
-    config = _write(cfg, tmp_path / "run")
+    cfg, config = isolated_config(tiny_config, tmp_path, "run")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "flminillm.cli", "run", "--config", str(config)],
@@ -164,8 +142,7 @@ def test_a_killed_run_shows_in_mlflow_and_rerun_completes_it(
 
 
 def test_unknown_run_ids_get_one_line(tiny_config, tmp_path, capsys):
-    cfg = _config(tiny_config, tmp_path / "run")
-    config = _write(cfg, tmp_path / "run")
+    cfg, config = isolated_config(tiny_config, tmp_path, "run")
     for command in ("lineage", "rerun"):
         assert main([command, "0" * 32, "--config", str(config)]) == 2
         err = capsys.readouterr().err.strip().splitlines()

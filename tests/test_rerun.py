@@ -3,31 +3,12 @@
 import json
 
 import pytest
-import yaml
 
 from flminillm.cli import main
 from flminillm.faults import FAULTS_ENV, RETRIES_ENV, parse_faults
 from flminillm.ledger import ledger
 from flminillm.store import open_store
-
-
-def _config(tiny_config, tmp_path, name, **updates):
-    root = tmp_path / name
-    cfg = tiny_config.model_copy(
-        update={
-            "output_dir": str(root / "out"),
-            "store": tiny_config.store.model_copy(update={"uri": str(root / "store")}),
-            "tracking": tiny_config.tracking.model_copy(
-                update={"uri": f"sqlite:///{root}/mlflow.db"}
-            ),
-            "runner": tiny_config.runner.model_copy(update={"pipeline_root": str(root / "kfp")}),
-            **updates,
-        }
-    )
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(json.loads(cfg.to_json())))
-    return cfg, path
+from tests.isolated import isolated_config
 
 
 def _executions(cfg) -> dict[tuple, tuple]:
@@ -65,12 +46,12 @@ def test_rerun_executes_only_the_failed_step_and_its_dependants(
     monkeypatch.setenv(RETRIES_ENV, "2")
     rounds = 2  # the fault is in the second round's pipeline
     # an uninterrupted run: the reference
-    ref_cfg, ref_path = _config(tiny_config, tmp_path, "reference", rounds=rounds)
+    ref_cfg, ref_path = isolated_config(tiny_config, tmp_path, "reference", rounds=rounds)
     assert main(["run", "--config", str(ref_path)]) == 0
     reference = json.loads((ref_path.parent / "out" / "round_manifest.json").read_text())
 
     # the same federation with alice's distill step failing in the last round
-    cfg, path = _config(tiny_config, tmp_path, "faulty", rounds=rounds)
+    cfg, path = isolated_config(tiny_config, tmp_path, "faulty", rounds=rounds)
     monkeypatch.setenv(FAULTS_ENV, f"distill:alice:{rounds}")
     assert main(["run", "--config", str(path)]) == 1
     failed_run = _federation_runs(cfg)[0]
@@ -109,7 +90,7 @@ def test_rerun_executes_only_the_failed_step_and_its_dependants(
 def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setenv(RETRIES_ENV, "1")
     sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
-    cfg, path = _config(tiny_config, tmp_path, "dropout", sampling=sampling)
+    cfg, path = isolated_config(tiny_config, tmp_path, "dropout", sampling=sampling)
     monkeypatch.setenv(FAULTS_ENV, "local_sft:alice:1")
     assert main(["run", "--config", str(path)]) == 0
     final = json.loads((path.parent / "out" / "round_manifest.json").read_text())
@@ -123,7 +104,7 @@ def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypat
 def test_round_fails_clearly_below_min_clients(tiny_config, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(RETRIES_ENV, "1")
     sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
-    cfg, path = _config(tiny_config, tmp_path, "below", sampling=sampling)
+    cfg, path = isolated_config(tiny_config, tmp_path, "below", sampling=sampling)
     monkeypatch.setenv(FAULTS_ENV, "local_sft:*:1")
     assert main(["run", "--config", str(path)]) == 1
     run = _federation_runs(cfg)[0]
