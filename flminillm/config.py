@@ -198,6 +198,16 @@ class DataConfig(_Strict):
     eval: DataFile | None = Field(
         None, description="Evaluation set (files): prompt, response, optional category."
     )
+    validation: DataFile | None = Field(
+        None,
+        description="Validation set (files), disjoint from `eval`: where hyper-parameters are "
+        "chosen (evaluate_on: validation).",
+    )
+    evaluate_on: Literal["eval", "validation"] = Field(
+        "eval",
+        description="Which held-out set the evaluate step scores: eval (the reported split) or "
+        "validation (for choosing hyper-parameters: `flminillm bench tune`; never report it).",
+    )
     pretrain: DataFile | None = Field(
         None,
         description="Pre-training corpus (files) for models built from config: one document "
@@ -222,12 +232,32 @@ class DataConfig(_Strict):
         64, ge=1, description="Public prompts (no answers) per family."
     )
     n_eval_per_family: int = Field(50, ge=1, description="Held-out evaluation examples per family.")
+    n_val_per_family: int = Field(
+        0, ge=0,
+        description="Validation examples per family, disjoint from the evaluation ones (0: no "
+        "validation split; needed by evaluate_on: validation and `flminillm bench tune`).",
+    )  # fmt: skip
     pretrain_docs: int = Field(3000, ge=1, description="Documents in the pre-training corpus.")
     iid_mix: float = Field(
         0.0, ge=0, le=1,
         description="Non-IID severity: share of each client's training data drawn from all "
         "families instead of its own (0 = disjoint families, 1 = IID).",
     )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _validation_exists(self) -> DataConfig:
+        if self.evaluate_on == "validation":
+            if self.source == "benchmark" and self.n_val_per_family == 0:
+                raise ValueError(
+                    "data.evaluate_on is validation but data.n_val_per_family is 0: set "
+                    "n_val_per_family (e.g. 50) so that a validation split exists"
+                )
+            if self.source == "files" and self.validation is None:
+                raise ValueError(
+                    "data.evaluate_on is validation but data.validation is not set: give the "
+                    "validation file as {uri: path-or-s3-uri, fields: auto}"
+                )
+        return self
 
     @field_validator("families")
     @classmethod

@@ -384,7 +384,9 @@ def partition_families(
 class Benchmark:
     """All data of one federated run.
 
-    ``public_prompts`` carry no answers; ``eval_sets`` are held out for the evaluator only.
+    ``public_prompts`` carry no answers; ``eval_sets`` are held out for the evaluator only;
+    ``val_sets`` (validation, disjoint from the evaluation prompts) are the sets on which
+    hyper-parameters are chosen (`flminillm bench tune`), never the reported ones.
     """
 
     client_train: dict[str, list[Example]]
@@ -392,6 +394,7 @@ class Benchmark:
     public_prompts: list[Example]
     eval_sets: dict[str, list[Example]]
     families_by_client: dict[str, list[str]] = field(default_factory=dict)
+    val_sets: dict[str, list[Example]] = field(default_factory=dict)
 
     @property
     def families(self) -> list[str]:
@@ -408,6 +411,7 @@ def build_benchmark(
     n_eval: int,
     seed: int,
     iid_mix: float = 0.0,
+    n_val: int = 0,
 ) -> Benchmark:
     """Generate clients' private train/test data, public prompts and held-out eval sets.
 
@@ -416,6 +420,11 @@ def build_benchmark(
     drawn first, then the test set (both unique prompts where possible), then train, which never
     uses a test prompt. For generative families test, train and public prompts avoid eval prompts
     where the space allows; fact families (a table to memorise) may repeat eval prompts.
+
+    `n_val` > 0 adds a validation set per family, drawn after the eval set from its own
+    stream: its prompts never repeat an eval prompt (unique where the space allows), and for
+    generative families test, train and public prompts avoid them too. With `n_val` = 0
+    nothing else changes (the same data as before validation sets existed).
 
     `iid_mix` sets how non-IID the split is: a client's training set keeps its size, but that
     share of it is drawn from every held family's pool (other clients' included) instead of
@@ -429,6 +438,7 @@ def build_benchmark(
         ("n_test", n_test),
         ("n_public_per_family", n_public_per_family),
         ("n_eval", n_eval),
+        ("n_val", n_val),
     ):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -447,13 +457,18 @@ def build_benchmark(
     held = [f for f in FAMILIES if f in owner]
 
     eval_sets: dict[str, list[Example]] = {}
+    val_sets: dict[str, list[Example]] = {}
     train: dict[str, list[Example]] = {}
     test: dict[str, list[Example]] = {}
     public: list[Example] = []
     for f in held:
         fam = FAMILIES[f]
         ev = _sample(fam, n_eval, _stream(seed, "eval", f), unique=True, what="eval")
-        ev_prompts = {e.prompt for e in ev} if fam.generative else set()
+        va = _sample(
+            fam, n_val, _stream(seed, "validation", f), forbid={e.prompt for e in ev},
+            unique=True, what="validation",
+        ) if n_val else []  # fmt: skip
+        ev_prompts = {e.prompt for e in ev + va} if fam.generative else set()
         # Test first (unique prompts), then train from the rest: test never shares a prompt
         # with train, and train is i.i.d. over the remaining space, so both scale to any size.
         te = _sample(
@@ -471,6 +486,8 @@ def build_benchmark(
             fam, n_public_per_family, _stream(seed, "public", f), avoid=ev_prompts, what="public"
         )
         eval_sets[f], train[f], test[f] = ev, tr, te
+        if n_val:
+            val_sets[f] = va
         public.extend(Example(f, e.prompt, "") for e in pub)
     _stream(seed, "public", "order").shuffle(public)
 
@@ -489,7 +506,20 @@ def build_benchmark(
         public_prompts=public,
         eval_sets=eval_sets,
         families_by_client={c: list(fs) for c, fs in families_by_client.items()},
+        val_sets=val_sets,
     )
+
+
+def generate_benchmark(cfg) -> tuple[Benchmark, list[str]]:
+    """The benchmark and pre-training corpus an experiment config (data.source: benchmark)
+    generates: the one place that maps the config's data section onto build_benchmark."""
+    d = cfg.data
+    bench = build_benchmark(
+        cfg.families_by_client(), d.n_train_per_family, d.n_test_per_family,
+        d.n_public_per_family, d.n_eval_per_family, seed=cfg.seed, iid_mix=d.iid_mix,
+        n_val=d.n_val_per_family,
+    )  # fmt: skip
+    return bench, pretraining_corpus(d.pretrain_docs, seed=cfg.seed)
 
 
 # --------------------------------------------------------------------------------------------

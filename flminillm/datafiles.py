@@ -159,15 +159,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
 def export_benchmark(cfg, out: str | Path) -> dict:
     """The benchmark `cfg` generates, as files (prompt/response/category JSONL) under `out`,
     and the config that reads them: {"files": {...}, "config": <dict for YAML>}."""
-    from flminillm.data import build_benchmark, pretraining_corpus
+    from flminillm.data import generate_benchmark
 
     out = Path(out)
-    d = cfg.data
     fbc = cfg.families_by_client()
-    bench = build_benchmark(
-        fbc, d.n_train_per_family, d.n_test_per_family, d.n_public_per_family,
-        d.n_eval_per_family, seed=cfg.seed, iid_mix=d.iid_mix,
-    )  # fmt: skip
+    bench, corpus = generate_benchmark(cfg)
 
     def rows(examples, response=True):
         return [{"prompt": e.prompt, **({"response": e.answer} if response else {}),
@@ -178,8 +174,12 @@ def export_benchmark(cfg, out: str | Path) -> dict:
         "eval": _write_jsonl(out / "eval.jsonl",
                              rows([e for v in bench.eval_sets.values() for e in v])),
         "pretrain": _write_jsonl(out / "pretrain.jsonl",
-                                 [{"text": t} for t in pretraining_corpus(d.pretrain_docs, cfg.seed)]),
+                                 [{"text": t} for t in corpus]),
     }  # fmt: skip
+    if bench.val_sets:
+        files["validation"] = _write_jsonl(
+            out / "validation.jsonl", rows([e for v in bench.val_sets.values() for e in v])
+        )
     for c in fbc:
         files[f"{c}.train"] = _write_jsonl(out / c / "train.jsonl", rows(bench.client_train[c]))
         files[f"{c}.test"] = _write_jsonl(out / c / "test.jsonl", rows(bench.client_test[c]))
@@ -189,7 +189,10 @@ def export_benchmark(cfg, out: str | Path) -> dict:
         "public": {"uri": files["public"], "fields": "prompt_response"},
         "eval": {"uri": files["eval"], "fields": "prompt_response"},
         "pretrain": {"uri": files["pretrain"], "fields": "text"},
-    }
+        **({"validation": {"uri": files["validation"], "fields": "prompt_response"}}
+           if "validation" in files else {}),
+        **({"evaluate_on": cfg.data.evaluate_on} if cfg.data.evaluate_on != "eval" else {}),
+    }  # fmt: skip
     for client in conf["clients"]:
         client.pop("families", None)
         client["data"] = {

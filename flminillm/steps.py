@@ -143,7 +143,7 @@ def prepare(cfg: Config) -> dict:
         data = {
             "public": put_examples(public, bench.public_prompts),
             "pretrain": public.put_json(corpus),
-            "eval": {f: put_examples(public, v) for f, v in bench.eval_sets.items()},
+            "eval": {f: put_examples(public, v) for f, v in held_out(cfg, bench).items()},
             "clients": {  # each client's private data under its own prefix
                 c: {
                     "train": put_examples(store.scoped(c), bench.client_train[c]),
@@ -246,15 +246,11 @@ def _teachers_across(cfg: ExperimentConfig, state: dict, student: str) -> bool:
 
 def _read_data(cfg: Config):
     """(Benchmark, pre-training corpus): generated, or read from the configured files."""
-    from flminillm.data import Benchmark, build_benchmark, pretraining_corpus
+    from flminillm.data import Benchmark, generate_benchmark
 
     d = cfg.data
     if d.source == "benchmark":
-        bench = build_benchmark(
-            cfg.families_by_client(), d.n_train_per_family, d.n_test_per_family,
-            d.n_public_per_family, d.n_eval_per_family, seed=cfg.seed, iid_mix=d.iid_mix,
-        )  # fmt: skip
-        return bench, pretraining_corpus(d.pretrain_docs, seed=cfg.seed)
+        return generate_benchmark(cfg)
     from flminillm.datafiles import categories, load_examples_from, load_texts_from
 
     train, test = {}, {}
@@ -268,12 +264,20 @@ def _read_data(cfg: Config):
     public = [type(e)(family=e.family, prompt=e.prompt, answer="") for e in public]
     evals = load_examples_from(d.eval, cfg.store, what="data.eval")
     eval_sets = {f: [e for e in evals if e.family == f] for f in categories(evals)}
+    vals = load_examples_from(d.validation, cfg.store, what="data.validation") if d.validation else []
     corpus = load_texts_from(d.pretrain, cfg.store) if d.pretrain else []
     bench = Benchmark(
         client_train=train, client_test=test, public_prompts=public, eval_sets=eval_sets,
         families_by_client={c: categories(v) for c, v in train.items()},
+        val_sets={f: [e for e in vals if e.family == f] for f in categories(vals)},
     )  # fmt: skip
     return bench, corpus
+
+
+def held_out(cfg: Config, bench) -> dict:
+    """The held-out sets the evaluate step scores: the evaluation split, or the validation
+    split when hyper-parameters are being chosen (data.evaluate_on: validation)."""
+    return bench.val_sets if cfg.data.evaluate_on == "validation" else bench.eval_sets
 
 
 @step(output="list")

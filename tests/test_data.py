@@ -364,3 +364,31 @@ def test_malformed_lines_name_file_and_line(tmp_path: Path) -> None:
     path.write_text(json.dumps({"family": "f", "prompt": "p"}) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: .*answer"):
         load_jsonl(path)
+
+
+# ------------------------------------------------------------------ the validation split
+
+
+def test_validation_split_disjoint_from_eval_and_training() -> None:
+    """Validation sets never repeat an evaluation prompt; generative families keep their
+    training, test and public prompts off them; without validation nothing changes."""
+    fbc = partition_families(REQUIRED, ["a", "b", "c"], seed=0)
+    plain = _small_benchmark(fbc)
+    with_val = build_benchmark(
+        fbc, n_train=120, n_test=25, n_public_per_family=16, n_eval=30, seed=0, n_val=30
+    )
+    assert plain.val_sets == {}
+    assert with_val.eval_sets == plain.eval_sets  # the reported split does not move
+    assert set(with_val.val_sets) == set(with_val.eval_sets)
+    for fam, val in with_val.val_sets.items():
+        assert len(val) == 30 and all(e.family == fam and e.answer for e in val)
+        val_prompts = {e.prompt for e in val}
+        assert len(val_prompts) == 30, fam  # unique
+        assert not val_prompts & {e.prompt for e in with_val.eval_sets[fam]}, fam
+        if FAMILIES[fam].generative:
+            seen = {e.prompt for c in fbc for e in with_val.client_train[c] + with_val.client_test[c]}
+            seen |= {e.prompt for e in with_val.public_prompts}
+            assert not val_prompts & seen, fam
+    assert build_benchmark(
+        fbc, n_train=120, n_test=25, n_public_per_family=16, n_eval=30, seed=0, n_val=30
+    ).val_sets == with_val.val_sets  # deterministic

@@ -93,3 +93,40 @@ def test_exported_benchmark_reads_back_to_the_same_data(tiny_config, tmp_path):
     a, b = prepare(tiny_config), prepare(files_cfg)
     assert a["data"] == b["data"] and a["tokenizer"] == b["tokenizer"]
     assert a["families_by_client"] == b["families_by_client"]
+
+
+def test_evaluate_on_validation_needs_a_split_and_scores_it(tiny_config, tmp_path):
+    """evaluate_on: validation without a validation split is refused with the field and the
+    fix; with one, prepare stores the validation sets as what the evaluate step scores, and
+    the exported files config carries the validation file."""
+    from flminillm.data import generate_benchmark
+    from flminillm.steps import prepare
+
+    data = json.loads(tiny_config.to_json())
+    data["data"]["evaluate_on"] = "validation"
+    with pytest.raises(ConfigError, match="n_val_per_family is 0: set n_val_per_family"):
+        load_config(_dump(tmp_path / "bad.yaml", data))
+    data["data"]["n_val_per_family"] = 8
+    cfg = load_config(_dump(tmp_path / "val.yaml", data))
+    bench, _ = generate_benchmark(cfg)
+    evals = prepare(cfg)["data"]["eval"]
+    data["data"]["evaluate_on"] = "eval"
+    reported = prepare(load_config(_dump(tmp_path / "eval.yaml", data)))["data"]
+    assert set(evals) == set(bench.val_sets) and evals != reported["eval"]
+    assert {k: v for k, v in reported.items() if k != "eval"} == {
+        k: v for k, v in prepare(cfg)["data"].items() if k != "eval"
+    }  # the same training data under both
+    out = tmp_path / "exported"
+    assert main(["data", "export", "--config", str(tmp_path / "val.yaml"), "--out", str(out)]) == 0
+    files_cfg = load_config(out / "config.yaml")
+    assert files_cfg.data.validation is not None and files_cfg.data.evaluate_on == "validation"
+    assert prepare(files_cfg)["data"]["eval"] == evals
+    no_val = json.loads(files_cfg.to_json())
+    no_val["data"]["validation"] = None
+    with pytest.raises(ConfigError, match="data.validation is not set: give the validation"):
+        load_config(_dump(tmp_path / "files-no-val.yaml", no_val))
+
+
+def _dump(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
