@@ -264,7 +264,9 @@ def _read_data(cfg: Config):
     public = [type(e)(family=e.family, prompt=e.prompt, answer="") for e in public]
     evals = load_examples_from(d.eval, cfg.store, what="data.eval")
     eval_sets = {f: [e for e in evals if e.family == f] for f in categories(evals)}
-    vals = load_examples_from(d.validation, cfg.store, what="data.validation") if d.validation else []
+    vals = (
+        load_examples_from(d.validation, cfg.store, what="data.validation") if d.validation else []
+    )
     corpus = load_texts_from(d.pretrain, cfg.store) if d.pretrain else []
     bench = Benchmark(
         client_train=train, client_test=test, public_prompts=public, eval_sets=eval_sets,

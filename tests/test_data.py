@@ -386,9 +386,14 @@ def test_validation_split_disjoint_from_eval_and_training() -> None:
         assert len(val_prompts) == 30, fam  # unique
         assert not val_prompts & {e.prompt for e in with_val.eval_sets[fam]}, fam
         if FAMILIES[fam].generative:
-            seen = {e.prompt for c in fbc for e in with_val.client_train[c] + with_val.client_test[c]}
+            seen = {
+                e.prompt for c in fbc for e in with_val.client_train[c] + with_val.client_test[c]
+            }
             seen |= {e.prompt for e in with_val.public_prompts}
             assert not val_prompts & seen, fam
-    assert build_benchmark(
-        fbc, n_train=120, n_test=25, n_public_per_family=16, n_eval=30, seed=0, n_val=30
-    ).val_sets == with_val.val_sets  # deterministic
+    assert (
+        build_benchmark(
+            fbc, n_train=120, n_test=25, n_public_per_family=16, n_eval=30, seed=0, n_val=30
+        ).val_sets
+        == with_val.val_sets
+    )  # deterministic
