@@ -331,7 +331,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --workdir: tables, plots and MLflow from the runs there; run nothing",
     )  # fmt: skip
     quality.set_defaults(func=cmd_bench_quality)
+    tune = bench_sub.add_parser(
+        "tune", help="choose distill hyper-parameters on the validation split (docs/tune.md)"
+    )
+    tune.add_argument("--config", default="configs/benchmark.yaml", help="the benchmark")
+    tune.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every candidate")
+    tune.add_argument("--candidates", default="", help="comma-separated subset (default: all)")
+    tune.add_argument("--out", default="docs", help="where tune.{md,json} go")
+    tune.add_argument("--workdir", default=None, help="store of the runs (default: a temp dir)")
+    tune.add_argument("--jobs", type=int, default=0, help="worker processes (default: 2)")
+    tune.add_argument("--resume", action="store_true", help="reuse finished runs in --workdir")
+    tune.set_defaults(func=cmd_bench_tune)
     return parser
+
+
+def cmd_bench_tune(args: argparse.Namespace) -> int:
+    from flminillm.bench.tune import run_tune
+
+    if args.seeds < 1:
+        print("error: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    console = _console()
+    command = "flminillm bench tune " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
+    try:
+        results = run_tune(
+            Path(args.config), seeds=args.seeds,
+            names=[m for m in args.candidates.split(",") if m] or None,
+            workdir=Path(args.workdir) if args.workdir else None, out_dir=Path(args.out),
+            jobs=args.jobs, console=console, command=command.strip(), resume=args.resume,
+        )  # fmt: skip
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    console.print(Path(args.out, "tune.md").read_text())
+    for name, fails in results["_meta"]["failures"].items():
+        for f in fails:
+            console.print(f"[red]FAILED[/] {name} seed {f['seed']}: {f['error']}")
+    return 1 if results["_meta"]["failures"] else 0
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:

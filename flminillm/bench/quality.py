@@ -14,6 +14,7 @@ config (also for pooled and IID variants); the server holds none, so its "unseen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -90,41 +91,30 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_quality(
-    config: Path,
-    seeds: int = 3,
-    names: list[str] | None = None,
+def run_grid(
+    base: Config,
+    vs: list[Variant],
+    seeds: int,
+    workdir: Path,
     fault_seeds: int | None = None,
-    workdir: Path | None = None,
-    out_dir: Path = Path("docs"),
     jobs: int = 0,
-    tracking_uri: str | None = None,
     console=None,
-    command: str = "",
     resume: bool = False,
     report_only: bool = False,
+    title: str = "bench quality",
 ) -> dict[str, Any]:
-    """Run every variant for `seeds` seeds (faults for `fault_seeds`, default all) and write
-    results.json / results.md / results.png into out_dir. Returns the results dict."""
+    """Run every (variant, seed) in worker processes (faults for `fault_seeds` seeds only),
+    reusing finished runs from `workdir` with `resume`. Returns {"runs": {name: [result]},
+    "failures", "resumed", "missing", "seconds", "jobs", "threads"}."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from flminillm.config import config_from_json  # noqa: F401  (workers import it)
-
-    base = load_config(config)
-    vs = variants(base, names)
     fault_seeds = seeds if fault_seeds is None else fault_seeds
     jobs = jobs or max(1, min(2, (os.cpu_count() or 1)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    tmp = None
     resume = resume or report_only
-    if resume and workdir is None:
-        raise ValueError("--resume needs --workdir: the directory of the run to resume")
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="flminillm-quality-")
-        workdir = Path(tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
     base_json = base.to_json()
     t_start = time.perf_counter()
@@ -136,7 +126,7 @@ def run_quality(
     first = next((v for v in vs if v.kind == "federated" and v.group == "method"), vs[0])
     ctx = mp.get_context("spawn")
     with Progress(
-        TextColumn("[bold]bench quality"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn(f"[bold]{title}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False,
     ) as progress, cf.ProcessPoolExecutor(
         jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
@@ -185,40 +175,94 @@ def run_quality(
                     for w, x in to_run:
                         if x == s and w is not first:
                             submit(w, x, memo)
-    elapsed = time.perf_counter() - t_start
-    results: dict[str, Any] = {}
-    for v in vs:
-        if runs[v.name]:
-            results[v.name] = summarise(sorted(runs[v.name], key=lambda r: r["seed"]), v)
+    return {
+        "runs": runs, "failures": failures, "resumed": resumed, "missing": missing,
+        "seconds": time.perf_counter() - t_start, "jobs": jobs, "threads": threads,
+    }  # fmt: skip
+
+
+def summarise_grid(vs: list[Variant], grid: dict) -> dict[str, Any]:
+    """{variant name: summary over its seeds} for the variants that have runs."""
+    runs = grid["runs"]
+    return {
+        v.name: summarise(sorted(runs[v.name], key=lambda r: r["seed"]), v)
+        for v in vs
+        if runs[v.name]
+    }
+
+
+def grid_meta(config: Path, base: Config, grid: dict, seeds: int, command: str) -> dict:
+    """What every report says about how it was produced."""
+    return {
+        "config": str(config),
+        "config_json": json.loads(base.to_json()),
+        "seeds": list(range(seeds)),
+        "command": command,
+        "jobs": grid["jobs"],
+        "torch_threads_per_job": grid["threads"],
+        "seconds": grid["seconds"],
+        "cpu_count": os.cpu_count(),
+        "failures": grid["failures"],
+        "resumed": grid["resumed"],
+        "missing": grid["missing"],
+        "families_by_client": base.families_by_client(),
+    }
+
+
+def run_quality(
+    config: Path,
+    seeds: int = 3,
+    names: list[str] | None = None,
+    fault_seeds: int | None = None,
+    workdir: Path | None = None,
+    out_dir: Path = Path("docs"),
+    jobs: int = 0,
+    tracking_uri: str | None = None,
+    console=None,
+    command: str = "",
+    resume: bool = False,
+    report_only: bool = False,
+) -> dict[str, Any]:
+    """Run every variant for `seeds` seeds (faults for `fault_seeds`, default all) and write
+    results.json / results.md / results.png into out_dir. Returns the results dict."""
+    base = load_config(config)
+    vs = variants(base, names)
+    fault_seeds = seeds if fault_seeds is None else fault_seeds
+    if (resume or report_only) and workdir is None:
+        raise ValueError("--resume needs --workdir: the directory of the run to resume")
+    with _workdir(workdir) as wd:
+        grid = run_grid(
+            base, vs, seeds, wd, fault_seeds=fault_seeds, jobs=jobs, console=console,
+            resume=resume, report_only=report_only,
+        )  # fmt: skip
+    results = summarise_grid(vs, grid)
     pooled_em = results.get("pooled", {}).get("server", {}).get("em_all", {}).get("mean")
     ours = results.get("fl-minillm", {}).get("server", {}).get("em_all", {}).get("mean")
     results["_meta"] = {
-        "config": str(config),
-        "config_json": json.loads(base_json),
-        "seeds": list(range(seeds)),
+        **grid_meta(config, base, grid, seeds, command),
         "fault_seeds": list(range(fault_seeds)),
-        "command": command,
-        "jobs": jobs,
-        "torch_threads_per_job": threads,
-        "seconds": elapsed,
-        "cpu_count": os.cpu_count(),
         "server_vs_pooled": (ours / pooled_em) if ours is not None and pooled_em else None,
-        "failures": failures,
-        "resumed": resumed,
-        "missing": missing,
-        "workdir": str(workdir) if tmp is None else None,
-        "families_by_client": base.families_by_client(),
+        "workdir": str(workdir) if workdir is not None else None,
         "adversary": base.clients[-1].id,
     }
-    if tmp is not None:
-        tmp.cleanup()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(results, out_dir / "results.json")
     plot_results(results, out_dir / "results.png")
     write_markdown(results, out_dir / "results.md", "results.png")
     if tracking_uri:
-        log_to_mlflow(results, runs, tracking_uri, base.tracking.experiment + "-quality")
+        log_to_mlflow(results, grid["runs"], tracking_uri, base.tracking.experiment + "-quality")
     return results
+
+
+@contextlib.contextmanager
+def _workdir(workdir: Path | None):
+    """The given workdir, or a temporary one removed afterwards."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir
+        return
+    with tempfile.TemporaryDirectory(prefix="flminillm-bench-") as tmp:
+        yield Path(tmp)
 
 
 def write_json(results: dict, path: Path) -> None:

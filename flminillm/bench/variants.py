@@ -23,6 +23,11 @@ from flminillm.config import Config
 
 METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 
+# The forward-KL/SeqKD baseline's own distill settings, chosen on the validation split by
+# `flminillm bench tune` (docs/tune.json; tests/test_quality.py checks they agree), so the
+# baseline is not run at the reverse-KL method's schedule.
+FORWARD_KL = {"method": "forward_kl", "alpha": 1.0, "warmup_rounds": 0, "tail_bucket": False}
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -46,7 +51,7 @@ def _variants(cfg: Config) -> list[Variant]:
         Variant("local-only", "local-only", note="own data only; server keeps its pre-training"),
         Variant("fedavg", "fedavg", note="homogeneous: every party has the server's model"),
         Variant(
-            "forward-kl", overrides={"distill": {"method": "forward_kl"}},
+            "forward-kl", overrides={"distill": FORWARD_KL},
             note="forward KL to the teachers' top-k on every scored sequence + SeqKD on their "
             "answers (FedDF/FedMKT-style); same prompts, messages and bytes",
         ),

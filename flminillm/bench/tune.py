@@ -1,0 +1,162 @@
+"""`flminillm bench tune`: choose the distillation hyper-parameters on the validation split.
+
+Every candidate runs the benchmark's federation (the same runs as `flminillm bench quality`,
+flminillm.bench.quality.run_grid) with `data.evaluate_on: validation`: the evaluate step
+scores the validation sets, which are disjoint from the evaluation sets that `bench quality`
+reports. For each method the candidate with the best validation score is chosen; the
+benchmark config then carries the chosen values, and tests/test_quality.py checks that it
+does (docs/tune.json is the committed output).
+
+Validation score: the mean of the server's EM on all families and the clients' EM on the
+families they do not hold (what distillation is for: the server learns every family from
+the clients, a client the families it lacks from the server).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flminillm.bench.quality import _workdir, grid_meta, run_grid, summarise_grid, write_json
+from flminillm.bench.variants import Variant
+from flminillm.config import Config, load_config
+
+# The corrections of docs/algorithm.md ("Corrections under review"), all on.
+FIXES = {"tail_bucket": True, "prefix_iw": True, "whiten_returns": True}
+
+# (name, distill settings) per method; the first of each method is the config as written.
+GRID: dict[str, list[tuple[str, dict]]] = {
+    "reverse_kl": [
+        ("rkl-as-configured", {}),
+        ("rkl-fixes-a1", {**FIXES, "alpha": 1.0, "warmup_rounds": 0}),
+        ("rkl-fixes-w2-a0.2", {**FIXES, "warmup_rounds": 2, "warmup_alpha": 1.0, "alpha": 0.2}),
+        ("rkl-fixes-w3-a0.2", {**FIXES, "warmup_rounds": 3, "warmup_alpha": 1.0, "alpha": 0.2}),
+        ("rkl-fixes-w2-a0.5", {**FIXES, "warmup_rounds": 2, "warmup_alpha": 1.0, "alpha": 0.5}),
+    ],
+    "forward_kl": [  # SeqKD on every teacher answer; the variant's settings are spelled out
+        ("fkl-a1", {"alpha": 1.0, "warmup_rounds": 0, "tail_bucket": False}),
+        ("fkl-tail-a1", {"alpha": 1.0, "warmup_rounds": 0, "tail_bucket": True}),
+    ],
+}
+
+
+def candidates(names: list[str] | None = None) -> list[Variant]:
+    """The grid as variants (group = the method), optionally only the named ones."""
+    out = [
+        Variant(name, group=method, overrides={"distill": {"method": method, **d}},
+                note=", ".join(f"{k}={v}" for k, v in d.items()) or "as configured")
+        for method, grid in GRID.items()
+        for name, d in grid
+    ]  # fmt: skip
+    if names:
+        unknown = sorted(set(names) - {v.name for v in out})
+        if unknown:
+            raise ValueError(
+                f"--candidates: unknown {unknown}; choose from {[v.name for v in out]}"
+            )
+        out = [v for v in out if v.name in names]
+    return out
+
+
+def validation_score(summary: dict) -> float | None:
+    """Mean of the server's EM on all families and the clients' EM on unseen families."""
+    s = summary["server"]["em_all"]["mean"]
+    c = summary["clients"]["em_unseen"]["mean"]
+    return None if s is None or c is None else (s + c) / 2
+
+
+def on_validation(base: Config) -> Config:
+    """`base` scoring its validation split (refused without one)."""
+    if base.data.n_val_per_family == 0 and base.data.source == "benchmark":
+        raise ValueError(
+            "bench tune chooses on the validation split, but data.n_val_per_family is 0 in "
+            "the config: set it (e.g. 50), and keep it when reporting so the training data "
+            "is the same"
+        )
+    data = base.model_dump(mode="json")
+    data["data"]["evaluate_on"] = "validation"
+    return Config.model_validate(data)
+
+
+def run_tune(
+    config: Path,
+    seeds: int = 1,
+    names: list[str] | None = None,
+    workdir: Path | None = None,
+    out_dir: Path = Path("docs"),
+    jobs: int = 0,
+    console=None,
+    command: str = "",
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run the grid on validation, choose per method, write tune.{json,md} into out_dir."""
+    base = on_validation(load_config(config))
+    vs = candidates(names)
+    if resume and workdir is None:
+        raise ValueError("--resume needs --workdir: the directory of the run to resume")
+    with _workdir(workdir) as wd:
+        grid = run_grid(base, vs, seeds, wd, jobs=jobs, console=console, resume=resume,
+                        title="bench tune")  # fmt: skip
+    results = summarise_grid(vs, grid)
+    chosen = {}
+    for method in GRID:
+        scored = [(validation_score(r), n) for n, r in results.items() if r["group"] == method]
+        scored = [(s, n) for s, n in scored if s is not None]
+        if scored:  # the best; on a tie the earlier candidate (the config as written first)
+            score, name = max(scored, key=lambda x: x[0])
+            v = next(v for v in vs if v.name == name)
+            chosen[method] = {"candidate": name, "score": score,
+                              "distill": v.overrides["distill"]}  # fmt: skip
+    results["_meta"] = {**grid_meta(config, base, grid, seeds, command), "chosen": chosen,
+                        "split": "validation"}  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(results, out_dir / "tune.json")
+    _write_markdown(results, out_dir / "tune.md")
+    return results
+
+
+def _write_markdown(results: dict, path: Path) -> None:
+    from flminillm.bench.quality_report import _pm
+    from flminillm.store import atomic_write_text
+
+    meta = results["_meta"]
+    lines = [
+        "# Hyper-parameters chosen on the validation split",
+        "",
+        f"Produced by `{meta['command'] or 'flminillm bench tune'}` in "
+        f"{meta['seconds'] / 60:.1f} min on {meta['cpu_count']} CPU cores "
+        f"({meta['jobs']} worker processes). Config: `{meta['config']}`; seeds {meta['seeds']}. "
+        "Every number here is on the **validation** split (data.evaluate_on: validation), "
+        "disjoint from the evaluation split that docs/results.md reports; nothing in "
+        "docs/results.md was used to choose. Score = mean of server EM (all families) and "
+        "clients' EM on unseen families. Raw numbers: `tune.json`.",
+        "",
+    ]
+    if meta.get("resumed"):
+        lines += [f"Resumed: {len(meta['resumed'])} runs reused from the workdir.", ""]
+    for name, fails in (meta.get("failures") or {}).items():
+        lines += [f"- **FAILED** `{name}` seed {f['seed']}: {f['error']}" for f in fails]
+    lines += ["| method | candidate | settings | score | server EM all | clients EM unseen "
+              "| clients EM held | seeds |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in results.items():
+        if name.startswith("_"):
+            continue
+        score = validation_score(r)
+        mark = (
+            " **(chosen)**" if meta["chosen"].get(r["group"], {}).get("candidate") == name else ""
+        )
+        lines.append(
+            f"| {r['group']} | `{name}`{mark} | {r['note']} | "
+            f"{'–' if score is None else f'{100 * score:.1f}'} | {_pm(r['server']['em_all'])} | "
+            f"{_pm(r['clients']['em_unseen'])} | {_pm(r['clients']['em_held'])} | "
+            f"{len(r['seeds'])} |"
+        )
+    lines += [
+        "",
+        "Chosen (the benchmark config carries these; tests/test_quality.py checks it):",
+        "",
+    ]
+    for method, c in meta["chosen"].items():
+        lines.append(f"- {method}: `{c['candidate']}` → `distill: {json.dumps(c['distill'])}`")
+    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,60 @@
+"""`flminillm bench tune`: the grid runs on the validation split, the choice is the best
+validation score per method, and the benchmark config carries what docs/tune.json chose."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flminillm.bench.quality import finished_result
+from flminillm.bench.tune import GRID, candidates, on_validation, validation_score
+from flminillm.cli import main
+from flminillm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "benchmark-tiny.yaml"
+
+
+def test_tune_scores_validation_and_chooses_the_best(tmp_path):
+    names = ["rkl-as-configured", "rkl-fixes-a1", "fkl-a1"]
+    work = tmp_path / "work"
+    args = ["bench", "tune", "--config", str(TINY), "--candidates", ",".join(names),
+            "--out", str(tmp_path), "--workdir", str(work), "--jobs", "1"]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads((tmp_path / "tune.json").read_text())
+    meta = res["_meta"]
+    assert meta["split"] == "validation" and meta["failures"] == {}
+    # the evaluate step scored the validation sets (6 per family), not the eval sets (8)
+    base = on_validation(load_config(TINY))
+    for v in candidates(names):
+        raw = finished_result(base, v, 0, work)
+        last = raw["rounds"][max(raw["rounds"], key=int)]["eval"]
+        assert {m["n"] for party in last.values() for m in party.values()} == {6}, v.name
+    for method in ("reverse_kl", "forward_kl"):
+        mine = {n: validation_score(r) for n, r in res.items() if r.get("group") == method}
+        assert meta["chosen"][method]["candidate"] == max(mine, key=mine.get)
+    assert "**(chosen)**" in (tmp_path / "tune.md").read_text()
+    # resumed: nothing runs again, same numbers
+    assert main([*args, "--resume"]) == 0
+    again = json.loads((tmp_path / "tune.json").read_text())
+    assert len(again["_meta"]["resumed"]) == len(names)
+    assert again["_meta"]["chosen"] == meta["chosen"]
+
+
+def test_tune_refuses_a_config_without_a_validation_split(tmp_path, capsys):
+    data = yaml.safe_load(TINY.read_text())
+    data["data"].pop("n_val_per_family")
+    cfg = tmp_path / "noval.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["bench", "tune", "--config", str(cfg), "--out", str(tmp_path)]) == 2
+    assert "data.n_val_per_family is 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown"):
+        candidates(["no-such"])
+
+
+def test_grid_starts_from_the_config_as_written():
+    assert GRID["reverse_kl"][0] == ("rkl-as-configured", {})
+    assert all(v.overrides["distill"]["method"] == v.group for v in candidates())
