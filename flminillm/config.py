@@ -802,17 +802,40 @@ def parse_config(data: dict, source: str = "<dict>") -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read a YAML experiment; relative paths are resolved against the working directory."""
-    path = Path(path)
+    """Read a YAML experiment; relative paths are resolved against the working directory.
+
+    `extends: <path>` (relative to this file) starts from another config: mappings are
+    merged key by key, anything else (lists, values) is replaced by this file's."""
+    return parse_config(_read_yaml(Path(path), ()), str(path)).resolved(Path.cwd())
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        via = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{via}")
+    if path.resolve() in chain:
+        raise ConfigError(f"config {path}: `extends` loops back to itself")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
-    return parse_config(data, str(path)).resolved(Path.cwd())
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"config {path}: extends must be the path of a config file")
+    return deep_merge(_read_yaml(path.parent / parent, (*chain, path.resolve())), data)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`base` with `over` on top: mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        both = isinstance(v, dict) and isinstance(base.get(k), dict)
+        out[k] = deep_merge(base[k], v) if both else v
+    return out
 
 
 def config_from_json(text: str) -> Config:

@@ -262,3 +262,28 @@ def test_config_is_frozen_and_digest_changes():
     other["rounds"] = 2
     assert parse_config(other).digest() != cfg.digest()
     assert parse_config(_tiny()).digest() == cfg.digest()
+
+
+def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
+    """A config can start from another (`extends`, relative to its own file): mappings merge
+    key by key, lists and values are replaced; a missing parent or a loop is named."""
+    from flminillm.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    five = load_config(root / "configs" / "benchmark-5clients.yaml")
+    bench = load_config(root / "configs" / "benchmark.yaml")
+    assert [c.id for c in five.clients] == ["alice", "bob", "carol", "dave", "erin"]
+    assert five.sampling.fraction == 0.8 and five.sampling.min_clients == bench.sampling.min_clients
+    assert five.distill == bench.distill and five.pretrain == bench.pretrain
+    assert five.data.n_public_per_family == 384
+    assert five.data.n_train_per_family == bench.data.n_train_per_family
+    large = load_config(root / "configs" / "benchmark-large-server.yaml")
+    assert large.server.id == bench.server.id and large.server.model.hidden_size == 256
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("extends: ../nowhere.yaml\nname: x\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml \(extended by"):
+        load_config(tmp_path / "sub" / "child.yaml")
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flminillm.config import Config
+from flminillm.config import Config, deep_merge
 
 METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 
@@ -101,17 +101,10 @@ def variants(cfg: Config, names: list[str] | None = None) -> list[Variant]:
     return [known[n] for n in names]
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-
-
 def variant_config(base: Config, v: Variant, seed: int, workdir: Path) -> Config:
     """The config of (variant, seed): the benchmark's with the variant's changes, its own
     name, the shared store in `workdir`, no MLflow of its own."""
-    data = _merge(base.model_dump(mode="json"), v.overrides)
+    data = deep_merge(base.model_dump(mode="json"), v.overrides)
     data["seed"] = seed
     data["name"] = f"{base.name}-{v.name}-s{seed}"
     data["store"]["uri"] = str(workdir / "store")
