@@ -320,6 +320,12 @@ class GenerationConfig(_Strict):
     )
     batch_size: int = Field(64, ge=1)
     eval_max_new_tokens: int = Field(10, ge=1)
+    eval_samples: int = Field(
+        0, ge=0, le=64,
+        description="Temperature-1 samples per evaluation prompt besides the greedy answer, "
+        "after the last round (MiniLLM evaluates the mean over 5): metrics "
+        "sampled_exact_match / sampled_rouge_l.",
+    )  # fmt: skip
 
 
 class DistillConfig(_Strict):

@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pycountry
-
 PROMPT_FORMAT = "Q: {prompt}\nA:"
 
 
@@ -59,62 +57,7 @@ class Example:
 # Vocabulary of the little language
 # --------------------------------------------------------------------------------------------
 
-# Fixed, deterministic subset of countries with short common names (names come from pycountry).
-COUNTRY_CODES: tuple[str, ...] = (
-    "FR", "DE", "JP", "IT", "ES", "CA", "BR", "IN", "CN", "MX",
-    "AU", "EG", "KE", "PE", "CL", "AR", "SE", "NO", "FI", "DK",
-    "PL", "GR", "PT", "IE", "NL", "CH", "AT", "BE", "HU", "NG",
-    "GH", "MA", "TH", "ID", "CU", "IS", "UA", "NP", "CO", "JM",
-)  # fmt: skip
-
-# Fixed subset of ISO 4217 currencies with short (1-2 word) names.
-CURRENCY_CODES: tuple[str, ...] = (
-    "JPY", "USD", "EUR", "GBP", "CHF", "INR", "MXN", "BRL", "CAD", "AUD",
-    "SEK", "NOK", "DKK", "PLN", "HUF", "EGP", "KES", "NGN", "GHS", "THB",
-    "IDR", "CUP", "ISK", "UAH", "NPR", "COP", "PKR", "JMD", "MNT", "ZAR",
-    "RUB", "KRW", "TRY", "VND", "PHP", "CZK", "RON", "ARS", "CLP", "PEN",
-)  # fmt: skip
-
-# ~100 common short English words (lowercase letters only).
-WORDS: tuple[str, ...] = (
-    "apple", "ball", "banana", "bell", "bird", "boat", "book", "bread", "bus", "cake",
-    "car", "cat", "chair", "cloud", "coat", "corn", "cup", "desk", "dog", "door",
-    "duck", "egg", "elbow", "farm", "fish", "flag", "fox", "frog", "game", "gift",
-    "glove", "goat", "gold", "grass", "hand", "hat", "hill", "horse", "house", "ice",
-    "igloo", "ink", "jam", "jar", "jet", "juice", "key", "king", "kite", "lamp",
-    "leaf", "lion", "milk", "moon", "mouse", "nest", "net", "nose", "nut", "oak",
-    "ocean", "owl", "pen", "pie", "pig", "plum", "queen", "quilt", "rain", "ring",
-    "river", "road", "rock", "rose", "salt", "sand", "ship", "shoe", "sock", "star",
-    "stone", "sun", "table", "tent", "tiger", "toy", "tree", "uncle", "unit", "van",
-    "vase", "violin", "wall", "water", "whale", "wind", "wolf", "yak", "yarn", "zebra",
-)  # fmt: skip
-
-
-def _country_table() -> tuple[tuple[str, str], ...]:
-    """(name, alpha-2 code) pairs for COUNTRY_CODES, names taken from pycountry."""
-    rows = []
-    for code in COUNTRY_CODES:
-        c = pycountry.countries.get(alpha_2=code)
-        if c is None:
-            raise RuntimeError(f"pycountry does not know country code {code}")
-        rows.append((str(getattr(c, "common_name", None) or c.name), code))
-    return tuple(rows)
-
-
-def _currency_table() -> tuple[tuple[str, str], ...]:
-    """(alpha-3 code, name) pairs for CURRENCY_CODES, names taken from pycountry."""
-    rows = []
-    for code in CURRENCY_CODES:
-        c = pycountry.currencies.get(alpha_3=code)
-        if c is None:
-            raise RuntimeError(f"pycountry does not know currency code {code}")
-        rows.append((code, str(c.name)))
-    return tuple(rows)
-
-
-COUNTRIES: tuple[tuple[str, str], ...] = _country_table()
-CURRENCIES: tuple[tuple[str, str], ...] = _currency_table()
-
+from flminillm.vocab import COUNTRIES, COUNTRY_CODES, CURRENCIES, CURRENCY_CODES, WORDS  # noqa: E402,F401
 
 # --------------------------------------------------------------------------------------------
 # Task families
@@ -519,7 +462,8 @@ def generate_benchmark(cfg) -> tuple[Benchmark, list[str]]:
         d.n_public_per_family, d.n_eval_per_family, seed=cfg.seed, iid_mix=d.iid_mix,
         n_val=d.n_val_per_family,
     )  # fmt: skip
-    return bench, pretraining_corpus(d.pretrain_docs, seed=cfg.seed)
+    long_form = any(isinstance(FAMILIES[f], LongForm) for f in d.families)
+    return bench, pretraining_corpus(d.pretrain_docs, seed=cfg.seed, long_form=long_form)
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,12 +632,22 @@ _TOPICS: tuple[Callable[[random.Random], str], ...] = (
 )
 
 
-def pretraining_corpus(n_docs: int, seed: int) -> list[str]:
+def pretraining_corpus(n_docs: int, seed: int, long_form: bool = False) -> list[str]:
     """Build ``n_docs`` documents: half fluent sentences, half distractor Q/A pairs.
 
     Makes a base model fluent in the little language and in the Q/A format without teaching
-    any benchmark answer. Deterministic per ``seed``.
+    any benchmark answer. Deterministic per ``seed``. With `long_form` (a benchmark with
+    long-form families) a quarter of the documents are instead long-form vocabulary and
+    clause shapes without any fact (flminillm.longform.pretraining_sentences).
     """
+    if long_form:
+        from flminillm.longform import pretraining_sentences
+
+        n_lf = n_docs // 4
+        rng = _stream(seed, "pretrain", "long_form")
+        return pretraining_corpus(n_docs - n_lf, seed) + [
+            pretraining_sentences(rng) for _ in range(n_lf)
+        ]
     if n_docs < 0:
         raise ValueError(f"n_docs must be >= 0, got {n_docs}")
     rng = _stream(seed, "pretrain", "corpus")
@@ -765,3 +719,45 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
 def format_examples(examples: Sequence[Example]) -> list[str]:
     """Full training texts ``format_prompt(prompt) + format_target(answer)`` for examples."""
     return [format_prompt(e.prompt) + format_target(e.answer) for e in examples]
+
+
+# --------------------------------------------------------------------------------------------
+# Long-form families (flminillm.longform): answers of 20-40 tokens, many valid phrasings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LongForm:
+    """A flminillm.longform family in the registry: the same interface as Family."""
+
+    family: Any  # flminillm.longform.LongFormFamily
+
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+    @property
+    def generative(self) -> bool:
+        return self.family.generative
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        return self.family.templates
+
+    @property
+    def description(self) -> str:
+        return self.family.description
+
+    def generate(self, rng: random.Random) -> Example:
+        prompt, answer = self.family.generate(rng)
+        return Example(self.name, prompt, answer)
+
+
+def _register_long_form() -> None:
+    from flminillm.longform import LONG_FORM
+
+    for name, fam in LONG_FORM.items():
+        FAMILIES[name] = LongForm(fam)  # type: ignore[assignment]
+
+
+_register_long_form()

@@ -803,6 +803,8 @@ def evaluate(
                 results[party] = evaluate_model(
                     model, tok, eval_sets, batch_size=cfg.generation.batch_size,
                     max_new_tokens=cfg.generation.eval_max_new_tokens, style=style,
+                    samples=cfg.generation.eval_samples if round_index == cfg.rounds else 0,
+                    seed=cfg.seed * 1000 + round_index,
                 )  # fmt: skip
             rec["inputs"][f"model.{party}"] = ref(store.scoped(party), state["models"][party])
             for fam, m in results[party].items():

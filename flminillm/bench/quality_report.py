@@ -28,7 +28,10 @@ def _mean(xs: list[float]) -> float | None:
 def party_scores(ev: dict, fams: list[str], held: list[str]) -> dict[str, float | None]:
     unseen = [f for f in fams if f not in held]
     out: dict[str, float | None] = {}
-    for metric, key in (("em", "exact_match"), ("rouge_l", "rouge_l")):
+    pairs = [("em", "exact_match"), ("rouge_l", "rouge_l")]
+    if all("sampled_rouge_l" in ev[f] for f in fams):  # generation.eval_samples > 0
+        pairs += [("sampled_em", "sampled_exact_match"), ("sampled_rouge_l", "sampled_rouge_l")]
+    for metric, key in pairs:
         out[f"{metric}_all"] = _mean([ev[f][key] for f in fams])
         out[f"{metric}_held"] = _mean([ev[f][key] for f in held])
         out[f"{metric}_unseen"] = _mean([ev[f][key] for f in unseen])
