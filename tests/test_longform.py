@@ -8,6 +8,7 @@ import random
 import re
 import string
 from collections import Counter
+from pathlib import Path
 
 import pycountry
 import pytest
@@ -446,3 +447,39 @@ def test_evaluation_scores_long_form_by_validity_and_best_reference() -> None:
     assert m["rouge_l"] < 1.0 and m["rouge_l"] >= 0.5
     short = [Example("successor", "What number comes after 3?", "4")]
     assert score_family("successor", short, ["4"])["exact_match"] == 1.0
+
+
+def test_a_long_form_federation_runs_and_reports_validity_and_samples(tmp_path) -> None:
+    """A tiny federation on long-form families: the corpus carries the long-form vocabulary,
+    the answers are long, and the last round's evaluation has validity, best-reference
+    Rouge-L and the sampled metrics (first rounds greedy only)."""
+    import yaml
+
+    from flminillm.config import load_config
+    from flminillm.data import generate_benchmark
+    from flminillm.inprocess import run_federation
+
+    root = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((root / "configs" / "tiny.yaml").read_text())
+    data["data"]["families"] = ["word_profile", "number_profile", "pair_profile"]
+    data["rounds"] = 1
+    for p in [data["server"], *data["clients"]]:
+        p["model"]["max_positions"] = 96
+    data["generation"].update(max_new_tokens=44, eval_max_new_tokens=44, eval_samples=2)
+    data["store"] = {"uri": str(tmp_path / "store")}
+    data["tracking"] = {"enabled": False}
+    path = tmp_path / "lf.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_config(path)
+    bench, corpus = generate_benchmark(cfg)
+    assert any("letter" in d and ":" not in d for d in corpus)  # long-form vocabulary
+    fam = "word_profile"
+    ex = bench.eval_sets[fam][0]
+    assert LONG_FORM[fam].is_valid(ex.prompt, ex.answer) and len(ex.answer.split()) >= 15
+    states = run_federation(cfg)
+    first, last = states[0]["eval"]["server"][fam], states[-1]["eval"]["server"][fam]
+    assert "sampled_rouge_l" not in first
+    for m in states[-1]["eval"].values():
+        for v in m.values():
+            assert 0.0 <= v["exact_match"] <= 1.0 and 0.0 <= v["sampled_rouge_l"] <= 1.0
+    assert last["n"] == cfg.data.n_eval_per_family
