@@ -51,9 +51,10 @@ def score_family(family: str, examples: Sequence[Example], preds: Sequence[str])
     n = len(preds)
     if n == 0:
         raise ValueError("score_family needs at least one prediction")
+    pairs = list(zip(examples, preds, strict=True))
     return {
-        "exact_match": sum(lf.is_valid(ex.prompt, p) for ex, p in zip(examples, preds)) / n,
-        "rouge_l": sum(best_rouge_l(ex.prompt, p, family) for ex, p in zip(examples, preds)) / n,
+        "exact_match": sum(lf.is_valid(ex.prompt, p) for ex, p in pairs) / n,
+        "rouge_l": sum(best_rouge_l(ex.prompt, p, family) for ex, p in pairs) / n,
         "n": n,
     }
 
