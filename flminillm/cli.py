@@ -298,6 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     gpu.add_argument("--no-deepspeed", action="store_true", help="skip the ZeRO-2 figure")
     gpu.set_defaults(func=cmd_bench_gpu)
+    central = bench_sub.add_parser(
+        "central", help="one teacher, one student: SFT, SeqKD, KD, GKD, MiniLLM, the federated "
+        "step and TRL for the same budget (docs/central.md)",
+    )  # fmt: skip
+    central.add_argument("--config", default="configs/benchmark.yaml", help="models, data, budget")
+    central.add_argument("--families", default="", help="comma-separated (default: data.families)")
+    central.add_argument("--student", default="", help="the client whose model is the student "
+                         "(default: the first of the server's model family); the teacher is the "
+                         "server's model")  # fmt: skip
+    central.add_argument("--methods", default="", help="comma-separated subset (default: all)")
+    central.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every method")
+    central.add_argument("--steps", type=int, default=0, help="optimizer steps per method "
+                         "(default: one round of the distill step)")  # fmt: skip
+    central.add_argument("--warm-steps", type=int, default=-1, help="the student's SFT warm "
+                         "start in steps (default: local_sft.steps / 4)")  # fmt: skip
+    central.add_argument("--out", default="docs", help="where central.{md,json,png} go")
+    central.add_argument("--workdir", default=None, help="models and results (default: temp)")
+    central.add_argument("--resume", action="store_true", help="reuse what --workdir holds")
+    central.set_defaults(func=cmd_bench_central)
     quality = bench_sub.add_parser(
         "quality", help="FL-MiniLLM vs baselines, ablations and faults (docs/results.md)"
     )
@@ -424,6 +443,29 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     tmp.replace(out)
     print("\n".join(markdown(result)))
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench_central(args: argparse.Namespace) -> int:
+    from flminillm.bench.central import run_central
+
+    if args.seeds < 1:
+        print("error: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    console = _console()
+    try:
+        run_central(
+            Path(args.config), families=[f for f in args.families.split(",") if f] or None,
+            student=args.student or None, seeds=args.seeds,
+            methods=[m for m in args.methods.split(",") if m] or None, steps=args.steps,
+            warm_steps=args.warm_steps, out_dir=Path(args.out),
+            workdir=Path(args.workdir) if args.workdir else None, resume=args.resume,
+            console=console, command="flminillm bench central " + " ".join(sys.argv[3:]),
+        )  # fmt: skip
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    console.print(Path(args.out, "central.md").read_text())
     return 0
 
 
