@@ -178,6 +178,8 @@ def run_grid(
     return {
         "runs": runs, "failures": failures, "resumed": resumed, "missing": missing,
         "seconds": time.perf_counter() - t_start, "jobs": jobs, "threads": threads,
+        # every run's own time, resumed ones included: what the report cost to compute
+        "run_seconds": sum(r["seconds"] for rs in runs.values() for r in rs),
     }  # fmt: skip
 
 
@@ -201,6 +203,7 @@ def grid_meta(config: Path, base: Config, grid: dict, seeds: int, command: str) 
         "jobs": grid["jobs"],
         "torch_threads_per_job": grid["threads"],
         "seconds": grid["seconds"],
+        "run_seconds": grid["run_seconds"],
         "cpu_count": os.cpu_count(),
         "failures": grid["failures"],
         "resumed": grid["resumed"],

@@ -72,7 +72,8 @@ def _stat(xs: list[float | None]) -> dict[str, float | None]:
     xs = [x for x in xs if x is not None]
     if not xs:
         return {"mean": None, "std": None}
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+    # one seed has no spread: std None (printed without ±), not a claimed 0
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None}
 
 
 def summarise(runs: list[dict], v: Variant) -> dict[str, Any]:
@@ -108,8 +109,10 @@ def summarise(runs: list[dict], v: Variant) -> dict[str, Any]:
 def _pm(s: dict | None, scale: float = 100.0) -> str:
     if not s or s.get("mean") is None:
         return "–"
-    m, sd = s["mean"] * scale, (s.get("std") or 0.0) * scale
-    return f"{m:.1f} ± {sd:.1f}"
+    m = s["mean"] * scale
+    if s.get("std") is None:
+        return f"{m:.1f}"
+    return f"{m:.1f} ± {s['std'] * scale:.1f}"
 
 
 def _mb(b: float) -> str:
@@ -260,6 +263,7 @@ def write_markdown(results: dict, path: Path, png: str) -> None:
         "",
         f"Produced by `{meta['command'] or 'flminillm bench quality'}` "
         f"in {meta['seconds'] / 60:.1f} min on {meta['cpu_count']} CPU cores "
+        f"(the runs' own time, resumed ones included: {meta.get('run_seconds', meta['seconds']) / 60:.1f} min) "
         f"({meta['jobs']} worker processes, {meta['torch_threads_per_job']} torch thread(s) each). "
         f"Config: `{meta['config']}`; seeds {meta['seeds']} (faults: {meta['fault_seeds']}). "
         "Numbers: exact match (EM) and Rouge-L in %, mean ± standard deviation over seeds, "

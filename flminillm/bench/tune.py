@@ -126,6 +126,7 @@ def _write_markdown(results: dict, path: Path) -> None:
         "",
         f"Produced by `{meta['command'] or 'flminillm bench tune'}` in "
         f"{meta['seconds'] / 60:.1f} min on {meta['cpu_count']} CPU cores "
+        f"(the runs' own time, resumed ones included: {meta.get('run_seconds', meta['seconds']) / 60:.1f} min) "
         f"({meta['jobs']} worker processes). Config: `{meta['config']}`; seeds {meta['seeds']}. "
         "Every number here is on the **validation** split (data.evaluate_on: validation), "
         "disjoint from the evaluation split that docs/results.md reports; nothing in "
