@@ -14,7 +14,7 @@ import torch
 from flminillm.attacks import adversaries, corrupt_teaching
 from flminillm.bench.quality import run_variant
 from flminillm.bench.quality_report import check_results
-from flminillm.bench.variants import METHODS, dropout_faults, variants
+from flminillm.bench.variants import FORWARD_KL, METHODS, dropout_faults, variants
 from flminillm.cli import main
 from flminillm.config import load_config
 from flminillm.data import build_benchmark
@@ -201,3 +201,16 @@ def test_resume_reuses_finished_runs_and_reruns_the_rest(tmp_path):
     assert other["_meta"]["resumed"] == [] and other["_meta"]["failures"] == {}
     with pytest.raises(ValueError, match="--resume needs --workdir"):
         run_quality(TINY, seeds=1, names=names, resume=True)
+
+
+def test_benchmark_config_carries_what_bench_tune_chose():
+    """docs/tune.json (validation split) chose the distill settings; the benchmark config (the
+    fl-minillm method) and the forward-kl baseline must carry them, so that no report's
+    hyper-parameters come from the evaluation split."""
+    root = Path(__file__).resolve().parents[1]
+    chosen = json.loads((root / "docs" / "tune.json").read_text())["_meta"]["chosen"]
+    assert chosen["reverse_kl"]["distill"]["method"] == "reverse_kl"
+    d = load_config(root / "configs" / "benchmark.yaml").distill
+    for field, value in chosen["reverse_kl"]["distill"].items():
+        assert getattr(d, field) == value, f"configs/benchmark.yaml distill.{field}"
+    assert FORWARD_KL == chosen["forward_kl"]["distill"]
