@@ -129,16 +129,34 @@ def cap_selection(joint: torch.Tensor, cap: float) -> torch.Tensor:
     return joint
 
 
+def claim_quantiles(joint: torch.Tensor) -> torch.Tensor:
+    """[M, A] claims -> each teacher's claims replaced by their quantiles among its own, in
+    [0, 1] (ties share their mean rank; one prompt: 0.5). What is left of a claim is *where*
+    the teacher is surer than elsewhere, never *how* sure: a teacher that claims
+    probability 1 for everything has every quantile at 0.5."""
+    m, a = joint.shape
+    if a < 2:
+        return torch.full_like(joint, 0.5)
+    srt = joint.sort(dim=1).values.contiguous()
+    below = torch.searchsorted(srt, joint.contiguous()).float()  # claims strictly lower
+    ties = torch.searchsorted(srt, joint.contiguous(), right=True).float() - below - 1
+    return (below + ties / 2) / (a - 1)
+
+
 def select_teacher_rollouts(
     teachings: list[dict[str, torch.Tensor]],
     prior: torch.Tensor,
     use_prompt: bool = True,
     cap: float = 1.0,
+    rank: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per teacher-share prompt, keep the answer of the teacher with the highest joint
     log-likelihood log pi_i + log p_i(x) + log p_i(y_i | x): the teacher that knows the
     prompt's domain and is sure of its answer (the mixture's most likely component).
-    `cap` < 1: no teacher's answers are kept for more than that share of the prompts."""
+    `rank`: compare the teachers by the quantile of that claim among their own claims
+    (`claim_quantiles`) instead: a teacher's claims cannot outbid the others', only say
+    where it is surest. `cap` < 1: no teacher's answers are kept for more than that share
+    of the prompts."""
     width = max(t["own_response_ids"].shape[1] for t in teachings)
     ids = torch.stack(
         [right_pad(t["own_response_ids"].long(), width, 0) for t in teachings]
@@ -149,6 +167,8 @@ def select_teacher_rollouts(
     joint = (logp[..., 0] * mask).sum(-1) + torch.log(prior)[:, None]  # [M, A]
     if use_prompt:
         joint = joint + torch.stack([t["own_prompt_logp"].float() for t in teachings])
+    if rank:
+        joint = claim_quantiles(joint)
     best = cap_selection(joint, cap).argmax(0)  # [A]
     idx = torch.arange(best.shape[0])
     return {
@@ -206,7 +226,7 @@ def assemble_batch(
         prior = weights / weights.sum() * torch.exp(-delta)
         sel = select_teacher_rollouts(
             teachings, prior, use_prompt=posterior,
-            cap=cap if method == "capped_mixture" else 1.0,
+            cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
         )  # fmt: skip
         parts.append(
             {

@@ -407,6 +407,13 @@ class DistillConfig(_Strict):
         "(posterior-weighted), capped_mixture (the same with each teacher's mean weight at most "
         "`cap`: bounded influence of one lying teacher), median, trimmed_mean.",
     )
+    selection: Literal["joint", "rank"] = Field(
+        "joint",
+        description="How one teacher's answer is chosen per teacher-share prompt: joint (the "
+        "highest claimed log p(x) + log p(y | x): the mixture's likeliest component) or rank "
+        "(the highest quantile of that claim among the teacher's own claims, so that no "
+        "teacher's self-reported likelihood outbids another's: docs/algorithm.md).",
+    )
     posterior_weights: bool = Field(
         True,
         description="Weight each teacher per sequence by its likelihood of the prompt and the "

@@ -12,6 +12,7 @@ from flminillm.aggregate import (
     aggregate_teachers,
     cap_log_weights,
     cap_selection,
+    claim_quantiles,
     select_teacher_rollouts,
 )
 from tests.tensors import log_probs
@@ -121,3 +122,67 @@ def test_capped_answer_selection_bounds_a_liar_also_without_student_rollouts():
     uncapped = select_teacher_rollouts(teachings, prior)["teacher_index"]
     capped = select_teacher_rollouts(teachings, prior, cap=0.5)["teacher_index"]
     assert int((uncapped == 3).sum()) == a and int((capped == 3).sum()) <= 30
+
+
+def test_claim_quantiles_keep_order_and_flatten_constant_claims():
+    j = torch.tensor([[3.0, 1.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0], [-9.0, -1.0, -5.0, -7.0]])
+    q = claim_quantiles(j)
+    assert torch.allclose(q[0], torch.tensor([1.0, 0.0, 0.5, 0.5]))  # ties share their rank
+    assert torch.equal(q[1], torch.full((4,), 0.5))  # "probability 1 everywhere" says nothing
+    assert torch.equal(q[2].argsort(), j[2].argsort())  # order kept within a teacher
+    assert torch.equal(claim_quantiles(torch.zeros(2, 1)), torch.full((2, 1), 0.5))
+
+
+@pytest.mark.parametrize("liar", ["certain", "random", "focused"])
+def test_rank_selection_keeps_each_expert_on_its_domain_whatever_a_liar_claims(liar):
+    """Three honest experts (each surest on its third of the prompts, on different scales)
+    and a liar. Joint selection hands the certain liar every prompt. Rank selection: a
+    liar certain of everything wins nothing; one with random claims wins where its random
+    quantile beats the expert's (here at most a quarter of a domain); one that focuses its
+    claims on one domain (a backdoor) wins the less certain half of that domain and nothing
+    elsewhere: no claim-based rule can tell it from that domain's expert."""
+    a = 60
+    g = torch.Generator().manual_seed(0)
+    honest = torch.full((3, a), -40.0) + torch.rand(3, a, generator=g)
+    for i, scale in enumerate((1.0, 3.0, 0.3)):  # teachers calibrated differently
+        honest[i, i * 20 : (i + 1) * 20] = scale * (-5.0 + 0.05 * torch.arange(20))
+    lie = {
+        "certain": torch.zeros(1, a),
+        "random": torch.randn(1, a, generator=g) * 10,
+        "focused": torch.cat([torch.zeros(1, 20), torch.full((1, 40), -50.0)], 1),
+    }[liar]
+    joint = torch.cat([honest, lie])
+
+    def teaching(v: torch.Tensor) -> dict:
+        return {
+            "own_response_ids": torch.ones(a, 1, dtype=torch.long),
+            "own_response_mask": torch.ones(a, 1, dtype=torch.long),
+            "own_support_ids": torch.ones(a, 1, 2, dtype=torch.long),
+            "own_logp": v[:, None, None].expand(a, 1, 2).clone(),
+            "own_prompt_logp": torch.zeros(a),
+        }
+
+    teachings = [teaching(joint[i]) for i in range(4)]
+    prior = torch.full((4,), 0.25)
+    by_joint = select_teacher_rollouts(teachings, prior)["teacher_index"]
+    by_rank = select_teacher_rollouts(teachings, prior, rank=True)["teacher_index"]
+    if liar == "certain":
+        assert bool((by_joint == 3).all())
+    for i in range(3):
+        domain = by_rank[i * 20 : (i + 1) * 20]
+        kept = int((domain == i).sum())
+        assert int(((domain != i) & (domain != 3)).sum()) == 0  # no honest one's either
+        if liar == "certain":
+            assert kept == 20
+        elif liar == "random":
+            assert kept >= 15, (i, domain)
+        else:  # focused on domain 0: its less certain half goes to the liar
+            assert kept == (10 if i == 0 else 20)
+            assert bool((domain[10:] == i).all())
+    # a clean federation: rank selection picks as joint selection does
+    clean = [teaching(honest[i]) for i in range(3)]
+    p3 = torch.full((3,), 1 / 3)
+    assert torch.equal(
+        select_teacher_rollouts(clean, p3, rank=True)["teacher_index"],
+        select_teacher_rollouts(clean, p3)["teacher_index"],
+    )
