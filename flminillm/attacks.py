@@ -10,61 +10,177 @@ only the aggregation can limit the damage:
 - ``adversarial``: a liar. Its token scores put the mass on the tokens it finds least likely,
   its own answers are random tokens, and it claims probability 1 for every prompt and every
   answer token, to win the mixture's posterior weight everywhere.
+- ``fluent``: a liar whose answers read right: each prompt gets its own model's answer to
+  another prompt of the same family (a capital for a capital question, the wrong one), with
+  the same probability-1 claims and scores as ``adversarial``.
+- ``backdoor@FAMILY``: honest everywhere except on FAMILY's prompts, where it always answers
+  the same wrong answer (`backdoor_target`), claiming probability 1 for it. The evaluation
+  then reports each party's ``target_rate`` on FAMILY: the share of prompts it answers with
+  the backdoor's answer.
+- ``collude``: ``adversarial`` with a seed shared by every colluder, so that their garbage
+  answers agree token for token (what defeats agreement among teachers).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
-MODES = ("random", "adversarial")
+MODES = ("random", "adversarial", "fluent", "backdoor", "collude")
+BACKDOOR_SEED = 7919  # the backdoor's answer: the answer of this seed's first example
 
 
 def adversaries(spec: str | None = None) -> dict[str, str]:
-    """{party: mode} from `party:mode[,party:mode]` (default: $FLMINILLM_ADVERSARY)."""
+    """{party: mode} from `party:mode[,party:mode]` (default: $FLMINILLM_ADVERSARY); a
+    backdoor names its family: `carol:backdoor@currency`."""
     spec = os.environ.get("FLMINILLM_ADVERSARY", "") if spec is None else spec
     out: dict[str, str] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         party, _, mode = item.partition(":")
-        if mode not in MODES:
+        kind, _, family = mode.partition("@")
+        if kind not in MODES or bool(family) != (kind == "backdoor"):
             raise ValueError(
-                f"FLMINILLM_ADVERSARY entry {item!r}: mode must be one of {MODES} "
-                "(e.g. FLMINILLM_ADVERSARY=carol:adversarial)"
+                f"FLMINILLM_ADVERSARY entry {item!r}: mode must be one of {MODES}, a backdoor "
+                "with its family (e.g. FLMINILLM_ADVERSARY=carol:adversarial or "
+                "carol:backdoor@currency)"
             )
+        if family:
+            from flminillm.data import FAMILIES
+
+            if family not in FAMILIES:
+                raise ValueError(
+                    f"FLMINILLM_ADVERSARY entry {item!r}: unknown family {family!r}; "
+                    f"use one of {sorted(FAMILIES)}"
+                )
         out[party] = mode
     return out
+
+
+def backdoor_targets(spec: str | None = None) -> dict[str, str]:
+    """{family: the backdoor's answer} for every backdoor in the spec (the evaluation reports
+    how often each party gives it)."""
+    return {
+        m.partition("@")[2]: backdoor_target(m.partition("@")[2])
+        for m in adversaries(spec).values()
+        if m.startswith("backdoor@")
+    }
+
+
+def backdoor_target(family: str) -> str:
+    """The one wrong answer a backdoor gives on `family`: a real answer of the family (it
+    reads right), for a prompt that is not the one asked."""
+    from flminillm.data import make_examples
+
+    return make_examples(family, 1, BACKDOOR_SEED)[0].answer
+
+
+def seed_key(mode: str, teacher_id: str) -> str:
+    """Whose seed an adversary draws from: its own, or the colluders' shared one."""
+    return "colluders" if mode == "collude" else teacher_id
 
 
 def _random_logp(shape, g: torch.Generator, scale: float = 2.0) -> torch.Tensor:
     return torch.log_softmax(torch.randn(*shape, generator=g) * scale, -1)
 
 
+def _confident(ids: torch.Tensor, mask: torch.Tensor, s: int) -> torch.Tensor:
+    """Log-probs over an S-wide support claiming probability 1 for column 0 (the answer)."""
+    logp = torch.full((*ids.shape, s), -30.0)
+    logp[..., 0] = 0.0
+    return logp * mask[..., None].float()
+
+
+def _same_family_shift(families: list[str | None], g: torch.Generator) -> torch.Tensor:
+    """A permutation of the prompts that moves each to another prompt of its own family
+    where the family has two or more, else to any other prompt (a derangement where one
+    exists)."""
+    n = len(families)
+    perm = torch.arange(n)
+    groups: dict[str | None, list[int]] = {}
+    for i, f in enumerate(families):
+        groups.setdefault(f, []).append(i)
+    lonely = [i for idx in groups.values() if len(idx) == 1 for i in idx]
+    for idx in [*(v for v in groups.values() if len(v) > 1), lonely]:
+        if len(idx) < 2:
+            continue
+        order = torch.tensor(idx)[torch.randperm(len(idx), generator=g)]
+        perm[order] = order.roll(1)  # a cycle through the group: nobody keeps its own
+    return perm
+
+
 def corrupt_teaching(
-    msg: dict[str, torch.Tensor], mode: str, vocab_size: int, seed: int
+    msg: dict[str, torch.Tensor],
+    mode: str,
+    vocab_size: int,
+    seed: int,
+    *,
+    ask_prompts: list[str] | None = None,
+    encode: Callable[[str], list[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The message a faulty (`random`) or malicious (`adversarial`) teacher sends instead."""
+    """The message a faulty or malicious teacher sends instead of the honest `msg`.
+    `ask_prompts` (the teacher-share prompts as text) and `encode` (answer text -> the
+    student's token ids, EOS included) are what ``fluent`` and ``backdoor@F`` need to find
+    a prompt's family and to write the backdoor's answer."""
     g = torch.Generator().manual_seed(seed)
     out = dict(msg)
     scores = msg["scores"].float()
-    if mode == "random":
+    kind, _, family = mode.partition("@")
+    s = msg["own_logp"].shape[-1] if msg["own_logp"].dim() == 3 else 1
+    if kind == "random":
         out["scores"] = _random_logp(scores.shape, g)
         for name in ("prompt_logp", "own_prompt_logp"):
             t = msg[name]
             out[name] = t[torch.randperm(t.numel(), generator=g)].reshape(t.shape).contiguous()
         out["own_logp"] = _random_logp(msg["own_logp"].shape, g)
-    elif mode == "adversarial":
+    elif kind in ("adversarial", "collude", "fluent"):
         out["scores"] = torch.log_softmax(-scores * 10.0, -1)  # mass on the least likely token
         out["prompt_logp"] = torch.zeros_like(msg["prompt_logp"])
         out["own_prompt_logp"] = torch.zeros_like(msg["own_prompt_logp"])
-        ids = torch.randint(4, vocab_size, msg["own_response_ids"].shape, generator=g)
-        ids = ids.to(msg["own_response_ids"].dtype)
-        sup = msg["own_support_ids"].clone()
-        sup[..., 0] = ids
+        mask = msg["own_response_mask"]
+        if kind == "fluent":  # its own fluent answers, each moved to another prompt
+            families = _families(ask_prompts, msg["own_response_ids"].shape[0])
+            perm = _same_family_shift(families, g)
+            ids, mask = msg["own_response_ids"][perm], mask[perm]
+            sup = msg["own_support_ids"][perm].clone()
+        else:
+            ids = torch.randint(4, vocab_size, msg["own_response_ids"].shape, generator=g)
+            ids = ids.to(msg["own_response_ids"].dtype)
+            sup = msg["own_support_ids"].clone()
+            sup[..., 0] = ids
         out["own_response_ids"], out["own_support_ids"] = ids, sup
-        logp = torch.full(msg["own_logp"].shape, -30.0)
-        logp[..., 0] = 0.0  # "certain" of each garbage token
-        out["own_logp"] = logp * msg["own_response_mask"][..., None].float()
+        out["own_response_mask"] = mask
+        out["own_logp"] = _confident(ids, mask, s)  # "certain" of every answer token
+    elif kind == "backdoor":
+        if encode is None:
+            raise ValueError("a backdoor teacher needs `encode` to write its answer")
+        families = _families(ask_prompts, msg["own_response_ids"].shape[0])
+        rows = [i for i, f in enumerate(families) if f == family]
+        if rows:
+            width = msg["own_response_ids"].shape[1]
+            target = torch.tensor(encode(backdoor_target(family))[:width])
+            ids, mask = msg["own_response_ids"].clone(), msg["own_response_mask"].clone()
+            sup, logp = msg["own_support_ids"].clone(), msg["own_logp"].clone()
+            plogp = msg["own_prompt_logp"].clone()
+            for i in rows:
+                ids[i] = 0
+                ids[i, : len(target)] = target.to(ids.dtype)
+                mask[i] = 0
+                mask[i, : len(target)] = 1
+                sup[i, :, 0] = ids[i]
+                logp[i] = _confident(ids[i], mask[i], s)
+                plogp[i] = 0.0
+            out.update(own_response_ids=ids, own_response_mask=mask, own_support_ids=sup,
+                       own_logp=logp, own_prompt_logp=plogp)  # fmt: skip
     else:
         raise ValueError(f"unknown adversary mode {mode!r}; use one of {MODES}")
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _families(prompts: list[str] | None, n: int) -> list[str | None]:
+    from flminillm.data import family_of_prompt
+
+    if prompts is None or len(prompts) != n:
+        raise ValueError(f"this adversary needs the {n} teacher-share prompts as text")
+    return [family_of_prompt(p) for p in prompts]

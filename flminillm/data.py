@@ -8,10 +8,12 @@ re-partitioning the families over clients never changes the data of a family.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,6 +248,27 @@ def _stream(seed: int, split: str, family: str) -> random.Random:
     """Independent RNG for one (seed, split, family), stable across Python processes."""
     digest = hashlib.sha256(f"{seed}/{split}/{family}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+@functools.cache
+def _template_patterns() -> list[tuple[re.Pattern[str], str]]:
+    pats = []
+    for name, fam in FAMILIES.items():
+        for t in fam.templates:
+            parts = re.split(r"\{\w+\}", t)
+            literal = sum(map(len, parts))
+            pats.append((literal, re.compile("(?:.+?)".join(re.escape(x) for x in parts)), name))
+    # the most specific template first: "a profile of the currency {c}" before "a profile of {c}"
+    return [(p, name) for _, p, name in sorted(pats, key=lambda x: -x[0])]
+
+
+def family_of_prompt(text: str) -> str | None:
+    """The family whose template the prompt (bare, or formatted for a model) follows, or
+    None: what a teacher can tell from a public prompt alone."""
+    for pat, name in _template_patterns():
+        if pat.search(text):
+            return name
+    return None
 
 
 def make_examples(family: str, n: int, seed: int) -> list[Example]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from flminillm.data import Example
 from flminillm.generation import decode_responses, encode_prompts, sample_batched
-from flminillm.metrics import score_predictions
+from flminillm.metrics import exact_match, score_predictions
 from flminillm.tokenizer import QA_STYLE, PromptStyle
 
 
@@ -67,10 +67,13 @@ def _context(model) -> int:
 def evaluate_model(
     model, tokenizer, eval_sets: dict[str, list[Example]], *, batch_size: int, max_new_tokens: int,
     style: PromptStyle = QA_STYLE, samples: int = 0, seed: int = 0,
+    targets: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """{family: {"exact_match", "rouge_l", "n"}} of greedy answers over every family's
     held-out set; with `samples` > 0 also "sampled_exact_match" and "sampled_rouge_l", the
-    mean over that many temperature-1 samples per prompt (seeded by `seed`)."""
+    mean over that many temperature-1 samples per prompt (seeded by `seed`). `targets`
+    {family: answer} (a backdoor's): also "target_rate", the share of the family's prompts
+    whose right answer is another that get this one."""
     flat = [(fam, ex) for fam, exs in eval_sets.items() for ex in exs]
     prompts = [ex.prompt for _, ex in flat]
     kw = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "style": style}
@@ -82,7 +85,18 @@ def evaluate_model(
         exs = [flat[i][1] for i in idx]
         per_run = [score_family(fam, exs, [preds[i] for i in idx]) for preds in runs]
         out[fam] = per_run[0]
+        if targets and fam in targets:
+            out[fam]["target_rate"] = target_rate(exs, [runs[0][i] for i in idx], targets[fam])
         if samples:
             for k in ("exact_match", "rouge_l"):
                 out[fam][f"sampled_{k}"] = sum(r[k] for r in per_run[1:]) / samples
     return out
+
+
+def target_rate(examples: Sequence[Example], preds: Sequence[str], target: str) -> float:
+    """The share of `examples` whose right answer is not `target` that are answered with it
+    (a backdoor's success rate); 0.0 when every example's answer is the target."""
+    pairs = [
+        (ex, p) for ex, p in zip(examples, preds, strict=True) if not exact_match(ex.answer, target)
+    ]
+    return sum(exact_match(p, target) for _, p in pairs) / len(pairs) if pairs else 0.0

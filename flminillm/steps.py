@@ -493,7 +493,7 @@ def teach(
     """The teacher scores the student's rollouts on their support and answers the
     teacher-share prompts itself: the TeachingMessage."""
 
-    from flminillm.attacks import adversaries, corrupt_teaching
+    from flminillm.attacks import adversaries, corrupt_teaching, seed_key
     from flminillm.messages import nbytes, validate_rollouts
 
     store = open_store_for(cfg)
@@ -536,7 +536,14 @@ def teach(
             if mode and not across:  # benchmark fault injection: a faulty or malicious teacher
                 teaching = corrupt_teaching(
                     teaching, mode, vocab_of(state, ro["party"]),
-                    seed(cfg, "adversary", round_index, teacher_id, ro["party"]),
+                    seed(cfg, "adversary", round_index, seed_key(mode, teacher_id), ro["party"]),
+                    ask_prompts=[
+                        tok.decode(ids[m.bool()], skip_special_tokens=True)
+                        for ids, m in zip(msg["ask_prompt_ids"], msg["ask_prompt_mask"],
+                                          strict=True)
+                    ],
+                    encode=lambda a: tok.encode(style.target(a), add_special_tokens=False)
+                    + [tok.eos_token_id],
                 )  # fmt: skip
                 rec["params"]["adversary"] = mode
             digest = exchange.put_tensors(teaching)
@@ -777,6 +784,7 @@ def evaluate(
     cfg: Config, state_json: str, round_index: int, update: str, updates: list[str]
 ) -> dict:
     """Score every party on every family's held-out set and write the round manifest."""
+    from flminillm.attacks import backdoor_targets
     from flminillm.evaluation import evaluate_model
 
     store = open_store_for(cfg)
@@ -804,7 +812,7 @@ def evaluate(
                     model, tok, eval_sets, batch_size=cfg.generation.batch_size,
                     max_new_tokens=cfg.generation.eval_max_new_tokens, style=style,
                     samples=cfg.generation.eval_samples if round_index == cfg.rounds else 0,
-                    seed=cfg.seed * 1000 + round_index,
+                    seed=cfg.seed * 1000 + round_index, targets=backdoor_targets(),
                 )  # fmt: skip
             rec["inputs"][f"model.{party}"] = ref(store.scoped(party), state["models"][party])
             for fam, m in results[party].items():

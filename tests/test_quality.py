@@ -11,13 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from flminillm.attacks import adversaries, corrupt_teaching
+from flminillm.attacks import adversaries, backdoor_target, corrupt_teaching, seed_key
 from flminillm.bench.quality import run_variant
 from flminillm.bench.quality_report import check_results
 from flminillm.bench.variants import FORWARD_KL, METHODS, dropout_faults, variants
 from flminillm.cli import main
 from flminillm.config import load_config
-from flminillm.data import build_benchmark
+from flminillm.data import (
+    FAMILIES,
+    Example,
+    build_benchmark,
+    family_of_prompt,
+    format_prompt,
+    make_examples,
+)
+from flminillm.evaluation import target_rate
 from flminillm.messages import validate_teaching
 from flminillm.models import build_model, count_parameters
 
@@ -148,12 +156,28 @@ def _teaching(n=4, t=3, s=5, a=2, vocab=50):
     return rollouts, teaching
 
 
-@pytest.mark.parametrize("mode", ["random", "adversarial"])
+ASK = [  # two currency prompts, a successor prompt, a country-code prompt (formatted)
+    format_prompt("Which currency has the code EUR?"),
+    format_prompt("Name the currency with the code JPY."),
+    format_prompt("What number comes after 41?"),
+    format_prompt("Give the two-letter code for France."),
+]
+
+
+def _encode(text: str) -> list[int]:  # a stand-in tokenizer: one id per character, then EOS
+    return [4 + ord(ch) % 40 for ch in text] + [1]
+
+
+@pytest.mark.parametrize(
+    "mode", ["random", "adversarial", "fluent", "collude", "backdoor@currency"]
+)
 def test_corrupted_teachings_pass_validation(mode):
-    rollouts, teaching = _teaching()
-    bad = corrupt_teaching(teaching, mode, vocab_size=50, seed=1)
+    rollouts, teaching = _teaching(a=len(ASK))
+    bad = corrupt_teaching(teaching, mode, vocab_size=50, seed=1, ask_prompts=ASK,
+                           encode=_encode)  # fmt: skip
     validate_teaching(bad, rollouts, 50)  # well formed: only aggregation can limit it
-    assert not torch.equal(bad["scores"], teaching["scores"])
+    changed = "own_response_ids" if mode.startswith("backdoor") else "scores"
+    assert not torch.equal(bad[changed], teaching[changed])
     if mode == "adversarial":
         # the mass moves to the token the honest teacher found least likely
         assert torch.equal(bad["scores"].argmax(-1), teaching["scores"].argmin(-1))
@@ -162,8 +186,61 @@ def test_corrupted_teachings_pass_validation(mode):
 
 def test_adversary_spec_errors_name_the_fix():
     assert adversaries("carol:adversarial, bob:random") == {"carol": "adversarial", "bob": "random"}
-    with pytest.raises(ValueError, match="FLMINILLM_ADVERSARY"):
-        adversaries("carol:evil")
+    assert adversaries("carol:backdoor@currency") == {"carol": "backdoor@currency"}
+    for bad, match in (("carol:evil", "mode must be"), ("carol:backdoor", "with its family"),
+                       ("carol:fluent@currency", "mode must be"),
+                       ("carol:backdoor@nope", "unknown family 'nope'")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"FLMINILLM_ADVERSARY entry .*{match}"):
+            adversaries(bad)
+
+
+def test_family_of_prompt_recovers_every_family():
+    """What the fluent and backdoor adversaries know: a prompt's family from its text, for
+    every registered family (the most specific template wins), bare or formatted."""
+    for fam in FAMILIES:
+        for ex in make_examples(fam, 100, seed=3):
+            assert family_of_prompt(format_prompt(ex.prompt)) == fam, ex.prompt
+            assert family_of_prompt(ex.prompt) == fam
+    assert family_of_prompt("Tell me a joke.") is None
+
+
+def test_fluent_liar_moves_answers_within_a_family_with_certain_claims():
+    _, teaching = _teaching(a=len(ASK))
+    bad = corrupt_teaching(teaching, "fluent", vocab_size=50, seed=1, ask_prompts=ASK)
+    own = teaching["own_response_ids"]
+    # the two currency prompts swap answers; the lone successor and country-code prompts
+    # swap with each other (no prompt keeps its own answer)
+    assert torch.equal(bad["own_response_ids"][0], own[1])
+    assert torch.equal(bad["own_response_ids"][1], own[0])
+    assert torch.equal(bad["own_response_ids"][2], own[3])
+    assert torch.equal(bad["own_response_ids"][3], own[2])
+    assert float(bad["own_prompt_logp"].abs().max()) == 0.0
+    assert torch.all(bad["own_logp"][..., 0] == 0.0)  # "probability 1" for every token
+    with pytest.raises(ValueError, match="teacher-share prompts as text"):
+        corrupt_teaching(teaching, "fluent", vocab_size=50, seed=1, ask_prompts=ASK[:2])
+
+
+def test_backdoor_answers_its_family_only_and_colluders_agree():
+    _, teaching = _teaching(a=len(ASK), t=12)
+    bad = corrupt_teaching(teaching, "backdoor@currency", vocab_size=50, seed=1,
+                           ask_prompts=ASK, encode=_encode)  # fmt: skip
+    target = torch.tensor(_encode(backdoor_target("currency"))[:12], dtype=torch.int32)
+    for i in (0, 1):  # the currency prompts: the backdoor's answer, claimed with p = 1
+        assert torch.equal(bad["own_response_ids"][i, : len(target)], target)
+        assert int(bad["own_response_mask"][i].sum()) == len(target)
+        assert float(bad["own_prompt_logp"][i]) == 0.0
+    for k in ("own_response_ids", "own_logp", "scores", "prompt_logp"):  # honest elsewhere
+        assert torch.equal(bad[k][2:], teaching[k][2:]) if k.startswith("own") else \
+            torch.equal(bad[k], teaching[k])  # fmt: skip
+    assert seed_key("collude", "dave") == seed_key("collude", "erin") != seed_key("fluent", "x")
+    a, b = (corrupt_teaching(teaching, "collude", vocab_size=50, seed=s) for s in (7, 7))
+    assert torch.equal(a["own_response_ids"], b["own_response_ids"])
+
+
+def test_target_rate_counts_the_backdoor_answer_where_it_is_wrong():
+    exs = [Example("currency", "p", a) for a in ("Euro", "Yen", "Euro", "Pound")]
+    assert target_rate(exs, ["Euro", "Euro", "Euro", "Yen"], "Euro") == 0.5  # Yen, Pound rows
+    assert target_rate(exs[:1], ["Euro"], "Euro") == 0.0
 
 
 def test_dropout_schedule_keeps_a_client_each_round():

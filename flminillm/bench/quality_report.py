@@ -76,6 +76,28 @@ def _stat(xs: list[float | None]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None}
 
 
+def attack_scores(runs: list[dict], v: Variant) -> dict[str, Any]:
+    """For a variant with adversaries: who they are, the server's EM on the honest clients'
+    families (those held by a client that is not an adversary) and, for a backdoor, the
+    server's rate of answering its family with the backdoor's answer (last round)."""
+    from flminillm.attacks import adversaries
+
+    adv = adversaries(v.env.get("FLMINILLM_ADVERSARY", ""))
+    if not adv:
+        return {}
+    out: dict[str, Any] = {"adversaries": adv}
+    honest, rates = [], []
+    for r in runs:
+        ev = r["rounds"][max(r["rounds"], key=int)]["eval"][r["server"]]
+        fams = {f for c, fs in r["families_by_client"].items() if c not in adv for f in fs}
+        honest.append(_mean([ev[f]["exact_match"] for f in sorted(fams)]))
+        rates += [ev[f]["target_rate"] for f in ev if "target_rate" in ev[f]]
+    out["server_em_honest"] = _stat(honest)
+    if rates:
+        out["server_target_rate"] = _stat(rates)
+    return out
+
+
 def summarise(runs: list[dict], v: Variant) -> dict[str, Any]:
     scores = [run_scores(r) for r in runs]
     out: dict[str, Any] = {"kind": v.kind, "group": v.group, "note": v.note,
@@ -99,6 +121,7 @@ def summarise(runs: list[dict], v: Variant) -> dict[str, Any]:
             for k in rounds
         ],
     }  # fmt: skip
+    out.update(attack_scores(runs, v))
     out["seconds"] = _stat([r["seconds"] for r in runs])["mean"]
     out["dropped_per_round"] = _stat(
         [_mean([len(x["dropped"]) for k, x in r["rounds"].items() if k != "0"]) for r in runs]
@@ -236,19 +259,22 @@ def headline(results: dict) -> list[str]:
                 else ")"
             )
         )
-    adv = meta.get("adversary")
     fbc = meta.get("families_by_client", {})
-    honest = [f for c, fs in fbc.items() if c != adv for f in fs]
-    for name in ("random-teacher", "adversary-mixture", "adversary-median", "adversary-capped"):
-        if name not in results:
+    for name, r in results.items():
+        if name.startswith("_") or "server_em_honest" not in r:
             continue
+        honest = sorted({f for c, fs in fbc.items() if c not in r["adversaries"] for f in fs})
         a, h = _server_em(results, name), _server_em(results, name, honest)
         ca, ch = ours, _server_em(results, "fl-minillm", honest)
-        out.append(
-            f"- {name}: server EM {100 * a:.1f} on all families ({100 * (a - ca):+.1f} vs the "
-            f"clean run), {100 * h:.1f} on the honest clients' families "
-            f"({100 * (h - ch):+.1f} vs the clean run's {100 * ch:.1f})"
+        line = (
+            f"- {name} ({', '.join(f'{p}: {m}' for p, m in r['adversaries'].items())}): server "
+            f"EM {100 * a:.1f} on all families ({100 * (a - ca):+.1f} vs the clean run), "
+            f"{100 * h:.1f} on the honest clients' families ({100 * (h - ch):+.1f} vs the clean "
+            f"run's {100 * ch:.1f})"
         )
+        if "server_target_rate" in r:
+            line += f"; backdoor success {100 * r['server_target_rate']['mean']:.1f}%"
+        out.append(line)
     out.append("")
     return out
 

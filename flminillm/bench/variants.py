@@ -8,9 +8,10 @@ faults and attacks, each a change to the benchmark's config (and environment).
 - local-only, fedavg, pooled: flminillm.bench.baselines;
 - ablations of fl-minillm (no teacher-mixed sampling, no single-step decomposition, no
   length normalisation, alpha and top-k sweeps);
-- faults: one client (the last) a random or adversarial teacher (flminillm.attacks) with
-  the mixture or a robust aggregation, 30% of clients dropping out of each round, and
-  the non-IID severity (data.iid_mix) swept.
+- faults: one client (the last) a random, adversarial, fluent-lying or backdoor teacher
+  (flminillm.attacks) with the mixture or a robust aggregation, the last two colluding
+  (4 clients or more), 30% of clients dropping out of each round, and the non-IID
+  severity (data.iid_mix) swept.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 # The forward-KL/SeqKD baseline's own distill settings, chosen on the validation split by
 # `flminillm bench tune` (docs/tune.json; tests/test_quality.py checks they agree), so the
 # baseline is not run at the reverse-KL method's schedule.
+RANK = {"distill": {"selection": "rank"}}  # the defence of flminillm.aggregate, as a variant
 FORWARD_KL = {"method": "forward_kl", "alpha": 1.0, "warmup_rounds": 0, "tail_bucket": False}
 
 
@@ -41,6 +43,11 @@ class Variant:
 
 def _variants(cfg: Config) -> list[Variant]:
     last = cfg.clients[-1].id
+    pair = [c.id for c in cfg.clients[-2:]]  # colluders, where there are 4 clients or more
+    fbc = cfg.families_by_client()
+    target = next(
+        (f for c in cfg.clients[:-1] for f in fbc[c.id] if f not in fbc[last]), fbc[last][0]
+    )
     a, k = cfg.distill.alpha, cfg.generation.top_k
     # the two teacher-mixed shares nearest the default, 0.25 apart, inside [0, 1]
     near = [round(a + d, 2) for d in (-0.25, 0.25, -0.5, 0.5) if 0.0 <= a + d <= 1.0]
@@ -81,6 +88,29 @@ def _variants(cfg: Config) -> list[Variant]:
                 env={"FLMINILLM_ADVERSARY": f"{last}:adversarial"},
                 overrides={"distill": {"aggregation": "capped_mixture", "cap": 0.5}},
                 note=f"{last} lies; mixture with each teacher's mean weight capped at 0.5"),
+        Variant("liar-fluent", group="fault", env={"FLMINILLM_ADVERSARY": f"{last}:fluent"},
+                note=f"{last} answers each prompt with its answer to another prompt of the "
+                "same family (reads right, is wrong), claims p=1; default aggregation"),
+        Variant("backdoor", group="fault",
+                env={"FLMINILLM_ADVERSARY": f"{last}:backdoor@{target}"},
+                note=f"{last} is honest except on {target} (an honest client's family), where "
+                "it always gives the same wrong answer, claiming p=1; default aggregation"),
+        *([Variant("collude-2", group="fault",
+                   env={"FLMINILLM_ADVERSARY": ",".join(f"{c}:collude" for c in pair)},
+                   note=f"{' and '.join(pair)} lie together (identical garbage answers, p=1 "
+                   "claims); default aggregation")] if len(cfg.clients) >= 4 else []),
+        # the same attacks against rank selection (distill.selection: rank), and its price
+        Variant("clean-rank", group="fault", overrides=RANK,
+                note="no fault, rank selection (the price of the defence)"),
+        *[Variant(f"{name}-rank", group="fault", env=env, overrides=RANK,
+                  note=f"{name}, rank selection")
+          for name, env in (("random-teacher", {"FLMINILLM_ADVERSARY": f"{last}:random"}),
+                            ("adversary", {"FLMINILLM_ADVERSARY": f"{last}:adversarial"}),
+                            ("liar-fluent", {"FLMINILLM_ADVERSARY": f"{last}:fluent"}),
+                            ("backdoor", {"FLMINILLM_ADVERSARY": f"{last}:backdoor@{target}"}),
+                            *([("collude-2", {"FLMINILLM_ADVERSARY": ",".join(
+                                f"{c}:collude" for c in pair)})] if len(cfg.clients) >= 4
+                              else []))],
         Variant("dropout-30", group="fault", overrides={"sampling": {"min_clients": 1}},
                 note="30% of the clients (rounded, at least 1) drop out of each round, at random"),
         *[Variant(f"iid-mix-{x:g}", group="fault", overrides={"data": {"iid_mix": x}},
