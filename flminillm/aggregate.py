@@ -189,7 +189,8 @@ def assemble_batch(
     """The student's training batch: its rollouts scored by the aggregated teachers, then
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
     its aggregation, trim, posterior_weights and cap (capped_mixture: each teacher's mean
-    mixture weight, and its share of the selected answers, at most `cap`)."""
+    mixture weight, and its share of the selected answers, at most `cap`). `teacher_index`
+    [N]: whose answer each row is (-1: the student's own rollout; `selection_stats`)."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     stacked = torch.stack([t["scores"].float() for t in teachings])  # [M, N, T, S]
@@ -216,6 +217,7 @@ def assemble_batch(
             "support_ids": rollouts["support_ids"].long(),
             "teacher_logp": scores,
             "from_teacher": torch.zeros(n, dtype=torch.bool),
+            "teacher_index": torch.full((n,), -1, dtype=torch.long),
         }
     ]
     a = rollouts["ask_prompt_ids"].shape[0]
@@ -237,6 +239,7 @@ def assemble_batch(
                 "support_ids": sel["support_ids"],
                 "teacher_logp": sel["teacher_logp"],
                 "from_teacher": torch.ones(a, dtype=torch.bool),
+                "teacher_index": sel["teacher_index"],
             }
         )
     wp = max(p["prompt_ids"].shape[1] for p in parts)
@@ -254,4 +257,23 @@ def assemble_batch(
         tl = F.pad(p["teacher_logp"], (0, s - p["teacher_logp"].shape[2]), value=-1e4)
         out["teacher_logp"].append(right_pad(tl, wt, 0.0))
         out["from_teacher"].append(p["from_teacher"])
+        out["teacher_index"].append(p["teacher_index"])
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def selection_stats(
+    teacher_index: torch.Tensor, teachings: list[dict[str, torch.Tensor]], ids: list[str]
+) -> dict[str, float]:
+    """What the selection did, per teacher (MLflow, `flminillm lineage`): `selected.<id>`,
+    the share of the teacher-share prompts whose kept answer is its; `certain.<id>`, the
+    share of its answers for which it claimed p(y | x) >= 0.99 (a teacher certain of
+    everything is either perfect or lying: rank selection gives such claims no weight)."""
+    kept = teacher_index[teacher_index >= 0]
+    out: dict[str, float] = {}
+    for i, (t, name) in enumerate(zip(teachings, ids, strict=True)):
+        if kept.numel():
+            out[f"selected.{name}"] = float((kept == i).float().mean())
+        seq = (t["own_logp"][..., 0].float() * t["own_response_mask"].float()).sum(-1)
+        if seq.numel():
+            out[f"certain.{name}"] = float((seq >= torch.log(torch.tensor(0.99))).float().mean())
+    return out

@@ -84,6 +84,9 @@ def lineage_tree(uri: str, run_id: str, show_io: bool = True, show_uris: bool = 
                 f"{dur:.1f}s" + (" [cyan]cache hit[/]" if cached else "")
             )
             leaf = node.add(text)
+            kept = selection_line(s.data.metrics)
+            if kept:
+                leaf.add(kept)
             if st.get("flminillm.error"):
                 leaf.add(f"[red]{st['flminillm.error']}[/]")
             if show_io:
@@ -95,6 +98,22 @@ def lineage_tree(uri: str, run_id: str, show_io: bool = True, show_uris: bool = 
                         where = f" {uris.get(key, '')}" if show_uris else ""
                         leaf.add(f"{arrow} {name} {st[key][:23]}{where}")
     return root
+
+
+def selection_line(metrics: dict[str, float]) -> str:
+    """A distill step's selection per teacher (flminillm.aggregate.selection_stats), e.g.
+    'answers kept: alice 41%, carol 3% (certain of 100%)'; '' for other steps."""
+    names = sorted({k.split(".", 1)[1] for k in metrics if k.startswith(("selected.", "certain."))})
+    if not names:
+        return ""
+    parts = []
+    for n in names:
+        text = f"{n} {metrics.get(f'selected.{n}', 0.0):.0%}"
+        certain = metrics.get(f"certain.{n}", 0.0)
+        if certain >= 0.5:  # claims p >= 0.99 on most of its answers: flag it
+            text += f" [yellow](certain of {certain:.0%})[/]"
+        parts.append(text)
+    return "answers kept: " + ", ".join(parts)
 
 
 def _uris(uri: str, step_run) -> dict[str, str]:

@@ -689,7 +689,7 @@ def _distill(
     updated model (digest and the model itself) and the update's statistics out."""
     import torch
 
-    from flminillm.aggregate import assemble_batch
+    from flminillm.aggregate import assemble_batch, selection_stats
     from flminillm.engine import make_engine
     from flminillm.messages import validate_rollouts, validate_teaching
     from flminillm.ranks import rank_world
@@ -727,6 +727,9 @@ def _distill(
         ]  # fmt: skip
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
     batch = assemble_batch(rollouts, teachings, weights, d)
+    chosen = selection_stats(
+        batch.pop("teacher_index"), teachings, [t["teacher"] for t in teachings_manifests]
+    )
 
     model = load_model(
         store, student_id, model_digest, cfg.engine, cfg.party(student_id).model.lora
@@ -761,6 +764,7 @@ def _distill(
     metrics["n_student_rollouts"] = float(int((~from_teacher).sum()))
     metrics["n_teacher_rollouts"] = float(int(from_teacher.sum()))
     metrics["bytes_received"] = float(sum(t["bytes"] for t in teachings_manifests))
+    metrics.update(chosen)
     return save_model(store, student_id, engine.hf_model), metrics, engine.hf_model
 
 

@@ -14,6 +14,7 @@ from flminillm.aggregate import (
     cap_selection,
     claim_quantiles,
     select_teacher_rollouts,
+    selection_stats,
 )
 from tests.tensors import log_probs
 
@@ -186,3 +187,23 @@ def test_rank_selection_keeps_each_expert_on_its_domain_whatever_a_liar_claims(l
         select_teacher_rollouts(clean, p3, rank=True)["teacher_index"],
         select_teacher_rollouts(clean, p3)["teacher_index"],
     )
+
+
+def test_selection_stats_say_whose_answers_were_kept_and_who_claims_certainty():
+    def teaching(seq_logp: list[float]) -> dict:
+        n = len(seq_logp)
+        logp = torch.zeros(n, 2, 3)
+        logp[:, 0, 0] = torch.tensor(seq_logp)  # the whole claim on the first token
+        return {"own_logp": logp, "own_response_mask": torch.ones(n, 2)}
+
+    honest = teaching([-0.5, -3.0, -0.001, -2.0])  # sure of one answer in four
+    liar = teaching([0.0, 0.0, 0.0, 0.0])  # probability 1 for everything
+    index = torch.tensor([-1, -1, 0, 0, 0, 1])  # two student rollouts, then 3 vs 1 kept
+    stats = selection_stats(index, [honest, liar], ["alice", "carol"])
+    assert stats == {
+        "selected.alice": 0.75, "certain.alice": 0.25,
+        "selected.carol": 0.25, "certain.carol": 1.0,
+    }  # fmt: skip
+    # no teacher-share prompts (alpha = 0): nothing kept, the claims still counted
+    none = selection_stats(torch.full((3,), -1), [honest, liar], ["alice", "carol"])
+    assert none == {"certain.alice": 0.25, "certain.carol": 1.0}

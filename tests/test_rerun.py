@@ -111,3 +111,25 @@ def test_round_fails_clearly_below_min_clients(tiny_config, tmp_path, monkeypatc
     error = run.data.tags["flminillm.error"]
     assert "below sampling.min_clients=1" in error
     assert "alice" in error and "bob" in error
+
+
+def test_a_lying_client_shows_in_mlflow_and_lineage(tiny_config, tmp_path, monkeypatch, capsys):
+    """Whose answers the server kept, and who claims certainty, per round: in the distill
+    step's MLflow metrics and in `flminillm lineage`."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, path = isolated_config(tiny_config, tmp_path, "liar")
+    monkeypatch.setenv("FLMINILLM_ADVERSARY", "bob:adversarial")
+    assert main(["run", "--config", str(path)]) == 0
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    (step,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'distill.server'")
+    m = step.data.metrics
+    assert m["certain.bob"] == 1.0 and m["certain.alice"] < 0.5  # the liar's p=1 claims
+    assert m["selected.alice"] + m["selected.bob"] == pytest.approx(1.0)
+    assert m["selected.bob"] > 0.5  # joint selection believes it (rank selection would not)
+    capsys.readouterr()
+    assert main(["lineage", _federation_runs(cfg)[0].info.run_id, "--tracking-uri",
+                 cfg.tracking.uri]) == 0  # fmt: skip
+    tree = capsys.readouterr().out
+    assert "answers kept: alice" in tree and "bob" in tree and "certain of 100%" in tree
