@@ -8,6 +8,7 @@ and capped answer selection) live here too. Shapes as in flminillm.distill, M te
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -171,7 +172,10 @@ def select_teacher_rollouts(
         joint = claim_quantiles(joint)
     best = cap_selection(joint, cap).argmax(0)  # [A]
     idx = torch.arange(best.shape[0])
+    length = mask[best, idx].sum(-1).clamp(min=1)
     return {
+        # the kept answer's claimed mean per-token log-probability (`min_claim`)
+        "claim": (logp[best, idx][..., 0] * mask[best, idx]).sum(-1) / length,
         "response_ids": ids[best, idx],
         "response_mask": mask[best, idx],
         "support_ids": sup[best, idx],
@@ -190,7 +194,8 @@ def assemble_batch(
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
     its aggregation, trim, posterior_weights and cap (capped_mixture: each teacher's mean
     mixture weight, and its share of the selected answers, at most `cap`). `teacher_index`
-    [N]: whose answer each row is (-1: the student's own rollout; `selection_stats`)."""
+    [N]: whose answer each row is (-1: the student's own rollout; `selection_stats`);
+    `n_rejected`: the teacher-share prompts left out for `min_claim`."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     stacked = torch.stack([t["scores"].float() for t in teachings])  # [M, N, T, S]
@@ -230,16 +235,23 @@ def assemble_batch(
             teachings, prior, use_prompt=posterior,
             cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
         )  # fmt: skip
+        # no teacher present knows the prompt well enough to claim `min_claim`: learn nothing
+        keep = (
+            sel["claim"] >= math.log(d.min_claim)
+            if d.min_claim > 0
+            else torch.ones(a, dtype=torch.bool)
+        )
+        rejected = int((~keep).sum())
         parts.append(
             {
-                "prompt_ids": rollouts["ask_prompt_ids"].long(),
-                "prompt_mask": rollouts["ask_prompt_mask"].long(),
-                "response_ids": sel["response_ids"],
-                "response_mask": sel["response_mask"],
-                "support_ids": sel["support_ids"],
-                "teacher_logp": sel["teacher_logp"],
-                "from_teacher": torch.ones(a, dtype=torch.bool),
-                "teacher_index": sel["teacher_index"],
+                "prompt_ids": rollouts["ask_prompt_ids"].long()[keep],
+                "prompt_mask": rollouts["ask_prompt_mask"].long()[keep],
+                "response_ids": sel["response_ids"][keep],
+                "response_mask": sel["response_mask"][keep],
+                "support_ids": sel["support_ids"][keep],
+                "teacher_logp": sel["teacher_logp"][keep],
+                "from_teacher": torch.ones(int(keep.sum()), dtype=torch.bool),
+                "teacher_index": sel["teacher_index"][keep],
             }
         )
     wp = max(p["prompt_ids"].shape[1] for p in parts)
@@ -258,21 +270,29 @@ def assemble_batch(
         out["teacher_logp"].append(right_pad(tl, wt, 0.0))
         out["from_teacher"].append(p["from_teacher"])
         out["teacher_index"].append(p["teacher_index"])
-    return {k: torch.cat(v) for k, v in out.items()}
+    batch = {k: torch.cat(v) for k, v in out.items()}
+    batch["n_rejected"] = torch.tensor(rejected if a else 0)
+    return batch
 
 
 def selection_stats(
-    teacher_index: torch.Tensor, teachings: list[dict[str, torch.Tensor]], ids: list[str]
+    teacher_index: torch.Tensor,
+    teachings: list[dict[str, torch.Tensor]],
+    ids: list[str],
+    n_rejected: int = 0,
 ) -> dict[str, float]:
     """What the selection did, per teacher (MLflow, `flminillm lineage`): `selected.<id>`,
     the share of the teacher-share prompts whose kept answer is its; `certain.<id>`, the
     share of its answers for which it claimed p(y | x) >= 0.99 (a teacher certain of
-    everything is either perfect or lying: rank selection gives such claims no weight)."""
+    everything is either perfect or lying: rank selection gives such claims no weight);
+    `rejected`, the share of them left out (`min_claim`): shares are of all teacher-share
+    prompts, kept or not."""
     kept = teacher_index[teacher_index >= 0]
-    out: dict[str, float] = {}
+    total = kept.numel() + n_rejected
+    out: dict[str, float] = {"rejected": n_rejected / total} if total else {}
     for i, (t, name) in enumerate(zip(teachings, ids, strict=True)):
-        if kept.numel():
-            out[f"selected.{name}"] = float((kept == i).float().mean())
+        if total:
+            out[f"selected.{name}"] = float((kept == i).sum()) / total
         seq = (t["own_logp"][..., 0].float() * t["own_response_mask"].float()).sum(-1)
         if seq.numel():
             out[f"certain.{name}"] = float((seq >= torch.log(torch.tensor(0.99))).float().mean())

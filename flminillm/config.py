@@ -414,6 +414,16 @@ class DistillConfig(_Strict):
         "(the highest quantile of that claim among the teacher's own claims, so that no "
         "teacher's self-reported likelihood outbids another's: docs/algorithm.md).",
     )
+    min_claim: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Reject a kept teacher answer whose teacher claims less than this mean "
+        "per-token probability for it (geometric mean of p(y_t | x, y_<t)): where no teacher "
+        "present knows a prompt (its expert dropped out of the round), the student learns "
+        "nothing from the prompt instead of the best guess of teachers that do not know it. "
+        "0 keeps every answer.",
+    )
     posterior_weights: bool = Field(
         True,
         description="Weight each teacher per sequence by its likelihood of the prompt and the "

@@ -113,6 +113,9 @@ def selection_line(metrics: dict[str, float]) -> str:
         if certain >= 0.5:  # claims p >= 0.99 on most of its answers: flag it
             text += f" [yellow](certain of {certain:.0%})[/]"
         parts.append(text)
+    rejected = metrics.get("rejected", 0.0)
+    if rejected > 0:  # distill.min_claim: prompts no teacher present knew
+        parts.append(f"[yellow]rejected {rejected:.0%} (below min_claim)[/]")
     return "answers kept: " + ", ".join(parts)
 
 

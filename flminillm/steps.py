@@ -728,8 +728,9 @@ def _distill(
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
     batch = assemble_batch(rollouts, teachings, weights, d)
     chosen = selection_stats(
-        batch.pop("teacher_index"), teachings, [t["teacher"] for t in teachings_manifests]
-    )
+        batch.pop("teacher_index"), teachings, [t["teacher"] for t in teachings_manifests],
+        int(batch.pop("n_rejected")),
+    )  # fmt: skip
 
     model = load_model(
         store, student_id, model_digest, cfg.engine, cfg.party(student_id).model.lora

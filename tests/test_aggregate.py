@@ -10,6 +10,7 @@ import torch
 
 from flminillm.aggregate import (
     aggregate_teachers,
+    assemble_batch,
     cap_log_weights,
     cap_selection,
     claim_quantiles,
@@ -201,9 +202,58 @@ def test_selection_stats_say_whose_answers_were_kept_and_who_claims_certainty():
     index = torch.tensor([-1, -1, 0, 0, 0, 1])  # two student rollouts, then 3 vs 1 kept
     stats = selection_stats(index, [honest, liar], ["alice", "carol"])
     assert stats == {
-        "selected.alice": 0.75, "certain.alice": 0.25,
+        "rejected": 0.0, "selected.alice": 0.75, "certain.alice": 0.25,
         "selected.carol": 0.25, "certain.carol": 1.0,
     }  # fmt: skip
+    # shares are of every teacher-share prompt, the rejected ones included
+    stats = selection_stats(index, [honest, liar], ["alice", "carol"], n_rejected=4)
+    assert (stats["rejected"], stats["selected.alice"], stats["selected.carol"]) == (
+        0.5, 0.375, 0.125,
+    )  # fmt: skip
     # no teacher-share prompts (alpha = 0): nothing kept, the claims still counted
     none = selection_stats(torch.full((3,), -1), [honest, liar], ["alice", "carol"])
     assert none == {"certain.alice": 0.25, "certain.carol": 1.0}
+
+
+def test_min_claim_rejects_answers_no_teacher_present_knows():
+    """A round whose expert dropped out: on its prompts the teachers present guess, with
+    low claimed probabilities. With `min_claim` those prompts leave the batch (and are
+    counted); the answers the teachers know stay, as they would without it."""
+    from flminillm.config import DistillConfig
+
+    n, a, t, s = 2, 4, 3, 2
+    rollouts = {
+        "prompt_ids": torch.ones(n, 4, dtype=torch.long),
+        "prompt_mask": torch.ones(n, 4, dtype=torch.long),
+        "response_ids": torch.ones(n, t, dtype=torch.long),
+        "response_mask": torch.ones(n, t, dtype=torch.long),
+        "support_ids": torch.arange(s).expand(n, t, s).clone(),
+        "ask_prompt_ids": torch.arange(a)[:, None].expand(a, 4).clone(),
+        "ask_prompt_mask": torch.ones(a, 4, dtype=torch.long),
+    }
+
+    def teaching(per_token: list[float]) -> dict:
+        own = torch.log(torch.tensor(per_token))[:, None, None].expand(a, t, s).clone()
+        return {
+            "scores": torch.full((n, t, s), -1.0),
+            "prompt_logp": torch.zeros(n),
+            "own_response_ids": torch.ones(a, t, dtype=torch.long),
+            "own_response_mask": torch.ones(a, t, dtype=torch.long),
+            "own_support_ids": torch.arange(s).expand(a, t, s).clone(),
+            "own_logp": own,
+            "own_prompt_logp": torch.zeros(a),
+        }
+
+    # prompts 0, 1: alice's domain; 2: bob's; 3: the absent expert's (both guess)
+    teachings = [teaching([0.9, 0.8, 0.1, 0.2]), teaching([0.1, 0.1, 0.7, 0.15])]
+    w = torch.ones(2)
+    full = assemble_batch(rollouts, teachings, w, DistillConfig())
+    floor = assemble_batch(rollouts, teachings, w, DistillConfig(min_claim=0.5))
+    assert int(full["n_rejected"]) == 0 and full["response_ids"].shape[0] == n + a
+    assert int(floor["n_rejected"]) == 1 and floor["response_ids"].shape[0] == n + a - 1
+    assert floor["teacher_index"].tolist() == [-1, -1, 0, 0, 1]  # prompt 3 left out
+    assert floor["prompt_ids"][n:, 0].tolist() == [0, 1, 2]
+    for key in ("teacher_logp", "support_ids", "response_mask", "from_teacher"):
+        assert torch.equal(floor[key], full[key][: n + a - 1]), key
+    with pytest.raises(ValueError, match="min_claim"):
+        DistillConfig(min_claim=1.0)
