@@ -184,18 +184,48 @@ def select_teacher_rollouts(
     }
 
 
+def stale_part(
+    rollouts: dict[str, torch.Tensor],
+    teaching: dict[str, torch.Tensor],
+    choice: torch.Tensor,
+    index: int,
+    share: float,
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    """The answers of teacher `index` that an earlier round kept (`choice` [A], that round's
+    `ask_choice`), from that round's rollouts and the teacher's message, a random `share`
+    of them: a part for `assemble_batch(extra=...)` (teacher_index -2: stale)."""
+    rows = (choice.long() == index).nonzero()[:, 0]
+    g = torch.Generator().manual_seed(seed)
+    take = rows[torch.randperm(rows.numel(), generator=g)[: round(share * rows.numel())]].sort()
+    take = take.values
+    return {
+        "prompt_ids": rollouts["ask_prompt_ids"].long()[take],
+        "prompt_mask": rollouts["ask_prompt_mask"].long()[take],
+        "response_ids": teaching["own_response_ids"].long()[take],
+        "response_mask": teaching["own_response_mask"].long()[take],
+        "support_ids": teaching["own_support_ids"].long()[take],
+        "teacher_logp": teaching["own_logp"].float()[take],
+        "from_teacher": torch.ones(take.numel(), dtype=torch.bool),
+        "teacher_index": torch.full((take.numel(),), -2, dtype=torch.long),
+    }
+
+
 def assemble_batch(
     rollouts: dict[str, torch.Tensor],
     teachings: list[dict[str, torch.Tensor]],
     weights: torch.Tensor,
     d: DistillConfig,
+    extra: list[dict[str, torch.Tensor]] = (),
 ) -> dict[str, torch.Tensor]:
     """The student's training batch: its rollouts scored by the aggregated teachers, then
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
     its aggregation, trim, posterior_weights and cap (capped_mixture: each teacher's mean
     mixture weight, and its share of the selected answers, at most `cap`). `teacher_index`
-    [N]: whose answer each row is (-1: the student's own rollout; `selection_stats`);
-    `n_rejected`: the teacher-share prompts left out for `min_claim`."""
+    [N]: whose answer each row is (-1: the student's own rollout, -2: a stale one from
+    `extra`; `selection_stats`); `n_rejected`: the teacher-share prompts left out for
+    `min_claim`; `ask_choice` [A]: whose answer was kept per teacher-share prompt (-1: none),
+    what a later round's `stale_part` reads."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     stacked = torch.stack([t["scores"].float() for t in teachings])  # [M, N, T, S]
@@ -242,6 +272,7 @@ def assemble_batch(
             else torch.ones(a, dtype=torch.bool)
         )
         rejected = int((~keep).sum())
+        ask_choice = torch.where(keep, sel["teacher_index"], -1)
         parts.append(
             {
                 "prompt_ids": rollouts["ask_prompt_ids"].long()[keep],
@@ -254,6 +285,7 @@ def assemble_batch(
                 "teacher_index": sel["teacher_index"][keep],
             }
         )
+    parts += [p for p in extra if p["prompt_ids"].shape[0]]
     wp = max(p["prompt_ids"].shape[1] for p in parts)
     wt = max(p["response_ids"].shape[1] for p in parts)
     s = max(p["support_ids"].shape[2] for p in parts)
@@ -272,6 +304,7 @@ def assemble_batch(
         out["teacher_index"].append(p["teacher_index"])
     batch = {k: torch.cat(v) for k, v in out.items()}
     batch["n_rejected"] = torch.tensor(rejected if a else 0)
+    batch["ask_choice"] = ask_choice if a else torch.zeros(0, dtype=torch.long)
     return batch
 
 
@@ -286,10 +319,13 @@ def selection_stats(
     share of its answers for which it claimed p(y | x) >= 0.99 (a teacher certain of
     everything is either perfect or lying: rank selection gives such claims no weight);
     `rejected`, the share of them left out (`min_claim`): shares are of all teacher-share
-    prompts, kept or not."""
+    prompts, kept or not; `stale_rows`, the answers replayed from absent teachers."""
     kept = teacher_index[teacher_index >= 0]
     total = kept.numel() + n_rejected
     out: dict[str, float] = {"rejected": n_rejected / total} if total else {}
+    stale = int((teacher_index == -2).sum())
+    if stale:  # replayed from an absent teacher's earlier answers (`stale_part`)
+        out["stale_rows"] = float(stale)
     for i, (t, name) in enumerate(zip(teachings, ids, strict=True)):
         if total:
             out[f"selected.{name}"] = float((kept == i).sum()) / total

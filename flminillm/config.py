@@ -424,6 +424,15 @@ class DistillConfig(_Strict):
         "nothing from the prompt instead of the best guess of teachers that do not know it. "
         "0 keeps every answer.",
     )
+    stale_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Drop-out without loss: where a client drops out of a round, the server "
+        "replays this share (drawn at random) of the answers of that client it kept the last "
+        "round the client took part in (stale, so fewer); 0 replays nothing. With `min_claim` "
+        "the absent expert's prompts are neither learnt wrong nor forgotten.",
+    )
     posterior_weights: bool = Field(
         True,
         description="Weight each teacher per sequence by its likelihood of the prompt and the "

@@ -651,15 +651,19 @@ def distill(
     def run() -> dict:
         with step_record(cfg, store, round_index, "distill", student_id) as rec:
             model_digest = _model_for(models_json, state, student_id)
-            new_digest, metrics, trained = _distill(
-                cfg, store, state, round_index, student_id, model_digest, ro["rollouts"], live
-            )
+            cache = state.get("stale", {}) if cfg.distill.for_round(round_index).stale_share else {}
+            stale = {c: cache[c] for c in dropped if c in cache and not _is_client(cfg, student_id)}
+            new_digest, metrics, trained, taught = _distill(
+                cfg, store, state, round_index, student_id, model_digest, ro["rollouts"], live,
+                stale,
+            )  # fmt: skip
             exchange = store.scoped(EXCHANGE)
             mine = store.scoped(student_id)
             rec["inputs"] = {
                 "model": ref(mine, model_digest),
                 "rollouts": ref(exchange, ro["rollouts"]),
                 **{f"teaching.{t['teacher']}": ref(exchange, t["teaching"]) for t in live},
+                **{f"stale.{c}": ref(exchange, e["teaching"]) for c, e in stale.items()},
             }
             rec["outputs"].update(model_refs(mine, new_digest, trained))
             rec["params"] = {
@@ -669,11 +673,18 @@ def distill(
             rec["metrics"] = metrics
         models = {t["teacher"]: t["model"] for t in live if t["teacher"] != student_id}
         models[student_id] = new_digest
+        # what a later round replays if one of these teachers is absent then (evaluate keeps it)
+        cache = {
+            t["teacher"]: {"round": round_index, "teaching": t["teaching"], "index": i,
+                           "rollouts": taught["rollouts"], "choice": taught["choice"]}
+            for i, t in enumerate(live)
+        }  # fmt: skip
         return {
             "party": student_id,
             "models": models,
             "teachers": [t["teacher"] for t in live],
             "dropped": dropped,
+            **({} if _is_client(cfg, student_id) else {"stale": cache}),
         }
 
     if _is_client(cfg, student_id):
@@ -681,17 +692,38 @@ def distill(
     return retrying(run, f"distill {student_id}")
 
 
+def _teaching_for(exchange, state: dict, student_id: str, teacher: str, digest: str, rollouts,
+                  tok, vocab: int) -> tuple[dict, bool]:  # fmt: skip
+    """A teacher's message on `rollouts`, validated, in the student's token space; and
+    whether it came from another tokenizer (its log-probs then cover the sampled token)."""
+    from flminillm.messages import validate_teaching
+
+    msg = exchange.get_tensors(digest)
+    across = tokenizer_of(state, teacher) != tokenizer_of(state, student_id)
+    if across:
+        from flminillm.crosstok import to_student_space
+        from flminillm.messages import validate_cross_teaching
+
+        validate_cross_teaching(msg, rollouts)
+        msg = to_student_space(msg, rollouts, tok)  # its log-probs on our tokens
+    validate_teaching(msg, rollouts, vocab)
+    return msg, across
+
+
 def _distill(
     cfg: Config, store: Store, state: dict, round_index: int, student_id: str,
     model_digest: str, rollouts_digest: str, teachings_manifests: list[dict],
-) -> tuple[str, dict[str, float], Any]:  # fmt: skip
-    """The distill step's work: the student's rollouts and its teachers' messages in, its
-    updated model (digest and the model itself) and the update's statistics out."""
+    stale: dict[str, dict] | None = None,
+) -> tuple[str, dict[str, float], Any, dict]:  # fmt: skip
+    """The distill step's work: the student's rollouts and its teachers' messages in (and
+    `stale`: absent teachers' earlier answers, `distill.stale_share`), its updated model
+    (digest and the model itself), the update's statistics and what it was taught (the
+    rollouts, whose answers were kept: `ask_choice`, the stale entries used) out."""
     import torch
 
-    from flminillm.aggregate import assemble_batch, selection_stats
+    from flminillm.aggregate import assemble_batch, selection_stats, stale_part
     from flminillm.engine import make_engine
-    from flminillm.messages import validate_rollouts, validate_teaching
+    from flminillm.messages import MessageError, validate_rollouts
     from flminillm.ranks import rank_world
     from flminillm.training import batches, encode_examples
     from flminillm.update import as_floats, behaviour_logprobs, distill_epochs
@@ -704,16 +736,24 @@ def _distill(
     validate_rollouts(rollouts, vocab)
     teachings, across = [], 0
     for t in teachings_manifests:
-        msg = exchange.get_tensors(t["teaching"])
-        if tokenizer_of(state, t["teacher"]) != tokenizer_of(state, student_id):
-            from flminillm.crosstok import to_student_space
-            from flminillm.messages import validate_cross_teaching
-
-            validate_cross_teaching(msg, rollouts)
-            msg = to_student_space(msg, rollouts, tok)  # its log-probs on our tokens
-            across += 1
-        validate_teaching(msg, rollouts, vocab)
+        msg, x = _teaching_for(exchange, state, student_id, t["teacher"], t["teaching"], rollouts,
+                               tok, vocab)  # fmt: skip
         teachings.append(msg)
+        across += x
+    # drop-out without loss: the absent teachers' answers the server kept before (stale)
+    extra, stale_refs = [], {}
+    for c, entry in sorted((stale or {}).items()):
+        old = exchange.get_tensors(entry["rollouts"])
+        validate_rollouts(old, vocab)
+        msg, x = _teaching_for(exchange, state, student_id, c, entry["teaching"], old, tok, vocab)
+        choice = store.scoped(student_id).get_tensors(entry["choice"])["choice"]
+        if choice.shape != (old["ask_prompt_ids"].shape[0],):
+            raise MessageError(f"stale choice of {c}: shape {tuple(choice.shape)} != [A]")
+        if x:  # sampled-token supports only, as for a fresh teacher of another tokenizer
+            across += 1
+        extra.append(stale_part(old, msg, choice, entry["index"], d.stale_share,
+                                seed(cfg, "stale", round_index, c)))  # fmt: skip
+        stale_refs[c] = entry
     if across:
         # a teacher of another tokenizer scores the sampled token only: no single-step KL on
         # a support, so the immediate reward joins the return (still the exact reverse-KL
@@ -725,8 +765,11 @@ def _distill(
              "own_logp": t["own_logp"][..., :1]}
             for t in teachings
         ]  # fmt: skip
+        extra = [{**p, "support_ids": p["support_ids"][..., :1],
+                  "teacher_logp": p["teacher_logp"][..., :1]} for p in extra]  # fmt: skip
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
-    batch = assemble_batch(rollouts, teachings, weights, d)
+    batch = assemble_batch(rollouts, teachings, weights, d, extra=extra)
+    choice = store.scoped(student_id).put_tensors({"choice": batch.pop("ask_choice").int()})
     chosen = selection_stats(
         batch.pop("teacher_index"), teachings, [t["teacher"] for t in teachings_manifests],
         int(batch.pop("n_rejected")),
@@ -766,7 +809,8 @@ def _distill(
     metrics["n_teacher_rollouts"] = float(int(from_teacher.sum()))
     metrics["bytes_received"] = float(sum(t["bytes"] for t in teachings_manifests))
     metrics.update(chosen)
-    return save_model(store, student_id, engine.hf_model), metrics, engine.hf_model
+    taught = {"rollouts": rollouts_digest, "choice": choice, "stale": stale_refs}
+    return save_model(store, student_id, engine.hf_model), metrics, engine.hf_model, taught
 
 
 @step(launchable=True, form_of="distill")
@@ -797,6 +841,11 @@ def evaluate(
     state = json.loads(json.dumps(prev))
     state["models"] = dict(prev["models"])
     dropped: dict[str, str] = {}
+    # each teacher's latest teaching of the server, kept across rounds (distill.stale_share)
+    state["stale"] = {
+        **prev.get("stale", {}),
+        **(_loads(update).get("stale", {}) if update else {}),
+    }
     for u in [_loads(x) for x in ([update] if update else []) + list(updates)]:
         if u.get("dropped") and isinstance(u["dropped"], str):
             dropped.setdefault(u["dropped"], u["reason"])  # keeps its previous model

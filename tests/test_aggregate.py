@@ -16,6 +16,7 @@ from flminillm.aggregate import (
     claim_quantiles,
     select_teacher_rollouts,
     selection_stats,
+    stale_part,
 )
 from tests.tensors import log_probs
 
@@ -257,3 +258,39 @@ def test_min_claim_rejects_answers_no_teacher_present_knows():
         assert torch.equal(floor[key], full[key][: n + a - 1]), key
     with pytest.raises(ValueError, match="min_claim"):
         DistillConfig(min_claim=1.0)
+
+
+def test_stale_part_replays_a_share_of_what_the_teacher_won_before():
+    a, t, s = 10, 3, 2
+    old = {"ask_prompt_ids": torch.arange(a)[:, None].expand(a, 4).clone(),
+           "ask_prompt_mask": torch.ones(a, 4, dtype=torch.long)}  # fmt: skip
+    teaching = {
+        "own_response_ids": torch.arange(a)[:, None].expand(a, t).clone(),
+        "own_response_mask": torch.ones(a, t, dtype=torch.long),
+        "own_support_ids": torch.zeros(a, t, s, dtype=torch.long),
+        "own_logp": torch.full((a, t, s), -0.1),
+    }
+    choice = torch.tensor([1, 0, 1, 1, -1, 1, 2, 1, 0, 1])  # teacher 1 won 6 prompts
+    part = stale_part(old, teaching, choice, 1, 0.5, seed=3)
+    rows = part["prompt_ids"][:, 0]
+    assert rows.numel() == 3 and set(rows.tolist()) <= {0, 2, 3, 5, 7, 9}
+    assert torch.equal(part["response_ids"][:, 0], rows)  # each answer with its own prompt
+    assert bool(part["from_teacher"].all()) and bool((part["teacher_index"] == -2).all())
+    assert stale_part(old, teaching, choice, 1, 1.0, seed=3)["prompt_ids"].shape[0] == 6
+    assert torch.equal(
+        stale_part(old, teaching, choice, 1, 0.5, seed=3)["prompt_ids"], part["prompt_ids"]
+    )
+    # in a batch: after this round's rows, counted as stale
+    empty = {k: v[:0] for k, v in old.items()}
+    rollouts = {"prompt_ids": torch.ones(1, 4, dtype=torch.long),
+                "prompt_mask": torch.ones(1, 4, dtype=torch.long),
+                "response_ids": torch.ones(1, t, dtype=torch.long),
+                "response_mask": torch.ones(1, t, dtype=torch.long),
+                "support_ids": torch.zeros(1, t, s, dtype=torch.long), **empty}  # fmt: skip
+    teacher = {"scores": torch.full((1, t, s), -1.0), "prompt_logp": torch.zeros(1),
+               **{k: v[:0] for k, v in teaching.items()}, "own_prompt_logp": torch.zeros(0)}  # fmt: skip
+    from flminillm.config import DistillConfig
+
+    batch = assemble_batch(rollouts, [teacher], torch.ones(1), DistillConfig(), extra=[part])
+    assert batch["teacher_index"].tolist() == [-1, -2, -2, -2]
+    assert selection_stats(batch["teacher_index"], [teacher], ["bob"])["stale_rows"] == 3.0

@@ -88,17 +88,38 @@ def test_rerun_executes_only_the_failed_step_and_its_dependants(
 
 
 def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypatch):
+    """alice drops out of round 2: she keeps her model, bob and the server go on, and the
+    server replays (distill.stale_share) the answers of hers it kept in round 1, marked
+    stale in MLflow and in the step's lineage."""
+    from mlflow.tracking import MlflowClient
+
     monkeypatch.setenv(RETRIES_ENV, "1")
     sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
-    cfg, path = isolated_config(tiny_config, tmp_path, "dropout", sampling=sampling)
-    monkeypatch.setenv(FAULTS_ENV, "local_sft:alice:1")
+    distill = tiny_config.distill.model_copy(update={"stale_share": 1.0})
+    cfg, path = isolated_config(
+        tiny_config, tmp_path, "dropout", sampling=sampling, distill=distill, rounds=2
+    )
+    monkeypatch.setenv(FAULTS_ENV, "local_sft:alice:2")
     assert main(["run", "--config", str(path)]) == 0
     final = json.loads((path.parent / "out" / "round_manifest.json").read_text())
     assert list(final["dropped"]) == ["alice"]
     assert "injected fault" in final["dropped"]["alice"]
-    first = open_store(cfg.store.uri).get_json(final["history"][0])
+    first = open_store(cfg.store.uri).get_json(final["history"][-1])
     assert final["models"]["alice"] == first["models"]["alice"]  # kept its model
     assert final["models"]["bob"] != first["models"]["bob"]  # bob took part
+    assert final["stale"]["alice"]["round"] == 1 and final["stale"]["bob"]["round"] == 2
+
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    steps = client.search_runs([exp.experiment_id], "attributes.run_name = 'distill.server'")
+    by_round = {int(r.data.params["round"]): r for r in steps}
+    one, two = by_round[1].data, by_round[2].data
+    asked = round(cfg.distill.alpha * cfg.generation.prompts_per_round)
+    won = round(one.metrics["selected.alice"] * asked)
+    assert won > 0 and two.metrics["stale_rows"] == won  # all of them, at stale_share 1
+    assert "stale_rows" not in one.metrics
+    assert two.tags["in.stale.alice"] == one.tags["in.teaching.alice"]  # lineage: what was replayed
+    assert two.params["dropped"] == "alice"
 
 
 def test_round_fails_clearly_below_min_clients(tiny_config, tmp_path, monkeypatch, capsys):
