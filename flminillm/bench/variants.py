@@ -28,8 +28,9 @@ METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 # `flminillm bench tune` (docs/tune.json; tests/test_quality.py checks they agree), so the
 # baseline is not run at the reverse-KL method's schedule.
 RANK = {"distill": {"selection": "rank"}}  # the defence of flminillm.aggregate, as a variant
-# rank selection, and no answer kept that its teacher claims less than p = 0.5 per token for
-FLOOR = {"distill": {"selection": "rank", "min_claim": 0.5}}
+# the whole defence: rank selection, no answer kept that its teacher claims less than p = 0.5
+# per token for, and half of an absent client's earlier answers replayed
+DEFENDED = {"distill": {"selection": "rank", "min_claim": 0.5, "stale_share": 0.5}}
 FORWARD_KL = {"method": "forward_kl", "alpha": 1.0, "warmup_rounds": 0, "tail_bucket": False}
 
 
@@ -118,12 +119,12 @@ def _variants(cfg: Config) -> list[Variant]:
         Variant("dropout-30-rank", group="fault",
                 overrides=deep_merge(RANK, {"sampling": {"min_clients": 1}}),
                 note="dropout-30, rank selection"),
-        # rank selection with min_claim: where a round's expert is missing, nothing is kept
-        Variant("clean-floor", group="fault", overrides=FLOOR,
-                note="no fault, rank selection, min_claim 0.5 (the price of both)"),
-        Variant("dropout-30-floor", group="fault",
-                overrides=deep_merge(FLOOR, {"sampling": {"min_clients": 1}}),
-                note="dropout-30, rank selection, min_claim 0.5"),
+        # the whole defence (DEFENDED): a round's absent expert is replayed, not guessed at
+        Variant("clean-defended", group="fault", overrides=DEFENDED,
+                note="no fault, rank selection + min_claim 0.5 + stale_share 0.5 (its price)"),
+        Variant("dropout-30-defended", group="fault",
+                overrides=deep_merge(DEFENDED, {"sampling": {"min_clients": 1}}),
+                note="dropout-30, rank selection + min_claim 0.5 + stale_share 0.5"),
         *[Variant(f"iid-mix-{x:g}", group="fault", overrides={"data": {"iid_mix": x}},
                   note=f"non-IID severity: share {x:g} of private data from all families")
           for x in (0.5, 1.0)],
