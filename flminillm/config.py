@@ -428,10 +428,11 @@ class DistillConfig(_Strict):
         0.0,
         ge=0.0,
         le=1.0,
-        description="Drop-out without loss: where a client drops out of a round, the server "
-        "replays this share (drawn at random) of the answers of that client it kept the last "
-        "round the client took part in (stale, so fewer); 0 replays nothing. With `min_claim` "
-        "the absent expert's prompts are neither learnt wrong nor forgotten.",
+        description="Drop-out without loss: where a client is absent from a round (dropped "
+        "out, or not sampled), the server replays this share (drawn at random) of the answers "
+        "of that client it kept the last round the client took part in (stale, so fewer); 0 "
+        "replays nothing. With `min_claim` the absent expert's prompts are neither learnt "
+        "wrong nor forgotten.",
     )
     posterior_weights: bool = Field(
         True,

@@ -652,7 +652,11 @@ def distill(
         with step_record(cfg, store, round_index, "distill", student_id) as rec:
             model_digest = _model_for(models_json, state, student_id)
             cache = state.get("stale", {}) if cfg.distill.for_round(round_index).stale_share else {}
-            stale = {c: cache[c] for c in dropped if c in cache and not _is_client(cfg, student_id)}
+            here = {t["teacher"] for t in live}  # absent: dropped out, or not sampled
+            stale = {
+                c.id: cache[c.id] for c in cfg.clients
+                if c.id not in here and c.id in cache and not _is_client(cfg, student_id)
+            }  # fmt: skip
             new_digest, metrics, trained, taught = _distill(
                 cfg, store, state, round_index, student_id, model_digest, ro["rollouts"], live,
                 stale,
