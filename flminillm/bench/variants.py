@@ -122,6 +122,9 @@ def _variants(cfg: Config) -> list[Variant]:
         # the whole defence (DEFENDED): a round's absent expert is replayed, not guessed at
         Variant("clean-defended", group="fault", overrides=DEFENDED,
                 note="no fault, rank selection + min_claim 0.5 + stale_share 0.5 (its price)"),
+        Variant("random-teacher-defended", group="fault", overrides=DEFENDED,
+                env={"FLMINILLM_ADVERSARY": f"{last}:random"},
+                note="random-teacher, rank selection + min_claim 0.5 + stale_share 0.5"),
         Variant("dropout-30-defended", group="fault",
                 overrides=deep_merge(DEFENDED, {"sampling": {"min_clients": 1}}),
                 note="dropout-30, rank selection + min_claim 0.5 + stale_share 0.5"),
