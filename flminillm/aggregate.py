@@ -217,12 +217,12 @@ def assemble_batch(
     weights: torch.Tensor,
     d: DistillConfig,
     extra: list[dict[str, torch.Tensor]] = (),
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The student's training batch: its rollouts scored by the aggregated teachers, then
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
     its aggregation, trim, posterior_weights and cap (capped_mixture: each teacher's mean
-    mixture weight, and its share of the selected answers, at most `cap`). `teacher_index`
-    [N]: whose answer each row is (-1: the student's own rollout, -2: a stale one from
+    mixture weight, and its share of the selected answers, at most `cap`). Returns (batch,
+    info), info holding what selection did: `teacher_index` [N]: whose answer each row is (-1: the student's own rollout, -2: a stale one from
     `extra`; `selection_stats`); `n_rejected`: the teacher-share prompts left out for
     `min_claim`; `ask_choice` [A]: whose answer was kept per teacher-share prompt (-1: none),
     what a later round's `stale_part` reads."""
@@ -303,9 +303,12 @@ def assemble_batch(
         out["from_teacher"].append(p["from_teacher"])
         out["teacher_index"].append(p["teacher_index"])
     batch = {k: torch.cat(v) for k, v in out.items()}
-    batch["n_rejected"] = torch.tensor(rejected if a else 0)
-    batch["ask_choice"] = ask_choice if a else torch.zeros(0, dtype=torch.long)
-    return batch
+    info = {
+        "teacher_index": batch.pop("teacher_index"),
+        "n_rejected": torch.tensor(rejected if a else 0),
+        "ask_choice": ask_choice if a else torch.zeros(0, dtype=torch.long),
+    }
+    return batch, info
 
 
 def selection_stats(

@@ -772,11 +772,11 @@ def _distill(
         extra = [{**p, "support_ids": p["support_ids"][..., :1],
                   "teacher_logp": p["teacher_logp"][..., :1]} for p in extra]  # fmt: skip
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
-    batch = assemble_batch(rollouts, teachings, weights, d, extra=extra)
-    choice = store.scoped(student_id).put_tensors({"choice": batch.pop("ask_choice").int()})
+    batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra)
+    choice = store.scoped(student_id).put_tensors({"choice": info["ask_choice"].int()})
     chosen = selection_stats(
-        batch.pop("teacher_index"), teachings, [t["teacher"] for t in teachings_manifests],
-        int(batch.pop("n_rejected")),
+        info["teacher_index"], teachings, [t["teacher"] for t in teachings_manifests],
+        int(info["n_rejected"]),
     )  # fmt: skip
 
     model = load_model(

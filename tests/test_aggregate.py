@@ -248,11 +248,13 @@ def test_min_claim_rejects_answers_no_teacher_present_knows():
     # prompts 0, 1: alice's domain; 2: bob's; 3: the absent expert's (both guess)
     teachings = [teaching([0.9, 0.8, 0.1, 0.2]), teaching([0.1, 0.1, 0.7, 0.15])]
     w = torch.ones(2)
-    full = assemble_batch(rollouts, teachings, w, DistillConfig())
-    floor = assemble_batch(rollouts, teachings, w, DistillConfig(min_claim=0.5))
-    assert int(full["n_rejected"]) == 0 and full["response_ids"].shape[0] == n + a
-    assert int(floor["n_rejected"]) == 1 and floor["response_ids"].shape[0] == n + a - 1
-    assert floor["teacher_index"].tolist() == [-1, -1, 0, 0, 1]  # prompt 3 left out
+    full, full_info = assemble_batch(rollouts, teachings, w, DistillConfig(min_claim=0.0))
+    floor, info = assemble_batch(rollouts, teachings, w, DistillConfig(min_claim=0.5))
+    assert int(full_info["n_rejected"]) == 0 and full["response_ids"].shape[0] == n + a
+    assert int(info["n_rejected"]) == 1 and floor["response_ids"].shape[0] == n + a - 1
+    assert info["teacher_index"].tolist() == [-1, -1, 0, 0, 1]  # prompt 3 left out
+    assert info["ask_choice"].tolist() == [0, 0, 1, -1]  # what a later round replays
+    assert "teacher_index" not in floor  # the batch holds what training reads, nothing else
     assert floor["prompt_ids"][n:, 0].tolist() == [0, 1, 2]
     for key in ("teacher_logp", "support_ids", "response_mask", "from_teacher"):
         assert torch.equal(floor[key], full[key][: n + a - 1]), key
@@ -291,6 +293,6 @@ def test_stale_part_replays_a_share_of_what_the_teacher_won_before():
                **{k: v[:0] for k, v in teaching.items()}, "own_prompt_logp": torch.zeros(0)}  # fmt: skip
     from flminillm.config import DistillConfig
 
-    batch = assemble_batch(rollouts, [teacher], torch.ones(1), DistillConfig(), extra=[part])
-    assert batch["teacher_index"].tolist() == [-1, -2, -2, -2]
-    assert selection_stats(batch["teacher_index"], [teacher], ["bob"])["stale_rows"] == 3.0
+    _, info = assemble_batch(rollouts, [teacher], torch.ones(1), DistillConfig(), extra=[part])
+    assert info["teacher_index"].tolist() == [-1, -2, -2, -2]
+    assert selection_stats(info["teacher_index"], [teacher], ["bob"])["stale_rows"] == 3.0

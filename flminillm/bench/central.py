@@ -218,7 +218,7 @@ def _federated_batch(s: Setup, model, exs, d: DistillConfig, gen) -> Batch:
     msg = to_host({**_pairs(r), "support_ids": r.support_ids, "ask_prompt_ids": aids,
                    "ask_prompt_mask": amask})  # fmt: skip
     teaching = _teach_same(s.teacher, s.tok, msg, g, gen)
-    return to_device(assemble_batch(msg, [teaching], torch.ones(1), d), s.device)
+    return to_device(assemble_batch(msg, [teaching], torch.ones(1), d)[0], s.device)
 
 
 def _ppo(make_batch: Callable, hp: Callable[[DistillConfig], DistillConfig]) -> Callable:
