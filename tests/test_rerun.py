@@ -139,7 +139,8 @@ def test_a_lying_client_shows_in_mlflow_and_lineage(tiny_config, tmp_path, monke
     step's MLflow metrics and in `flminillm lineage`."""
     from mlflow.tracking import MlflowClient
 
-    cfg, path = isolated_config(tiny_config, tmp_path, "liar")
+    joint = tiny_config.distill.model_copy(update={"selection": "joint"})  # believes claims
+    cfg, path = isolated_config(tiny_config, tmp_path, "liar", distill=joint)
     monkeypatch.setenv("FLMINILLM_ADVERSARY", "bob:adversarial")
     assert main(["run", "--config", str(path)]) == 0
     client = MlflowClient(cfg.tracking.uri)
@@ -148,7 +149,7 @@ def test_a_lying_client_shows_in_mlflow_and_lineage(tiny_config, tmp_path, monke
     m = step.data.metrics
     assert m["certain.bob"] == 1.0 and m["certain.alice"] < 0.5  # the liar's p=1 claims
     assert m["selected.alice"] + m["selected.bob"] == pytest.approx(1.0)
-    assert m["selected.bob"] > 0.5  # joint selection believes it (rank selection would not)
+    assert m["selected.bob"] > 0.5  # joint selection believes it
     capsys.readouterr()
     assert main(["lineage", _federation_runs(cfg)[0].info.run_id, "--tracking-uri",
                  cfg.tracking.uri]) == 0  # fmt: skip
