@@ -249,10 +249,11 @@ def headline(results: dict) -> list[str]:
         theirs = _server_em(results, other)
         if theirs is None:
             continue
-        sd = results[other]["server"]["em_all"]["std"] or 0.0
+        sd = results[other]["server"]["em_all"]["std"]  # None: one seed, no spread
+        spread = "" if sd is None else f" ± {100 * sd:.1f}"
         out.append(
             f"- server EM (all families): fl-minillm {100 * ours:.1f} vs {other} "
-            f"{100 * theirs:.1f} ± {100 * sd:.1f} ({100 * (ours - theirs):+.1f} points"
+            f"{100 * theirs:.1f}{spread} ({100 * (ours - theirs):+.1f} points"
             + (
                 f"; {100 * ours / theirs:.0f}% of it, target >= 80%)"
                 if other == "pooled" and theirs
