@@ -87,19 +87,21 @@ def test_rerun_executes_only_the_failed_step_and_its_dependants(
     assert rerun[0].info.status == "FINISHED"
 
 
-def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypatch):
-    """alice drops out of round 2: she keeps her model, bob and the server go on, and the
-    server replays (distill.stale_share) the answers of hers it kept in round 1, marked
-    stale in MLflow and in the step's lineage."""
+def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypatch, capsys):
+    """alice drops out of round 2 and bob lies throughout (rank selection). alice keeps her
+    model, bob and the server go on; the server replays (distill.stale_share) the answers of
+    alice's it kept in round 1, marked stale; whose answers were kept and who claims
+    certainty are in the distill step's MLflow metrics and in `flminillm lineage`."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv(RETRIES_ENV, "1")
     sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
-    distill = tiny_config.distill.model_copy(update={"stale_share": 1.0})
+    distill = tiny_config.distill.model_copy(update={"stale_share": 1.0, "selection": "rank"})
     cfg, path = isolated_config(
         tiny_config, tmp_path, "dropout", sampling=sampling, distill=distill, rounds=2
     )
     monkeypatch.setenv(FAULTS_ENV, "local_sft:alice:2")
+    monkeypatch.setenv("FLMINILLM_ADVERSARY", "bob:adversarial")
     assert main(["run", "--config", str(path)]) == 0
     final = json.loads((path.parent / "out" / "round_manifest.json").read_text())
     assert list(final["dropped"]) == ["alice"]
@@ -114,12 +116,20 @@ def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypat
     steps = client.search_runs([exp.experiment_id], "attributes.run_name = 'distill.server'")
     by_round = {int(r.data.params["round"]): r for r in steps}
     one, two = by_round[1].data, by_round[2].data
+    m = one.metrics
+    assert m["certain.bob"] == 1.0 and m["certain.alice"] < 0.5  # the liar's p=1 claims
+    assert m["selected.alice"] + m["selected.bob"] == pytest.approx(1.0)
     asked = round(cfg.distill.alpha * cfg.generation.prompts_per_round)
-    won = round(one.metrics["selected.alice"] * asked)
+    won = round(m["selected.alice"] * asked)
     assert won > 0 and two.metrics["stale_rows"] == won  # all of them, at stale_share 1
-    assert "stale_rows" not in one.metrics
-    assert two.tags["in.stale.alice"] == one.tags["in.teaching.alice"]  # lineage: what was replayed
+    assert "stale_rows" not in m
+    assert two.tags["in.stale.alice"] == one.tags["in.teaching.alice"]  # what was replayed
     assert two.params["dropped"] == "alice"
+    capsys.readouterr()
+    assert main(["lineage", _federation_runs(cfg)[0].info.run_id, "--tracking-uri",
+                 cfg.tracking.uri]) == 0  # fmt: skip
+    tree = capsys.readouterr().out
+    assert "answers kept: alice" in tree and "certain of 100%" in tree
 
 
 def test_round_fails_clearly_below_min_clients(tiny_config, tmp_path, monkeypatch, capsys):
@@ -132,26 +142,3 @@ def test_round_fails_clearly_below_min_clients(tiny_config, tmp_path, monkeypatc
     error = run.data.tags["flminillm.error"]
     assert "below sampling.min_clients=1" in error
     assert "alice" in error and "bob" in error
-
-
-def test_a_lying_client_shows_in_mlflow_and_lineage(tiny_config, tmp_path, monkeypatch, capsys):
-    """Whose answers the server kept, and who claims certainty, per round: in the distill
-    step's MLflow metrics and in `flminillm lineage`."""
-    from mlflow.tracking import MlflowClient
-
-    joint = tiny_config.distill.model_copy(update={"selection": "joint"})  # believes claims
-    cfg, path = isolated_config(tiny_config, tmp_path, "liar", distill=joint)
-    monkeypatch.setenv("FLMINILLM_ADVERSARY", "bob:adversarial")
-    assert main(["run", "--config", str(path)]) == 0
-    client = MlflowClient(cfg.tracking.uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    (step,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'distill.server'")
-    m = step.data.metrics
-    assert m["certain.bob"] == 1.0 and m["certain.alice"] < 0.5  # the liar's p=1 claims
-    assert m["selected.alice"] + m["selected.bob"] == pytest.approx(1.0)
-    assert m["selected.bob"] > 0.5  # joint selection believes it
-    capsys.readouterr()
-    assert main(["lineage", _federation_runs(cfg)[0].info.run_id, "--tracking-uri",
-                 cfg.tracking.uri]) == 0  # fmt: skip
-    tree = capsys.readouterr().out
-    assert "answers kept: alice" in tree and "bob" in tree and "certain of 100%" in tree
