@@ -165,7 +165,8 @@ def select_teacher_rollouts(
     mask = torch.stack([right_pad(t["own_response_mask"].long(), width, 0) for t in teachings])
     sup = torch.stack([right_pad(t["own_support_ids"].long(), width, 0) for t in teachings])
     logp = torch.stack([right_pad(t["own_logp"].float(), width, 0.0) for t in teachings])
-    joint = (logp[..., 0] * mask).sum(-1) + torch.log(prior)[:, None]  # [M, A]
+    answer = (logp[..., 0] * mask).sum(-1)  # [M, A]: each teacher's claimed log p(y | x)
+    joint = answer + torch.log(prior)[:, None]
     if use_prompt:
         joint = joint + torch.stack([t["own_prompt_logp"].float() for t in teachings])
     if rank:
@@ -175,7 +176,7 @@ def select_teacher_rollouts(
     length = mask[best, idx].sum(-1).clamp(min=1)
     return {
         # the kept answer's claimed mean per-token log-probability (`min_claim`)
-        "claim": (logp[best, idx][..., 0] * mask[best, idx]).sum(-1) / length,
+        "claim": answer[best, idx] / length,
         "response_ids": ids[best, idx],
         "response_mask": mask[best, idx],
         "support_ids": sup[best, idx],
@@ -222,10 +223,11 @@ def assemble_batch(
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
     its aggregation, trim, posterior_weights and cap (capped_mixture: each teacher's mean
     mixture weight, and its share of the selected answers, at most `cap`). Returns (batch,
-    info), info holding what selection did: `teacher_index` [N]: whose answer each row is (-1: the student's own rollout, -2: a stale one from
-    `extra`; `selection_stats`); `n_rejected`: the teacher-share prompts left out for
-    `min_claim`; `ask_choice` [A]: whose answer was kept per teacher-share prompt (-1: none),
-    what a later round's `stale_part` reads."""
+    info), info holding what selection did: `teacher_index` [N], whose answer each row is
+    (-1: the student's own rollout, -2: a stale one from `extra`; `selection_stats`);
+    `n_rejected`, the teacher-share prompts left out for `min_claim`; `ask_choice` [A],
+    whose answer was kept per teacher-share prompt (-1: none), what a later round's
+    `stale_part` reads."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     stacked = torch.stack([t["scores"].float() for t in teachings])  # [M, N, T, S]
@@ -256,6 +258,7 @@ def assemble_batch(
         }
     ]
     a = rollouts["ask_prompt_ids"].shape[0]
+    rejected, ask_choice = 0, torch.zeros(0, dtype=torch.long)
     if a:
         # a capped teacher's answers are selected with the same handicap, and (capped
         # mixture) no teacher supplies more than `cap` of the answers, also when the student
@@ -305,8 +308,8 @@ def assemble_batch(
     batch = {k: torch.cat(v) for k, v in out.items()}
     info = {
         "teacher_index": batch.pop("teacher_index"),
-        "n_rejected": torch.tensor(rejected if a else 0),
-        "ask_choice": ask_choice if a else torch.zeros(0, dtype=torch.long),
+        "n_rejected": torch.tensor(rejected),
+        "ask_choice": ask_choice,
     }
     return batch, info
 

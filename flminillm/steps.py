@@ -651,12 +651,12 @@ def distill(
     def run() -> dict:
         with step_record(cfg, store, round_index, "distill", student_id) as rec:
             model_digest = _model_for(models_json, state, student_id)
-            cache = state.get("stale", {}) if cfg.distill.for_round(round_index).stale_share else {}
+            replay = (
+                not _is_client(cfg, student_id) and cfg.distill.for_round(round_index).stale_share
+            )
+            cache = state.get("stale", {}) if replay else {}
             here = {t["teacher"] for t in live}  # absent: dropped out, or not sampled
-            stale = {
-                c.id: cache[c.id] for c in cfg.clients
-                if c.id not in here and c.id in cache and not _is_client(cfg, student_id)
-            }  # fmt: skip
+            stale = {c.id: cache[c.id] for c in cfg.clients if c.id not in here and c.id in cache}
             new_digest, metrics, trained, taught = _distill(
                 cfg, store, state, round_index, student_id, model_digest, ro["rollouts"], live,
                 stale,
@@ -678,7 +678,7 @@ def distill(
         models = {t["teacher"]: t["model"] for t in live if t["teacher"] != student_id}
         models[student_id] = new_digest
         # what a later round replays if one of these teachers is absent then (evaluate keeps it)
-        cache = {
+        latest = {
             t["teacher"]: {"round": round_index, "teaching": t["teaching"], "index": i,
                            "rollouts": taught["rollouts"], "choice": taught["choice"]}
             for i, t in enumerate(live)
@@ -688,7 +688,7 @@ def distill(
             "models": models,
             "teachers": [t["teacher"] for t in live],
             "dropped": dropped,
-            **({} if _is_client(cfg, student_id) else {"stale": cache}),
+            **({} if _is_client(cfg, student_id) else {"stale": latest}),
         }
 
     if _is_client(cfg, student_id):
@@ -722,7 +722,7 @@ def _distill(
     """The distill step's work: the student's rollouts and its teachers' messages in (and
     `stale`: absent teachers' earlier answers, `distill.stale_share`), its updated model
     (digest and the model itself), the update's statistics and what it was taught (the
-    rollouts, whose answers were kept: `ask_choice`, the stale entries used) out."""
+    rollouts, and whose answers were kept: `ask_choice`) out."""
     import torch
 
     from flminillm.aggregate import assemble_batch, selection_stats, stale_part
@@ -745,7 +745,7 @@ def _distill(
         teachings.append(msg)
         across += x
     # drop-out without loss: the absent teachers' answers the server kept before (stale)
-    extra, stale_refs = [], {}
+    extra = []
     for c, entry in sorted((stale or {}).items()):
         old = exchange.get_tensors(entry["rollouts"])
         validate_rollouts(old, vocab)
@@ -757,7 +757,6 @@ def _distill(
             across += 1
         extra.append(stale_part(old, msg, choice, entry["index"], d.stale_share,
                                 seed(cfg, "stale", round_index, c)))  # fmt: skip
-        stale_refs[c] = entry
     if across:
         # a teacher of another tokenizer scores the sampled token only: no single-step KL on
         # a support, so the immediate reward joins the return (still the exact reverse-KL
@@ -813,7 +812,7 @@ def _distill(
     metrics["n_teacher_rollouts"] = float(int(from_teacher.sum()))
     metrics["bytes_received"] = float(sum(t["bytes"] for t in teachings_manifests))
     metrics.update(chosen)
-    taught = {"rollouts": rollouts_digest, "choice": choice, "stale": stale_refs}
+    taught = {"rollouts": rollouts_digest, "choice": choice}
     return save_model(store, student_id, engine.hf_model), metrics, engine.hf_model, taught
 
 
@@ -859,6 +858,7 @@ def evaluate(
         state["models"].update(u["models"])
     with step_record(cfg, store, round_index, "evaluate", "all") as rec:
         eval_sets = {f: load_examples(store, PUBLIC, d) for f, d in state["data"]["eval"].items()}
+        targets = backdoor_targets()  # a benchmark backdoor's answers, once for every party
         results = {}
         for party in [p.id for p in cfg.parties]:
             if party not in state["models"]:
@@ -870,7 +870,7 @@ def evaluate(
                     model, tok, eval_sets, batch_size=cfg.generation.batch_size,
                     max_new_tokens=cfg.generation.eval_max_new_tokens, style=style,
                     samples=cfg.generation.eval_samples if round_index == cfg.rounds else 0,
-                    seed=cfg.seed * 1000 + round_index, targets=backdoor_targets(),
+                    seed=cfg.seed * 1000 + round_index, targets=targets,
                 )  # fmt: skip
             rec["inputs"][f"model.{party}"] = ref(store.scoped(party), state["models"][party])
             for fam, m in results[party].items():

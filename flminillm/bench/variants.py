@@ -51,6 +51,15 @@ def _variants(cfg: Config) -> list[Variant]:
     target = next(
         (f for c in cfg.clients[:-1] for f in fbc[c.id] if f not in fbc[last]), fbc[last][0]
     )
+    # each attack's fault injection, written once for its variants with and without defences
+    attack = {
+        "random-teacher": {"FLMINILLM_ADVERSARY": f"{last}:random"},
+        "adversary": {"FLMINILLM_ADVERSARY": f"{last}:adversarial"},
+        "liar-fluent": {"FLMINILLM_ADVERSARY": f"{last}:fluent"},
+        "backdoor": {"FLMINILLM_ADVERSARY": f"{last}:backdoor@{target}"},
+        **({"collude-2": {"FLMINILLM_ADVERSARY": ",".join(f"{c}:collude" for c in pair)}}
+           if len(cfg.clients) >= 4 else {}),
+    }  # fmt: skip
     a, k = cfg.distill.alpha, cfg.generation.top_k
     # the two teacher-mixed shares nearest the default, 0.25 apart, inside [0, 1]
     near = [round(a + d, 2) for d in (-0.25, 0.25, -0.5, 0.5) if 0.0 <= a + d <= 1.0]
@@ -78,42 +87,30 @@ def _variants(cfg: Config) -> list[Variant]:
                   note=f"support size {x} (default {k})") for x in topks],
         Variant("clean-median", group="fault", overrides={"distill": {"aggregation": "median"}},
                 note="no fault, median aggregation (the price of robustness)"),
-        Variant("random-teacher", group="fault", env={"FLMINILLM_ADVERSARY": f"{last}:random"},
+        Variant("random-teacher", group="fault", env=attack["random-teacher"],
                 note=f"{last} sends random scores; mixture aggregation"),
-        Variant("adversary-mixture", group="fault",
-                env={"FLMINILLM_ADVERSARY": f"{last}:adversarial"},
+        Variant("adversary-mixture", group="fault", env=attack["adversary"],
                 note=f"{last} lies (inverted scores, claims p=1); mixture aggregation"),
-        Variant("adversary-median", group="fault",
-                env={"FLMINILLM_ADVERSARY": f"{last}:adversarial"},
+        Variant("adversary-median", group="fault", env=attack["adversary"],
                 overrides={"distill": {"aggregation": "median"}},
                 note=f"{last} lies; median aggregation"),
-        Variant("adversary-capped", group="fault",
-                env={"FLMINILLM_ADVERSARY": f"{last}:adversarial"},
+        Variant("adversary-capped", group="fault", env=attack["adversary"],
                 overrides={"distill": {"aggregation": "capped_mixture", "cap": 0.5}},
                 note=f"{last} lies; mixture with each teacher's mean weight capped at 0.5"),
-        Variant("liar-fluent", group="fault", env={"FLMINILLM_ADVERSARY": f"{last}:fluent"},
+        Variant("liar-fluent", group="fault", env=attack["liar-fluent"],
                 note=f"{last} answers each prompt with its answer to another prompt of the "
                 "same family (reads right, is wrong), claims p=1; default aggregation"),
-        Variant("backdoor", group="fault",
-                env={"FLMINILLM_ADVERSARY": f"{last}:backdoor@{target}"},
+        Variant("backdoor", group="fault", env=attack["backdoor"],
                 note=f"{last} is honest except on {target} (an honest client's family), where "
                 "it always gives the same wrong answer, claiming p=1; default aggregation"),
-        *([Variant("collude-2", group="fault",
-                   env={"FLMINILLM_ADVERSARY": ",".join(f"{c}:collude" for c in pair)},
+        *([Variant("collude-2", group="fault", env=attack["collude-2"],
                    note=f"{' and '.join(pair)} lie together (identical garbage answers, p=1 "
-                   "claims); default aggregation")] if len(cfg.clients) >= 4 else []),
+                   "claims); default aggregation")] if "collude-2" in attack else []),
         # the same attacks against rank selection (distill.selection: rank), and its price
         Variant("clean-rank", group="fault", overrides=RANK,
                 note="no fault, rank selection (the price of the defence)"),
         *[Variant(f"{name}-rank", group="fault", env=env, overrides=RANK,
-                  note=f"{name}, rank selection")
-          for name, env in (("random-teacher", {"FLMINILLM_ADVERSARY": f"{last}:random"}),
-                            ("adversary", {"FLMINILLM_ADVERSARY": f"{last}:adversarial"}),
-                            ("liar-fluent", {"FLMINILLM_ADVERSARY": f"{last}:fluent"}),
-                            ("backdoor", {"FLMINILLM_ADVERSARY": f"{last}:backdoor@{target}"}),
-                            *([("collude-2", {"FLMINILLM_ADVERSARY": ",".join(
-                                f"{c}:collude" for c in pair)})] if len(cfg.clients) >= 4
-                              else []))],
+                  note=f"{name}, rank selection") for name, env in attack.items()],
         Variant("dropout-30", group="fault", overrides={"sampling": {"min_clients": 1}},
                 note="30% of the clients (rounded, at least 1) drop out of each round, at random"),
         Variant("dropout-30-rank", group="fault",
@@ -123,7 +120,7 @@ def _variants(cfg: Config) -> list[Variant]:
         Variant("clean-defended", group="fault", overrides=DEFENDED,
                 note="no fault, rank selection + min_claim 0.5 + stale_share 0.5 (its price)"),
         Variant("random-teacher-defended", group="fault", overrides=DEFENDED,
-                env={"FLMINILLM_ADVERSARY": f"{last}:random"},
+                env=attack["random-teacher"],
                 note="random-teacher, rank selection + min_claim 0.5 + stale_share 0.5"),
         Variant("dropout-30-defended", group="fault",
                 overrides=deep_merge(DEFENDED, {"sampling": {"min_clients": 1}}),
