@@ -185,6 +185,18 @@ def select_teacher_rollouts(
     }
 
 
+def claim_floor(claims: torch.Tensor, min_claim: float, max_rejected: float) -> float:
+    """The log-probability floor of `min_claim` for kept answers' claims [A] (mean per-token
+    log p): log(min_claim), lowered where needed so that no more than `max_rejected` of the
+    answers fall strictly below it (a federation whose teachers are unsure everywhere still
+    learns from their surer answers; a liar claiming p = 1 can only raise the quantile)."""
+    floor = math.log(min_claim)
+    if max_rejected < 1.0 and claims.numel():
+        q = torch.quantile(claims.float(), max_rejected, interpolation="lower")
+        floor = min(floor, float(q))
+    return floor
+
+
 def stale_part(
     rollouts: dict[str, torch.Tensor],
     teaching: dict[str, torch.Tensor],
@@ -269,11 +281,9 @@ def assemble_batch(
             cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
         )  # fmt: skip
         # no teacher present knows the prompt well enough to claim `min_claim`: learn nothing
-        keep = (
-            sel["claim"] >= math.log(d.min_claim)
-            if d.min_claim > 0
-            else torch.ones(a, dtype=torch.bool)
-        )
+        keep = torch.ones(a, dtype=torch.bool)
+        if d.min_claim > 0:
+            keep = sel["claim"] >= claim_floor(sel["claim"], d.min_claim, d.max_rejected)
         rejected = int((~keep).sum())
         ask_choice = torch.where(keep, sel["teacher_index"], -1)
         parts.append(

@@ -408,24 +408,34 @@ class DistillConfig(_Strict):
         "`cap`: bounded influence of one lying teacher), median, trimmed_mean.",
     )
     selection: Literal["joint", "rank"] = Field(
-        "joint",
+        "rank",
         description="How one teacher's answer is chosen per teacher-share prompt: joint (the "
         "highest claimed log p(x) + log p(y | x): the mixture's likeliest component) or rank "
         "(the highest quantile of that claim among the teacher's own claims, so that no "
         "teacher's self-reported likelihood outbids another's: docs/algorithm.md).",
     )
     min_claim: float = Field(
-        0.0,
+        0.5,
         ge=0.0,
         lt=1.0,
         description="Reject a kept teacher answer whose teacher claims less than this mean "
         "per-token probability for it (geometric mean of p(y_t | x, y_<t)): where no teacher "
         "present knows a prompt (its expert dropped out of the round), the student learns "
         "nothing from the prompt instead of the best guess of teachers that do not know it. "
-        "0 keeps every answer.",
+        "0 keeps every answer. Bounded by `max_rejected`.",
+    )
+    max_rejected: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="What makes `min_claim` scale-free: at most this share of a round's "
+        "teacher answers is rejected. Where more of them claim less than `min_claim` "
+        "(teachers unsure everywhere: barely trained, or long open-ended answers with many "
+        "valid wordings), the floor falls to this quantile of the kept answers' claims, so "
+        "the student still learns from the surer part. 1 leaves `min_claim` absolute.",
     )
     stale_share: float = Field(
-        0.0,
+        0.5,
         ge=0.0,
         le=1.0,
         description="Drop-out without loss: where a client is absent from a round (dropped "

@@ -13,6 +13,7 @@ from flminillm.aggregate import (
     assemble_batch,
     cap_log_weights,
     cap_selection,
+    claim_floor,
     claim_quantiles,
     select_teacher_rollouts,
     selection_stats,
@@ -260,6 +261,25 @@ def test_min_claim_rejects_answers_no_teacher_present_knows():
         assert torch.equal(floor[key], full[key][: n + a - 1]), key
     with pytest.raises(ValueError, match="min_claim"):
         DistillConfig(min_claim=1.0)
+
+
+def test_claim_floor_is_scale_free_and_a_liar_cannot_lower_it():
+    """min_claim is absolute (p = 0.5 per token) where teachers are sure of what they know;
+    where most claims are low (teachers barely trained, long answers with many wordings)
+    at most `max_rejected` of the answers are rejected, the least sure ones."""
+    g = torch.Generator().manual_seed(0)
+    sure = torch.log(torch.rand(200, generator=g) * 0.5 + 0.5)  # p in [0.5, 1): keep all
+    assert claim_floor(sure, 0.5, 0.5) == pytest.approx(math.log(0.5))
+    assert int((sure < claim_floor(sure, 0.5, 0.5)).sum()) == 0
+    unsure = torch.log(torch.rand(200, generator=g) * 0.01 + 1e-4)  # p < 0.011 everywhere
+    floor = claim_floor(unsure, 0.5, 0.5)
+    kept = unsure >= floor
+    assert int((~kept).sum()) <= 100 and int(kept.sum()) >= 100
+    assert float(unsure[kept].min()) >= float(unsure[~kept].max())  # the surer half stays
+    assert int((unsure < claim_floor(unsure, 0.5, 1.0)).sum()) == 200  # absolute: none kept
+    # a liar claiming p = 1 on a third of them raises the quantile, never lowers it
+    lied = torch.cat([unsure, torch.zeros(100)])
+    assert claim_floor(lied, 0.5, 0.5) >= floor
 
 
 def test_stale_part_replays_a_share_of_what_the_teacher_won_before():

@@ -196,7 +196,7 @@ def plot_results(results: dict, path: Path) -> None:
     ax = axes[0]
     for n in names:
         r = results[n]
-        if r["group"] == "method" or n in ("adversary-mixture", "adversary-median"):
+        if r["group"] == "method" or n in ("adversary", "adversary-undefended"):
             cur = r["curve"]
             ax.plot(cur["rounds"], [100 * (x or 0) for x in cur["server_em_all"]], marker="o",
                     label=n, linestyle="-" if r["group"] == "method" else "--")  # fmt: skip
@@ -262,16 +262,30 @@ def headline(results: dict) -> list[str]:
         )
     fbc = meta.get("families_by_client", {})
     for name, r in results.items():
-        if name.startswith("_") or "server_em_honest" not in r:
+        # attacks (with the honest clients' families), drop-out and the defence's price
+        plain = name == "clean-undefended" or name.startswith("dropout")
+        if name.startswith("_") or ("server_em_honest" not in r and not plain):
+            continue
+        # an undefended fault against the undefended clean run, where there is one
+        clean = "fl-minillm"
+        if name.endswith("-undefended") and name != "clean-undefended" and (
+            "clean-undefended" in results
+        ):
+            clean = "clean-undefended"
+        a, ca = _server_em(results, name), _server_em(results, clean)
+        if a is None or ca is None:
+            continue
+        if "server_em_honest" not in r:
+            out.append(f"- {name}: server EM {100 * a:.1f} on all families "
+                       f"({100 * (a - ca):+.1f} vs {clean})")  # fmt: skip
             continue
         honest = sorted({f for c, fs in fbc.items() if c not in r["adversaries"] for f in fs})
-        a, h = _server_em(results, name), _server_em(results, name, honest)
-        ca, ch = ours, _server_em(results, "fl-minillm", honest)
+        h, ch = _server_em(results, name, honest), _server_em(results, clean, honest)
+        who = ", ".join(f"{p}: {m}" for p, m in r["adversaries"].items())
         line = (
-            f"- {name} ({', '.join(f'{p}: {m}' for p, m in r['adversaries'].items())}): server "
-            f"EM {100 * a:.1f} on all families ({100 * (a - ca):+.1f} vs the clean run), "
-            f"{100 * h:.1f} on the honest clients' families ({100 * (h - ch):+.1f} vs the clean "
-            f"run's {100 * ch:.1f})"
+            f"- {name} ({who}): server EM {100 * a:.1f} on all families ({100 * (a - ca):+.1f} "
+            f"vs {clean}), {100 * h:.1f} on the honest clients' families ({100 * (h - ch):+.1f} "
+            f"vs {clean}'s {100 * ch:.1f})"
         )
         if "server_target_rate" in r:
             line += f"; backdoor success {100 * r['server_target_rate']['mean']:.1f}%"

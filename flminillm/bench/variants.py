@@ -9,9 +9,9 @@ faults and attacks, each a change to the benchmark's config (and environment).
 - ablations of fl-minillm (no teacher-mixed sampling, no single-step decomposition, no
   length normalisation, alpha and top-k sweeps);
 - faults: one client (the last) a random, adversarial, fluent-lying or backdoor teacher
-  (flminillm.attacks) with the mixture or a robust aggregation, the last two colluding
-  (4 clients or more), 30% of clients dropping out of each round, and the non-IID
-  severity (data.iid_mix) swept.
+  (flminillm.attacks), the last two colluding (4 clients or more), 30% of clients dropping
+  out of each round, each with the default defence and without it (`-undefended`), and the
+  non-IID severity (data.iid_mix) swept.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 # The forward-KL/SeqKD baseline's own distill settings, chosen on the validation split by
 # `flminillm bench tune` (docs/tune.json; tests/test_quality.py checks they agree), so the
 # baseline is not run at the reverse-KL method's schedule.
-RANK = {"distill": {"selection": "rank"}}  # the defence of flminillm.aggregate, as a variant
-# the whole defence: rank selection, no answer kept that its teacher claims less than p = 0.5
-# per token for, and half of an absent client's earlier answers replayed
-DEFENDED = {"distill": {"selection": "rank", "min_claim": 0.5, "stale_share": 0.5}}
+# the defence of flminillm.aggregate (DistillConfig's defaults: rank selection, min_claim 0.5
+# within max_rejected 0.5, stale_share 0.5) taken away: joint selection, every answer kept,
+# nothing replayed; the `-undefended` variants measure what the defence buys and costs
+UNDEFENDED = {"distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0}}
 FORWARD_KL = {"method": "forward_kl", "alpha": 1.0, "warmup_rounds": 0, "tail_bucket": False}
 
 
@@ -51,14 +51,23 @@ def _variants(cfg: Config) -> list[Variant]:
     target = next(
         (f for c in cfg.clients[:-1] for f in fbc[c.id] if f not in fbc[last]), fbc[last][0]
     )
-    # each attack's fault injection, written once for its variants with and without defences
+    # each attack: its fault injection and what it does, written once for the variants with
+    # and without the defence
+    adv = "FLMINILLM_ADVERSARY"
     attack = {
-        "random-teacher": {"FLMINILLM_ADVERSARY": f"{last}:random"},
-        "adversary": {"FLMINILLM_ADVERSARY": f"{last}:adversarial"},
-        "liar-fluent": {"FLMINILLM_ADVERSARY": f"{last}:fluent"},
-        "backdoor": {"FLMINILLM_ADVERSARY": f"{last}:backdoor@{target}"},
-        **({"collude-2": {"FLMINILLM_ADVERSARY": ",".join(f"{c}:collude" for c in pair)}}
-           if len(cfg.clients) >= 4 else {}),
+        "random-teacher": ({adv: f"{last}:random"},
+                           f"{last} sends random scores (a broken model)"),
+        "adversary": ({adv: f"{last}:adversarial"},
+                      f"{last} lies (random-token answers, inverted scores, claims p=1)"),
+        "liar-fluent": ({adv: f"{last}:fluent"},
+                        f"{last} answers each prompt with its answer to another prompt of the "
+                        "same family (reads right, is wrong), claims p=1"),
+        "backdoor": ({adv: f"{last}:backdoor@{target}"},
+                     f"{last} is honest except on {target} (an honest client's family), where "
+                     "it always gives the same wrong answer, claiming p=1"),
+        **({"collude-2": ({adv: ",".join(f"{c}:collude" for c in pair)},
+                          f"{' and '.join(pair)} lie together (identical garbage answers, p=1 "
+                          "claims)")} if len(cfg.clients) >= 4 else {}),
     }  # fmt: skip
     a, k = cfg.distill.alpha, cfg.generation.top_k
     # the two teacher-mixed shares nearest the default, 0.25 apart, inside [0, 1]
@@ -87,44 +96,27 @@ def _variants(cfg: Config) -> list[Variant]:
                   note=f"support size {x} (default {k})") for x in topks],
         Variant("clean-median", group="fault", overrides={"distill": {"aggregation": "median"}},
                 note="no fault, median aggregation (the price of robustness)"),
-        Variant("random-teacher", group="fault", env=attack["random-teacher"],
-                note=f"{last} sends random scores; mixture aggregation"),
-        Variant("adversary-mixture", group="fault", env=attack["adversary"],
-                note=f"{last} lies (inverted scores, claims p=1); mixture aggregation"),
-        Variant("adversary-median", group="fault", env=attack["adversary"],
-                overrides={"distill": {"aggregation": "median"}},
-                note=f"{last} lies; median aggregation"),
-        Variant("adversary-capped", group="fault", env=attack["adversary"],
-                overrides={"distill": {"aggregation": "capped_mixture", "cap": 0.5}},
-                note=f"{last} lies; mixture with each teacher's mean weight capped at 0.5"),
-        Variant("liar-fluent", group="fault", env=attack["liar-fluent"],
-                note=f"{last} answers each prompt with its answer to another prompt of the "
-                "same family (reads right, is wrong), claims p=1; default aggregation"),
-        Variant("backdoor", group="fault", env=attack["backdoor"],
-                note=f"{last} is honest except on {target} (an honest client's family), where "
-                "it always gives the same wrong answer, claiming p=1; default aggregation"),
-        *([Variant("collude-2", group="fault", env=attack["collude-2"],
-                   note=f"{' and '.join(pair)} lie together (identical garbage answers, p=1 "
-                   "claims); default aggregation")] if "collude-2" in attack else []),
-        # the same attacks against rank selection (distill.selection: rank), and its price
-        Variant("clean-rank", group="fault", overrides=RANK,
-                note="no fault, rank selection (the price of the defence)"),
-        *[Variant(f"{name}-rank", group="fault", env=env, overrides=RANK,
-                  note=f"{name}, rank selection") for name, env in attack.items()],
+        Variant("clean-undefended", group="fault", overrides=UNDEFENDED,
+                note="no fault, without the default defence (joint selection, no min_claim, "
+                "no stale replay): the defence's price"),
+        *[Variant(name, group="fault", env=env, note=note)
+          for name, (env, note) in attack.items()],
         Variant("dropout-30", group="fault", overrides={"sampling": {"min_clients": 1}},
                 note="30% of the clients (rounded, at least 1) drop out of each round, at random"),
-        Variant("dropout-30-rank", group="fault",
-                overrides=deep_merge(RANK, {"sampling": {"min_clients": 1}}),
-                note="dropout-30, rank selection"),
-        # the whole defence (DEFENDED): a round's absent expert is replayed, not guessed at
-        Variant("clean-defended", group="fault", overrides=DEFENDED,
-                note="no fault, rank selection + min_claim 0.5 + stale_share 0.5 (its price)"),
-        Variant("random-teacher-defended", group="fault", overrides=DEFENDED,
-                env=attack["random-teacher"],
-                note="random-teacher, rank selection + min_claim 0.5 + stale_share 0.5"),
-        Variant("dropout-30-defended", group="fault",
-                overrides=deep_merge(DEFENDED, {"sampling": {"min_clients": 1}}),
-                note="dropout-30, rank selection + min_claim 0.5 + stale_share 0.5"),
+        # the same faults without the defence: what it buys
+        *[Variant(f"{name}-undefended", group="fault", env=env, overrides=UNDEFENDED,
+                  note=f"{name} without the defence") for name, (env, _) in attack.items()],
+        Variant("dropout-30-undefended", group="fault",
+                overrides=deep_merge(UNDEFENDED, {"sampling": {"min_clients": 1}}),
+                note="dropout-30 without the defence"),
+        Variant("adversary-median", group="fault", env=attack["adversary"][0],
+                overrides=deep_merge(UNDEFENDED, {"distill": {"aggregation": "median"}}),
+                note=f"{last} lies; median aggregation, no other defence"),
+        Variant("adversary-capped", group="fault", env=attack["adversary"][0],
+                overrides=deep_merge(
+                    UNDEFENDED, {"distill": {"aggregation": "capped_mixture", "cap": 0.5}}),
+                note=f"{last} lies; mixture with each teacher's mean weight (and share of the "
+                "kept answers) capped at 0.5, no other defence"),
         *[Variant(f"iid-mix-{x:g}", group="fault", overrides={"data": {"iid_mix": x}},
                   note=f"non-IID severity: share {x:g} of private data from all families")
           for x in (0.5, 1.0)],
