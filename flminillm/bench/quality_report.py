@@ -268,8 +268,10 @@ def headline(results: dict) -> list[str]:
             continue
         # an undefended fault against the undefended clean run, where there is one
         clean = "fl-minillm"
-        if name.endswith("-undefended") and name != "clean-undefended" and (
-            "clean-undefended" in results
+        if (
+            name.endswith("-undefended")
+            and name != "clean-undefended"
+            and ("clean-undefended" in results)
         ):
             clean = "clean-undefended"
         a, ca = _server_em(results, name), _server_em(results, clean)
