@@ -41,14 +41,18 @@ def test_parse_faults():
 
 
 def test_rerun_executes_only_the_failed_step_and_its_dependants(
-    tiny_config, tmp_path, monkeypatch, capsys
+    tiny_config, tmp_path, monkeypatch, capsys, one_thread
 ):
     monkeypatch.setenv(RETRIES_ENV, "2")
+    from flminillm.inprocess import run_federation
+
     rounds = 2  # the fault is in the second round's pipeline
-    # an uninterrupted run: the reference
-    ref_cfg, ref_path = isolated_config(tiny_config, tmp_path, "reference", rounds=rounds)
-    assert main(["run", "--config", str(ref_path)]) == 0
-    reference = json.loads((ref_path.parent / "out" / "round_manifest.json").read_text())
+    # an uninterrupted run, the reference: in one process, one torch thread as each KFP task
+    # has (the same models as under the KFP runner, tests/test_pipelines.py), which saves the
+    # suite a third KFP federation
+    ref_cfg, _ = isolated_config(tiny_config, tmp_path, "reference", rounds=rounds)
+    tracking_off = ref_cfg.tracking.model_copy(update={"enabled": False})
+    reference = run_federation(ref_cfg.model_copy(update={"tracking": tracking_off}))[-1]
 
     # the same federation with alice's distill step failing in the last round
     cfg, path = isolated_config(tiny_config, tmp_path, "faulty", rounds=rounds)
