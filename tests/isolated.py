@@ -22,3 +22,24 @@ def isolated_config(base, tmp_path, name: str, **updates):
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(json.loads(cfg.to_json())))
     return cfg, path
+
+
+def inprocess_models(cfg) -> dict[str, str]:
+    """The final model digests of an uninterrupted run of `cfg` in this process, with the
+    torch thread budget the local KFP runner gives each task (float sums depend on it), so
+    they equal a KFP run's: a reference that costs no KFP federation. MLflow off."""
+    import os
+
+    import torch
+
+    from flminillm.inprocess import run_federation
+    from flminillm.invoke import THREADS_ENV
+
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
+    threads = torch.get_num_threads()
+    os.environ[THREADS_ENV] = str(max(1, os.cpu_count() // cfg.runner.local_parallelism))
+    try:
+        return run_federation(cfg)[-1]["models"]
+    finally:
+        torch.set_num_threads(threads)
+        del os.environ[THREADS_ENV]

@@ -17,33 +17,18 @@ import pytest
 from flminillm.cli import main
 from flminillm.ledger import ledger
 from flminillm.store import open_store
-from tests.isolated import isolated_config
+from tests.isolated import inprocess_models, isolated_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, str]:
-    """The final models of an uninterrupted run of the experiment (in one process, with the
-    torch thread budget the local runner gives each task: float sums depend on it); once
-    for the module."""
-    import torch
-
+    """The final models of an uninterrupted run of the experiment, once for the module."""
     from flminillm.config import load_config
-    from flminillm.inprocess import run_federation
-    from flminillm.invoke import THREADS_ENV
 
     tiny = load_config(ROOT / "configs" / "tiny.yaml")
-    cfg = isolated_config(tiny, tmp_path_factory.mktemp("reference"), "run")[0].model_copy(
-        update={"tracking": tiny.tracking.model_copy(update={"enabled": False})}
-    )
-    threads = torch.get_num_threads()
-    os.environ[THREADS_ENV] = str(max(1, os.cpu_count() // cfg.runner.local_parallelism))
-    try:
-        return run_federation(cfg)[-1]["models"]
-    finally:
-        torch.set_num_threads(threads)
-        del os.environ[THREADS_ENV]
+    return inprocess_models(isolated_config(tiny, tmp_path_factory.mktemp("reference"), "run")[0])
 
 
 def _init_model(cfg, party: str) -> str:

@@ -8,7 +8,7 @@ from flminillm.cli import main
 from flminillm.faults import FAULTS_ENV, RETRIES_ENV, parse_faults
 from flminillm.ledger import ledger
 from flminillm.store import open_store
-from tests.isolated import isolated_config
+from tests.isolated import inprocess_models, isolated_config
 
 
 def _executions(cfg) -> dict[tuple, tuple]:
@@ -41,18 +41,14 @@ def test_parse_faults():
 
 
 def test_rerun_executes_only_the_failed_step_and_its_dependants(
-    tiny_config, tmp_path, monkeypatch, capsys, one_thread
+    tiny_config, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv(RETRIES_ENV, "2")
-    from flminillm.inprocess import run_federation
-
     rounds = 2  # the fault is in the second round's pipeline
-    # an uninterrupted run, the reference: in one process, one torch thread as each KFP task
-    # has (the same models as under the KFP runner, tests/test_pipelines.py), which saves the
-    # suite a third KFP federation
+    # an uninterrupted run, the reference: in one process (the same models as a KFP run),
+    # which saves the suite a third KFP federation
     ref_cfg, _ = isolated_config(tiny_config, tmp_path, "reference", rounds=rounds)
-    tracking_off = ref_cfg.tracking.model_copy(update={"enabled": False})
-    reference = run_federation(ref_cfg.model_copy(update={"tracking": tracking_off}))[-1]
+    reference = inprocess_models(ref_cfg)
 
     # the same federation with alice's distill step failing in the last round
     cfg, path = isolated_config(tiny_config, tmp_path, "faulty", rounds=rounds)
@@ -85,7 +81,7 @@ def test_rerun_executes_only_the_failed_step_and_its_dependants(
     assert after[(rounds, "evaluate", "all")][0] == "succeeded"
     # and the outcome is the uninterrupted run's, digest for digest
     final = json.loads((path.parent / "out" / "round_manifest.json").read_text())
-    assert final["models"] == reference["models"]
+    assert final["models"] == reference
     rerun = [r for r in _federation_runs(cfg) if r.data.tags.get("flminillm.rerun_of")]
     assert rerun and rerun[0].data.tags["flminillm.rerun_of"] == failed_run.info.run_id
     assert rerun[0].info.status == "FINISHED"
