@@ -292,7 +292,10 @@ class TrainConfig(_Strict):
 
 class LocalSFTConfig(TrainConfig):
     later_round_steps: int = Field(
-        20, ge=0, description="SFT steps on own data in rounds after the first (refresh)."
+        20,
+        ge=0,
+        description="SFT steps on own data in a client's later rounds (refresh); its first "
+        "round (round 1, or the first it takes part in) runs the full `steps`.",
     )
     prompt_loss: bool = Field(
         True,

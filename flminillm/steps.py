@@ -370,7 +370,12 @@ def local_sft(cfg: Config, state_json: str, round_index: int, client_id: str) ->
                 print(f"local_sft {client_id}: {counts['truncated']} of {len(rows)} examples are "
                       f"longer than the model's {spec.max_positions} positions; their last "
                       "tokens are kept")  # fmt: skip
-            steps = s.steps if round_index <= 1 else s.later_round_steps
+            # the first fine-tuning is the full one, also for a client that missed round 1
+            # (dropped out, not sampled): else it would never get it (state["fine_tuned"])
+            first = (
+                client_id not in state["fine_tuned"] if "fine_tuned" in state else round_index <= 1
+            )
+            steps = s.steps if first else s.later_round_steps
             stats = train_lm(
                 model, rows, steps=steps, batch_size=s.batch_size, lr=s.lr,
                 pad_id=tok.pad_token_id, seed=seed(cfg, "local_sft", round_index, client_id),
@@ -856,6 +861,16 @@ def evaluate(
         for client, reason in (u.get("dropped") or {}).items():
             dropped.setdefault(client, reason)
         state["models"].update(u["models"])
+    # the clients that have had their first, full local fine-tuning: the ones whose model
+    # changed in a round (a client that dropped out or was not sampled keeps its model)
+    state["fine_tuned"] = sorted(
+        set(prev.get("fine_tuned", []))
+        | {
+            c.id
+            for c in cfg.clients
+            if round_index >= 1 and state["models"].get(c.id) != prev["models"].get(c.id)
+        }
+    )
     with step_record(cfg, store, round_index, "evaluate", "all") as rec:
         eval_sets = {f: load_examples(store, PUBLIC, d) for f, d in state["data"]["eval"].items()}
         targets = backdoor_targets()  # a benchmark backdoor's answers, once for every party

@@ -64,6 +64,11 @@ def test_every_method_and_ablation_lands_in_results_json(bench_out):
     # the server holds no family: held is undefined, unseen is all
     assert results["fl-minillm"]["server"]["em_held"]["mean"] is None
     assert results["_meta"]["seeds"] == [0]
+    # which code made the runs: this checkout's commit, in results.json and results.md
+    from flminillm.bench.quality import code_version
+
+    assert results["_meta"]["code"] == [code_version()]
+    assert f"code: {code_version()}" in (bench_out / "results.md").read_text()
 
 
 def test_bytes_per_round_follow_each_method(bench_out):

@@ -142,3 +142,29 @@ def test_round_fails_clearly_below_min_clients(tiny_config, tmp_path, monkeypatc
     error = run.data.tags["flminillm.error"]
     assert "below sampling.min_clients=1" in error
     assert "alice" in error and "bob" in error
+
+
+def test_a_client_that_misses_round_1_gets_its_full_fine_tuning_later(
+    tiny_config, tmp_path, monkeypatch
+):
+    """alice drops out of round 1, where every client runs its full local fine-tuning
+    (local_sft.steps); in round 2 she gets the full fine-tuning, bob (who had his) the
+    refresh (later_round_steps). In one process: the bookkeeping is the round manifest's."""
+    from flminillm.inprocess import run_federation
+
+    monkeypatch.setenv(RETRIES_ENV, "1")
+    monkeypatch.setenv(FAULTS_ENV, "local_sft:alice:1")
+    sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
+    cfg, _ = isolated_config(tiny_config, tmp_path, "late", sampling=sampling, rounds=2)
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
+    states = run_federation(cfg)
+    assert [s["fine_tuned"] for s in states] == [[], ["bob"], ["alice", "bob"]]
+    steps = {
+        (r, rec["party"]): rec["params"].get("steps")
+        for r, recs in ledger(open_store(cfg.store.uri), cfg.federation_id()).items()
+        for rec in recs
+        if rec["step"] == "local_sft" and rec["status"] == "succeeded"
+    }
+    s = cfg.local_sft
+    assert s.steps != s.later_round_steps
+    assert steps == {(1, "bob"): s.steps, (2, "alice"): s.steps, (2, "bob"): s.later_round_steps}

@@ -29,6 +29,26 @@ from flminillm.bench.variants import Variant, variant_config, variant_env, varia
 from flminillm.config import Config, load_config
 
 
+def code_version() -> str:
+    """The code a run ran: the git commit of this checkout (`+dirty` where flminillm/ has
+    uncommitted changes), else the package version. Recorded with every result, so that a
+    report made of runs from several invocations says which code made them."""
+    import subprocess
+
+    from flminillm import __version__
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "flminillm"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{head}+dirty" if dirty else head
+
+
 def run_variant(
     base_json: str, v: Variant, seed: int, workdir: str, memo_entries: dict | None = None
 ) -> dict:
@@ -62,6 +82,7 @@ def run_variant(
         "variant": v.name,
         "seed": seed,
         "seconds": time.perf_counter() - t0,
+        "code": code_version(),
         "families_by_client": cfg.families_by_client(),
         "server": cfg.server.id,
         "rounds": {str(k): x for k, x in sorted(rounds.items())},
@@ -204,6 +225,8 @@ def grid_meta(config: Path, base: Config, grid: dict, seeds: int, command: str) 
         "torch_threads_per_job": grid["threads"],
         "seconds": grid["seconds"],
         "run_seconds": grid["run_seconds"],
+        # which code made the runs (older records without it: "unrecorded")
+        "code": sorted({r.get("code", "unrecorded") for rs in grid["runs"].values() for r in rs}),
         "cpu_count": os.cpu_count(),
         "failures": grid["failures"],
         "resumed": grid["resumed"],
