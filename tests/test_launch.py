@@ -77,7 +77,12 @@ def test_only_training_steps_launch_and_zero3_is_refused():
 def test_distill_on_two_ranks_matches_gradient_accumulation(tiny_config):
     # 16 rollouts per round, micro-batch 8: two micro-batches per optimizer step either way
     cfg = tiny_config.model_copy(
-        update={"distill": tiny_config.distill.model_copy(update={"epochs": 2, "batch_size": 8})}
+        # min_claim 0: every teacher answer kept, so the batch splits evenly in two
+        update={
+            "distill": tiny_config.distill.model_copy(
+                update={"epochs": 2, "batch_size": 8, "min_claim": 0.0}
+            )
+        }  # fmt: skip
     )
     prep = steps.prepare(cfg)
     pj = json.dumps(prep)
