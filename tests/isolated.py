@@ -24,10 +24,11 @@ def isolated_config(base, tmp_path, name: str, **updates):
     return cfg, path
 
 
-def inprocess_models(cfg) -> dict[str, str]:
-    """The final model digests of an uninterrupted run of `cfg` in this process, with the
+def inprocess_states(cfg) -> list[dict]:
+    """The round manifests (0..R) of an uninterrupted run of `cfg` in this process, with the
     torch thread budget the local KFP runner gives each task (float sums depend on it), so
-    they equal a KFP run's: a reference that costs no KFP federation. MLflow off."""
+    their model digests equal a KFP run's: a reference that costs no KFP federation.
+    MLflow off."""
     import os
 
     import torch
@@ -39,7 +40,7 @@ def inprocess_models(cfg) -> dict[str, str]:
     threads = torch.get_num_threads()
     os.environ[THREADS_ENV] = str(max(1, os.cpu_count() // cfg.runner.local_parallelism))
     try:
-        return run_federation(cfg)[-1]["models"]
+        return run_federation(cfg)
     finally:
         torch.set_num_threads(threads)
         del os.environ[THREADS_ENV]

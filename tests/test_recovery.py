@@ -17,7 +17,7 @@ import pytest
 from flminillm.cli import main
 from flminillm.ledger import ledger
 from flminillm.store import open_store
-from tests.isolated import inprocess_models, isolated_config
+from tests.isolated import inprocess_states, isolated_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,8 @@ def reference(tmp_path_factory) -> dict[str, str]:
     from flminillm.config import load_config
 
     tiny = load_config(ROOT / "configs" / "tiny.yaml")
-    return inprocess_models(isolated_config(tiny, tmp_path_factory.mktemp("reference"), "run")[0])
+    cfg = isolated_config(tiny, tmp_path_factory.mktemp("reference"), "run")[0]
+    return inprocess_states(cfg)[-1]["models"]
 
 
 def _init_model(cfg, party: str) -> str:

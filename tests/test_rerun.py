@@ -8,7 +8,7 @@ from flminillm.cli import main
 from flminillm.faults import FAULTS_ENV, RETRIES_ENV, parse_faults
 from flminillm.ledger import ledger
 from flminillm.store import open_store
-from tests.isolated import inprocess_models, isolated_config
+from tests.isolated import inprocess_states, isolated_config
 
 
 def _executions(cfg) -> dict[tuple, tuple]:
@@ -48,7 +48,7 @@ def test_rerun_executes_only_the_failed_step_and_its_dependants(
     # an uninterrupted run, the reference: in one process (the same models as a KFP run),
     # which saves the suite a third KFP federation
     ref_cfg, _ = isolated_config(tiny_config, tmp_path, "reference", rounds=rounds)
-    reference = inprocess_models(ref_cfg)
+    reference = inprocess_states(ref_cfg)[-1]["models"]
 
     # the same federation with alice's distill step failing in the last round
     cfg, path = isolated_config(tiny_config, tmp_path, "faulty", rounds=rounds)
@@ -153,14 +153,11 @@ def test_a_client_that_misses_round_1_gets_its_full_fine_tuning_later(
     """alice drops out of round 1, where every client runs its full local fine-tuning
     (local_sft.steps); in round 2 she gets the full fine-tuning, bob (who had his) the
     refresh (later_round_steps). In one process: the bookkeeping is the round manifest's."""
-    from flminillm.inprocess import run_federation
-
     monkeypatch.setenv(RETRIES_ENV, "1")
     monkeypatch.setenv(FAULTS_ENV, "local_sft:alice:1")
     sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
     cfg, _ = isolated_config(tiny_config, tmp_path, "late", sampling=sampling, rounds=2)
-    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
-    states = run_federation(cfg)
+    states = inprocess_states(cfg)
     assert [s["fine_tuned"] for s in states] == [[], ["bob"], ["alice", "bob"]]
     steps = {
         (r, rec["party"]): rec["params"].get("steps")
