@@ -197,6 +197,46 @@ def claim_floor(claims: torch.Tensor, min_claim: float, max_rejected: float) -> 
     return floor
 
 
+# a teacher whose claims agree with its own support at fewer of its answer positions than
+# this is quarantined (`coherence`, `quarantine`); an honest one agrees at every position
+MIN_COHERENCE = 0.9
+
+
+def coherence(teaching: dict[str, torch.Tensor]) -> float:
+    """The share of a teacher's own answer positions whose claimed log-probs agree with its
+    support. Columns 1.. of `own_support_ids` are its top-k other tokens in descending order
+    (the TeachingMessage spec), so their log-probs in `own_logp` never increase: an honest
+    teacher, whose ids and log-probs come from one softmax, scores 1 exactly; a broken one
+    (random scores) agrees at a position by chance only (1/k! for k others). 1 where nothing
+    can be checked (fewer than two others: another tokenizer's sampled-token support; no
+    answers). A liar can keep its claims in order, so this catches broken teachers, not
+    lying ones (rank selection and `min_claim` are for those)."""
+    logp, mask = teaching["own_logp"], teaching["own_response_mask"].bool()
+    if logp.dim() != 3 or logp.shape[-1] < 3 or not bool(mask.any()):
+        return 1.0
+    others = logp[..., 1:].float()
+    ordered = (others[..., :-1] >= others[..., 1:]).all(-1)  # [M, T']
+    return float(ordered[mask].float().mean())
+
+
+def quarantine(teaching: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What counts of the message of a teacher whose claims contradict its own support
+    (`coherence` < MIN_COHERENCE): its answers, as hard labels (p = 1 on each answer token,
+    nothing on its other tokens: SeqKD) with one constant claim for all, so that under rank
+    selection they rank in the middle of every prompt and never beat a teacher on the
+    prompts it is surest of; its log-probs, claims and scores are dropped (`assemble_batch`
+    leaves it out of the mixture that scores the student's rollouts). At worst a broken
+    teacher is then a liar claiming p = 1 everywhere, which the defence bounds."""
+    mask = teaching["own_response_mask"].bool()
+    hard = torch.full_like(teaching["own_logp"].float(), -1e4)
+    hard[..., 0] = 0.0
+    return {
+        **teaching,
+        "own_logp": hard * mask[..., None],
+        "own_prompt_logp": torch.zeros_like(teaching["own_prompt_logp"].float()),
+    }
+
+
 def stale_part(
     rollouts: dict[str, torch.Tensor],
     teaching: dict[str, torch.Tensor],
@@ -230,6 +270,7 @@ def assemble_batch(
     weights: torch.Tensor,
     d: DistillConfig,
     extra: list[dict[str, torch.Tensor]] = (),
+    trusted: list[bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The student's training batch: its rollouts scored by the aggregated teachers, then
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
@@ -239,31 +280,40 @@ def assemble_batch(
     (-1: the student's own rollout, -2: a stale one from `extra`; `selection_stats`);
     `n_rejected`, the teacher-share prompts left out for `min_claim`; `ask_choice` [A],
     whose answer was kept per teacher-share prompt (-1: none), what a later round's
-    `stale_part` reads."""
+    `stale_part` reads. `trusted` [M] (default: all): False for a quarantined teacher
+    (`quarantine`), whose scores are left out of the mixture; where no teacher is trusted,
+    the student's rollouts have no scores and are left out."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
-    stacked = torch.stack([t["scores"].float() for t in teachings])  # [M, N, T, S]
-    log_w = None
+    trusted = [True] * len(teachings) if trusted is None else list(trusted)
+    scorers = [i for i, ok in enumerate(trusted) if ok]
     delta = torch.zeros(len(teachings))
-    if posterior and method in ("mixture", "capped_mixture"):
-        log_w = posterior_log_weights(
-            weights / weights.sum(),
-            torch.stack([t["prompt_logp"].float() for t in teachings]),
-            stacked[..., 0],
-            rollouts["response_mask"].float(),
-        )
-        if method == "capped_mixture":
-            log_w, delta = cap_log_weights(log_w, rollouts["response_mask"].float(), cap)
-    agg = "mixture" if method == "capped_mixture" else method
-    scores = aggregate_teachers(stacked, weights, agg, trim, log_weights=log_w)
-    n = rollouts["prompt_ids"].shape[0]
+    n = rollouts["prompt_ids"].shape[0] if scorers else 0
+    sup = rollouts["support_ids"].long()
+    scores = torch.zeros(0, *sup.shape[1:])
+    if scorers:
+        stacked = torch.stack([teachings[i]["scores"].float() for i in scorers])  # [M', N, T, S]
+        w = weights[scorers]
+        log_w = None
+        if posterior and method in ("mixture", "capped_mixture"):
+            log_w = posterior_log_weights(
+                w / w.sum(),
+                torch.stack([teachings[i]["prompt_logp"].float() for i in scorers]),
+                stacked[..., 0],
+                rollouts["response_mask"].float(),
+            )
+            if method == "capped_mixture":
+                log_w, d_sub = cap_log_weights(log_w, rollouts["response_mask"].float(), cap)
+                delta[scorers] = d_sub
+        agg = "mixture" if method == "capped_mixture" else method
+        scores = aggregate_teachers(stacked, w, agg, trim, log_weights=log_w)
     parts = [
         {
-            "prompt_ids": rollouts["prompt_ids"].long(),
-            "prompt_mask": rollouts["prompt_mask"].long(),
-            "response_ids": rollouts["response_ids"].long(),
-            "response_mask": rollouts["response_mask"].long(),
-            "support_ids": rollouts["support_ids"].long(),
+            "prompt_ids": rollouts["prompt_ids"].long()[:n],
+            "prompt_mask": rollouts["prompt_mask"].long()[:n],
+            "response_ids": rollouts["response_ids"].long()[:n],
+            "response_mask": rollouts["response_mask"].long()[:n],
+            "support_ids": sup[:n],
             "teacher_logp": scores,
             "from_teacher": torch.zeros(n, dtype=torch.bool),
             "teacher_index": torch.full((n,), -1, dtype=torch.long),
@@ -329,13 +379,16 @@ def selection_stats(
     teachings: list[dict[str, torch.Tensor]],
     ids: list[str],
     n_rejected: int = 0,
+    coherent: list[float] | None = None,
 ) -> dict[str, float]:
     """What the selection did, per teacher (MLflow, `flminillm lineage`): `selected.<id>`,
     the share of the teacher-share prompts whose kept answer is its; `certain.<id>`, the
     share of its answers for which it claimed p(y | x) >= 0.99 (a teacher certain of
     everything is either perfect or lying: rank selection gives such claims no weight);
     `rejected`, the share of them left out (`min_claim`): shares are of all teacher-share
-    prompts, kept or not; `stale_rows`, the answers replayed from absent teachers."""
+    prompts, kept or not; `stale_rows`, the answers replayed from absent teachers;
+    `coherent.<id>` (given `coherent`), the `coherence` of its claims: below MIN_COHERENCE
+    it was quarantined (its answers counted as hard labels, its scores not at all)."""
     kept = teacher_index[teacher_index >= 0]
     total = kept.numel() + n_rejected
     out: dict[str, float] = {"rejected": n_rejected / total} if total else {}
@@ -348,4 +401,6 @@ def selection_stats(
         seq = (t["own_logp"][..., 0].float() * t["own_response_mask"].float()).sum(-1)
         if seq.numel():
             out[f"certain.{name}"] = float((seq >= torch.log(torch.tensor(0.99))).float().mean())
+        if coherent is not None:
+            out[f"coherent.{name}"] = float(coherent[i])
     return out

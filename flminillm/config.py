@@ -443,7 +443,7 @@ class DistillConfig(_Strict):
         le=1.0,
         description="Drop-out without loss: where a client is absent from a round (dropped "
         "out, or not sampled), the server replays this share (drawn at random) of the answers "
-        "of that client it kept the last round the client took part in (stale, so fewer); 0 "
+        "of that client it kept in each earlier round the client took part in (stale); 0 "
         "replays nothing. With `min_claim` the absent expert's prompts are neither learnt "
         "wrong nor forgotten.",
     )

@@ -103,6 +103,8 @@ def lineage_tree(uri: str, run_id: str, show_io: bool = True, show_uris: bool = 
 def selection_line(metrics: dict[str, float]) -> str:
     """A distill step's selection per teacher (flminillm.aggregate.selection_stats), e.g.
     'answers kept: alice 41%, carol 3% (certain of 100%)'; '' for other steps."""
+    from flminillm.aggregate import MIN_COHERENCE
+
     names = sorted({k.split(".", 1)[1] for k in metrics if k.startswith(("selected.", "certain."))})
     if not names:
         return ""
@@ -110,7 +112,10 @@ def selection_line(metrics: dict[str, float]) -> str:
     for n in names:
         text = f"{n} {metrics.get(f'selected.{n}', 0.0):.0%}"
         certain = metrics.get(f"certain.{n}", 0.0)
-        if certain >= 0.5:  # claims p >= 0.99 on most of its answers: flag it
+        coherent = metrics.get(f"coherent.{n}", 1.0)
+        if coherent < MIN_COHERENCE:  # its claims contradict its own support: quarantined
+            text += f" [red](quarantined: claims in order at {coherent:.0%})[/]"
+        elif certain >= 0.5:  # claims p >= 0.99 on most of its answers: flag it
             text += f" [yellow](certain of {certain:.0%})[/]"
         parts.append(text)
     rejected = metrics.get("rejected", 0.0)

@@ -16,8 +16,10 @@ TeachingMessage, teacher -> student:
   prompt_logp      float32 [N]         log p_teacher(x) of each prompt (domain weight)
   own_response_ids int32 [M, T']       the teacher's responses to ask_prompt_ids
   own_response_mask uint8 [M, T']
-  own_support_ids  int32 [M, T', S]    teacher-sampled token + the teacher's top-k others
-  own_logp         float32 [M, T', S]  the teacher's log-probs on that support
+  own_support_ids  int32 [M, T', S]    teacher-sampled token + the teacher's top-k others,
+                                       those in descending order of its log-probs
+  own_logp         float32 [M, T', S]  the teacher's log-probs on that support (so columns
+                                       1.. never increase: flminillm.aggregate.coherence)
   own_prompt_logp  float32 [M]         log p_teacher(x) of each ask prompt
 
 Across tokenizers (flminillm.crosstok) the RolloutMessage also carries its text, and the

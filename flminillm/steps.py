@@ -659,7 +659,7 @@ def distill(
             replay = (
                 not _is_client(cfg, student_id) and cfg.distill.for_round(round_index).stale_share
             )
-            cache = state.get("stale", {}) if replay else {}
+            cache = stale_buffer(state.get("stale", {})) if replay else {}
             here = {t["teacher"] for t in live}  # absent: dropped out, or not sampled
             stale = {c.id: cache[c.id] for c in cfg.clients if c.id not in here and c.id in cache}
             new_digest, metrics, trained, taught = _distill(
@@ -672,7 +672,11 @@ def distill(
                 "model": ref(mine, model_digest),
                 "rollouts": ref(exchange, ro["rollouts"]),
                 **{f"teaching.{t['teacher']}": ref(exchange, t["teaching"]) for t in live},
-                **{f"stale.{c}": ref(exchange, e["teaching"]) for c, e in stale.items()},
+                **{
+                    f"stale.{c}.r{e['round']}": ref(exchange, e["teaching"])
+                    for c, es in stale.items()
+                    for e in es
+                },  # fmt: skip
             }
             rec["outputs"].update(model_refs(mine, new_digest, trained))
             rec["params"] = {
@@ -699,6 +703,17 @@ def distill(
     if _is_client(cfg, student_id):
         return _as_client(cfg, round_index, "distill", student_id, run)
     return retrying(run, f"distill {student_id}")
+
+
+def stale_buffer(cache: dict, latest: dict | None = None) -> dict[str, list[dict]]:
+    """The server's replay buffer for absent teachers: {client: [entry per round it took
+    part in, oldest first]}, with this round's `latest` {client: entry} appended. A round
+    manifest written when the buffer held the latest entry alone ({client: entry}) reads as
+    a buffer of one."""
+    out = {c: list(v) if isinstance(v, list) else [v] for c, v in cache.items()}
+    for c, e in (latest or {}).items():
+        out[c] = [*(x for x in out.get(c, []) if x["round"] != e["round"]), e]
+    return out
 
 
 def _teaching_for(exchange, state: dict, student_id: str, teacher: str, digest: str, rollouts,
@@ -730,7 +745,14 @@ def _distill(
     rollouts, and whose answers were kept: `ask_choice`) out."""
     import torch
 
-    from flminillm.aggregate import assemble_batch, selection_stats, stale_part
+    from flminillm.aggregate import (
+        MIN_COHERENCE,
+        assemble_batch,
+        coherence,
+        quarantine,
+        selection_stats,
+        stale_part,
+    )  # fmt: skip
     from flminillm.engine import make_engine
     from flminillm.messages import MessageError, validate_rollouts
     from flminillm.ranks import rank_world
@@ -749,9 +771,16 @@ def _distill(
                                tok, vocab)  # fmt: skip
         teachings.append(msg)
         across += x
-    # drop-out without loss: the absent teachers' answers the server kept before (stale)
+    # a teacher whose claims contradict its own support (a broken one) counts by its answers
+    # alone, as hard labels; its scores and claims are dropped (flminillm.aggregate.quarantine)
+    coherent = [coherence(t) for t in teachings]
+    trusted = [c >= MIN_COHERENCE for c in coherent]
+    sent = teachings
+    teachings = [t if ok else quarantine(t) for t, ok in zip(teachings, trusted, strict=True)]
+    # drop-out without loss: the absent teachers' answers the server kept before (stale),
+    # from every round each took part in
     extra = []
-    for c, entry in sorted((stale or {}).items()):
+    for c, entry in [(c, e) for c, es in sorted((stale or {}).items()) for e in es]:
         old = exchange.get_tensors(entry["rollouts"])
         validate_rollouts(old, vocab)
         msg, x = _teaching_for(exchange, state, student_id, c, entry["teaching"], old, tok, vocab)
@@ -760,8 +789,12 @@ def _distill(
             raise MessageError(f"stale choice of {c}: shape {tuple(choice.shape)} != [A]")
         if x:  # sampled-token supports only, as for a fresh teacher of another tokenizer
             across += 1
+        if coherence(msg) < MIN_COHERENCE:
+            msg = quarantine(msg)
+        latest = entry is stale[c][-1]  # (its draw as when only the latest round was kept)
         extra.append(stale_part(old, msg, choice, entry["index"], d.stale_share,
-                                seed(cfg, "stale", round_index, c)))  # fmt: skip
+                                seed(cfg, "stale", round_index, c,
+                                     *(() if latest else (entry["round"],)))))  # fmt: skip
     if across:
         # a teacher of another tokenizer scores the sampled token only: no single-step KL on
         # a support, so the immediate reward joins the return (still the exact reverse-KL
@@ -776,11 +809,11 @@ def _distill(
         extra = [{**p, "support_ids": p["support_ids"][..., :1],
                   "teacher_logp": p["teacher_logp"][..., :1]} for p in extra]  # fmt: skip
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
-    batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra)
+    batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra, trusted=trusted)
     choice = store.scoped(student_id).put_tensors({"choice": info["ask_choice"].int()})
     chosen = selection_stats(
-        info["teacher_index"], teachings, [t["teacher"] for t in teachings_manifests],
-        int(info["n_rejected"]),
+        info["teacher_index"], sent, [t["teacher"] for t in teachings_manifests],
+        int(info["n_rejected"]), coherent=coherent,
     )  # fmt: skip
 
     model = load_model(
@@ -849,11 +882,11 @@ def evaluate(
     state = json.loads(json.dumps(prev))
     state["models"] = dict(prev["models"])
     dropped: dict[str, str] = {}
-    # each teacher's latest teaching of the server, kept across rounds (distill.stale_share)
-    state["stale"] = {
-        **prev.get("stale", {}),
-        **(_loads(update).get("stale", {}) if update else {}),
-    }
+    # each teacher's teachings of the server, one per round it took part in, kept across
+    # rounds (distill.stale_share)
+    state["stale"] = stale_buffer(
+        prev.get("stale", {}), _loads(update).get("stale", {}) if update else {}
+    )
     for u in [_loads(x) for x in ([update] if update else []) + list(updates)]:
         if u.get("dropped") and isinstance(u["dropped"], str):
             dropped.setdefault(u["dropped"], u["reason"])  # keeps its previous model

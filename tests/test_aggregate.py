@@ -15,6 +15,8 @@ from flminillm.aggregate import (
     cap_selection,
     claim_floor,
     claim_quantiles,
+    coherence,
+    quarantine,
     select_teacher_rollouts,
     selection_stats,
     stale_part,
@@ -316,3 +318,89 @@ def test_stale_part_replays_a_share_of_what_the_teacher_won_before():
     _, info = assemble_batch(rollouts, [teacher], torch.ones(1), DistillConfig(), extra=[part])
     assert info["teacher_index"].tolist() == [-1, -2, -2, -2]
     assert selection_stats(info["teacher_index"], [teacher], ["bob"])["stale_rows"] == 3.0
+
+
+# -- a broken teacher: claims that contradict its own support ---------------------------------
+
+
+def _honest_teaching(a: int = 6, t: int = 5, k: int = 8, vocab: int = 40, seed: int = 0):
+    """A teacher's own answers as flminillm.generation.sample writes them: a sampled token,
+    its top-k others, and the log-probs of one softmax on that support."""
+    from flminillm.generation import build_support
+
+    g = torch.Generator().manual_seed(seed)
+    logp = torch.log_softmax(torch.randn(a * t, vocab, generator=g) * 3, -1)
+    sampled = torch.multinomial(logp.exp(), 1, generator=g).squeeze(-1)
+    sup = build_support(sampled, logp, k)
+    mask = torch.ones(a, t, dtype=torch.long)
+    mask[::2, -2:] = 0  # shorter answers: masked positions
+    own = logp.gather(-1, sup).view(a, t, k + 1) * mask[..., None]
+    return {
+        "own_response_ids": sampled.view(a, t), "own_response_mask": mask,
+        "own_support_ids": sup.view(a, t, k + 1), "own_logp": own,
+        "own_prompt_logp": -torch.rand(a, generator=g) * 10,
+    }  # fmt: skip
+
+
+def test_coherence_catches_a_broken_teacher_not_an_honest_one():
+    """An honest teacher's claims are in its support's order at every position; random
+    scores (a broken model, flminillm.attacks 'random') almost nowhere. Liars keep the order
+    (they are rank selection's and min_claim's to bound), so the check does not touch them."""
+    from flminillm.attacks import corrupt_teaching
+
+    for seed in range(3):
+        assert coherence(_honest_teaching(seed=seed)) == 1.0
+    honest = _honest_teaching()
+    msg = {**honest, "scores": torch.zeros(2, 3, 9), "prompt_logp": torch.zeros(2)}
+    broken = corrupt_teaching(msg, "random", vocab_size=40, seed=1)
+    assert coherence(broken) < 0.05
+    liar = corrupt_teaching(msg, "adversarial", vocab_size=40, seed=1)
+    assert coherence(liar) == 1.0
+    # nothing to check: a sampled-token support (another tokenizer), or no answers
+    assert coherence({**honest, "own_logp": honest["own_logp"][..., :1]}) == 1.0
+    assert coherence({**honest, "own_response_mask": torch.zeros(6, 5)}) == 1.0
+
+
+def test_a_quarantined_teacher_counts_by_its_answers_alone():
+    """A broken teacher's answers stay (as hard labels, with one constant claim: the middle
+    of every prompt under rank selection); its scores leave the mixture that scores the
+    student's rollouts, which the trusted teachers alone then score."""
+    from flminillm.config import DistillConfig
+
+    honest = _honest_teaching(seed=1)
+    q = quarantine(honest)
+    mask = honest["own_response_mask"].bool()
+    assert bool((q["own_logp"][..., 0] == 0).all())  # p = 1 on the answer token
+    assert bool((q["own_logp"][..., 1:][mask] == -1e4).all())  # nothing on the others
+    assert torch.equal(q["own_response_ids"], honest["own_response_ids"])
+    assert bool((claim_quantiles(torch.zeros(1, 6)) == 0.5).all())  # a constant claim
+
+    n, a, t, s = 3, 6, 5, 9
+    g = torch.Generator().manual_seed(2)
+    rollouts = {
+        "prompt_ids": torch.ones(n, 4, dtype=torch.long),
+        "prompt_mask": torch.ones(n, 4, dtype=torch.long),
+        "response_ids": torch.ones(n, t, dtype=torch.long),
+        "response_mask": torch.ones(n, t, dtype=torch.long),
+        "support_ids": torch.arange(s).expand(n, t, s).clone(),
+        "ask_prompt_ids": torch.arange(a)[:, None].expand(a, 4).clone(),
+        "ask_prompt_mask": torch.ones(a, 4, dtype=torch.long),
+    }
+    teachings = [
+        {**_honest_teaching(seed=i), "prompt_logp": -torch.rand(n, generator=g),
+         "scores": torch.log_softmax(torch.randn(n, t, s, generator=g), -1)}
+        for i in range(2)
+    ]  # fmt: skip
+    d = DistillConfig()
+    alone, _ = assemble_batch(rollouts, teachings[:1], torch.ones(1), d)
+    teachings[1] = quarantine(teachings[1])
+    batch, info = assemble_batch(rollouts, teachings, torch.ones(2), d, trusted=[True, False])
+    assert torch.allclose(batch["teacher_logp"][:n], alone["teacher_logp"][:n], atol=1e-5)
+    mine = info["teacher_index"] == 1
+    assert bool(mine.any())  # its answers still count where they rank first
+    kept = batch["teacher_logp"][mine]
+    assert bool((kept[..., 0][batch["response_mask"][mine].bool()] == 0).all())
+    # nobody trusted to score: the student's rollouts leave the batch, the answers stay
+    none, info = assemble_batch(rollouts, teachings, torch.ones(2), d, trusted=[False, False])
+    assert int((info["teacher_index"] == -1).sum()) == 0
+    assert none["response_ids"].shape[0] == int((info["ask_choice"] >= 0).sum())

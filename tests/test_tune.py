@@ -57,4 +57,20 @@ def test_tune_refuses_a_config_without_a_validation_split(tmp_path, capsys):
 
 def test_grid_starts_from_the_config_as_written():
     assert GRID["reverse_kl"][0] == ("rkl-as-configured", {})
-    assert all(v.overrides["distill"]["method"] == v.group for v in candidates())
+    assert all(v.overrides["distill"]["method"] == v.group for v in candidates() if v.group in GRID)
+
+
+def test_stale_share_is_chosen_under_the_drop_out_it_is_for():
+    """The replay share's candidates run with 30% of the clients dropping out of each round
+    (the fault injection of bench quality's dropout-30), the default among them."""
+    from flminillm.bench.variants import variant_env
+    from flminillm.config import DistillConfig
+
+    stale = [v for v in candidates() if v.group == "stale_share"]
+    shares = {v.overrides["distill"]["stale_share"] for v in stale}
+    assert DistillConfig().stale_share in shares and len(shares) >= 2
+    cfg = load_config(TINY)
+    for v in stale:
+        faults = variant_env(cfg, v)["FLMINILLM_FAULTS"].split(",")
+        assert len(faults) == cfg.rounds  # one of the three clients out of every round
+        assert all(f.startswith("local_sft:") for f in faults)

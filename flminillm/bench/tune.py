@@ -41,13 +41,32 @@ GRID: dict[str, list[tuple[str, dict]]] = {
 }
 
 
+# The defence's replay of absent clients' answers (distill.stale_share), chosen under the
+# drop-out it is for: 30% of the clients drop out of each round (as the `dropout-30` variant
+# of bench quality); group `stale_share`, whose choice is DistillConfig's default.
+DROPOUT = 0.3
+STALE_GRID = [
+    ("dropout-stale-0.5", {"stale_share": 0.5}),
+    ("dropout-stale-1", {"stale_share": 1.0}),
+]
+
+
+def _note(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items()) or "as configured"
+
+
 def candidates(names: list[str] | None = None) -> list[Variant]:
-    """The grid as variants (group = the method), optionally only the named ones."""
+    """The grid as variants (group = the method, or `stale_share`), optionally only the
+    named ones."""
     out = [
-        Variant(name, group=method, overrides={"distill": {"method": method, **d}},
-                note=", ".join(f"{k}={v}" for k, v in d.items()) or "as configured")
+        Variant(name, group=method, overrides={"distill": {"method": method, **d}}, note=_note(d))
         for method, grid in GRID.items()
         for name, d in grid
+    ] + [
+        Variant(name, group="stale_share", dropout=DROPOUT,
+                overrides={"sampling": {"min_clients": 1}, "distill": d},
+                note=f"{_note(d)}, {DROPOUT:.0%} of the clients dropping out of each round")
+        for name, d in STALE_GRID
     ]  # fmt: skip
     if names:
         unknown = sorted(set(names) - {v.name for v in out})
@@ -100,7 +119,7 @@ def run_tune(
                         title="bench tune")  # fmt: skip
     results = summarise_grid(vs, grid)
     chosen = {}
-    for method in GRID:
+    for method in dict.fromkeys(v.group for v in vs):
         scored = [(validation_score(r), n) for n, r in results.items() if r["group"] == method]
         scored = [(s, n) for s, n in scored if s is not None]
         if scored:  # the best; on a tie the earlier candidate (the config as written first)

@@ -42,6 +42,7 @@ class Variant:
     overrides: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)  # FLMINILLM_* fault injection
     note: str = ""
+    dropout: float = 0.0  # this share of the clients drops out of each round (dropout_faults)
 
 
 def _variants(cfg: Config) -> list[Variant]:
@@ -102,11 +103,12 @@ def _variants(cfg: Config) -> list[Variant]:
         *[Variant(name, group="fault", env=env, note=note)
           for name, (env, note) in attack.items()],
         Variant("dropout-30", group="fault", overrides={"sampling": {"min_clients": 1}},
+                dropout=0.3,
                 note="30% of the clients (rounded, at least 1) drop out of each round, at random"),
         # the same faults without the defence: what it buys
         *[Variant(f"{name}-undefended", group="fault", env=env, overrides=UNDEFENDED,
                   note=f"{name} without the defence") for name, (env, _) in attack.items()],
-        Variant("dropout-30-undefended", group="fault",
+        Variant("dropout-30-undefended", group="fault", dropout=0.3,
                 overrides=deep_merge(UNDEFENDED, {"sampling": {"min_clients": 1}}),
                 note="dropout-30 without the defence"),
         Variant("adversary-median", group="fault", env=attack["adversary"][0],
@@ -152,8 +154,8 @@ def variant_config(base: Config, v: Variant, seed: int, workdir: Path) -> Config
 def variant_env(cfg: Config, v: Variant) -> dict[str, str]:
     """The environment a run of `v` needs (fault injection), with one attempt per step."""
     env = dict(v.env)
-    if v.name.startswith("dropout"):
-        env["FLMINILLM_FAULTS"] = dropout_faults(cfg)
+    if v.dropout:
+        env["FLMINILLM_FAULTS"] = dropout_faults(cfg, v.dropout)
     env.setdefault("FLMINILLM_STEP_RETRIES", "1")
     return env
 
