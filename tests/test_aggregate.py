@@ -404,3 +404,28 @@ def test_a_quarantined_teacher_counts_by_its_answers_alone():
     none, info = assemble_batch(rollouts, teachings, torch.ones(2), d, trusted=[False, False])
     assert int((info["teacher_index"] == -1).sum()) == 0
     assert none["response_ids"].shape[0] == int((info["ask_choice"] >= 0).sum())
+
+
+def test_lineage_marks_a_quarantined_teacher():
+    from flminillm.lineage import selection_line
+
+    line = selection_line({"selected.alice": 0.6, "selected.carol": 0.4, "certain.carol": 0.0,
+                           "coherent.alice": 1.0, "coherent.carol": 0.02})  # fmt: skip
+    assert "carol 40% [red](quarantined: claims in order at 2%)" in line
+    assert "alice 60%," in line  # a coherent teacher is not marked
+
+
+def test_the_replay_buffer_keeps_one_teaching_per_round_a_client_took_part_in():
+    from flminillm.steps import stale_buffer
+
+    old = {"alice": {"round": 1, "teaching": "a1"}}  # a manifest from before the buffer
+    buf = stale_buffer(old, {"bob": {"round": 2, "teaching": "b2"}})
+    assert buf == {
+        "alice": [{"round": 1, "teaching": "a1"}],
+        "bob": [{"round": 2, "teaching": "b2"}],
+    }
+    buf = stale_buffer(buf, {"alice": {"round": 3, "teaching": "a3"}})
+    assert [e["round"] for e in buf["alice"]] == [1, 3]
+    # a rerun of round 3 replaces its entry, it does not add a second one
+    again = stale_buffer(buf, {"alice": {"round": 3, "teaching": "a3'"}})
+    assert [e["teaching"] for e in again["alice"]] == ["a1", "a3'"]
