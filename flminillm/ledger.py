@@ -75,10 +75,11 @@ def step_record(
                 listener(rec)
 
 
-def ledger(store: Store, fed: str) -> dict[int, list[dict]]:
-    """The federation's step records, by round."""
+def ledger(store: Store, fed: str, round_index: int | None = None) -> dict[int, list[dict]]:
+    """The federation's step records, by round (of one round only, given `round_index`)."""
     rounds: dict[int, list[dict]] = {}
-    for rec in store.list_records(f"{fed}/round-"):
+    prefix = f"{fed}/round-" if round_index is None else f"{fed}/round-{round_index:04d}/"
+    for rec in store.list_records(prefix):
         if rec.get("federation") == fed and "step" in rec:
             rounds.setdefault(int(rec["round"]), []).append(rec)
     return rounds

@@ -127,13 +127,14 @@ def run_federation(
     logged: set[tuple] = set()
     store = open_store_for(cfg)
 
-    def log_finished_steps() -> None:
+    def log_finished_steps(round_index: int | None = None) -> None:
         """Each step record this run wrote and has not logged yet, to MLflow (as it happens:
-        called when a task finishes)."""
+        called when a task finishes, reading the records of that task's round only, so that
+        a long federation does not read its whole ledger after every task)."""
         from flminillm.ledger import ledger
         from flminillm.tracking import log_step
 
-        for recs in ledger(store, cfg.federation_id()).values():
+        for recs in ledger(store, cfg.federation_id(), round_index).values():
             for rec in sorted(recs, key=lambda r: r.get("started", 0)):
                 key = (rec["round"], rec["step"], rec["party"], rec.get("started"))
                 if key in logged or rec.get("started", 0) < started:
@@ -149,7 +150,7 @@ def run_federation(
     def on_task(ev: TaskEvent) -> None:
         with lock:
             if run_id and not ev.cached:
-                log_finished_steps()
+                log_finished_steps(ev.round)
             done[0] += 1
             where = f"round {ev.round}" if ev.round is not None else ""
             how = (
@@ -170,6 +171,9 @@ def run_federation(
         ):
             final = run_local(cfg, run_label=label, run_started=started, extra_tags=extra_tags)
     except Exception as err:
+        if run_id:  # whatever a task wrote that the per-round reads did not reach
+            with lock:
+                log_finished_steps()
         error = failure_summary(cfg, started) or f"{type(err).__name__}: {err}"
         console.print(f"[red]federation failed[/]: {error}")
         console.print(f"full log: {log_path}")
@@ -179,6 +183,9 @@ def run_federation(
             console.print(f"`flminillm lineage {run_id}` shows what happened, "
                           f"`flminillm rerun {run_id}` finishes it")  # fmt: skip
         raise FederationFailed(error) from err
+    if run_id:
+        with lock:
+            log_finished_steps()
     store = open_store_for(cfg)
     chain = round_chain(store, final)
     results = results_table(cfg, chain[0], chain[-1])
