@@ -125,6 +125,39 @@ def run_here(name: str, cfg: Config, **kwargs: Any) -> Any:
     return _run_recipe(step, cfg, kwargs)
 
 
+def close_federation_run(
+    experiment_json: str, run_started: float, state: str, error: str = ""
+) -> str:
+    """The cluster pipeline's exit handler (components/exit.py): when the pipeline ended in
+    `state` other than SUCCEEDED, close the federation's MLflow run (FLMINILLM_MLFLOW_RUN,
+    opened by `flminillm submit`) FAILED, or KILLED for a cancelled one, with what the rounds
+    it reached logged and `error` as its `flminillm.error` tag; without a run opened, log the
+    whole tree from the ledger under a new run with that status. Returns the run id ('' when
+    nothing was closed: success, tracking off, or a run already closed)."""
+    from flminillm.artifacts import open_store_for
+    from flminillm.tracking import (
+        RUN_ENV,
+        client_for,
+        finish_federation,
+        log_federation,
+        tracking_uri,
+    )  # fmt: skip
+
+    cfg = Config.join(experiment_from_json(experiment_json), deployment_from_env())
+    if not cfg.tracking.enabled or state.upper() == "SUCCEEDED":
+        return ""
+    status = "KILLED" if state.upper().startswith("CANCEL") else "FAILED"
+    error = error or f"the pipeline ended {state}"
+    store = open_store_for(cfg)
+    run_id = os.environ.get(RUN_ENV)
+    if not run_id:
+        return log_federation(cfg, store, run_started=run_started, status=status, error=error)
+    if client_for(tracking_uri(cfg)).get_run(run_id).info.status != "RUNNING":
+        return ""
+    finish_federation(cfg, store, run_id, run_started, status, error)
+    return run_id
+
+
 # set by the local runner, which logs each finished step to MLflow from its own process
 # (one MLflow store for the whole run instead of one per forked step: 1.6 s per step)
 RUNNER_LOGS_ENV = "FLMINILLM_RUNNER_LOGS_STEPS"

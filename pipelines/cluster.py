@@ -16,6 +16,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from components import build_components
+from components.exit import build_exit_component
 from flminillm.config import ClusterConfig, Config, DeploymentConfig, StepResources
 from flminillm.invoke import DEPLOYMENT_ENV
 from flminillm.steps import STEPS
@@ -139,13 +140,15 @@ def build_cluster_pipeline(
     check_cluster_config(cluster)
     # every component runs in cluster.image; the hook moves GPU steps to cluster.gpu_image
     ops = build_components(cluster.image)
-    build = build_round_pipeline if round_only else build_federation_pipeline
-    return build(
-        cfg.experiment,
-        ops,
-        task_hook=cluster_task_hook(cfg, caching, mlflow_run),
-        pipeline_root=cluster.pipeline_root,
-    )
+    hook = cluster_task_hook(cfg, caching, mlflow_run)
+    if round_only:
+        return build_round_pipeline(cfg.experiment, ops, task_hook=hook,
+                                    pipeline_root=cluster.pipeline_root)  # fmt: skip
+    # a failed or cancelled run closes its MLflow run too (components/exit.py)
+    return build_federation_pipeline(
+        cfg.experiment, ops, task_hook=hook, pipeline_root=cluster.pipeline_root,
+        exit_op=build_exit_component(cluster.image),
+    )  # fmt: skip
 
 
 def compile_pipeline(

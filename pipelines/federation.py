@@ -110,23 +110,16 @@ def build_federation_pipeline(
     parallelism: int = 0,
     task_hook: TaskHook | None = None,
     pipeline_root: str | None = None,
+    exit_op=None,
 ):
     """Set-up (prepare, init models, evaluate round 0) -> R rounds -> track.
-    `task_hook` and `pipeline_root`: as in build_round_pipeline."""
+    `task_hook` and `pipeline_root`: as in build_round_pipeline. `exit_op` (the cluster's,
+    components/exit.py): a component run when the pipeline ends however it ends, which
+    closes the federation's MLflow run when the pipeline failed (dsl.ExitHandler)."""
     ops = ops or build_components()
     round_pipeline = build_round_pipeline(cfg, ops, parallelism, task_hook)
 
-    @dsl.pipeline(
-        name="fl-minillm-federation",
-        description="A whole FL-MiniLLM federation.",
-        pipeline_root=pipeline_root,
-    )
-    def fl_minillm_federation(
-        experiment_json: str = cfg.experiment_json(),
-        run_label: str = "",
-        run_started: float = 0.0,
-        run_tags: str = "{}",
-    ) -> str:
+    def federation(experiment_json, run_label, run_started, run_tags):
         made = add_tasks(SETUP, ops, experiment_json, {}, cfg.server.id, parallelism, task_hook)
         if cfg.data.source == "files":  # a file may change under the same URI: read it again
             made["prepare"].set_caching_options(False)  # (what follows stays cached if not)
@@ -146,4 +139,37 @@ def build_federation_pipeline(
         tracked.set_caching_options(False)  # logs to MLflow on every run
         return state.output
 
-    return fl_minillm_federation
+    pipeline = dsl.pipeline(
+        name="fl-minillm-federation",
+        description="A whole FL-MiniLLM federation.",
+        pipeline_root=pipeline_root,
+    )
+    if exit_op is None:
+
+        @pipeline
+        def fl_minillm_federation(
+            experiment_json: str = cfg.experiment_json(),
+            run_label: str = "",
+            run_started: float = 0.0,
+            run_tags: str = "{}",
+        ) -> str:
+            return federation(experiment_json, run_label, run_started, run_tags)
+
+        return fl_minillm_federation
+
+    @pipeline
+    def fl_minillm_federation_closed(
+        experiment_json: str = cfg.experiment_json(),
+        run_label: str = "",
+        run_started: float = 0.0,
+        run_tags: str = "{}",
+    ):  # no output: KFP takes none from inside an exit handler (the store has the state)
+        closing = exit_op(experiment_json=experiment_json, run_started=run_started)
+        closing.set_display_name("close-run")
+        if task_hook is not None:
+            task_hook(closing, "track")  # the settings (and secrets) of the step that logs
+        closing.set_caching_options(False)  # it reads how this very run ended
+        with dsl.ExitHandler(closing, name="federation"):
+            federation(experiment_json, run_label, run_started, run_tags)
+
+    return fl_minillm_federation_closed

@@ -98,12 +98,13 @@ def test_compiled_federation_carries_the_cluster_settings(tiny_config, tmp_path)
     steps = {step_of(executors[label]) for _, _, label in tasks}
     assert steps == {
         "prepare", "list_parties", "init_model", "sample_clients", "local_sft",
-        "generate", "teach", "distill", "evaluate", "track",
+        "generate", "teach", "distill", "evaluate", "track", "close_run",
     }  # fmt: skip
+    logs = ("track", "close_run")  # the steps that close the federation's MLflow run
     for name, task, label in tasks:
         step = step_of(executors[label])
-        # caching on (the MLflow step always runs), retries with exponential back-off
-        assert task.get("cachingOptions", {}).get("enableCache", False) is (step != "track"), name
+        # caching on (the MLflow steps always run), retries with exponential back-off
+        assert task.get("cachingOptions", {}).get("enableCache", False) is (step not in logs), name
         assert task["retryPolicy"]["maxRetryCount"] == 3
         assert task["retryPolicy"]["backoffDuration"] == "7s"
         assert task["retryPolicy"]["backoffFactor"] == 2
@@ -142,7 +143,7 @@ def test_compiled_federation_carries_the_cluster_settings(tiny_config, tmp_path)
         assert env[("s3-creds", "AWS_SECRET_ACCESS_KEY")] == ("AWS_SECRET_ACCESS_KEY", False)
         assert env[("s3-creds", "AWS_ENDPOINT_URL")] == ("AWS_ENDPOINT_URL", False)
         uri = env[("mlflow-creds", "MLFLOW_TRACKING_URI")]
-        assert uri == ("MLFLOW_TRACKING_URI", step != "track")
+        assert uri == ("MLFLOW_TRACKING_URI", step not in logs)
         # and the deployment each task reads: the store and tracking, not the cluster
         task_env = {e["name"]: e["value"] for e in container.get("env", [])}
         deployed = json.loads(task_env["FLMINILLM_DEPLOYMENT"])
@@ -154,6 +155,17 @@ def test_compiled_federation_carries_the_cluster_settings(tiny_config, tmp_path)
     carried = json.loads(default)
     assert carried["name"] == "tiny"
     assert not {"cluster", "store", "tracking", "runner", "output_dir"} & set(carried)
+    # the exit handler: close-run runs after the whole federation however it ended, and is
+    # told how (KFP's task final status)
+    root = spec["root"]["dag"]["tasks"]
+    assert root["close-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert root["close-run"]["dependentTasks"] == ["exit-handler-1"]
+    exit_dag = spec["components"][root["exit-handler-1"]["componentRef"]["name"]]["dag"]
+    assert {"prepare", "fl-minillm-round", "track"} <= set(exit_dag["tasks"])
+    closing = spec["components"][root["close-run"]["componentRef"]["name"]]
+    assert closing["inputDefinitions"]["parameters"]["status"]["parameterType"] == (
+        "TASK_FINAL_STATUS"
+    )
 
 
 def test_cache_keys_do_not_depend_on_deployment_settings(tiny_config, tmp_path):
@@ -357,3 +369,42 @@ def test_make_images_fails_clearly_without_docker():
     assert proc.returncode != 0
     assert "no container engine is reachable" in proc.stderr
     assert "images/README.md" in proc.stderr
+
+
+def test_a_failed_cluster_run_is_closed_in_mlflow(tiny_config, tmp_path, monkeypatch):
+    """The exit handler's body (components/exit.py) against a real MLflow store: a pipeline
+    that failed closes the federation run `flminillm submit` opened as FAILED with KFP's
+    error; a cancelled one KILLED; a successful one is left to `track`. Without a run opened
+    (submitted with tracking unreachable), the ledger is logged under a new FAILED run."""
+    from kfp import dsl
+    from mlflow.tracking import MlflowClient
+
+    from components.exit import close_run
+    from flminillm.invoke import DEPLOYMENT_ENV
+    from flminillm.tracking import RUN_ENV, start_federation
+    from tests.isolated import isolated_config
+
+    cfg, _ = isolated_config(tiny_config, tmp_path, "closing")
+    monkeypatch.setenv(DEPLOYMENT_ENV, cfg.deployment_json())
+    client = MlflowClient(cfg.tracking.uri)
+
+    def ended(state: str, error: str | None) -> dsl.PipelineTaskFinalStatus:
+        return dsl.PipelineTaskFinalStatus(state, "runs/1", "fl-minillm-federation", 1, error)
+
+    for state, error, status in (
+        ("FAILED", "distill failed: out of memory", "FAILED"),
+        ("CANCELLED", None, "KILLED"),
+        ("SUCCEEDED", None, "RUNNING"),  # `track` closes a run that succeeded
+    ):
+        rid = start_federation(cfg, "submitted", 1.0)
+        monkeypatch.setenv(RUN_ENV, rid)
+        closed = close_run(cfg.experiment_json(), 1.0, ended(state, error))
+        run = client.get_run(rid)
+        assert run.info.status == status, state
+        assert closed == ("" if state == "SUCCEEDED" else rid)
+        if status != "RUNNING":
+            assert run.data.tags["flminillm.error"] == (error or f"the pipeline ended {state}")
+            assert close_run(cfg.experiment_json(), 1.0, ended(state, error)) == ""  # closed once
+    monkeypatch.delenv(RUN_ENV)
+    rid = close_run(cfg.experiment_json(), 1.0, ended("FAILED", "prepare failed"))
+    assert client.get_run(rid).info.status == "FAILED"
