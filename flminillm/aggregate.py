@@ -237,21 +237,32 @@ def quarantine(teaching: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def stale_part(
-    rollouts: dict[str, torch.Tensor],
-    teaching: dict[str, torch.Tensor],
-    choice: torch.Tensor,
-    index: int,
-    share: float,
-    seed: int,
-) -> dict[str, torch.Tensor]:
-    """The answers of teacher `index` that an earlier round kept (`choice` [A], that round's
-    `ask_choice`), from that round's rollouts and the teacher's message, a random `share`
-    of them: a part for `assemble_batch(extra=...)` (teacher_index -2: stale)."""
-    rows = (choice.long() == index).nonzero()[:, 0]
+def replay_rows(
+    rounds: list[tuple[torch.Tensor, int]], share: float, seed: int
+) -> list[torch.Tensor]:
+    """Which answers of an absent teacher to replay. `rounds`: per round it took part in,
+    oldest first, that round's `ask_choice` [A] and the teacher's index in it; its answers
+    are the prompts whose choice is its index. Draws round(share * n_last) of them, n_last
+    being how many it had kept in its latest round, at random from all its rounds' answers:
+    its families get the volume of a round it took part in (times `share`), from every
+    prompt it answered, not more. Returns the rows to take per round (sorted)."""
+    kept = [(choice.long() == index).nonzero()[:, 0] for choice, index in rounds]
+    if not kept:
+        return []
+    pool = torch.cat([torch.stack([torch.full_like(r, i), r], 1) for i, r in enumerate(kept)])
     g = torch.Generator().manual_seed(seed)
-    take = rows[torch.randperm(rows.numel(), generator=g)[: round(share * rows.numel())]].sort()
-    take = take.values
+    n = round(share * kept[-1].numel())
+    take = pool[torch.randperm(pool.shape[0], generator=g)[:n]]
+    return [take[take[:, 0] == i, 1].sort().values for i in range(len(kept))]
+
+
+def stale_part(
+    rollouts: dict[str, torch.Tensor], teaching: dict[str, torch.Tensor], rows: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Answers `rows` of a teacher that an earlier round kept (`replay_rows`), from that
+    round's rollouts and the teacher's message: a part for `assemble_batch(extra=...)`
+    (teacher_index -2: stale)."""
+    take = rows.long()
     return {
         "prompt_ids": rollouts["ask_prompt_ids"].long()[take],
         "prompt_mask": rollouts["ask_prompt_mask"].long()[take],

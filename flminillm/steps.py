@@ -750,6 +750,7 @@ def _distill(
         assemble_batch,
         coherence,
         quarantine,
+        replay_rows,
         selection_stats,
         stale_part,
     )  # fmt: skip
@@ -778,23 +779,26 @@ def _distill(
     sent = teachings
     teachings = [t if ok else quarantine(t) for t, ok in zip(teachings, trusted, strict=True)]
     # drop-out without loss: the absent teachers' answers the server kept before (stale),
-    # from every round each took part in
+    # drawn from every round each took part in (flminillm.aggregate.replay_rows)
     extra = []
-    for c, entry in [(c, e) for c, es in sorted((stale or {}).items()) for e in es]:
-        old = exchange.get_tensors(entry["rollouts"])
-        validate_rollouts(old, vocab)
-        msg, x = _teaching_for(exchange, state, student_id, c, entry["teaching"], old, tok, vocab)
-        choice = store.scoped(student_id).get_tensors(entry["choice"])["choice"]
-        if choice.shape != (old["ask_prompt_ids"].shape[0],):
-            raise MessageError(f"stale choice of {c}: shape {tuple(choice.shape)} != [A]")
-        if x:  # sampled-token supports only, as for a fresh teacher of another tokenizer
-            across += 1
-        if coherence(msg) < MIN_COHERENCE:
-            msg = quarantine(msg)
-        latest = entry is stale[c][-1]  # (its draw as when only the latest round was kept)
-        extra.append(stale_part(old, msg, choice, entry["index"], d.stale_share,
-                                seed(cfg, "stale", round_index, c,
-                                     *(() if latest else (entry["round"],)))))  # fmt: skip
+    for c, entries in sorted((stale or {}).items()):
+        loaded = []
+        for entry in entries:
+            old = exchange.get_tensors(entry["rollouts"])
+            validate_rollouts(old, vocab)
+            msg, x = _teaching_for(exchange, state, student_id, c, entry["teaching"], old, tok,
+                                   vocab)  # fmt: skip
+            choice = store.scoped(student_id).get_tensors(entry["choice"])["choice"]
+            if choice.shape != (old["ask_prompt_ids"].shape[0],):
+                raise MessageError(f"stale choice of {c}: shape {tuple(choice.shape)} != [A]")
+            if x:  # sampled-token supports only, as for a fresh teacher of another tokenizer
+                across += 1
+            if coherence(msg) < MIN_COHERENCE:
+                msg = quarantine(msg)
+            loaded.append((old, msg, choice, entry["index"]))
+        rows = replay_rows([(ch, i) for _, _, ch, i in loaded], d.stale_share,
+                           seed(cfg, "stale", round_index, c))  # fmt: skip
+        extra += [stale_part(old, msg, r) for (old, msg, _, _), r in zip(loaded, rows, strict=True)]
     if across:
         # a teacher of another tokenizer scores the sampled token only: no single-step KL on
         # a support, so the immediate reward joins the return (still the exact reverse-KL

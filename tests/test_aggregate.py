@@ -17,6 +17,7 @@ from flminillm.aggregate import (
     claim_quantiles,
     coherence,
     quarantine,
+    replay_rows,
     select_teacher_rollouts,
     selection_stats,
     stale_part,
@@ -295,15 +296,22 @@ def test_stale_part_replays_a_share_of_what_the_teacher_won_before():
         "own_logp": torch.full((a, t, s), -0.1),
     }
     choice = torch.tensor([1, 0, 1, 1, -1, 1, 2, 1, 0, 1])  # teacher 1 won 6 prompts
-    part = stale_part(old, teaching, choice, 1, 0.5, seed=3)
-    rows = part["prompt_ids"][:, 0]
+    (rows,) = replay_rows([(choice, 1)], 0.5, seed=3)
+    part = stale_part(old, teaching, rows)
     assert rows.numel() == 3 and set(rows.tolist()) <= {0, 2, 3, 5, 7, 9}
+    assert torch.equal(part["prompt_ids"][:, 0], rows)
     assert torch.equal(part["response_ids"][:, 0], rows)  # each answer with its own prompt
     assert bool(part["from_teacher"].all()) and bool((part["teacher_index"] == -2).all())
-    assert stale_part(old, teaching, choice, 1, 1.0, seed=3)["prompt_ids"].shape[0] == 6
-    assert torch.equal(
-        stale_part(old, teaching, choice, 1, 0.5, seed=3)["prompt_ids"], part["prompt_ids"]
-    )
+    assert replay_rows([(choice, 1)], 1.0, seed=3)[0].numel() == 6
+    assert torch.equal(replay_rows([(choice, 1)], 0.5, seed=3)[0], rows)  # seeded
+    # several rounds: the volume of its latest round (times the share), drawn from all of
+    # them; here it won 6 prompts then 2 (as teacher 0)
+    later = torch.tensor([0, -1, 1, 1, 0, 1, 1, 1, 1, 1])
+    both = replay_rows([(choice, 1), (later, 0)], 1.0, seed=3)
+    assert sum(r.numel() for r in both) == 2
+    assert set(both[0].tolist()) <= {0, 2, 3, 5, 7, 9} and set(both[1].tolist()) <= {0, 4}
+    drawn = [replay_rows([(choice, 1), (later, 0)], 1.0, seed=k) for k in range(40)]
+    assert any(d[0].numel() for d in drawn) and any(d[1].numel() for d in drawn)
     # in a batch: after this round's rows, counted as stale
     empty = {k: v[:0] for k, v in old.items()}
     rollouts = {"prompt_ids": torch.ones(1, 4, dtype=torch.long),
