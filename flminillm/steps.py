@@ -542,11 +542,11 @@ def teach(
                 teaching = corrupt_teaching(
                     teaching, mode, vocab_of(state, ro["party"]),
                     seed(cfg, "adversary", round_index, seed_key(mode, teacher_id), ro["party"]),
-                    ask_prompts=[
+                    ask_prompts=[  # (only fluent and backdoor teachers read them)
                         tok.decode(ids[m.bool()], skip_special_tokens=True)
                         for ids, m in zip(msg["ask_prompt_ids"], msg["ask_prompt_mask"],
                                           strict=True)
-                    ],
+                    ] if mode.startswith(("fluent", "backdoor")) else None,
                     encode=lambda a: tok.encode(style.target(a), add_special_tokens=False)
                     + [tok.eos_token_id],
                 )  # fmt: skip
