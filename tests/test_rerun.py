@@ -157,9 +157,14 @@ def test_a_client_that_misses_round_1_gets_its_full_fine_tuning_later(
 ):
     """alice drops out of round 1, where every client runs its full local fine-tuning
     (local_sft.steps); in round 2 she gets the full fine-tuning, bob (who had his) the
-    refresh (later_round_steps). In one process: the bookkeeping is the round manifest's."""
+    refresh (later_round_steps). In one process: the bookkeeping is the round manifest's.
+    bob is also broken (random scores): the server quarantines him every round, alone in
+    round 1 (so nobody scores its rollouts) and beside alice in round 2."""
+    from flminillm.aggregate import MIN_COHERENCE
+
     monkeypatch.setenv(RETRIES_ENV, "1")
     monkeypatch.setenv(FAULTS_ENV, "local_sft:alice:1")
+    monkeypatch.setenv("FLMINILLM_ADVERSARY", "bob:random")
     sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
     cfg, _ = isolated_config(tiny_config, tmp_path, "late", sampling=sampling, rounds=2)
     states = inprocess_states(cfg)
@@ -173,3 +178,14 @@ def test_a_client_that_misses_round_1_gets_its_full_fine_tuning_later(
     s = cfg.local_sft
     assert s.steps != s.later_round_steps
     assert steps == {(1, "bob"): s.steps, (2, "alice"): s.steps, (2, "bob"): s.later_round_steps}
+    server = {
+        r: rec["metrics"]
+        for r, recs in ledger(open_store(cfg.store.uri), cfg.federation_id()).items()
+        for rec in recs
+        if rec["step"] == "distill" and rec["party"] == cfg.server.id
+    }
+    assert server[1]["coherent.bob"] < MIN_COHERENCE and "coherent.alice" not in server[1]
+    assert server[1]["n_student_rollouts"] == 0  # no trusted teacher to score them
+    assert server[2]["coherent.bob"] < MIN_COHERENCE and server[2]["coherent.alice"] == 1.0
+    assert server[2]["n_student_rollouts"] > 0  # alice scores them
+    assert server[2]["selected.bob"] > 0  # his answers still count (hard labels)
