@@ -74,3 +74,13 @@ def test_stale_share_is_chosen_under_the_drop_out_it_is_for():
         faults = variant_env(cfg, v)["FLMINILLM_FAULTS"].split(",")
         assert len(faults) == cfg.rounds  # one of the three clients out of every round
         assert all(f.startswith("local_sft:") for f in faults)
+
+
+def test_the_default_replay_share_is_what_validation_chose():
+    """docs/tune-dropout/tune.json (validation split, 30% drop-out) chose stale_share; the
+    default carries it."""
+    from flminillm.config import DistillConfig
+
+    chosen = json.loads((ROOT / "docs" / "tune-dropout" / "tune.json").read_text())["_meta"]
+    assert chosen["split"] == "validation"
+    assert DistillConfig().stale_share == chosen["chosen"]["stale_share"]["distill"]["stale_share"]

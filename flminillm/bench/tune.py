@@ -174,7 +174,8 @@ def _write_markdown(results: dict, path: Path) -> None:
         )
     lines += [
         "",
-        "Chosen (the benchmark config carries these; tests/test_quality.py checks it):",
+        "Chosen (the benchmark config carries these, DistillConfig's default the `stale_share`; "
+        "tests/test_quality.py and tests/test_tune.py check it):",
         "",
     ]
     for method, c in meta["chosen"].items():

@@ -28,7 +28,7 @@ METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 # `flminillm bench tune` (docs/tune.json; tests/test_quality.py checks they agree), so the
 # baseline is not run at the reverse-KL method's schedule.
 # the defence of flminillm.aggregate (DistillConfig's defaults: rank selection, min_claim 0.5
-# within max_rejected 0.5, stale_share 0.5) taken away: joint selection, every answer kept,
+# within max_rejected 0.5, stale_share 1) taken away: joint selection, every answer kept,
 # nothing replayed; the `-undefended` variants measure what the defence buys and costs
 UNDEFENDED = {"distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0}}
 FORWARD_KL = {"method": "forward_kl", "alpha": 1.0, "warmup_rounds": 0, "tail_bucket": False}
