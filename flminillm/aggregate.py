@@ -219,20 +219,28 @@ def coherence(teaching: dict[str, torch.Tensor]) -> float:
     return float(ordered[mask].float().mean())
 
 
+# a quarantined teacher's answer token gets this probability; the rest of the mass is spread
+# evenly over its other support tokens and the rest of the vocabulary (label smoothing)
+QUARANTINE_P = 0.9
+
+
 def quarantine(teaching: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What counts of the message of a teacher whose claims contradict its own support
-    (`coherence` < MIN_COHERENCE): its answers, as hard labels (p = 1 on each answer token,
-    nothing on its other tokens: SeqKD) with one constant claim for all, so that under rank
-    selection they rank in the middle of every prompt and never beat a teacher on the
-    prompts it is surest of; its log-probs, claims and scores are dropped (`assemble_batch`
-    leaves it out of the mixture that scores the student's rollouts). At worst a broken
-    teacher is then a liar claiming p = 1 everywhere, which the defence bounds."""
+    (`coherence` < MIN_COHERENCE): its answers, as smoothed hard labels (QUARANTINE_P on
+    each answer token, the rest spread evenly over its k other support tokens and the rest
+    of the vocabulary: a finite target for the reverse KL, which a one-hot target would make
+    infinite off the answer) with one constant claim for all, so that under rank selection
+    they rank in the middle of every prompt and never beat a teacher on the prompts it is
+    surest of; its log-probs, claims and scores are dropped (`assemble_batch` leaves it out
+    of the mixture that scores the student's rollouts). At worst a broken teacher is then a
+    liar claiming to be sure everywhere, which the defence bounds."""
     mask = teaching["own_response_mask"].bool()
-    hard = torch.full_like(teaching["own_logp"].float(), -1e4)
-    hard[..., 0] = 0.0
+    k = teaching["own_logp"].shape[-1] - 1
+    smooth = torch.full_like(teaching["own_logp"].float(), math.log((1 - QUARANTINE_P) / (k + 1)))
+    smooth[..., 0] = math.log(QUARANTINE_P) if k else 0.0
     return {
         **teaching,
-        "own_logp": hard * mask[..., None],
+        "own_logp": smooth * mask[..., None],
         "own_prompt_logp": torch.zeros_like(teaching["own_prompt_logp"].float()),
     }
 

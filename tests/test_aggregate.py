@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flminillm.aggregate import (
+    QUARANTINE_P,
     aggregate_teachers,
     assemble_batch,
     cap_log_weights,
@@ -378,8 +379,17 @@ def test_a_quarantined_teacher_counts_by_its_answers_alone():
     honest = _honest_teaching(seed=1)
     q = quarantine(honest)
     mask = honest["own_response_mask"].bool()
-    assert bool((q["own_logp"][..., 0] == 0).all())  # p = 1 on the answer token
-    assert bool((q["own_logp"][..., 1:][mask] == -1e4).all())  # nothing on the others
+    p = q["own_logp"][mask].exp()  # [positions, S]
+    assert torch.allclose(p[:, 0], torch.tensor(QUARANTINE_P))  # most on the answer token
+    others = p[:, 1:]  # the rest spread evenly over the others and the tail
+    assert torch.allclose(others, others[:1].expand_as(others))
+    assert torch.allclose(1 - p.sum(-1), others[:, 0], atol=1e-6)
+    # the reverse KL to it stays finite and small once the student is sure of the answer
+    from flminillm.distill import tail_kl
+
+    sure = torch.log(torch.tensor([0.95, *[0.05 / 9] * 8]))[None].expand_as(p)
+    kl = tail_kl(sure, q["own_logp"][mask], torch.ones_like(p, dtype=torch.bool))
+    assert bool((kl < 0.2).all()) and bool((kl >= 0).all())
     assert torch.equal(q["own_response_ids"], honest["own_response_ids"])
     assert bool((claim_quantiles(torch.zeros(1, 6)) == 0.5).all())  # a constant claim
 
@@ -407,7 +417,8 @@ def test_a_quarantined_teacher_counts_by_its_answers_alone():
     mine = info["teacher_index"] == 1
     assert bool(mine.any())  # its answers still count where they rank first
     kept = batch["teacher_logp"][mine]
-    assert bool((kept[..., 0][batch["response_mask"][mine].bool()] == 0).all())
+    on = batch["response_mask"][mine].bool()
+    assert torch.allclose(kept[..., 0][on].exp(), torch.tensor(QUARANTINE_P))
     # nobody trusted to score: the student's rollouts leave the batch, the answers stay
     none, info = assemble_batch(rollouts, teachings, torch.ones(2), d, trusted=[False, False])
     assert int((info["teacher_index"] == -1).sum()) == 0
