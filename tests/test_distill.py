@@ -60,6 +60,17 @@ def test_support_mask_excludes_duplicates_and_invalid():
     assert mask.tolist() == [[[True, True, False, False], [True, True, False, True]]]
 
 
+def test_support_mask_agrees_with_pairwise_comparison():
+    """The sort-based mask equals the [S, S] comparison it replaced, on supports full of
+    repeats and invalid entries."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 6, (4, 7, 9), generator=g)
+    eq = ids[..., :, None] == ids[..., None, :]
+    earlier = torch.ones(9, 9, dtype=torch.bool).tril(-1)
+    expected = (ids >= 0) & ~(eq & earlier).any(-1)
+    assert torch.equal(_support_mask(ids), expected)
+
+
 def test_support_kl_ignores_masked_entries():
     ids = torch.tensor([[[3, 5, 3, -1]]])
     mask = _support_mask(ids)
