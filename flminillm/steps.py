@@ -535,7 +535,7 @@ def teach(
                     )  # fmt: skip
                     seq_logp = (teaching["x_scores"] * teaching["x_score_mask"]).sum(1)
                 else:
-                    teaching = _teach_same(model, tok, msg, g, gen)
+                    teaching = teach_same(model, tok, msg, g, gen)
                     seq_logp = (teaching["scores"][..., 0] * msg["response_mask"].float()).sum(1)
             mode = adversaries().get(teacher_id)
             if mode and not across:  # benchmark fault injection: a faulty or malicious teacher
@@ -575,7 +575,7 @@ def teach(
     return _as_client(cfg, round_index, "teach", client, run)
 
 
-def _teach_same(model, tok, msg: dict, g, gen) -> dict:
+def teach_same(model, tok, msg: dict, g, gen) -> dict:
     """A teacher that shares the student's tokenizer: its log-probs on the student's support
     and its own answers, in token ids (the TeachingMessage)."""
     import torch

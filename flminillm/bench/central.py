@@ -208,16 +208,16 @@ def _minillm_batch(s: Setup, model, exs, d: DistillConfig, gen) -> Batch:
 def _federated_batch(s: Setup, model, exs, d: DistillConfig, gen) -> Batch:
     """The federation's message path with one teacher: the student's rollouts with its top-k
     support (generation.sample), the teacher's scores on it and its answers to a share alpha
-    of the prompts (the teach step's _teach_same), assembled as the distill step does."""
+    of the prompts (the teach step's teach_same), assembled as the distill step does."""
     from flminillm.aggregate import assemble_batch
-    from flminillm.steps import _teach_same
+    from flminillm.steps import teach_same
 
     g, n = s.cfg.generation, len(exs) - (round(d.alpha * len(exs)) if d.teacher_mixed else 0)
     r = s.sample(model, exs[:n], gen, top_k=g.top_k, temperature=g.temperature)
     aids, amask = s.encode(exs[n:])
     msg = to_host({**_pairs(r), "support_ids": r.support_ids, "ask_prompt_ids": aids,
                    "ask_prompt_mask": amask})  # fmt: skip
-    teaching = _teach_same(s.teacher, s.tok, msg, g, gen)
+    teaching = teach_same(s.teacher, s.tok, msg, g, gen)
     return to_device(assemble_batch(msg, [teaching], torch.ones(1), d)[0], s.device)
 
 
@@ -323,7 +323,7 @@ METHODS: dict[str, Method] = {
     "federated-step": Method(_ppo(_federated_batch, lambda d: d),
                              "the federation's step with the config's distill section: student "
                              "rollouts with their top-k support (generation.sample), the "
-                             "teacher's scores and answers (steps._teach_same), aggregate."
+                             "teacher's scores and answers (steps.teach_same), aggregate."
                              "assemble_batch, update.distill_epochs"),
     "trl-distill": Method(_trl, "TRL DistillationTrainer, beta = 1.0: on-policy per-token "
                           "KL(q‖p) over the full vocabulary; same prompts, lr, Adam betas"),
