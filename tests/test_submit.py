@@ -164,9 +164,12 @@ def test_submit_federation_creates_experiment_and_run(kfp_server, tiny_config, t
     assert json.loads(params["experiment_json"])["name"] == "tiny"
     assert params["run_label"] == "first"
     assert json.loads(params["run_tags"])["kfp.experiment"] == "fl-test"
-    # caching on by default, except the MLflow step that logs every run
+    # caching on by default, except the MLflow steps: track logs every run, close-run (the
+    # exit handler) reads how this very run ended
     caching = task_caching(spec)
-    assert caching and all(on is (not key.startswith("track/")) for key, on in caching.items())
+    logs = ("track/", "close_run/")
+    assert caching and all(on is (not key.startswith(logs)) for key, on in caching.items())
+    assert "close_run/close-run" in caching
     # the printed URL is the run's page
     (rid,) = fake.runs  # the id the server gave the run
     assert f"{host}/#/runs/details/{rid}" in out
