@@ -221,14 +221,10 @@ def test_selection_stats_say_whose_answers_were_kept_and_who_claims_certainty():
     assert none == {"certain.alice": 0.25, "certain.carol": 1.0}
 
 
-def test_min_claim_rejects_answers_no_teacher_present_knows():
-    """A round whose expert dropped out: on its prompts the teachers present guess, with
-    low claimed probabilities. With `min_claim` those prompts leave the batch (and are
-    counted); the answers the teachers know stay, as they would without it."""
-    from flminillm.config import DistillConfig
-
-    n, a, t, s = 2, 4, 3, 2
-    rollouts = {
+def _rollouts(n: int, a: int, t: int, s: int) -> dict[str, torch.Tensor]:
+    """A RolloutMessage of n student rollouts (width t, support s) and a teacher-share
+    prompts, prompt i of the teacher share holding the id i."""
+    return {
         "prompt_ids": torch.ones(n, 4, dtype=torch.long),
         "prompt_mask": torch.ones(n, 4, dtype=torch.long),
         "response_ids": torch.ones(n, t, dtype=torch.long),
@@ -237,6 +233,16 @@ def test_min_claim_rejects_answers_no_teacher_present_knows():
         "ask_prompt_ids": torch.arange(a)[:, None].expand(a, 4).clone(),
         "ask_prompt_mask": torch.ones(a, 4, dtype=torch.long),
     }
+
+
+def test_min_claim_rejects_answers_no_teacher_present_knows():
+    """A round whose expert dropped out: on its prompts the teachers present guess, with
+    low claimed probabilities. With `min_claim` those prompts leave the batch (and are
+    counted); the answers the teachers know stay, as they would without it."""
+    from flminillm.config import DistillConfig
+
+    n, a, t, s = 2, 4, 3, 2
+    rollouts = _rollouts(n, a, t, s)
 
     def teaching(per_token: list[float]) -> dict:
         own = torch.log(torch.tensor(per_token))[:, None, None].expand(a, t, s).clone()
@@ -395,15 +401,7 @@ def test_a_quarantined_teacher_counts_by_its_answers_alone():
 
     n, a, t, s = 3, 6, 5, 9
     g = torch.Generator().manual_seed(2)
-    rollouts = {
-        "prompt_ids": torch.ones(n, 4, dtype=torch.long),
-        "prompt_mask": torch.ones(n, 4, dtype=torch.long),
-        "response_ids": torch.ones(n, t, dtype=torch.long),
-        "response_mask": torch.ones(n, t, dtype=torch.long),
-        "support_ids": torch.arange(s).expand(n, t, s).clone(),
-        "ask_prompt_ids": torch.arange(a)[:, None].expand(a, 4).clone(),
-        "ask_prompt_mask": torch.ones(a, 4, dtype=torch.long),
-    }
+    rollouts = _rollouts(n, a, t, s)
     teachings = [
         {**_honest_teaching(seed=i), "prompt_logp": -torch.rand(n, generator=g),
          "scores": torch.log_softmax(torch.randn(n, t, s, generator=g), -1)}
