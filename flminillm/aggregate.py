@@ -165,7 +165,14 @@ def select_teacher_rollouts(
     mask = torch.stack([right_pad(t["own_response_mask"].long(), width, 0) for t in teachings])
     sup = torch.stack([right_pad(t["own_support_ids"].long(), width, 0) for t in teachings])
     logp = torch.stack([right_pad(t["own_logp"].float(), width, 0.0) for t in teachings])
-    answer = (logp[..., 0] * mask).sum(-1)  # [M, A]: each teacher's claimed log p(y | x)
+    # [M, A]: each teacher's claimed log p(y | x): the sum of its answer tokens' log-probs,
+    # or its `own_claim` where given (a quarantined teacher: one constant, `quarantine`)
+    answer = torch.stack(
+        [
+            t["own_claim"].float() if "own_claim" in t else (lp[..., 0] * m).sum(-1)
+            for t, lp, m in zip(teachings, logp, mask, strict=True)
+        ]
+    )
     joint = answer + torch.log(prior)[:, None]
     if use_prompt:
         joint = joint + torch.stack([t["own_prompt_logp"].float() for t in teachings])
@@ -233,7 +240,9 @@ def quarantine(teaching: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     they rank in the middle of every prompt and never beat a teacher on the prompts it is
     surest of; its log-probs, claims and scores are dropped (`assemble_batch` leaves it out
     of the mixture that scores the student's rollouts). At worst a broken teacher is then a
-    liar claiming to be sure everywhere, which the defence bounds."""
+    liar claiming to be sure everywhere, which the defence bounds. The claim is `own_claim`,
+    one per answer: a sum of the smoothed log-probs would rank its short answers above its
+    long ones (log QUARANTINE_P per token), whatever their worth."""
     mask = teaching["own_response_mask"].bool()
     k = teaching["own_logp"].shape[-1] - 1
     smooth = torch.full_like(teaching["own_logp"].float(), math.log((1 - QUARANTINE_P) / (k + 1)))
@@ -242,6 +251,7 @@ def quarantine(teaching: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         **teaching,
         "own_logp": smooth * mask[..., None],
         "own_prompt_logp": torch.zeros_like(teaching["own_prompt_logp"].float()),
+        "own_claim": torch.zeros(mask.shape[0]),
     }
 
 

@@ -417,6 +417,17 @@ def test_a_quarantined_teacher_counts_by_its_answers_alone():
     kept = batch["teacher_logp"][mine]
     on = batch["response_mask"][mine].bool()
     assert torch.allclose(kept[..., 0][on].exp(), torch.tensor(QUARANTINE_P))
+    # its claim is one constant, not a sum over its answer's tokens: under rank selection it
+    # is the middle of every prompt whatever the answer's length, so it wins exactly where the
+    # honest teacher is less sure than its median (ties go to the first teacher)
+    varied = {**teachings[1], "own_response_mask": (torch.arange(t)[None] < torch.tensor(
+        [1, 5, 2, 4, 1, 3])[:, None]).to(torch.uint8)}  # fmt: skip
+    q = quarantine(varied)
+    sel = select_teacher_rollouts([teachings[0], q], torch.ones(2) / 2, rank=True)
+    h = teachings[0]
+    mine = (h["own_logp"][..., 0] * h["own_response_mask"]).sum(-1)
+    mine = claim_quantiles((mine + h["own_prompt_logp"] + math.log(0.5))[None])[0]
+    assert torch.equal(sel["teacher_index"] == 1, mine < 0.5)
     # nobody trusted to score: the student's rollouts leave the batch, the answers stay
     none, info = assemble_batch(rollouts, teachings, torch.ones(2), d, trusted=[False, False])
     assert int((info["teacher_index"] == -1).sum()) == 0
