@@ -274,6 +274,66 @@ def replay_rows(
     return [take[take[:, 0] == i, 1].sort().values for i in range(len(kept))]
 
 
+# how many of an earlier round's prompts vote on whose domain a new prompt is (`absent_domain`)
+DOMAIN_NEIGHBOURS = 8
+
+
+def _bags(prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Token-id bags of prompt sets [(ids [N, P], mask [N, P])], tf-idf weighted over all of
+    them, rows L2-normalised, columns the ids that occur: [N_i, U] each."""
+    vocab = torch.unique(torch.cat([i.long()[m.bool()] for i, m in prompts]))
+    bags = []
+    for i, m in prompts:
+        col = torch.searchsorted(vocab, i.long()).clamp(max=vocab.numel() - 1)
+        bag = torch.zeros(i.shape[0], vocab.numel())
+        bags.append(bag.scatter_add_(1, col, m.float()))
+    df = (torch.cat(bags) > 0).float().sum(0)
+    idf = torch.log((sum(b.shape[0] for b in bags) + 1) / (df + 1)) + 1
+    return [F.normalize(b * idf, dim=1) for b in bags]
+
+
+def absent_domain(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    past: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, set[int]]],
+    absent: set[int],
+    teachers: list[int],
+    k: int = DOMAIN_NEIGHBOURS,
+) -> torch.Tensor:
+    """Where an absent teacher knows this round's teacher-share prompts [A, P] better than
+    the present ones: [A, M] bool, True where an `absent` teacher beat present teacher j
+    (`teachers`[j]) on the prompt's domain. `past`: the earlier rounds, oldest first, each
+    (ask prompt ids [A', P'], mask, owner [A']: whose answer was kept, -1 for none, and the
+    set of teachers present). Teachers are indices of one fixed list. A round's verdict on a
+    new prompt is the owner of most of its k nearest prompts of that round (cosine of tf-idf
+    token bags, in the student's token space); an absent teacher beat j there when, in the
+    latest round in which both took part and one of them won the domain, it was the absent
+    one. A win over a teacher that was not there proves nothing: a client holding `currency`
+    absent in round 1, one that does not won its prompts, confident and wrong; it is not the
+    owner of `currency` for that. `assemble_batch` leaves out the present winner's answer
+    where it was beaten (`reserved`): its guesses there would teach wrong answers the absent
+    teacher's replayed ones contradict. Where most of a round's nearest prompts had nobody's
+    answer kept, that round gives no verdict."""
+    a, m = prompt_ids.shape[0], len(teachers)
+    beaten = torch.zeros(a, m, dtype=torch.bool)
+    past = [x for x in past if x[0].shape[0]]
+    if not a or not past or not absent:
+        return beaten
+    bags = _bags([(prompt_ids, prompt_mask), *((i, mk) for i, mk, _, _ in past)])
+    n = 1 + max([*(int(o.max()) for _, _, o, _ in past), *absent, *teachers])
+    for bag, (_, _, owner, present) in zip(bags[1:], past, strict=True):
+        near = (bags[0] @ bag.T).topk(min(k, bag.shape[0]), dim=1).indices  # [A, k]
+        who = owner.long()[near] + 1  # 0: nobody's answer kept
+        hist = torch.zeros(a, n + 1).scatter_add_(1, who, torch.ones_like(who, dtype=torch.float))
+        verdict = hist.argmax(1) - 1  # [A]; -1 where most were nobody's
+        for c in absent & present:
+            for j, w in enumerate(teachers):
+                if w in present and w != c:
+                    beaten[verdict == c, j] = True
+                    beaten[verdict == w, j] = False
+    return beaten
+
+
 def stale_part(
     rollouts: dict[str, torch.Tensor], teaching: dict[str, torch.Tensor], rows: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -300,6 +360,7 @@ def assemble_batch(
     d: DistillConfig,
     extra: list[dict[str, torch.Tensor]] = (),
     trusted: list[bool] | None = None,
+    reserved: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The student's training batch: its rollouts scored by the aggregated teachers, then
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
@@ -311,7 +372,10 @@ def assemble_batch(
     whose answer was kept per teacher-share prompt (-1: none), what a later round's
     `stale_part` reads. `trusted` [M] (default: all): False for a quarantined teacher
     (`quarantine`), whose scores are left out of the mixture; where no teacher is trusted,
-    the student's rollouts have no scores and are left out."""
+    the student's rollouts have no scores and are left out. `reserved` [A, M] bool: where
+    an absent teacher beat teacher j on the prompt's domain (`absent_domain`); a prompt whose
+    selected answer is such a teacher's is left out (`n_reserved`): the absent teacher's
+    replayed answers (`extra`) teach its domain."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     trusted = [True] * len(teachings) if trusted is None else list(trusted)
@@ -349,7 +413,7 @@ def assemble_batch(
         }
     ]
     a = rollouts["ask_prompt_ids"].shape[0]
-    rejected, ask_choice = 0, torch.zeros(0, dtype=torch.long)
+    rejected, n_reserved, ask_choice = 0, 0, torch.zeros(0, dtype=torch.long)
     if a:
         # a capped teacher's answers are selected with the same handicap, and (capped
         # mixture) no teacher supplies more than `cap` of the answers, also when the student
@@ -360,10 +424,14 @@ def assemble_batch(
             cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
         )  # fmt: skip
         # no teacher present knows the prompt well enough to claim `min_claim`: learn nothing
-        keep = torch.ones(a, dtype=torch.bool)
-        if d.min_claim > 0:
-            keep = sel["claim"] >= claim_floor(sel["claim"], d.min_claim, d.max_rejected)
-        rejected = int((~keep).sum())
+        free = torch.ones(a, dtype=torch.bool)
+        if reserved is not None:  # the present winner was beaten here by an absent teacher
+            free = ~reserved.bool()[torch.arange(a), sel["teacher_index"]]
+        keep = free.clone()
+        if d.min_claim > 0 and bool(free.any()):
+            floor = claim_floor(sel["claim"][free], d.min_claim, d.max_rejected)
+            keep &= sel["claim"] >= floor
+        rejected, n_reserved = int((free & ~keep).sum()), int((~free).sum())
         ask_choice = torch.where(keep, sel["teacher_index"], -1)
         parts.append(
             {
@@ -398,6 +466,7 @@ def assemble_batch(
     info = {
         "teacher_index": batch.pop("teacher_index"),
         "n_rejected": torch.tensor(rejected),
+        "n_reserved": torch.tensor(n_reserved),
         "ask_choice": ask_choice,
     }
     return batch, info
@@ -409,18 +478,22 @@ def selection_stats(
     ids: list[str],
     n_rejected: int = 0,
     coherent: list[float] | None = None,
+    n_reserved: int = 0,
 ) -> dict[str, float]:
     """What the selection did, per teacher (MLflow, `flminillm lineage`): `selected.<id>`,
     the share of the teacher-share prompts whose kept answer is its; `certain.<id>`, the
     share of its answers for which it claimed p(y | x) >= 0.99 (a teacher certain of
     everything is either perfect or lying: rank selection gives such claims no weight);
     `rejected`, the share of them left out (`min_claim`): shares are of all teacher-share
-    prompts, kept or not; `stale_rows`, the answers replayed from absent teachers;
+    prompts, kept or not; `reserved`, the share left to an absent teacher's replayed
+    answers (`absent_domain`); `stale_rows`, the answers replayed from absent teachers;
     `coherent.<id>` (given `coherent`), the `coherence` of its claims: below MIN_COHERENCE
     it was quarantined (its answers counted as hard labels, its scores not at all)."""
     kept = teacher_index[teacher_index >= 0]
-    total = kept.numel() + n_rejected
+    total = kept.numel() + n_rejected + n_reserved
     out: dict[str, float] = {"rejected": n_rejected / total} if total else {}
+    if n_reserved:
+        out["reserved"] = n_reserved / total
     stale = int((teacher_index == -2).sum())
     if stale:  # replayed from an absent teacher's earlier answers (`stale_part`)
         out["stale_rows"] = float(stale)

@@ -121,6 +121,9 @@ def selection_line(metrics: dict[str, float]) -> str:
     rejected = metrics.get("rejected", 0.0)
     if rejected > 0:  # distill.min_claim: prompts no teacher present knew
         parts.append(f"[yellow]rejected {rejected:.0%} (below min_claim)[/]")
+    reserved = metrics.get("reserved", 0.0)
+    if reserved > 0:  # left to an absent teacher's replayed answers (absent_domain)
+        parts.append(f"reserved {reserved:.0%} (an absent teacher's domain)")
     return "answers kept: " + ", ".join(parts)
 
 

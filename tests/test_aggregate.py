@@ -10,6 +10,7 @@ import torch
 
 from flminillm.aggregate import (
     QUARANTINE_P,
+    absent_domain,
     aggregate_teachers,
     assemble_batch,
     cap_log_weights,
@@ -273,6 +274,81 @@ def test_min_claim_rejects_answers_no_teacher_present_knows():
         DistillConfig(min_claim=1.0)
 
 
+def _prompts(family: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n prompts of a toy family: template ids 1, 2 shared by every family, then family
+    words (10 per family, from 10 + 10 * family) and one left padding position."""
+    g = torch.Generator().manual_seed(seed)
+    words = 10 + 10 * family + torch.randint(0, 10, (n, 3), generator=g)
+    ids = torch.cat(
+        [torch.zeros(n, 1, dtype=torch.long), words, torch.tensor([[1, 2]]).expand(n, 2)], 1
+    )
+    mask = torch.ones_like(ids)
+    mask[:, 0] = 0
+    return ids, mask
+
+
+def _round(owners: list[int], present: set[int], seed: int):
+    """A past round of 3 toy families (8 prompts each): family f's prompts won by owners[f]."""
+    parts = [_prompts(f, 8, seed + f) for f in range(3)]
+    owner = torch.tensor([o for o in owners for _ in range(8)])
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), owner, present
+
+
+def test_absent_domain_reserves_where_the_absent_teacher_beat_the_present_one():
+    """Teachers 0, 1, 2 hold families 0, 1, 2. A present teacher's answers on a prompt are
+    left out where the absent teacher beat it on that prompt's domain in the latest round
+    both took part in; a win over a teacher that was not there proves nothing."""
+    new_ids, new_mask = torch.cat([_prompts(f, 5, 100 + f)[0] for f in range(3)]), None
+    new_mask = torch.cat([_prompts(f, 5, 100 + f)[1] for f in range(3)])
+    fam = torch.arange(3).repeat_interleave(5)
+    everyone = _round([0, 1, 2], {0, 1, 2}, seed=0)
+    # teacher 2 absent now; present: 0 and 1 (local columns 0, 1)
+    beaten = absent_domain(new_ids, new_mask, [everyone], {2}, [0, 1])
+    assert beaten.shape == (15, 2)
+    assert torch.equal(beaten[:, 0], fam == 2) and torch.equal(beaten[:, 1], fam == 2)
+    # round 1 without teacher 1: teacher 2 won family 1 too (a confident guess); it beat 0
+    # there, not 1, so teacher 1's answers on its own family stay
+    guess = _round([0, 2, 2], {0, 2}, seed=10)
+    beaten = absent_domain(new_ids, new_mask, [guess], {2}, [0, 1])
+    assert torch.equal(beaten[:, 1], torch.zeros(15, dtype=torch.bool))
+    assert torch.equal(beaten[:, 0], (fam == 1) | (fam == 2))
+    # the latest round both took part in decides: later, teacher 0 won family 1 over 2
+    later = _round([0, 0, 2], {0, 2}, seed=20)
+    beaten = absent_domain(new_ids, new_mask, [guess, later], {2}, [0, 1])
+    assert torch.equal(beaten[:, 0], fam == 2)
+    # a round where nobody's answer was kept near a prompt gives no verdict; nobody absent
+    rejected = _round([0, -1, -1], {0, 1, 2}, seed=30)
+    beaten = absent_domain(new_ids, new_mask, [everyone, rejected], {2}, [0, 1])
+    assert torch.equal(beaten[:, 0], fam == 2)
+    assert not bool(absent_domain(new_ids, new_mask, [everyone], set(), [0, 1, 2]).any())
+
+
+def test_a_reserved_prompt_leaves_the_batch_and_is_counted():
+    from flminillm.config import DistillConfig
+
+    n, a, t, s = 2, 4, 3, 2
+    rollouts = _rollouts(n, a, t, s)
+    teachings = [
+        {"scores": torch.full((n, t, s), -1.0), "prompt_logp": torch.zeros(n),
+         "own_response_ids": torch.ones(a, t, dtype=torch.long),
+         "own_response_mask": torch.ones(a, t, dtype=torch.long),
+         "own_support_ids": torch.arange(s).expand(a, t, s).clone(),
+         "own_logp": torch.log(torch.tensor(p))[:, None, None].expand(a, t, s).clone(),
+         "own_prompt_logp": torch.zeros(a)}
+        for p in ([0.9, 0.8, 0.1, 0.2], [0.1, 0.1, 0.7, 0.6])
+    ]  # fmt: skip
+    d = DistillConfig(min_claim=0.0)
+    reserved = torch.zeros(a, 2, dtype=torch.bool)
+    reserved[3, 1] = True  # teacher 1 (the winner of prompt 3) was beaten there
+    reserved[2, 0] = True  # teacher 0 was too on prompt 2, but teacher 1 won it: no effect
+    batch, info = assemble_batch(rollouts, teachings, torch.ones(2), d, reserved=reserved)
+    assert info["ask_choice"].tolist() == [0, 0, 1, -1]
+    assert int(info["n_reserved"]) == 1 and int(info["n_rejected"]) == 0
+    assert batch["response_ids"].shape[0] == n + a - 1
+    stats = selection_stats(info["teacher_index"], teachings, ["alice", "bob"], 0, n_reserved=1)
+    assert stats["reserved"] == pytest.approx(0.25) and stats["selected.bob"] == pytest.approx(0.25)
+
+
 def test_claim_floor_is_scale_free_and_a_liar_cannot_lower_it():
     """min_claim is absolute (p = 0.5 per token) where teachers are sure of what they know;
     where most claims are low (teachers barely trained, long answers with many wordings)
@@ -441,6 +517,9 @@ def test_lineage_marks_a_quarantined_teacher():
                            "coherent.alice": 1.0, "coherent.carol": 0.02})  # fmt: skip
     assert "carol 40% [red](quarantined: claims in order at 2%)" in line
     assert "alice 60%," in line  # a coherent teacher is not marked
+    assert "reserved" not in line
+    line = selection_line({"selected.alice": 0.7, "rejected": 0.1, "reserved": 0.2})
+    assert line.endswith("reserved 20% (an absent teacher's domain)")
 
 
 def test_the_replay_buffer_keeps_one_teaching_per_round_a_client_took_part_in():

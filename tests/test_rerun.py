@@ -131,6 +131,11 @@ def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypat
     won = round(m["selected.alice"] * asked)
     assert won > 0 and two.metrics["stale_rows"] == won  # all of them, at stale_share 1
     assert "stale_rows" not in m
+    # round 2: bob's answers on alice's domain (where she beat him in round 1) are left to
+    # her replayed answers (flminillm.aggregate.absent_domain)
+    m2 = two.metrics
+    assert m2["selected.bob"] + m2["rejected"] + m2.get("reserved", 0.0) == pytest.approx(1.0)
+    assert "reserved" not in m
     assert two.tags["in.stale.alice.r1"] == one.tags["in.teaching.alice"]  # what was replayed
     assert two.params["dropped"] == "alice"
     capsys.readouterr()
