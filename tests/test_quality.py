@@ -92,6 +92,25 @@ def test_local_only_server_never_changes_and_dropout_drops(bench_out):
     assert results["fl-minillm"]["dropped_per_round"] == 0
 
 
+def test_methods_and_ablations_have_their_distance_to_the_pooled_server(bench_out):
+    """Every method and ablation (not FedAvg's other architecture, not the faults, not pooled
+    itself) has the KL of its server to the pooled server of its seed, in both directions;
+    the numbers are kept beside the run so that --resume reuses them."""
+    results = json.loads((bench_out / "results.json").read_text())
+    with_kl = {n for n, r in results.items() if not n.startswith("_") and r.get("kl_pooled")}
+    cfg = load_config(TINY)
+    want = {v.name for v in variants(cfg) if v.group in ("method", "ablation")}
+    assert with_kl == want - {"pooled", "fedavg"}
+    for n in with_kl:
+        k = results[n]["kl_pooled"]
+        for c in ("reverse_sampled", "reverse_greedy", "forward_sampled", "forward_greedy"):
+            assert k[c]["mean"] > 0, (n, c)
+    md = (bench_out / "results.md").read_text()
+    assert "## Distance to the pooled server" in md and "| fl-minillm | " in md
+    kept = list((bench_out / "work").rglob("kl-to-pooled.json"))
+    assert len(kept) == len(with_kl)
+
+
 def test_report_files_and_mlflow_runs(bench_out):
     md = (bench_out / "results.md").read_text()
     assert "## Methods" in md and "## Ablations" in md and "## Faults" in md

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from flminillm.bench.baselines import RUNNERS
+from flminillm.bench.divergence import add_kl_to_pooled
 from flminillm.bench.quality_report import log_to_mlflow, plot_results, summarise, write_markdown
 from flminillm.bench.variants import Variant, variant_config, variant_env, variants
 from flminillm.config import Config, load_config
@@ -261,6 +262,7 @@ def run_quality(
             base, vs, seeds, wd, fault_seeds=fault_seeds, jobs=jobs, console=console,
             resume=resume, report_only=report_only,
         )  # fmt: skip
+        add_kl_to_pooled(base, vs, grid, wd, console)
     results = summarise_grid(vs, grid)
     pooled_em = results.get("pooled", {}).get("server", {}).get("em_all", {}).get("mean")
     ours = results.get("fl-minillm", {}).get("server", {}).get("em_all", {}).get("mean")

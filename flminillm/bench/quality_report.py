@@ -123,6 +123,13 @@ def summarise(runs: list[dict], v: Variant) -> dict[str, Any]:
     }  # fmt: skip
     out.update(attack_scores(runs, v))
     out["seconds"] = _stat([r["seconds"] for r in runs])["mean"]
+    kls = [r["kl_pooled"] for r in runs if r.get("kl_pooled")]
+    if kls:  # flminillm.bench.divergence: per answer token, nats
+        out["kl_pooled"] = {
+            f"{d}_{how}": _stat([k[d][how] for k in kls if how in k[d]])
+            for d in ("reverse", "forward") for how in ("greedy", "sampled")
+        }  # fmt: skip
+        out["kl_pooled"]["seeds"] = [r["seed"] for r in runs if r.get("kl_pooled")]
     out["dropped_per_round"] = _stat(
         [_mean([len(x["dropped"]) for k, x in r["rounds"].items() if k != "0"]) for r in runs]
     )["mean"]
@@ -345,6 +352,7 @@ def write_markdown(results: dict, path: Path, png: str) -> None:
             lines += [f"- `{n}`: {results[n]['note']}" for n in names
                       if results[n]["group"] == group]  # fmt: skip
             lines += [""]
+    lines += kl_section(results, names)
     fams = list(next(iter(results[n] for n in names))["server_families_em"])
     lines += ["## Server EM per family (%)", "",
               "| method | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]  # fmt: skip
@@ -353,6 +361,38 @@ def write_markdown(results: dict, path: Path, png: str) -> None:
         lines.append(f"| {n} | " + " | ".join(f"{100 * (f[x] or 0):.1f}" for x in fams) + " |")
     lines += ["", f"![results]({png})", ""]
     atomic_write_bytes(path, "\n".join(lines).encode())
+
+
+def _kl(s: dict | None) -> str:
+    if not s or s.get("mean") is None:
+        return "–"
+    return f"{s['mean']:.3f}" + (f" ± {s['std']:.3f}" if s.get("std") is not None else "")
+
+
+def kl_section(results: dict, names: list[str]) -> list[str]:
+    """The table of each method's server's distance to the pooled server of its seed
+    (flminillm.bench.divergence), or nothing where no run has one."""
+    have = [n for n in names if results[n].get("kl_pooled")]
+    if not have:
+        return []
+    lines = [
+        "## Distance to the pooled server",
+        "",
+        "KL between the server's and the pooled server's next-token distributions on the "
+        "evaluation prompts, per answer token (nats; lower is closer; exact over the "
+        "vocabulary at every position): reverse KL(server ‖ pooled) along the server's own "
+        "answers, forward KL(pooled ‖ server) along the pooled server's; greedy answers, and "
+        "the mean over temperature-1 samples (flminillm/bench/divergence.py).",
+        "",
+        "| method | reverse, sampled | reverse, greedy | forward, sampled | forward, greedy | seeds |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for n in have:
+        k = results[n]["kl_pooled"]
+        cells = [_kl(k[c]) for c in
+                 ("reverse_sampled", "reverse_greedy", "forward_sampled", "forward_greedy")]  # fmt: skip
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {len(k['seeds'])} |")
+    return [*lines, ""]
 
 
 def log_to_mlflow(results: dict, runs: dict[str, list[dict]], uri: str, experiment: str) -> str:
