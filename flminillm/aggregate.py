@@ -278,18 +278,27 @@ def replay_rows(
 DOMAIN_NEIGHBOURS = 8
 
 
-def _bags(prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+class _Bags:
     """Token-id bags of prompt sets [(ids [N, P], mask [N, P])], tf-idf weighted over all of
-    them, rows L2-normalised, columns the ids that occur: [N_i, U] each."""
-    vocab = torch.unique(torch.cat([i.long()[m.bool()] for i, m in prompts]))
-    bags = []
-    for i, m in prompts:
-        col = torch.searchsorted(vocab, i.long()).clamp(max=vocab.numel() - 1)
-        bag = torch.zeros(i.shape[0], vocab.numel())
-        bags.append(bag.scatter_add_(1, col, m.float()))
-    df = (torch.cat(bags) > 0).float().sum(0)
-    idf = torch.log((sum(b.shape[0] for b in bags) + 1) / (df + 1)) + 1
-    return [F.normalize(b * idf, dim=1) for b in bags]
+    them, rows L2-normalised, columns the ids that occur: `bag(i)` [N_i, U], one set at a
+    time (a federation's history holds many rounds of prompts)."""
+
+    def __init__(self, prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.prompts = prompts
+        self.vocab = torch.unique(torch.cat([i.long()[m.bool()] for i, m in prompts]))
+        df = torch.zeros(self.vocab.numel())
+        for k in range(len(prompts)):
+            df += (self._counts(k) > 0).float().sum(0)
+        n = sum(i.shape[0] for i, _ in prompts)
+        self.idf = torch.log((n + 1) / (df + 1)) + 1
+
+    def _counts(self, k: int) -> torch.Tensor:
+        ids, mask = self.prompts[k]
+        col = torch.searchsorted(self.vocab, ids.long()).clamp(max=self.vocab.numel() - 1)
+        return torch.zeros(ids.shape[0], self.vocab.numel()).scatter_add_(1, col, mask.float())
+
+    def bag(self, k: int) -> torch.Tensor:
+        return F.normalize(self._counts(k) * self.idf, dim=1)
 
 
 def absent_domain(
@@ -319,10 +328,12 @@ def absent_domain(
     past = [x for x in past if x[0].shape[0]]
     if not a or not past or not absent:
         return beaten
-    bags = _bags([(prompt_ids, prompt_mask), *((i, mk) for i, mk, _, _ in past)])
+    bags = _Bags([(prompt_ids, prompt_mask), *((i, mk) for i, mk, _, _ in past)])
+    new = bags.bag(0)
     n = 1 + max([*(int(o.max()) for _, _, o, _ in past), *absent, *teachers])
-    for bag, (_, _, owner, present) in zip(bags[1:], past, strict=True):
-        near = (bags[0] @ bag.T).topk(min(k, bag.shape[0]), dim=1).indices  # [A, k]
+    for r, (_, _, owner, present) in enumerate(past, start=1):
+        bag = bags.bag(r)
+        near = (new @ bag.T).topk(min(k, bag.shape[0]), dim=1).indices  # [A, k]
         who = owner.long()[near] + 1  # 0: nobody's answer kept
         hist = torch.zeros(a, n + 1).scatter_add_(1, who, torch.ones_like(who, dtype=torch.float))
         verdict = hist.argmax(1) - 1  # [A]; -1 where most were nobody's
