@@ -144,6 +144,17 @@ def claim_quantiles(joint: torch.Tensor) -> torch.Tensor:
     return (below + ties / 2) / (a - 1)
 
 
+def answer_claims(teaching: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[A] a teacher's claimed log p(y | x) of each of its answers: the sum of its answer
+    tokens' log-probs, or its `own_claim` where given (a quarantined teacher: one constant,
+    `quarantine`)."""
+    if "own_claim" in teaching:
+        return teaching["own_claim"].float()
+    logp = teaching["own_logp"].float()
+    logp = logp[..., 0] if logp.dim() == 3 else logp
+    return (logp * teaching["own_response_mask"].float()).sum(-1)
+
+
 def select_teacher_rollouts(
     teachings: list[dict[str, torch.Tensor]],
     prior: torch.Tensor,
@@ -165,14 +176,7 @@ def select_teacher_rollouts(
     mask = torch.stack([right_pad(t["own_response_mask"].long(), width, 0) for t in teachings])
     sup = torch.stack([right_pad(t["own_support_ids"].long(), width, 0) for t in teachings])
     logp = torch.stack([right_pad(t["own_logp"].float(), width, 0.0) for t in teachings])
-    # [M, A]: each teacher's claimed log p(y | x): the sum of its answer tokens' log-probs,
-    # or its `own_claim` where given (a quarantined teacher: one constant, `quarantine`)
-    answer = torch.stack(
-        [
-            t["own_claim"].float() if "own_claim" in t else (lp[..., 0] * m).sum(-1)
-            for t, lp, m in zip(teachings, logp, mask, strict=True)
-        ]
-    )
+    answer = torch.stack([answer_claims(t) for t in teachings])  # [M, A]
     joint = answer + torch.log(prior)[:, None]
     if use_prompt:
         joint = joint + torch.stack([t["own_prompt_logp"].float() for t in teachings])
@@ -182,6 +186,8 @@ def select_teacher_rollouts(
     idx = torch.arange(best.shape[0])
     length = mask[best, idx].sum(-1).clamp(min=1)
     return {
+        # under rank selection, the kept answer's quantile among its teacher's claims
+        "quantile": joint[best, idx] if rank else torch.full_like(answer[0], float("nan")),
         # the kept answer's claimed mean per-token log-probability (`min_claim`)
         "claim": answer[best, idx] / length,
         "response_ids": ids[best, idx],
@@ -274,75 +280,58 @@ def replay_rows(
     return [take[take[:, 0] == i, 1].sort().values for i in range(len(kept))]
 
 
-# how many of an earlier round's prompts vote on whose domain a new prompt is (`absent_domain`)
+# how many of an absent teacher's earlier prompts stand in for a new one (`imputed_quantile`)
 DOMAIN_NEIGHBOURS = 8
 
 
 class _Bags:
-    """Token-id bags of prompt sets [(ids [N, P], mask [N, P])], tf-idf weighted over all of
-    them, rows L2-normalised, columns the ids that occur: `bag(i)` [N_i, U], one set at a
-    time (a federation's history holds many rounds of prompts)."""
+    """Token-id bags of prompt sets [(ids [N, P], mask [N, P])], rows L2-normalised, columns
+    the ids that occur in any of them: `bag(i)` [N_i, U], one set at a time (a federation's
+    history holds many rounds of prompts). Plain counts, no idf: a domain is what its
+    prompts share (the template of a task), and idf would weigh up the rare tokens, the
+    varying part (a country's name in the prompts of two families)."""
 
     def __init__(self, prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.prompts = prompts
         self.vocab = torch.unique(torch.cat([i.long()[m.bool()] for i, m in prompts]))
-        df = torch.zeros(self.vocab.numel())
-        for k in range(len(prompts)):
-            df += (self._counts(k) > 0).float().sum(0)
-        n = sum(i.shape[0] for i, _ in prompts)
-        self.idf = torch.log((n + 1) / (df + 1)) + 1
-
-    def _counts(self, k: int) -> torch.Tensor:
-        ids, mask = self.prompts[k]
-        col = torch.searchsorted(self.vocab, ids.long()).clamp(max=self.vocab.numel() - 1)
-        return torch.zeros(ids.shape[0], self.vocab.numel()).scatter_add_(1, col, mask.float())
 
     def bag(self, k: int) -> torch.Tensor:
-        return F.normalize(self._counts(k) * self.idf, dim=1)
+        ids, mask = self.prompts[k]
+        col = torch.searchsorted(self.vocab, ids.long()).clamp(max=self.vocab.numel() - 1)
+        counts = torch.zeros(ids.shape[0], self.vocab.numel()).scatter_add_(1, col, mask.float())
+        return F.normalize(counts, dim=1)
 
 
-def absent_domain(
+def imputed_quantile(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
-    past: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, set[int]]],
-    absent: set[int],
-    teachers: list[int],
+    past: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     k: int = DOMAIN_NEIGHBOURS,
 ) -> torch.Tensor:
-    """Where an absent teacher knows this round's teacher-share prompts [A, P] better than
-    the present ones: [A, M] bool, True where an `absent` teacher beat present teacher j
-    (`teachers`[j]) on the prompt's domain. `past`: the earlier rounds, oldest first, each
-    (ask prompt ids [A', P'], mask, owner [A']: whose answer was kept, -1 for none, and the
-    set of teachers present). Teachers are indices of one fixed list. A round's verdict on a
-    new prompt is the owner of most of its k nearest prompts of that round (cosine of tf-idf
-    token bags, in the student's token space); an absent teacher beat j there when, in the
-    latest round in which both took part and one of them won the domain, it was the absent
-    one. A win over a teacher that was not there proves nothing: a client holding `currency`
-    absent in round 1, one that does not won its prompts, confident and wrong; it is not the
-    owner of `currency` for that. `assemble_batch` leaves out the present winner's answer
-    where it was beaten (`reserved`): its guesses there would teach wrong answers the absent
-    teacher's replayed ones contradict. Where most of a round's nearest prompts had nobody's
-    answer kept, that round gives no verdict."""
-    a, m = prompt_ids.shape[0], len(teachers)
-    beaten = torch.zeros(a, m, dtype=torch.bool)
+    """What an absent teacher would have claimed for this round's teacher-share prompts
+    [A, P], as a quantile among its own claims (`claim_quantiles`): the mean of its
+    quantiles on the k earlier prompts nearest to each (cosine of token-count bags, in the
+    student's token space). `past`: per round it took part in, that round's ask prompt ids
+    [A', P'], mask, and its claims' quantiles there [A']. A teacher's quantiles are uniform
+    in every round by construction, so those of different rounds compare, as rank selection
+    compares teachers: where the imputed quantile beats the present winner's, rank selection
+    would have kept the absent teacher's answer had it been there (`assemble_batch`,
+    `rivals`). [A]; zeros without a past."""
+    a = prompt_ids.shape[0]
     past = [x for x in past if x[0].shape[0]]
-    if not a or not past or not absent:
-        return beaten
-    bags = _Bags([(prompt_ids, prompt_mask), *((i, mk) for i, mk, _, _ in past)])
+    if not a or not past:
+        return torch.zeros(a)
+    bags = _Bags([(prompt_ids, prompt_mask), *((i, m) for i, m, _ in past)])
     new = bags.bag(0)
-    n = 1 + max([*(int(o.max()) for _, _, o, _ in past), *absent, *teachers])
-    for r, (_, _, owner, present) in enumerate(past, start=1):
-        bag = bags.bag(r)
-        near = (new @ bag.T).topk(min(k, bag.shape[0]), dim=1).indices  # [A, k]
-        who = owner.long()[near] + 1  # 0: nobody's answer kept
-        hist = torch.zeros(a, n + 1).scatter_add_(1, who, torch.ones_like(who, dtype=torch.float))
-        verdict = hist.argmax(1) - 1  # [A]; -1 where most were nobody's
-        for c in absent & present:
-            for j, w in enumerate(teachers):
-                if w in present and w != c:
-                    beaten[verdict == c, j] = True
-                    beaten[verdict == w, j] = False
-    return beaten
+    sims, qs = [], []
+    for r, (_, _, q) in enumerate(past, start=1):
+        sim = new @ bags.bag(r).T  # [A, A']
+        top = sim.topk(min(k, sim.shape[1]), dim=1)
+        sims.append(top.values)
+        qs.append(q.float()[top.indices])
+    sims, qs = torch.cat(sims, 1), torch.cat(qs, 1)  # the nearest of every round
+    near = sims.topk(min(k, sims.shape[1]), dim=1).indices
+    return qs.gather(1, near).mean(1)
 
 
 def stale_part(
@@ -371,7 +360,7 @@ def assemble_batch(
     d: DistillConfig,
     extra: list[dict[str, torch.Tensor]] = (),
     trusted: list[bool] | None = None,
-    reserved: torch.Tensor | None = None,
+    rivals: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The student's training batch: its rollouts scored by the aggregated teachers, then
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
@@ -383,10 +372,11 @@ def assemble_batch(
     whose answer was kept per teacher-share prompt (-1: none), what a later round's
     `stale_part` reads. `trusted` [M] (default: all): False for a quarantined teacher
     (`quarantine`), whose scores are left out of the mixture; where no teacher is trusted,
-    the student's rollouts have no scores and are left out. `reserved` [A, M] bool: where
-    an absent teacher beat teacher j on the prompt's domain (`absent_domain`); a prompt whose
-    selected answer is such a teacher's is left out (`n_reserved`): the absent teacher's
-    replayed answers (`extra`) teach its domain."""
+    the student's rollouts have no scores and are left out. `rivals` [A]: the highest
+    quantile an absent teacher would have claimed per prompt (`imputed_quantile`); under
+    rank selection a prompt whose kept answer's quantile it beats is left out
+    (`n_reserved`): that teacher's replayed answers (`extra`) teach its domain, not the
+    present teachers' guesses."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     trusted = [True] * len(teachings) if trusted is None else list(trusted)
@@ -436,8 +426,8 @@ def assemble_batch(
         )  # fmt: skip
         # no teacher present knows the prompt well enough to claim `min_claim`: learn nothing
         free = torch.ones(a, dtype=torch.bool)
-        if reserved is not None:  # the present winner was beaten here by an absent teacher
-            free = ~reserved.bool()[torch.arange(a), sel["teacher_index"]]
+        if rivals is not None and d.selection == "rank":  # an absent teacher would have won
+            free = ~(rivals.float() > sel["quantile"])
         keep = free.clone()
         if d.min_claim > 0 and bool(free.any()):
             floor = claim_floor(sel["claim"][free], d.min_claim, d.max_rejected)
@@ -497,7 +487,7 @@ def selection_stats(
     everything is either perfect or lying: rank selection gives such claims no weight);
     `rejected`, the share of them left out (`min_claim`): shares are of all teacher-share
     prompts, kept or not; `reserved`, the share left to an absent teacher's replayed
-    answers (`absent_domain`); `stale_rows`, the answers replayed from absent teachers;
+    answers (`imputed_quantile`); `stale_rows`, the answers replayed from absent teachers;
     `coherent.<id>` (given `coherent`), the `coherence` of its claims: below MIN_COHERENCE
     it was quarantined (its answers counted as hard labels, its scores not at all)."""
     kept = teacher_index[teacher_index >= 0]

@@ -716,34 +716,6 @@ def stale_buffer(cache: dict, latest: dict | None = None) -> dict[str, list[dict
     return out
 
 
-def _owners(store, exchange, student_id: str, buffer: dict[str, list[dict]],
-            clients: list[str]) -> list[tuple[Any, Any, Any]]:  # fmt: skip
-    """Every earlier round in the replay buffer, oldest first: its teacher-share prompts,
-    whose answer was kept for each (an index of `clients`; -1: none) and who took part (the
-    indices), for `absent_domain`."""
-    import torch
-
-    from flminillm.messages import MessageError
-
-    rounds: dict[int, dict] = {}
-    for c, entries in buffer.items():
-        for e in entries:
-            r = rounds.setdefault(e["round"], {"rollouts": e["rollouts"], "choice": e["choice"],
-                                               "who": {}})  # fmt: skip
-            r["who"][e["index"]] = clients.index(c)
-    out = []
-    for _, r in sorted(rounds.items()):
-        old = exchange.get_tensors(r["rollouts"])
-        choice = store.scoped(student_id).get_tensors(r["choice"])["choice"].long()
-        if choice.shape != (old["ask_prompt_ids"].shape[0],):
-            raise MessageError(f"round choice: shape {tuple(choice.shape)} != [A]")
-        owner = torch.full_like(choice, -1)
-        for local, glob in r["who"].items():
-            owner[choice == local] = glob
-        out.append((old["ask_prompt_ids"], old["ask_prompt_mask"], owner, set(r["who"].values())))
-    return out
-
-
 def _teaching_for(exchange, state: dict, student_id: str, teacher: str, digest: str, rollouts,
                   tok, vocab: int) -> tuple[dict, bool]:  # fmt: skip
     """A teacher's message on `rollouts`, validated, in the student's token space; and
@@ -769,16 +741,18 @@ def _distill(
 ) -> tuple[str, dict[str, float], Any, dict]:  # fmt: skip
     """The distill step's work: the student's rollouts and its teachers' messages in (and
     `buffer`: every client's earlier answers, `stale_buffer`: the absent ones' are replayed,
-    `distill.stale_share`, and all say who owns which prompts), its updated model
+    `distill.stale_share`, and stand in for them in selection), its updated model
     (digest and the model itself), the update's statistics and what it was taught (the
     rollouts, and whose answers were kept: `ask_choice`) out."""
     import torch
 
     from flminillm.aggregate import (
         MIN_COHERENCE,
-        absent_domain,
+        answer_claims,
         assemble_batch,
+        claim_quantiles,
         coherence,
+        imputed_quantile,
         quarantine,
         replay_rows,
         selection_stats,
@@ -812,7 +786,7 @@ def _distill(
     # drawn from every round each took part in (flminillm.aggregate.replay_rows)
     here = {t["teacher"] for t in teachings_manifests}
     stale = {c: es for c, es in (buffer or {}).items() if c not in here}
-    extra = []
+    extra, rivals = [], None
     for c, entries in sorted(stale.items()):
         loaded = []
         for entry in entries:
@@ -831,16 +805,14 @@ def _distill(
         rows = replay_rows([(ch, i) for _, _, ch, i in loaded], d.stale_share,
                            seed(cfg, "stale", round_index, c))  # fmt: skip
         extra += [stale_part(old, msg, r) for (old, msg, _, _), r in zip(loaded, rows, strict=True)]
-    # this round's prompts of an absent teacher's domain: the present teachers' guesses
-    # there are left out, its replayed answers teach them (flminillm.aggregate.absent_domain)
-    reserved = None
-    if stale:
-        ids = [c.id for c in cfg.clients]
-        past = _owners(store, exchange, student_id, buffer, ids)
-        reserved = absent_domain(
-            rollouts["ask_prompt_ids"], rollouts["ask_prompt_mask"], past,
-            {ids.index(c) for c in stale}, [ids.index(t["teacher"]) for t in teachings_manifests],
-        )  # fmt: skip
+        # where it would have won this round's prompts under rank selection, the present
+        # teachers' guesses are left out: its replayed answers teach its domain
+        # (flminillm.aggregate.imputed_quantile)
+        past = [(old["ask_prompt_ids"], old["ask_prompt_mask"], claim_quantiles(
+            (answer_claims(msg) + (msg["own_prompt_logp"].float() if d.posterior_weights else 0))[None]
+        )[0]) for old, msg, _, _ in loaded]  # fmt: skip
+        mine = imputed_quantile(rollouts["ask_prompt_ids"], rollouts["ask_prompt_mask"], past)
+        rivals = mine if rivals is None else torch.maximum(rivals, mine)
     if across:
         # a teacher of another tokenizer scores the sampled token only: no single-step KL on
         # a support, so the immediate reward joins the return (still the exact reverse-KL
@@ -856,7 +828,7 @@ def _distill(
                   "teacher_logp": p["teacher_logp"][..., :1]} for p in extra]  # fmt: skip
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
     batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra, trusted=trusted,
-                                 reserved=reserved)  # fmt: skip
+                                 rivals=rivals)  # fmt: skip
     choice = store.scoped(student_id).put_tensors({"choice": info["ask_choice"].int()})
     chosen = selection_stats(
         info["teacher_index"], sent, [t["teacher"] for t in teachings_manifests],

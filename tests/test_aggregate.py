@@ -10,7 +10,6 @@ import torch
 
 from flminillm.aggregate import (
     QUARANTINE_P,
-    absent_domain,
     aggregate_teachers,
     assemble_batch,
     cap_log_weights,
@@ -18,6 +17,7 @@ from flminillm.aggregate import (
     claim_floor,
     claim_quantiles,
     coherence,
+    imputed_quantile,
     quarantine,
     replay_rows,
     select_teacher_rollouts,
@@ -275,55 +275,49 @@ def test_min_claim_rejects_answers_no_teacher_present_knows():
 
 
 def _prompts(family: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n prompts of a toy family: template ids 1, 2 shared by every family, then family
-    words (10 per family, from 10 + 10 * family) and one left padding position."""
+    """n prompts of a toy family: one left padding position, format ids 1, 2 shared by every
+    family, the family's template (three ids from 40 + 3 * family) and one varying word
+    from a pool every family shares (ids 10-29): what a task's prompts look like."""
     g = torch.Generator().manual_seed(seed)
-    words = 10 + 10 * family + torch.randint(0, 10, (n, 3), generator=g)
-    ids = torch.cat(
-        [torch.zeros(n, 1, dtype=torch.long), words, torch.tensor([[1, 2]]).expand(n, 2)], 1
-    )
+    word = torch.randint(10, 30, (n, 1), generator=g)
+    template = (40 + 3 * family + torch.arange(3)).expand(n, 3)
+    pad = torch.zeros(n, 1, dtype=torch.long)
+    ids = torch.cat([pad, torch.tensor([[1]]).expand(n, 1), template, word,
+                     torch.tensor([[2]]).expand(n, 1)], 1)  # fmt: skip
     mask = torch.ones_like(ids)
     mask[:, 0] = 0
     return ids, mask
 
 
-def _round(owners: list[int], present: set[int], seed: int):
-    """A past round of 3 toy families (8 prompts each): family f's prompts won by owners[f]."""
-    parts = [_prompts(f, 8, seed + f) for f in range(3)]
-    owner = torch.tensor([o for o in owners for _ in range(8)])
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), owner, present
-
-
-def test_absent_domain_reserves_where_the_absent_teacher_beat_the_present_one():
-    """Teachers 0, 1, 2 hold families 0, 1, 2. A present teacher's answers on a prompt are
-    left out where the absent teacher beat it on that prompt's domain in the latest round
-    both took part in; a win over a teacher that was not there proves nothing."""
-    new_ids, new_mask = torch.cat([_prompts(f, 5, 100 + f)[0] for f in range(3)]), None
-    new_mask = torch.cat([_prompts(f, 5, 100 + f)[1] for f in range(3)])
+def test_imputed_quantile_stands_in_for_an_absent_teacher():
+    """An absent teacher's quantile on a new prompt is the mean of its quantiles on the
+    nearest prompts of the rounds it took part in: high on its own family, low elsewhere,
+    whatever the round."""
     fam = torch.arange(3).repeat_interleave(5)
-    everyone = _round([0, 1, 2], {0, 1, 2}, seed=0)
-    # teacher 2 absent now; present: 0 and 1 (local columns 0, 1)
-    beaten = absent_domain(new_ids, new_mask, [everyone], {2}, [0, 1])
-    assert beaten.shape == (15, 2)
-    assert torch.equal(beaten[:, 0], fam == 2) and torch.equal(beaten[:, 1], fam == 2)
-    # round 1 without teacher 1: teacher 2 won family 1 too (a confident guess); it beat 0
-    # there, not 1, so teacher 1's answers on its own family stay
-    guess = _round([0, 2, 2], {0, 2}, seed=10)
-    beaten = absent_domain(new_ids, new_mask, [guess], {2}, [0, 1])
-    assert torch.equal(beaten[:, 1], torch.zeros(15, dtype=torch.bool))
-    assert torch.equal(beaten[:, 0], (fam == 1) | (fam == 2))
-    # the latest round both took part in decides: later, teacher 0 won family 1 over 2
-    later = _round([0, 0, 2], {0, 2}, seed=20)
-    beaten = absent_domain(new_ids, new_mask, [guess, later], {2}, [0, 1])
-    assert torch.equal(beaten[:, 0], fam == 2)
-    # a round where nobody's answer was kept near a prompt gives no verdict; nobody absent
-    rejected = _round([0, -1, -1], {0, 1, 2}, seed=30)
-    beaten = absent_domain(new_ids, new_mask, [everyone, rejected], {2}, [0, 1])
-    assert torch.equal(beaten[:, 0], fam == 2)
-    assert not bool(absent_domain(new_ids, new_mask, [everyone], set(), [0, 1, 2]).any())
+    new = [_prompts(f, 5, 100 + f) for f in range(3)]
+    new_ids, new_mask = torch.cat([i for i, _ in new]), torch.cat([m for _, m in new])
+
+    def past_round(levels: list[float], seed: int):
+        parts = [_prompts(f, 8, seed + f) for f in range(3)]
+        q = torch.tensor([lv for lv in levels for _ in range(8)])
+        return torch.cat([i for i, _ in parts]), torch.cat([m for _, m in parts]), q
+
+    one = past_round([0.2, 0.3, 0.9], seed=0)
+    got = imputed_quantile(new_ids, new_mask, [one])
+    assert torch.allclose(got, torch.tensor([0.2, 0.3, 0.9])[fam])
+    # the nearest of all its rounds: a second round's prompts of each family count as much
+    two = past_round([0.4, 0.1, 0.7], seed=10)
+    got = imputed_quantile(new_ids, new_mask, [one, two])
+    assert bool(((got >= torch.tensor([0.2, 0.1, 0.7])[fam] - 1e-6)
+                 & (got <= torch.tensor([0.4, 0.3, 0.9])[fam] + 1e-6)).all())  # fmt: skip
+    assert bool((got[fam == 2] > got[fam != 2].max()).all())
+    assert torch.equal(imputed_quantile(new_ids, new_mask, []), torch.zeros(15))
 
 
-def test_a_reserved_prompt_leaves_the_batch_and_is_counted():
+def test_a_prompt_an_absent_teacher_would_have_won_leaves_the_batch():
+    """Under rank selection, a prompt whose kept answer's quantile an absent teacher's
+    imputed quantile beats is left out and counted (`reserved`); the others stay. Joint
+    selection has no quantiles: nothing is reserved there."""
     from flminillm.config import DistillConfig
 
     n, a, t, s = 2, 4, 3, 2
@@ -335,18 +329,20 @@ def test_a_reserved_prompt_leaves_the_batch_and_is_counted():
          "own_support_ids": torch.arange(s).expand(a, t, s).clone(),
          "own_logp": torch.log(torch.tensor(p))[:, None, None].expand(a, t, s).clone(),
          "own_prompt_logp": torch.zeros(a)}
-        for p in ([0.9, 0.8, 0.1, 0.2], [0.1, 0.1, 0.7, 0.6])
+        for p in ([0.9, 0.8, 0.1, 0.2], [0.1, 0.2, 0.7, 0.6])
     ]  # fmt: skip
-    d = DistillConfig(min_claim=0.0)
-    reserved = torch.zeros(a, 2, dtype=torch.bool)
-    reserved[3, 1] = True  # teacher 1 (the winner of prompt 3) was beaten there
-    reserved[2, 0] = True  # teacher 0 was too on prompt 2, but teacher 1 won it: no effect
-    batch, info = assemble_batch(rollouts, teachings, torch.ones(2), d, reserved=reserved)
-    assert info["ask_choice"].tolist() == [0, 0, 1, -1]
-    assert int(info["n_reserved"]) == 1 and int(info["n_rejected"]) == 0
-    assert batch["response_ids"].shape[0] == n + a - 1
-    stats = selection_stats(info["teacher_index"], teachings, ["alice", "bob"], 0, n_reserved=1)
-    assert stats["reserved"] == pytest.approx(0.25) and stats["selected.bob"] == pytest.approx(0.25)
+    d = DistillConfig(min_claim=0.0, selection="rank")
+    # kept: teacher 0 on prompts 0, 1 (quantiles 1, 2/3), teacher 1 on 2, 3 (1, 2/3)
+    rivals = torch.tensor([0.5, 0.9, 0.5, 0.9])
+    batch, info = assemble_batch(rollouts, teachings, torch.ones(2), d, rivals=rivals)
+    assert info["ask_choice"].tolist() == [0, -1, 1, -1]
+    assert int(info["n_reserved"]) == 2 and int(info["n_rejected"]) == 0
+    assert batch["response_ids"].shape[0] == n + a - 2
+    stats = selection_stats(info["teacher_index"], teachings, ["alice", "bob"], 0, n_reserved=2)
+    assert stats["reserved"] == pytest.approx(0.5) and stats["selected.bob"] == pytest.approx(0.25)
+    joint = d.model_copy(update={"selection": "joint"})
+    _, info = assemble_batch(rollouts, teachings, torch.ones(2), joint, rivals=rivals)
+    assert int(info["n_reserved"]) == 0
 
 
 def test_claim_floor_is_scale_free_and_a_liar_cannot_lower_it():
