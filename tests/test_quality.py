@@ -315,3 +315,24 @@ def test_benchmark_config_carries_what_bench_tune_chose():
     for field, value in chosen["reverse_kl"]["distill"].items():
         assert getattr(d, field) == value, f"configs/benchmark.yaml distill.{field}"
     assert FORWARD_KL == chosen["forward_kl"]["distill"]
+
+
+def test_sampled_scores_get_their_table_only_where_runs_have_them():
+    from flminillm.bench.quality_report import sampled_section
+
+    def stat(m):
+        return {"mean": m, "std": None}
+
+    keys = ("em_all", "rouge_l_all", "em_held", "em_unseen", "rouge_l_held", "rouge_l_unseen")
+    greedy = {"server": {k: stat(0.5) for k in keys}, "clients": {k: stat(0.5) for k in keys},
+              "seeds": [0]}  # fmt: skip
+    sampled = {
+        who: {**greedy[who], **{f"sampled_{k}": stat(0.25) for k in keys}}
+        for who in ("server", "clients")
+    }
+    assert sampled_section({"a": greedy}, ["a"]) == []
+    lines = sampled_section({"a": greedy, "b": {**sampled, "seeds": [0, 1]}}, ["a", "b"])
+    assert lines[0] == "## Sampled answers (temperature 1)"
+    rows = [x for x in lines if x.startswith("| b |")]
+    assert rows == ["| b | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 | 2 |"]
+    assert not any(x.startswith("| a |") for x in lines)

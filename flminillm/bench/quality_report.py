@@ -352,6 +352,7 @@ def write_markdown(results: dict, path: Path, png: str) -> None:
             lines += [f"- `{n}`: {results[n]['note']}" for n in names
                       if results[n]["group"] == group]  # fmt: skip
             lines += [""]
+    lines += sampled_section(results, names)
     lines += kl_section(results, names)
     fams = list(next(iter(results[n] for n in names))["server_families_em"])
     lines += ["## Server EM per family (%)", "",
@@ -361,6 +362,32 @@ def write_markdown(results: dict, path: Path, png: str) -> None:
         lines.append(f"| {n} | " + " | ".join(f"{100 * (f[x] or 0):.1f}" for x in fams) + " |")
     lines += ["", f"![results]({png})", ""]
     atomic_write_bytes(path, "\n".join(lines).encode())
+
+
+def sampled_section(results: dict, names: list[str]) -> list[str]:
+    """Scores of temperature-1 samples (generation.eval_samples > 0, as MiniLLM evaluates:
+    the mean over the samples), or nothing where the runs have none."""
+    have = [n for n in names if (results[n]["server"].get("sampled_rouge_l_all") or {}).get("mean")
+            is not None]  # fmt: skip
+    if not have:
+        return []
+    lines = [
+        "## Sampled answers (temperature 1)",
+        "",
+        "The last round's evaluation also scores temperature-1 samples (generation.eval_samples "
+        "per prompt; the mean over them): EM is validity on long-form families.",
+        "",
+        "| method | server EM all | server Rouge-L all | clients EM held | clients EM unseen "
+        "| clients Rouge-L held | clients Rouge-L unseen | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for n in have:
+        s, c = results[n]["server"], results[n]["clients"]
+        cells = [_pm(s["sampled_em_all"]), _pm(s["sampled_rouge_l_all"]), _pm(c["sampled_em_held"]),
+                 _pm(c["sampled_em_unseen"]), _pm(c["sampled_rouge_l_held"]),
+                 _pm(c["sampled_rouge_l_unseen"])]  # fmt: skip
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {len(results[n]['seeds'])} |")
+    return [*lines, ""]
 
 
 def _kl(s: dict | None) -> str:
