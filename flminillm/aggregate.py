@@ -155,6 +155,13 @@ def answer_claims(teaching: dict[str, torch.Tensor]) -> torch.Tensor:
     return (logp * teaching["own_response_mask"].float()).sum(-1)
 
 
+def selection_claims(teaching: dict[str, torch.Tensor], use_prompt: bool) -> torch.Tensor:
+    """[A] what selection compares of a teacher's answers (before its prior): the claimed
+    log p(y | x) (`answer_claims`), plus its claimed log p(x) with `use_prompt`."""
+    claims = answer_claims(teaching)
+    return claims + teaching["own_prompt_logp"].float() if use_prompt else claims
+
+
 def select_teacher_rollouts(
     teachings: list[dict[str, torch.Tensor]],
     prior: torch.Tensor,
@@ -177,9 +184,8 @@ def select_teacher_rollouts(
     sup = torch.stack([right_pad(t["own_support_ids"].long(), width, 0) for t in teachings])
     logp = torch.stack([right_pad(t["own_logp"].float(), width, 0.0) for t in teachings])
     answer = torch.stack([answer_claims(t) for t in teachings])  # [M, A]
-    joint = answer + torch.log(prior)[:, None]
-    if use_prompt:
-        joint = joint + torch.stack([t["own_prompt_logp"].float() for t in teachings])
+    joint = torch.stack([selection_claims(t, use_prompt) for t in teachings])
+    joint = joint + torch.log(prior)[:, None]
     if rank:
         joint = claim_quantiles(joint)
     best = cap_selection(joint, cap).argmax(0)  # [A]
@@ -501,7 +507,7 @@ def selection_stats(
     for i, (t, name) in enumerate(zip(teachings, ids, strict=True)):
         if total:
             out[f"selected.{name}"] = float((kept == i).sum()) / total
-        seq = (t["own_logp"][..., 0].float() * t["own_response_mask"].float()).sum(-1)
+        seq = answer_claims(t)
         if seq.numel():
             out[f"certain.{name}"] = float((seq >= torch.log(torch.tensor(0.99))).float().mean())
         if coherent is not None:

@@ -122,7 +122,7 @@ def selection_line(metrics: dict[str, float]) -> str:
     if rejected > 0:  # distill.min_claim: prompts no teacher present knew
         parts.append(f"[yellow]rejected {rejected:.0%} (below min_claim)[/]")
     reserved = metrics.get("reserved", 0.0)
-    if reserved > 0:  # left to an absent teacher's replayed answers (absent_domain)
+    if reserved > 0:  # left to an absent teacher's replayed answers (aggregate.imputed_quantile)
         parts.append(f"reserved {reserved:.0%} (an absent teacher's domain)")
     return "answers kept: " + ", ".join(parts)
 

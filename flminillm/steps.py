@@ -664,7 +664,7 @@ def distill(
             stale = {c.id: cache[c.id] for c in cfg.clients if c.id not in here and c.id in cache}
             new_digest, metrics, trained, taught = _distill(
                 cfg, store, state, round_index, student_id, model_digest, ro["rollouts"], live,
-                cache,
+                stale,
             )  # fmt: skip
             exchange = store.scoped(EXCHANGE)
             mine = store.scoped(student_id)
@@ -737,24 +737,24 @@ def _teaching_for(exchange, state: dict, student_id: str, teacher: str, digest: 
 def _distill(
     cfg: Config, store: Store, state: dict, round_index: int, student_id: str,
     model_digest: str, rollouts_digest: str, teachings_manifests: list[dict],
-    buffer: dict[str, list[dict]] | None = None,
+    stale: dict[str, list[dict]] | None = None,
 ) -> tuple[str, dict[str, float], Any, dict]:  # fmt: skip
     """The distill step's work: the student's rollouts and its teachers' messages in (and
-    `buffer`: every client's earlier answers, `stale_buffer`: the absent ones' are replayed,
-    `distill.stale_share`, and stand in for them in selection), its updated model
+    `stale`: absent teachers' earlier answers, `stale_buffer`: replayed, `distill.stale_share`,
+    and standing in for them in selection), its updated model
     (digest and the model itself), the update's statistics and what it was taught (the
     rollouts, and whose answers were kept: `ask_choice`) out."""
     import torch
 
     from flminillm.aggregate import (
         MIN_COHERENCE,
-        answer_claims,
         assemble_batch,
         claim_quantiles,
         coherence,
         imputed_quantile,
         quarantine,
         replay_rows,
+        selection_claims,
         selection_stats,
         stale_part,
     )  # fmt: skip
@@ -784,10 +784,8 @@ def _distill(
     teachings = [t if ok else quarantine(t) for t, ok in zip(teachings, trusted, strict=True)]
     # drop-out without loss: the absent teachers' answers the server kept before (stale),
     # drawn from every round each took part in (flminillm.aggregate.replay_rows)
-    here = {t["teacher"] for t in teachings_manifests}
-    stale = {c: es for c, es in (buffer or {}).items() if c not in here}
     extra, rivals = [], None
-    for c, entries in sorted(stale.items()):
+    for c, entries in sorted((stale or {}).items()):
         loaded = []
         for entry in entries:
             old = exchange.get_tensors(entry["rollouts"])
@@ -808,9 +806,9 @@ def _distill(
         # where it would have won this round's prompts under rank selection, the present
         # teachers' guesses are left out: its replayed answers teach its domain
         # (flminillm.aggregate.imputed_quantile)
-        past = [(old["ask_prompt_ids"], old["ask_prompt_mask"], claim_quantiles(
-            (answer_claims(msg) + (msg["own_prompt_logp"].float() if d.posterior_weights else 0))[None]
-        )[0]) for old, msg, _, _ in loaded]  # fmt: skip
+        past = [(old["ask_prompt_ids"], old["ask_prompt_mask"],
+                 claim_quantiles(selection_claims(msg, d.posterior_weights)[None])[0])
+                for old, msg, _, _ in loaded]  # fmt: skip
         mine = imputed_quantile(rollouts["ask_prompt_ids"], rollouts["ask_prompt_mask"], past)
         rivals = mine if rivals is None else torch.maximum(rivals, mine)
     if across:

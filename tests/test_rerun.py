@@ -132,7 +132,7 @@ def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypat
     assert won > 0 and two.metrics["stale_rows"] == won  # all of them, at stale_share 1
     assert "stale_rows" not in m
     # round 2: bob's answers on alice's domain (where she beat him in round 1) are left to
-    # her replayed answers (flminillm.aggregate.absent_domain)
+    # her replayed answers (flminillm.aggregate.imputed_quantile)
     m2 = two.metrics
     assert m2["selected.bob"] + m2["rejected"] + m2.get("reserved", 0.0) == pytest.approx(1.0)
     assert "reserved" not in m

@@ -15,7 +15,6 @@ run, after the runs (a record beside the run's, so `--resume` reuses them).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -144,4 +143,4 @@ def add_kl_to_pooled(base, vs, grid: dict, workdir: Path, console=None) -> None:
             console.print(f"KL to pooled {i + 1}/{len(todo)}: {v.name} seed {r['seed']}")
         kl = kl_to_pooled(cfg, variant_config(base, pooled, r["seed"], workdir), samples)
         if kl is not None:
-            r["kl_pooled"] = json.loads(json.dumps(kl))
+            r["kl_pooled"] = kl
