@@ -162,6 +162,16 @@ def selection_claims(teaching: dict[str, torch.Tensor], use_prompt: bool) -> tor
     return claims + teaching["own_prompt_logp"].float() if use_prompt else claims
 
 
+def own_quantiles(teaching: dict[str, torch.Tensor], use_prompt: bool) -> torch.Tensor:
+    """[A] where rank selection places a teacher's answers: the quantiles of its
+    `selection_claims` among its own (`claim_quantiles`; its prior, one constant per
+    teacher, does not move them), or its `own_quantile` where given (a quarantined teacher:
+    `quarantine`)."""
+    if "own_quantile" in teaching:
+        return teaching["own_quantile"].float()
+    return claim_quantiles(selection_claims(teaching, use_prompt)[None])[0]
+
+
 def select_teacher_rollouts(
     teachings: list[dict[str, torch.Tensor]],
     prior: torch.Tensor,
@@ -184,10 +194,11 @@ def select_teacher_rollouts(
     sup = torch.stack([right_pad(t["own_support_ids"].long(), width, 0) for t in teachings])
     logp = torch.stack([right_pad(t["own_logp"].float(), width, 0.0) for t in teachings])
     answer = torch.stack([answer_claims(t) for t in teachings])  # [M, A]
-    joint = torch.stack([selection_claims(t, use_prompt) for t in teachings])
-    joint = joint + torch.log(prior)[:, None]
     if rank:
-        joint = claim_quantiles(joint)
+        joint = torch.stack([own_quantiles(t, use_prompt) for t in teachings])
+    else:
+        joint = torch.stack([selection_claims(t, use_prompt) for t in teachings])
+        joint = joint + torch.log(prior)[:, None]
     best = cap_selection(joint, cap).argmax(0)  # [A]
     idx = torch.arange(best.shape[0])
     length = mask[best, idx].sum(-1).clamp(min=1)
@@ -243,18 +254,20 @@ def coherence(teaching: dict[str, torch.Tensor]) -> float:
 QUARANTINE_P = 0.9
 
 
-def quarantine(teaching: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def quarantine(teaching: dict[str, torch.Tensor], quantile: float) -> dict[str, torch.Tensor]:
     """What counts of the message of a teacher whose claims contradict its own support
     (`coherence` < MIN_COHERENCE): its answers, as smoothed hard labels (QUARANTINE_P on
     each answer token, the rest spread evenly over its k other support tokens and the rest
     of the vocabulary: a finite target for the reverse KL, which a one-hot target would make
-    infinite off the answer) with one constant claim for all, so that under rank selection
-    they rank in the middle of every prompt and never beat a teacher on the prompts it is
-    surest of; its log-probs, claims and scores are dropped (`assemble_batch` leaves it out
-    of the mixture that scores the student's rollouts). At worst a broken teacher is then a
-    liar claiming to be sure everywhere, which the defence bounds. The claim is `own_claim`,
-    one per answer: a sum of the smoothed log-probs would rank its short answers above its
-    long ones (log QUARANTINE_P per token), whatever their worth."""
+    infinite off the answer) with one constant claim for all (`own_claim`, probability 1:
+    `min_claim` keeps them) and one constant place under rank selection (`own_quantile`,
+    `distill.quarantine_quantile`): on every prompt they rank at that quantile, and never
+    beat a teacher on the prompts it is surer of; its log-probs, claims and scores are
+    dropped (`assemble_batch` leaves it out of the mixture that scores the student's
+    rollouts). At worst a broken teacher is then a liar claiming to be sure everywhere,
+    which the defence bounds. One constant per answer: a sum of the smoothed log-probs
+    would rank its short answers above its long ones (log QUARANTINE_P per token), whatever
+    their worth."""
     mask = teaching["own_response_mask"].bool()
     k = teaching["own_logp"].shape[-1] - 1
     smooth = torch.full_like(teaching["own_logp"].float(), math.log((1 - QUARANTINE_P) / (k + 1)))
@@ -264,6 +277,7 @@ def quarantine(teaching: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "own_logp": smooth * mask[..., None],
         "own_prompt_logp": torch.zeros_like(teaching["own_prompt_logp"].float()),
         "own_claim": torch.zeros(mask.shape[0]),
+        "own_quantile": torch.full((mask.shape[0],), float(quantile)),
     }
 
 

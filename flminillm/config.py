@@ -22,6 +22,27 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
+# A field added after federations were run, whose default is the behaviour from before it,
+# says so with this in its json_schema_extra: at its default it is left out of the
+# experiment's JSON and digest (`Config.experiment_json`), so that an upgrade adding a knob
+# keeps every federation id, cached step and benchmark record made before it.
+OMIT_DEFAULT = {"omit_default": True}
+
+
+def _omitted_defaults(model: BaseModel) -> dict[str, Any]:
+    """The `exclude` spec of `model_dump` for the OMIT_DEFAULT fields at their defaults."""
+    out: dict[str, Any] = {}
+    for name, f in type(model).model_fields.items():
+        value = getattr(model, name)
+        if (f.json_schema_extra or {}).get("omit_default") and value == f.get_default(
+            call_default_factory=True
+        ):
+            out[name] = True
+        elif isinstance(value, BaseModel) and (sub := _omitted_defaults(value)):
+            out[name] = sub
+    return out
+
+
 class ConfigError(ValueError):
     """A configuration problem, with the path of every bad field and what is allowed."""
 
@@ -448,6 +469,18 @@ class DistillConfig(_Strict):
         "(docs/tune-dropout). With `min_claim` the absent expert's prompts are neither learnt "
         "wrong nor forgotten.",
     )
+    quarantine_quantile: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        json_schema_extra=OMIT_DEFAULT,
+        description="Under rank selection, the quantile at which a quarantined teacher's "
+        "answers rank on every prompt (one whose claims contradict its own support, a "
+        "broken model: its claims say nothing of where it is right, docs/algorithm.md): it "
+        "wins the prompts where every other teacher claims less than this quantile of its own "
+        "claims. Higher gives its domain back to it and hands it more of the others'. "
+        "Chosen on the validation split under a broken client (docs/tune-quarantine).",
+    )
     posterior_weights: bool = Field(
         True,
         description="Weight each teacher per sequence by its likelihood of the prompt and the "
@@ -754,8 +787,14 @@ class ExperimentConfig(_Strict):
         return self.model_dump(mode="json", include=set(ExperimentConfig.model_fields))
 
     def experiment_json(self) -> str:
-        """The canonical JSON of the experiment: what steps receive and what is hashed."""
-        return canonical_json(self.experiment_dict())
+        """The canonical JSON of the experiment: what steps receive and what is hashed
+        (OMIT_DEFAULT fields at their defaults left out: steps read them back as defaults)."""
+        return canonical_json(
+            self.model_dump(
+                mode="json", include=set(ExperimentConfig.model_fields),
+                exclude=_omitted_defaults(self),
+            )
+        )  # fmt: skip
 
     def digest(self) -> str:
         """sha256 of the experiment: the same wherever and however it is run."""

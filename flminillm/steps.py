@@ -749,12 +749,11 @@ def _distill(
     from flminillm.aggregate import (
         MIN_COHERENCE,
         assemble_batch,
-        claim_quantiles,
         coherence,
         imputed_quantile,
+        own_quantiles,
         quarantine,
         replay_rows,
-        selection_claims,
         selection_stats,
         stale_part,
     )  # fmt: skip
@@ -781,7 +780,10 @@ def _distill(
     coherent = [coherence(t) for t in teachings]
     trusted = [c >= MIN_COHERENCE for c in coherent]
     sent = teachings
-    teachings = [t if ok else quarantine(t) for t, ok in zip(teachings, trusted, strict=True)]
+    teachings = [
+        t if ok else quarantine(t, d.quarantine_quantile)
+        for t, ok in zip(teachings, trusted, strict=True)
+    ]
     # drop-out without loss: the absent teachers' answers the server kept before (stale),
     # drawn from every round each took part in (flminillm.aggregate.replay_rows)
     extra, rivals = [], None
@@ -798,7 +800,7 @@ def _distill(
             if x:  # sampled-token supports only, as for a fresh teacher of another tokenizer
                 across += 1
             if coherence(msg) < MIN_COHERENCE:
-                msg = quarantine(msg)
+                msg = quarantine(msg, d.quarantine_quantile)
             loaded.append((old, msg, choice, entry["index"]))
         rows = replay_rows([(ch, i) for _, _, ch, i in loaded], d.stale_share,
                            seed(cfg, "stale", round_index, c))  # fmt: skip
@@ -806,9 +808,10 @@ def _distill(
         # where it would have won this round's prompts under rank selection, the present
         # teachers' guesses are left out: its replayed answers teach its domain
         # (flminillm.aggregate.imputed_quantile)
-        past = [(old["ask_prompt_ids"], old["ask_prompt_mask"],
-                 claim_quantiles(selection_claims(msg, d.posterior_weights)[None])[0])
-                for old, msg, _, _ in loaded]  # fmt: skip
+        past = [
+            (old["ask_prompt_ids"], old["ask_prompt_mask"], own_quantiles(msg, d.posterior_weights))
+            for old, msg, _, _ in loaded
+        ]
         mine = imputed_quantile(rollouts["ask_prompt_ids"], rollouts["ask_prompt_mask"], past)
         rivals = mine if rivals is None else torch.maximum(rivals, mine)
     if across:

@@ -455,7 +455,7 @@ def test_a_quarantined_teacher_counts_by_its_answers_alone():
     from flminillm.config import DistillConfig
 
     honest = _honest_teaching(seed=1)
-    q = quarantine(honest)
+    q = quarantine(honest, 0.5)
     mask = honest["own_response_mask"].bool()
     p = q["own_logp"][mask].exp()  # [positions, S]
     assert torch.allclose(p[:, 0], torch.tensor(QUARANTINE_P))  # most on the answer token
@@ -481,7 +481,7 @@ def test_a_quarantined_teacher_counts_by_its_answers_alone():
     ]  # fmt: skip
     d = DistillConfig()
     alone, _ = assemble_batch(rollouts, teachings[:1], torch.ones(1), d)
-    teachings[1] = quarantine(teachings[1])
+    teachings[1] = quarantine(teachings[1], 0.5)
     batch, info = assemble_batch(rollouts, teachings, torch.ones(2), d, trusted=[True, False])
     assert torch.allclose(batch["teacher_logp"][:n], alone["teacher_logp"][:n], atol=1e-5)
     mine = info["teacher_index"] == 1
@@ -494,12 +494,14 @@ def test_a_quarantined_teacher_counts_by_its_answers_alone():
     # honest teacher is less sure than its median (ties go to the first teacher)
     varied = {**teachings[1], "own_response_mask": (torch.arange(t)[None] < torch.tensor(
         [1, 5, 2, 4, 1, 3])[:, None]).to(torch.uint8)}  # fmt: skip
-    q = quarantine(varied)
-    sel = select_teacher_rollouts([teachings[0], q], torch.ones(2) / 2, rank=True)
     h = teachings[0]
     mine = (h["own_logp"][..., 0] * h["own_response_mask"]).sum(-1)
     mine = claim_quantiles((mine + h["own_prompt_logp"] + math.log(0.5))[None])[0]
-    assert torch.equal(sel["teacher_index"] == 1, mine < 0.5)
+    for at in (0.5, 0.8):  # distill.quarantine_quantile: where it ranks on every prompt
+        q = quarantine(varied, at)
+        sel = select_teacher_rollouts([teachings[0], q], torch.ones(2) / 2, rank=True)
+        assert torch.equal(sel["teacher_index"] == 1, mine < at)
+    assert int((mine < 0.8).sum()) > int((mine < 0.5).sum())  # the two places differ here
     # nobody trusted to score: the student's rollouts leave the batch, the answers stay
     none, info = assemble_batch(rollouts, teachings, torch.ones(2), d, trusted=[False, False])
     assert int((info["teacher_index"] == -1).sum()) == 0

@@ -29,7 +29,7 @@ def test_tune_scores_validation_and_chooses_the_best(tmp_path):
     assert meta["split"] == "validation" and meta["failures"] == {}
     # the evaluate step scored the validation sets (6 per family), not the eval sets (8)
     base = on_validation(load_config(TINY))
-    for v in candidates(names):
+    for v in candidates(base, names):
         raw = finished_result(base, v, 0, work)
         last = raw["rounds"][max(raw["rounds"], key=int)]["eval"]
         assert {m["n"] for party in last.values() for m in party.values()} == {6}, v.name
@@ -52,12 +52,16 @@ def test_tune_refuses_a_config_without_a_validation_split(tmp_path, capsys):
     assert main(["bench", "tune", "--config", str(cfg), "--out", str(tmp_path)]) == 2
     assert "data.n_val_per_family is 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown"):
-        candidates(["no-such"])
+        candidates(load_config(TINY), ["no-such"])
 
 
 def test_grid_starts_from_the_config_as_written():
     assert GRID["reverse_kl"][0] == ("rkl-as-configured", {})
-    assert all(v.overrides["distill"]["method"] == v.group for v in candidates() if v.group in GRID)
+    assert all(
+        v.overrides["distill"]["method"] == v.group
+        for v in candidates(load_config(TINY))
+        if v.group in GRID
+    )
 
 
 def test_stale_share_is_chosen_under_the_drop_out_it_is_for():
@@ -66,7 +70,7 @@ def test_stale_share_is_chosen_under_the_drop_out_it_is_for():
     from flminillm.bench.variants import variant_env
     from flminillm.config import DistillConfig
 
-    stale = [v for v in candidates() if v.group == "stale_share"]
+    stale = [v for v in candidates(load_config(TINY)) if v.group == "stale_share"]
     shares = {v.overrides["distill"]["stale_share"] for v in stale}
     assert DistillConfig().stale_share in shares and len(shares) >= 2
     cfg = load_config(TINY)
@@ -84,3 +88,20 @@ def test_the_default_replay_share_is_what_validation_chose():
     chosen = json.loads((ROOT / "docs" / "tune-dropout" / "tune.json").read_text())["_meta"]
     assert chosen["split"] == "validation"
     assert DistillConfig().stale_share == chosen["chosen"]["stale_share"]["distill"]["stale_share"]
+
+
+def test_quarantine_quantile_is_chosen_under_the_broken_client_it_is_for():
+    """Where a quarantined teacher ranks is chosen with the last client sending random
+    scores (bench quality's random-teacher attack), the default among the candidates; the
+    candidates differ only in that setting."""
+    from flminillm.bench.variants import attacks
+    from flminillm.config import DistillConfig
+
+    cfg = load_config(TINY)
+    group = [v for v in candidates(cfg) if v.group == "quarantine_quantile"]
+    at = {v.overrides["distill"]["quarantine_quantile"] for v in group}
+    assert DistillConfig().quarantine_quantile in at and len(at) >= 2
+    for v in group:
+        assert v.env == attacks(cfg)["random-teacher"][0]
+        assert v.env["FLMINILLM_ADVERSARY"] == f"{cfg.clients[-1].id}:random"
+        assert list(v.overrides["distill"]) == ["quarantine_quantile"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flminillm.bench.quality import _workdir, grid_meta, run_grid, summarise_grid, write_json
-from flminillm.bench.variants import Variant
+from flminillm.bench.variants import Variant, attacks
 from flminillm.config import Config, load_config
 
 # The corrections of docs/algorithm.md ("Corrections under review"), all on.
@@ -51,13 +51,25 @@ STALE_GRID = [
 ]
 
 
+# Where a quarantined (broken) teacher's answers rank under rank selection
+# (distill.quarantine_quantile), chosen under the broken client it is for: the last client
+# sends random scores (the `random-teacher` attack of bench quality); group
+# `quarantine_quantile`, whose choice is DistillConfig's default.
+QUARANTINE_GRID = [
+    ("quarantine-0.5", {"quarantine_quantile": 0.5}),
+    ("quarantine-0.65", {"quarantine_quantile": 0.65}),
+    ("quarantine-0.8", {"quarantine_quantile": 0.8}),
+]
+
+
 def _note(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "as configured"
 
 
-def candidates(names: list[str] | None = None) -> list[Variant]:
-    """The grid as variants (group = the method, or `stale_share`), optionally only the
-    named ones."""
+def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
+    """The grid as variants for the federation of `base` (group = the method,
+    `stale_share` or `quarantine_quantile`), optionally only the named ones."""
+    broken, what = attacks(base)["random-teacher"]
     out = [
         Variant(name, group=method, overrides={"distill": {"method": method, **d}}, note=_note(d))
         for method, grid in GRID.items()
@@ -67,6 +79,10 @@ def candidates(names: list[str] | None = None) -> list[Variant]:
                 overrides={"sampling": {"min_clients": 1}, "distill": d},
                 note=f"{_note(d)}, {DROPOUT:.0%} of the clients dropping out of each round")
         for name, d in STALE_GRID
+    ] + [
+        Variant(name, group="quarantine_quantile", env=broken, overrides={"distill": d},
+                note=f"{_note(d)}; {what}")
+        for name, d in QUARANTINE_GRID
     ]  # fmt: skip
     if names:
         unknown = sorted(set(names) - {v.name for v in out})
@@ -111,7 +127,7 @@ def run_tune(
 ) -> dict[str, Any]:
     """Run the grid on validation, choose per method, write tune.{json,md} into out_dir."""
     base = on_validation(load_config(config))
-    vs = candidates(names)
+    vs = candidates(base, names)
     if resume and workdir is None:
         raise ValueError("--resume needs --workdir: the directory of the run to resume")
     with _workdir(workdir) as wd:
@@ -174,7 +190,8 @@ def _write_markdown(results: dict, path: Path) -> None:
         )
     lines += [
         "",
-        "Chosen (the benchmark config carries these, DistillConfig's default the `stale_share`; "
+        "Chosen (the benchmark config carries these, DistillConfig's defaults the `stale_share` "
+        "and the `quarantine_quantile`; "
         "tests/test_quality.py and tests/test_tune.py check it):",
         "",
     ]

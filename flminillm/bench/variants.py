@@ -45,17 +45,18 @@ class Variant:
     dropout: float = 0.0  # this share of the clients drops out of each round (dropout_faults)
 
 
-def _variants(cfg: Config) -> list[Variant]:
+def attacks(cfg: Config) -> dict[str, tuple[dict[str, str], str]]:
+    """Each attack of bench quality: its fault injection (FLMINILLM_ADVERSARY, the last
+    client attacking) and what it does, written once for the variants with and without the
+    defence and for bench tune's candidates chosen under an attack."""
     last = cfg.clients[-1].id
     pair = [c.id for c in cfg.clients[-2:]]  # colluders, where there are 4 clients or more
     fbc = cfg.families_by_client()
     target = next(
         (f for c in cfg.clients[:-1] for f in fbc[c.id] if f not in fbc[last]), fbc[last][0]
     )
-    # each attack: its fault injection and what it does, written once for the variants with
-    # and without the defence
     adv = "FLMINILLM_ADVERSARY"
-    attack = {
+    return {
         "random-teacher": ({adv: f"{last}:random"},
                            f"{last} sends random scores (a broken model)"),
         "adversary": ({adv: f"{last}:adversarial"},
@@ -70,6 +71,11 @@ def _variants(cfg: Config) -> list[Variant]:
                           f"{' and '.join(pair)} lie together (identical garbage answers, p=1 "
                           "claims)")} if len(cfg.clients) >= 4 else {}),
     }  # fmt: skip
+
+
+def _variants(cfg: Config) -> list[Variant]:
+    last = cfg.clients[-1].id
+    attack = attacks(cfg)
     a, k = cfg.distill.alpha, cfg.generation.top_k
     # the two teacher-mixed shares nearest the default, 0.25 apart, inside [0, 1]
     near = [round(a + d, 2) for d in (-0.25, 0.25, -0.5, 0.5) if 0.0 <= a + d <= 1.0]
