@@ -786,15 +786,18 @@ class ExperimentConfig(_Strict):
     def experiment_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", include=set(ExperimentConfig.model_fields))
 
-    def experiment_json(self) -> str:
-        """The canonical JSON of the experiment: what steps receive and what is hashed
-        (OMIT_DEFAULT fields at their defaults left out: steps read them back as defaults)."""
-        return canonical_json(
-            self.model_dump(
-                mode="json", include=set(ExperimentConfig.model_fields),
-                exclude=_omitted_defaults(self),
-            )
+    def hashed_dict(self) -> dict[str, Any]:
+        """The experiment as steps receive it and as it is hashed and keyed: OMIT_DEFAULT
+        fields at their defaults left out (read back, they are the defaults again)."""
+        return self.model_dump(
+            mode="json", include=set(ExperimentConfig.model_fields),
+            exclude=_omitted_defaults(self),
         )  # fmt: skip
+
+    def experiment_json(self) -> str:
+        """The canonical JSON of the experiment (`hashed_dict`): what steps receive and what
+        is hashed."""
+        return canonical_json(self.hashed_dict())
 
     def digest(self) -> str:
         """sha256 of the experiment: the same wherever and however it is run."""

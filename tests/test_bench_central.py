@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from flminillm.bench.central import METHODS, MINILLM, PAIR, full_support, run_central
+from flminillm.bench.central import (
+    METHODS,
+    MINILLM,
+    ON_POLICY,
+    PAIR,
+    full_support,
+    run_central,
+)
 from flminillm.bench.harness import has_module
 from flminillm.distill import minillm_loss
 
@@ -184,6 +191,13 @@ def test_method_batches_on_the_tiny_setting(tiny):
     assert (
         int(f["from_teacher"].sum()) == 3 and f["support_ids"].shape[-1] == cfg.generation.top_k + 1
     )
+    # federated-step-a0.2: the schedule past its warm-up in every collection (a fifth of the
+    # sequences the teacher's answers, no SeqKD), whatever the config's warm-up
+    on = cfg.distill.model_copy(update={**ON_POLICY, "warmup_rounds": 3, "min_claim": 0.0})
+    on = on.model_copy(update=ON_POLICY)
+    assert all((on.for_round(r).alpha, on.for_round(r).seqkd_rounds) == (0.2, 0) for r in (1, 5))
+    f = _federated_batch(s, s.student, s.train[:10], on.for_round(1), gen)
+    assert int(f["from_teacher"].sum()) == 2
 
 
 def test_long_form_families_run_without_changes(tmp_path):

@@ -44,6 +44,10 @@ MINILLM = dict(method="reverse_kl", alpha=0.2, teacher_mixed=True, prefix_iw=Fal
                single_step=True, iw_single_step=False, length_norm=True, gamma=0.95,
                whiten_returns=True, tail_bucket=False, clip_eps=0.2, warmup_rounds=0)  # fmt: skip
 
+# the federated step past its warm-up rounds (DistillConfig.for_round): MiniLLM's teacher-mixed
+# share, SeqKD off; the central student is warm-started already
+ON_POLICY = dict(alpha=0.2, warmup_rounds=0, seqkd_rounds=0)
+
 
 @dataclass
 class Setup:
@@ -325,6 +329,10 @@ METHODS: dict[str, Method] = {
                              "rollouts with their top-k support (generation.sample), the "
                              "teacher's scores and answers (steps.teach_same), aggregate."
                              "assemble_batch, update.distill_epochs"),
+    "federated-step-a0.2": Method(_ppo(_federated_batch, lambda d: d.model_copy(update=ON_POLICY)),
+                                  "the same after its warm-up (the schedule's second phase, "
+                                  "distill.for_round past warmup_rounds): teacher-mixed share "
+                                  "0.2, SeqKD off; the rest of the config's distill section"),
     "trl-distill": Method(_trl, "TRL DistillationTrainer, beta = 1.0: on-policy per-token "
                           "KL(q‖p) over the full vocabulary; same prompts, lr, Adam betas"),
 }  # fmt: skip
@@ -507,7 +515,7 @@ def run_central(
     t0, records, refs = time.perf_counter(), [], {}
     meta: dict[str, Any] = {"resumed": [], "setups_built": [], "setups_loaded": []}
     with _workdir(workdir) as wd:
-        root = wd / f"setup-{_key(base.experiment_dict(), fams, sid, warm)}"
+        root = wd / f"setup-{_key(base.hashed_dict(), fams, sid, warm)}"
         rdir = root / f"run-{_key(root.name, steps)}"
         bar = tqdm(total=seeds * len(names), desc="bench central", disable=console is None)
         for sd in range(seeds):
