@@ -22,27 +22,6 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
-# A field added after federations were run, whose default is the behaviour from before it,
-# says so with this in its json_schema_extra: at its default it is left out of the
-# experiment's JSON and digest (`Config.experiment_json`), so that an upgrade adding a knob
-# keeps every federation id, cached step and benchmark record made before it.
-OMIT_DEFAULT = {"omit_default": True}
-
-
-def _omitted_defaults(model: BaseModel) -> dict[str, Any]:
-    """The `exclude` spec of `model_dump` for the OMIT_DEFAULT fields at their defaults."""
-    out: dict[str, Any] = {}
-    for name, f in type(model).model_fields.items():
-        value = getattr(model, name)
-        if (f.json_schema_extra or {}).get("omit_default") and value == f.get_default(
-            call_default_factory=True
-        ):
-            out[name] = True
-        elif isinstance(value, BaseModel) and (sub := _omitted_defaults(value)):
-            out[name] = sub
-    return out
-
-
 class ConfigError(ValueError):
     """A configuration problem, with the path of every bad field and what is allowed."""
 
@@ -470,16 +449,16 @@ class DistillConfig(_Strict):
         "wrong nor forgotten.",
     )
     quarantine_quantile: float = Field(
-        0.5,
+        0.65,
         gt=0.0,
         lt=1.0,
-        json_schema_extra=OMIT_DEFAULT,
         description="Under rank selection, the quantile at which a quarantined teacher's "
         "answers rank on every prompt (one whose claims contradict its own support, a "
         "broken model: its claims say nothing of where it is right, docs/algorithm.md): it "
         "wins the prompts where every other teacher claims less than this quantile of its own "
         "claims. Higher gives its domain back to it and hands it more of the others'. "
-        "Chosen on the validation split under a broken client (docs/tune-quarantine).",
+        "0.65 was chosen on the validation split with a broken client (docs/tune-quarantine: "
+        "0.5, 0.65, 0.8).",
     )
     posterior_weights: bool = Field(
         True,
@@ -786,18 +765,9 @@ class ExperimentConfig(_Strict):
     def experiment_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", include=set(ExperimentConfig.model_fields))
 
-    def hashed_dict(self) -> dict[str, Any]:
-        """The experiment as steps receive it and as it is hashed and keyed: OMIT_DEFAULT
-        fields at their defaults left out (read back, they are the defaults again)."""
-        return self.model_dump(
-            mode="json", include=set(ExperimentConfig.model_fields),
-            exclude=_omitted_defaults(self),
-        )  # fmt: skip
-
     def experiment_json(self) -> str:
-        """The canonical JSON of the experiment (`hashed_dict`): what steps receive and what
-        is hashed."""
-        return canonical_json(self.hashed_dict())
+        """The canonical JSON of the experiment: what steps receive and what is hashed."""
+        return canonical_json(self.experiment_dict())
 
     def digest(self) -> str:
         """sha256 of the experiment: the same wherever and however it is run."""

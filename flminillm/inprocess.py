@@ -83,7 +83,7 @@ def run_wiring(
 
 def _slice(cfg: Config, step: str, party: str | None) -> dict[str, Any]:
     """The config sections `step` reads (for prepare, init_model, local_sft)."""
-    data = cfg.hashed_dict()
+    data = cfg.experiment_dict()
     out: dict[str, Any] = {
         "seed": cfg.seed,
         "data": data["data"],

@@ -264,28 +264,6 @@ def test_config_is_frozen_and_digest_changes():
     assert parse_config(_tiny()).digest() == cfg.digest()
 
 
-def test_a_knob_added_at_its_old_behaviour_keeps_federation_ids():
-    """An OMIT_DEFAULT field at its default is left out of the experiment's JSON and digest
-    (federations run before it existed keep their ids and cached steps); set, it is hashed
-    and reaches the steps; read back, it is the default again."""
-    from flminillm.config import DistillConfig, experiment_from_json
-
-    field = DistillConfig.model_fields["quarantine_quantile"]
-    assert (field.json_schema_extra or {}).get("omit_default")
-    cfg = parse_config(_tiny())
-    assert "quarantine_quantile" not in cfg.experiment_json()
-    assert cfg.experiment_dict()["distill"]["quarantine_quantile"] == 0.5  # MLflow params
-    assert experiment_from_json(cfg.experiment_json()).distill.quarantine_quantile == 0.5
-    other = copy.deepcopy(_tiny())
-    other.setdefault("distill", {})["quarantine_quantile"] = 0.7
-    moved = parse_config(other)
-    assert moved.digest() != cfg.digest()
-    assert experiment_from_json(moved.experiment_json()).distill.quarantine_quantile == 0.7
-    same = copy.deepcopy(_tiny())
-    same.setdefault("distill", {})["quarantine_quantile"] = 0.5  # written out, same experiment
-    assert parse_config(same).digest() == cfg.digest()
-
-
 def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
     """A config can start from another (`extends`, relative to its own file): mappings merge
     key by key, lists and values are replaced; a missing parent or a loop is named."""

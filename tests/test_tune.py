@@ -105,3 +105,14 @@ def test_quarantine_quantile_is_chosen_under_the_broken_client_it_is_for():
         assert v.env == attacks(cfg)["random-teacher"][0]
         assert v.env["FLMINILLM_ADVERSARY"] == f"{cfg.clients[-1].id}:random"
         assert list(v.overrides["distill"]) == ["quarantine_quantile"]
+
+
+def test_the_default_quarantine_quantile_is_what_validation_chose():
+    """docs/tune-quarantine/tune.json (validation split, the last client broken) chose where a
+    quarantined teacher ranks; the default carries it."""
+    from flminillm.config import DistillConfig
+
+    meta = json.loads((ROOT / "docs" / "tune-quarantine" / "tune.json").read_text())["_meta"]
+    assert meta["split"] == "validation"
+    chosen = meta["chosen"]["quarantine_quantile"]["distill"]["quarantine_quantile"]
+    assert DistillConfig().quarantine_quantile == chosen

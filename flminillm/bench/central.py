@@ -515,7 +515,7 @@ def run_central(
     t0, records, refs = time.perf_counter(), [], {}
     meta: dict[str, Any] = {"resumed": [], "setups_built": [], "setups_loaded": []}
     with _workdir(workdir) as wd:
-        root = wd / f"setup-{_key(base.hashed_dict(), fams, sid, warm)}"
+        root = wd / f"setup-{_key(base.experiment_dict(), fams, sid, warm)}"
         rdir = root / f"run-{_key(root.name, steps)}"
         bar = tqdm(total=seeds * len(names), desc="bench central", disable=console is None)
         for sd in range(seeds):
