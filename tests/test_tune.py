@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from flminillm.bench.quality import finished_result
-from flminillm.bench.tune import GRID, candidates, on_validation, validation_score
+from flminillm.bench.tune import GRID, candidates, choose, on_validation, validation_score
 from flminillm.cli import main
 from flminillm.config import load_config
 
@@ -35,7 +35,8 @@ def test_tune_scores_validation_and_chooses_the_best(tmp_path):
         assert {m["n"] for party in last.values() for m in party.values()} == {6}, v.name
     for method in ("reverse_kl", "forward_kl"):
         mine = {n: validation_score(r) for n, r in res.items() if r.get("group") == method}
-        assert meta["chosen"][method]["candidate"] == max(mine, key=mine.get)
+        best = meta["chosen"][method]["candidate"]
+        assert best == choose(res, method) and mine[best] == max(mine.values())
     assert "**(chosen)**" in (tmp_path / "tune.md").read_text()
     # resumed: nothing runs again, same numbers
     assert main([*args, "--resume"]) == 0
@@ -116,3 +117,25 @@ def test_the_default_quarantine_quantile_is_what_validation_chose():
     assert meta["split"] == "validation"
     chosen = meta["chosen"]["quarantine_quantile"]["distill"]["quarantine_quantile"]
     assert DistillConfig().quarantine_quantile == chosen
+
+
+def test_a_tie_in_em_is_broken_by_rouge_l_then_by_order():
+    """Long-form validation: no candidate writes a valid answer (EM 0 for all), so EM
+    cannot choose; the Rouge-L mean does, and a full tie keeps the config as written."""
+
+    def run(em: float, rouge: float, group: str = "reverse_kl") -> dict:
+        side = {
+            "em_all": {"mean": em},
+            "em_unseen": {"mean": em},
+            "rouge_l_all": {"mean": rouge},
+            "rouge_l_unseen": {"mean": rouge},
+        }
+        return {"group": group, "server": side, "clients": side}  # fmt: skip
+
+    res = {"as-written": run(0.0, 0.60), "other": run(0.0, 0.65), "_meta": {}}
+    assert choose(res, "reverse_kl") == "other"
+    res["as-written"] = run(0.01, 0.10)  # EM first, however far behind in Rouge-L
+    assert choose(res, "reverse_kl") == "as-written"
+    res["other"] = run(0.01, 0.10)
+    assert choose(res, "reverse_kl") == "as-written"
+    assert choose(res, "forward_kl") is None

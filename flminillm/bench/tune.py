@@ -9,7 +9,8 @@ does (docs/tune.json is the committed output).
 
 Validation score: the mean of the server's EM on all families and the clients' EM on the
 families they do not hold (what distillation is for: the server learns every family from
-the clients, a client the families it lacks from the server).
+the clients, a client the families it lacks from the server). A tie is broken by the same mean in
+Rouge-L: on long-form families EM is validity, which no candidate may reach.
 """
 
 from __future__ import annotations
@@ -94,11 +95,25 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
     return out
 
 
-def validation_score(summary: dict) -> float | None:
-    """Mean of the server's EM on all families and the clients' EM on unseen families."""
-    s = summary["server"]["em_all"]["mean"]
-    c = summary["clients"]["em_unseen"]["mean"]
+def validation_score(summary: dict, metric: str = "em") -> float | None:
+    """Mean of the server's `metric` (em, rouge_l) on all families and the clients' on
+    unseen families."""
+    s = summary["server"][f"{metric}_all"]["mean"]
+    c = summary["clients"][f"{metric}_unseen"]["mean"]
     return None if s is None or c is None else (s + c) / 2
+
+
+def choose(results: dict[str, dict], group: str) -> str | None:
+    """The candidate of `group` with the best validation score; a tie (long-form families,
+    where EM is validity and no candidate may write a valid answer) broken by the same
+    score in Rouge-L, then by order (the config as written first)."""
+    scored = [
+        ((validation_score(r), validation_score(r, "rouge_l") or 0.0), n)
+        for n, r in results.items()
+        if not n.startswith("_") and r["group"] == group
+    ]
+    scored = [(k, n) for k, n in scored if k[0] is not None]
+    return max(scored, key=lambda x: x[0])[1] if scored else None
 
 
 def on_validation(base: Config) -> Config:
@@ -136,12 +151,11 @@ def run_tune(
     results = summarise_grid(vs, grid)
     chosen = {}
     for method in dict.fromkeys(v.group for v in vs):
-        scored = [(validation_score(r), n) for n, r in results.items() if r["group"] == method]
-        scored = [(s, n) for s, n in scored if s is not None]
-        if scored:  # the best; on a tie the earlier candidate (the config as written first)
-            score, name = max(scored, key=lambda x: x[0])
+        name = choose(results, method)
+        if name:
             v = next(v for v in vs if v.name == name)
-            chosen[method] = {"candidate": name, "score": score,
+            chosen[method] = {"candidate": name, "score": validation_score(results[name]),
+                              "rouge_l_score": validation_score(results[name], "rouge_l"),
                               "distill": v.overrides["distill"]}  # fmt: skip
     results["_meta"] = {**grid_meta(config, base, grid, seeds, command), "chosen": chosen,
                         "split": "validation"}  # fmt: skip
@@ -149,6 +163,10 @@ def run_tune(
     write_json(results, out_dir / "tune.json")
     _write_markdown(results, out_dir / "tune.md")
     return results
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
 
 
 def _write_markdown(results: dict, path: Path) -> None:
@@ -166,7 +184,8 @@ def _write_markdown(results: dict, path: Path) -> None:
         "Every number here is on the **validation** split (data.evaluate_on: validation), "
         "disjoint from the evaluation split that docs/results.md reports; nothing in "
         "docs/results.md was used to choose. Score = mean of server EM (all families) and "
-        "clients' EM on unseen families. Raw numbers: `tune.json`.",
+        "clients' EM on unseen families; a tie is broken by the same mean in Rouge-L. Raw "
+        "numbers: `tune.json`.",
         "",
     ]
     if meta.get("resumed"):
@@ -174,7 +193,8 @@ def _write_markdown(results: dict, path: Path) -> None:
     for name, fails in (meta.get("failures") or {}).items():
         lines += [f"- **FAILED** `{name}` seed {f['seed']}: {f['error']}" for f in fails]
     lines += ["| method | candidate | settings | score | server EM all | clients EM unseen "
-              "| clients EM held | seeds |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| clients EM held | Rouge-L score (ties) | seeds |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in results.items():
         if name.startswith("_"):
             continue
@@ -184,9 +204,9 @@ def _write_markdown(results: dict, path: Path) -> None:
         )
         lines.append(
             f"| {r['group']} | `{name}`{mark} | {r['note']} | "
-            f"{'–' if score is None else f'{100 * score:.1f}'} | {_pm(r['server']['em_all'])} | "
+            f"{_pct(score)} | {_pm(r['server']['em_all'])} | "
             f"{_pm(r['clients']['em_unseen'])} | {_pm(r['clients']['em_held'])} | "
-            f"{len(r['seeds'])} |"
+            f"{_pct(validation_score(r, 'rouge_l'))} | {len(r['seeds'])} |"
         )
     lines += [
         "",
