@@ -193,8 +193,8 @@ def test_method_batches_on_the_tiny_setting(tiny):
     )
     # federated-step-a0.2: the schedule past its warm-up in every collection (a fifth of the
     # sequences the teacher's answers, no SeqKD), whatever the config's warm-up
-    on = cfg.distill.model_copy(update={**ON_POLICY, "warmup_rounds": 3, "min_claim": 0.0})
-    on = on.model_copy(update=ON_POLICY)
+    on = cfg.distill.model_copy(update={"warmup_rounds": 3, "min_claim": 0.0})
+    on = on.model_copy(update=ON_POLICY)  # what the method does to the config's section
     assert all((on.for_round(r).alpha, on.for_round(r).seqkd_rounds) == (0.2, 0) for r in (1, 5))
     f = _federated_batch(s, s.student, s.train[:10], on.for_round(1), gen)
     assert int(f["from_teacher"].sum()) == 2

@@ -165,10 +165,6 @@ def run_tune(
     return results
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
 def _write_markdown(results: dict, path: Path) -> None:
     from flminillm.bench.quality_report import _pm
     from flminillm.store import atomic_write_text
@@ -204,9 +200,9 @@ def _write_markdown(results: dict, path: Path) -> None:
         )
         lines.append(
             f"| {r['group']} | `{name}`{mark} | {r['note']} | "
-            f"{_pct(score)} | {_pm(r['server']['em_all'])} | "
+            f"{_pm({'mean': score})} | {_pm(r['server']['em_all'])} | "
             f"{_pm(r['clients']['em_unseen'])} | {_pm(r['clients']['em_held'])} | "
-            f"{_pct(validation_score(r, 'rouge_l'))} | {len(r['seeds'])} |"
+            f"{_pm({'mean': validation_score(r, 'rouge_l')})} | {len(r['seeds'])} |"
         )
     lines += [
         "",
