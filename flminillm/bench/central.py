@@ -10,6 +10,7 @@ kept in --workdir, so that --resume runs only what is missing. Report: docs/cent
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -225,6 +226,19 @@ def _federated_batch(s: Setup, model, exs, d: DistillConfig, gen) -> Batch:
     return to_device(assemble_batch(msg, [teaching], torch.ones(1), d)[0], s.device)
 
 
+def _full(make_batch: Callable) -> Callable:
+    """make_batch with the support S = V: the student's sampled token and every other token
+    (generation.top_k = V - 1), on its rollouts and on the teacher's answers; the tail
+    bucket is then empty."""
+
+    def batch(s: Setup, model, exs, d: DistillConfig, gen) -> Batch:
+        g = s.cfg.generation.model_copy(update={"top_k": len(s.tok) - 1})
+        return make_batch(dataclasses.replace(s, cfg=s.cfg.model_copy(update={"generation": g})),
+                          model, exs, d, gen)  # fmt: skip
+
+    return batch
+
+
 def _ppo(make_batch: Callable, hp: Callable[[DistillConfig], DistillConfig]) -> Callable:
     """A method of rollouts and PPO epochs (flminillm.update.distill_epochs, with the LM loss
     on the labelled data): each collection takes generation.prompts_per_round prompts (fewer
@@ -333,6 +347,19 @@ METHODS: dict[str, Method] = {
                                   "the same after its warm-up (the schedule's second phase, "
                                   "distill.for_round past warmup_rounds): teacher-mixed share "
                                   "0.2, SeqKD off; the rest of the config's distill section"),
+    # the remaining gap to minillm, one difference at a time (whatever is left after both is
+    # the mixing: per sequence with prefix weights here, per token with q / (0.8 q + 0.2 p))
+    "federated-step-a0.2-g0.95": Method(
+        _ppo(_federated_batch, lambda d: d.model_copy(update={**ON_POLICY, "gamma": 0.95})),
+        "federated-step-a0.2 with MiniLLM's discount gamma 0.95"),
+    "federated-step-a0.2-full": Method(
+        _ppo(_full(_federated_batch), lambda d: d.model_copy(update=ON_POLICY)),
+        "federated-step-a0.2 with the support S = V (generation.top_k = V - 1) on the "
+        "student's rollouts and the teacher's answers"),
+    "federated-step-a0.2-full-g0.95": Method(
+        _ppo(_full(_federated_batch), lambda d: d.model_copy(update={**ON_POLICY, "gamma": 0.95})),
+        "both: S = V and gamma 0.95; what is left to minillm is the mixing (per sequence, "
+        "prefix weights) and minillm's unweighted single-step term"),
     "trl-distill": Method(_trl, "TRL DistillationTrainer, beta = 1.0: on-policy per-token "
                           "KL(q‖p) over the full vocabulary; same prompts, lr, Adam betas"),
 }  # fmt: skip
