@@ -199,6 +199,8 @@ def test_method_batches_on_the_tiny_setting(tiny):
     assert (f["support_ids"][on].sort(-1).values == torch.arange(len(s.tok))).all()
     mass = torch.logsumexp(f["teacher_logp"][on].double(), -1).exp()
     torch.testing.assert_close(mass, torch.ones_like(mass), rtol=0, atol=1e-4)
+    f = _full(_federated_batch, 6)(s, s.student, exs, d, gen)  # the -k methods' support
+    assert f["support_ids"].shape[-1] == 7 and (f["support_ids"][on] >= 0).all()
     # federated-step-a0.2: the schedule past its warm-up in every collection (a fifth of the
     # sequences the teacher's answers, no SeqKD), whatever the config's warm-up
     on = cfg.distill.model_copy(update={"warmup_rounds": 3, "min_claim": 0.0})

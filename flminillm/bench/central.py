@@ -226,13 +226,14 @@ def _federated_batch(s: Setup, model, exs, d: DistillConfig, gen) -> Batch:
     return to_device(assemble_batch(msg, [teaching], torch.ones(1), d)[0], s.device)
 
 
-def _full(make_batch: Callable) -> Callable:
-    """make_batch with the support S = V: the student's sampled token and every other token
-    (generation.top_k = V - 1), on its rollouts and on the teacher's answers; the tail
-    bucket is then empty."""
+def _full(make_batch: Callable, top_k: int | None = None) -> Callable:
+    """make_batch with a support of top_k + 1 tokens (the student's sampled token and its
+    top_k others) on its rollouts and on the teacher's answers; by default S = V
+    (top_k = V - 1), where the tail bucket is empty."""
 
     def batch(s: Setup, model, exs, d: DistillConfig, gen) -> Batch:
-        g = s.cfg.generation.model_copy(update={"top_k": len(s.tok) - 1})
+        k = len(s.tok) - 1 if top_k is None else min(top_k, len(s.tok) - 1)
+        g = s.cfg.generation.model_copy(update={"top_k": k})
         return make_batch(dataclasses.replace(s, cfg=s.cfg.model_copy(update={"generation": g})),
                           model, exs, d, gen)  # fmt: skip
 
@@ -356,6 +357,10 @@ METHODS: dict[str, Method] = {
         _ppo(_full(_federated_batch), lambda d: d.model_copy(update=ON_POLICY)),
         "federated-step-a0.2 with the support S = V (generation.top_k = V - 1) on the "
         "student's rollouts and the teacher's answers"),
+    **{f"federated-step-a0.2-k{k}": Method(
+        _ppo(_full(_federated_batch, k), lambda d: d.model_copy(update=ON_POLICY)),
+        f"federated-step-a0.2 with generation.top_k {k} (the sampled token, its top {k} others "
+        "and the tail bucket): the scores' bytes grow with k") for k in (32, 128)},
     "federated-step-a0.2-full-g0.95": Method(
         _ppo(_full(_federated_batch), lambda d: d.model_copy(update={**ON_POLICY, "gamma": 0.95})),
         "both: S = V and gamma 0.95; what is left to minillm is the mixing (per sequence, "
