@@ -12,9 +12,15 @@ import pytest
 import torch
 
 from flminillm.attacks import adversaries, backdoor_target, corrupt_teaching, seed_key
-from flminillm.bench.quality import run_variant
+from flminillm.bench.quality import run_variant, shared_setup
 from flminillm.bench.quality_report import check_results
-from flminillm.bench.variants import FORWARD_KL, METHODS, dropout_faults, variants
+from flminillm.bench.variants import (
+    FORWARD_KL,
+    METHODS,
+    dropout_faults,
+    variant_config,
+    variants,
+)
 from flminillm.cli import main
 from flminillm.config import load_config
 from flminillm.data import (
@@ -26,8 +32,10 @@ from flminillm.data import (
     make_examples,
 )
 from flminillm.evaluation import target_rate
+from flminillm.ledger import ledger
 from flminillm.messages import validate_teaching
 from flminillm.models import build_model, count_parameters
+from flminillm.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "benchmark-tiny.yaml"
@@ -131,14 +139,28 @@ def test_report_files_and_mlflow_runs(bench_out):
 
 
 def test_memo_shares_setup_between_variants(tmp_path):
+    """run_grid computes a seed's set-up once (shared_setup) and gives it to all its runs."""
     cfg = load_config(TINY)
     by_name = {v.name: v for v in variants(cfg)}
     lead = run_variant(cfg.to_json(), by_name["fl-minillm"], 0, str(tmp_path))
     assert lead["memo_hits"] == 0
-    other = run_variant(cfg.to_json(), by_name["no-length-norm"], 0, str(tmp_path), lead["memo"])
-    # prepare + 4 init_model + 3 round-1 local_sft come from the memo
-    assert other["memo_hits"] >= 1 + len(cfg.parties) + len(cfg.clients)
+    shared = shared_setup(cfg.to_json(), by_name["fl-minillm"], 0, str(tmp_path))
+    # prepare + 4 init_model + 3 round-1 local_sft, all of which the other run takes
+    assert len(shared["memo"]) == 1 + len(cfg.parties) + len(cfg.clients)
+    other = run_variant(cfg.to_json(), by_name["no-length-norm"], 0, str(tmp_path),
+                        shared["memo"])  # fmt: skip
+    assert other["memo_hits"] == 1 + len(cfg.parties) + len(cfg.clients)
     assert other["rounds"]["0"]["eval"] == lead["rounds"]["0"]["eval"]
+    # the set-up's step records are its own federation's, not the run's
+    own = variant_config(cfg, by_name["fl-minillm"], 0, tmp_path)
+    own = own.model_copy(update={"name": f"{own.name}-setup"})
+    run_id = variant_config(cfg, by_name["no-length-norm"], 0, tmp_path).federation_id()
+    steps = {
+        fid: {rec["step"] for recs in ledger(open_store(own.store.uri), fid).values() for rec in recs}
+        for fid in (own.federation_id(), run_id)
+    }  # fmt: skip
+    assert {"prepare", "init_model", "local_sft"} <= steps[own.federation_id()]
+    assert not {"prepare", "init_model"} & steps[run_id] and "distill" in steps[run_id]
 
 
 def test_iid_mix_controls_non_iid_severity():

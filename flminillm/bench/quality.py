@@ -93,6 +93,25 @@ def run_variant(
     return {**result, "memo": memo.entries, "memo_hits": memo.hits}
 
 
+def shared_setup(base_json: str, v: Variant, seed: int, workdir: str) -> dict:
+    """The set-up every run of a seed shares (prepare, every party's init_model, every
+    client's round-1 local_sft), computed once, before the seed's runs, so that none of
+    them waits for another. It runs under v's config with its own federation id (name
+    suffix "-setup"): its step records do not mix with any run's. Returns {"memo",
+    "seconds"}."""
+    from flminillm.config import config_from_json
+    from flminillm.inprocess import Memo, setup
+
+    t0 = time.perf_counter()
+    cfg = variant_config(config_from_json(base_json), v, seed, Path(workdir))
+    cfg = cfg.model_copy(update={"name": f"{cfg.name}-setup"})
+    memo = Memo()
+    state = json.dumps(setup(cfg, memo))  # the round-0 manifest every round 1 reads
+    for c in cfg.clients:
+        memo.call("local_sft", cfg, state_json=state, round_index=1, client_id=c.id)
+    return {"memo": memo.entries, "seconds": time.perf_counter() - t0}
+
+
 def finished_result(base: Config, v: Variant, seed: int, workdir: Path) -> dict | None:
     """The result of (variant, seed) if a run of this very experiment finished in workdir's
     store (its bench-result record, under the federation id: the experiment's digest), else
@@ -165,26 +184,42 @@ def run_grid(
                 runs[v.name].append(done_before)
                 resumed.append(f"{v.name}/seed {x}")
                 progress.advance(bar)
-        # every seed's lead run (it computes the set-up the others share: pre-training,
-        # round-1 local fine-tuning) is queued first; when one finishes, the rest of its
-        # seed is queued with its memo, so no worker waits for a lead
+        # a seed with two runs or more to do first computes the set-up they share
+        # (shared_setup: pre-training, round-1 local fine-tuning); then all its runs are
+        # queued with that memo, so no worker waits for another run
         pending: dict = {}
+        setups: dict = {}
+        setup_seconds = 0.0
 
         def submit(v: Variant, x: int, memo: dict) -> None:
             pending[pool.submit(run_variant, base_json, v, x, str(workdir), memo)] = (v, x)
 
-        lead_seeds = {x for v, x in to_run if v is first}
+        by_seed: dict[int, list[Variant]] = {}
         for v, x in to_run:
-            if v is first or x not in lead_seeds:  # a seed without a lead to wait for
-                submit(v, x, {})
-        while pending:
-            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            by_seed.setdefault(x, []).append(v)
+        for x, seed_vs in by_seed.items():
+            if len(seed_vs) > 1:
+                setups[pool.submit(shared_setup, base_json, first, x, str(workdir))] = x
+            else:
+                submit(seed_vs[0], x, {})
+        while pending or setups:
+            done, _ = cf.wait([*pending, *setups], return_when=cf.FIRST_COMPLETED)
             for fut in done:
+                if fut in setups:
+                    x, memo = setups.pop(fut), {}
+                    try:
+                        out = fut.result()
+                        memo, setup_seconds = out["memo"], setup_seconds + out["seconds"]
+                        progress.update(bar, description=f"seed {x}: set-up done")
+                    except Exception as err:  # its runs then compute the set-up themselves
+                        progress.update(bar, description=f"seed {x}: set-up FAILED ({err})")
+                    for w in by_seed[x]:
+                        submit(w, x, memo)
+                    continue
                 v, s = pending.pop(fut)
-                memo: dict = {}
                 try:
                     res = fut.result()
-                    memo = res.pop("memo")
+                    res.pop("memo")
                     runs[v.name].append(res)
                     progress.update(bar, description=f"seed {s}: {v.name} done")
                 except Exception as err:  # one failed run must not lose the others
@@ -193,15 +228,13 @@ def run_grid(
                     )
                     progress.update(bar, description=f"seed {s}: {v.name} FAILED")
                 progress.advance(bar)
-                if v is first and s in lead_seeds:
-                    for w, x in to_run:
-                        if x == s and w is not first:
-                            submit(w, x, memo)
     return {
         "runs": runs, "failures": failures, "resumed": resumed, "missing": missing,
         "seconds": time.perf_counter() - t_start, "jobs": jobs, "threads": threads,
-        # every run's own time, resumed ones included: what the report cost to compute
-        "run_seconds": sum(r["seconds"] for rs in runs.values() for r in rs),
+        # every run's own time, resumed ones included, and this invocation's shared
+        # set-ups: what the report cost to compute
+        "run_seconds": sum(r["seconds"] for rs in runs.values() for r in rs) + setup_seconds,
+        "setup_seconds": setup_seconds,
     }  # fmt: skip
 
 
