@@ -279,6 +279,12 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
     assert five.data.n_train_per_family == bench.data.n_train_per_family
     large = load_config(root / "configs" / "benchmark-large-server.yaml")
     assert large.server.id == bench.server.id and large.server.model.hidden_size == 256
+    longer = load_config(root / "configs" / "benchmark-10rounds.yaml")
+    assert longer.rounds == 10 and longer.experiment_dict() == {
+        **bench.experiment_dict(),
+        "rounds": 10,
+        "name": "benchmark-10rounds",
+    }
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "child.yaml").write_text("extends: ../nowhere.yaml\nname: x\n")
     with pytest.raises(ConfigError, match=r"nowhere.yaml \(extended by"):
