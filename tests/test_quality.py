@@ -358,3 +358,30 @@ def test_sampled_scores_get_their_table_only_where_runs_have_them():
     rows = [x for x in lines if x.startswith("| b |")]
     assert rows == ["| b | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 | 25.0 | 2 |"]
     assert not any(x.startswith("| a |") for x in lines)
+
+
+def test_paired_compares_methods_on_the_seeds_both_have():
+    """A method with seeds 0 and 2 against one with 0-2: the headline's numbers and the
+    server/pooled ratio use seeds 0 and 2 of both, not three seeds against two."""
+    from flminillm.bench.quality_report import headline, paired
+
+    def summary(by_seed: dict[int, float]) -> dict:
+        return {
+            "seeds": list(by_seed),
+            "server": {"em_all": {"mean": sum(by_seed.values()) / len(by_seed), "std": None}},
+            "server_em_by_seed": {str(k): v for k, v in by_seed.items()},
+            "server_families_em_by_seed": {str(k): {"a": v, "b": 0.0} for k, v in by_seed.items()},
+        }
+
+    results = {
+        "_meta": {},
+        "fl-minillm": summary({0: 0.8, 2: 0.7}),
+        "pooled": summary({0: 0.9, 1: 0.5, 2: 0.8}),
+    }
+    ours, pooled, seeds = paired(results, "fl-minillm", "pooled")
+    assert seeds == [0, 2] and ours == pytest.approx(0.75) and pooled == pytest.approx(0.85)
+    assert paired(results, "fl-minillm", "pooled", ["a"])[:2] == pytest.approx((0.75, 0.85))
+    line = next(x for x in headline(results) if "vs pooled" in x)
+    assert "on seeds [0, 2]" in line and "75.0 vs pooled 85.0" in line and "88% of it" in line
+    results["pooled"] = summary({1: 0.5})
+    assert paired(results, "fl-minillm", "pooled") == (None, None, [])

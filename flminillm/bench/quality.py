@@ -25,7 +25,13 @@ from typing import Any
 
 from flminillm.bench.baselines import RUNNERS
 from flminillm.bench.divergence import add_kl_to_pooled
-from flminillm.bench.quality_report import log_to_mlflow, plot_results, summarise, write_markdown
+from flminillm.bench.quality_report import (
+    log_to_mlflow,
+    paired,
+    plot_results,
+    summarise,
+    write_markdown,
+)
 from flminillm.bench.variants import Variant, variant_config, variant_env, variants
 from flminillm.config import Config, load_config
 
@@ -297,8 +303,7 @@ def run_quality(
         )  # fmt: skip
         add_kl_to_pooled(base, vs, grid, wd, console)
     results = summarise_grid(vs, grid)
-    pooled_em = results.get("pooled", {}).get("server", {}).get("em_all", {}).get("mean")
-    ours = results.get("fl-minillm", {}).get("server", {}).get("em_all", {}).get("mean")
+    ours, pooled_em, _ = paired(results, "fl-minillm", "pooled")  # on the seeds both have
     results["_meta"] = {
         **grid_meta(config, base, grid, seeds, command),
         "fault_seeds": list(range(fault_seeds)),

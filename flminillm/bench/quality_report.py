@@ -109,6 +109,13 @@ def summarise(runs: list[dict], v: Variant) -> dict[str, Any]:
     out["server_families_em"] = {
         f: _stat([s["families"][f] for s in scores])["mean"] for f in scores[0]["families"]
     }
+    # per seed, so that two methods are compared on the seeds both have (`paired`)
+    out["server_em_by_seed"] = {
+        str(r["seed"]): s["server"]["em_all"] for r, s in zip(runs, scores, strict=True)
+    }
+    out["server_families_em_by_seed"] = {
+        str(r["seed"]): s["families"] for r, s in zip(runs, scores, strict=True)
+    }
     rounds = sorted({int(k) for r in runs for k in r["rounds"]})
     out["curve"] = {
         "rounds": rounds,
@@ -233,6 +240,35 @@ def plot_results(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def paired(results: dict, a: str, b: str, families: list[str] | None = None) -> tuple:
+    """(a's mean, b's mean, the seeds) of the server's EM (on all families, or the mean
+    over `families`) over the seeds both a and b have: means over different seeds would
+    compare seeds as much as methods. (None, None, []) when they share none; the plain
+    means, seeds None, for results written before per-seed scores."""
+    key = "server_em_by_seed" if families is None else "server_families_em_by_seed"
+    ra, rb = results.get(a) or {}, results.get(b) or {}
+    if key not in ra or key not in rb:
+        return _server_em(results, a, families), _server_em(results, b, families), None
+
+    def score(r: dict, seed: str) -> float | None:
+        x = r[key][seed]
+        return x if families is None else _mean([x[f] for f in families if x.get(f) is not None])
+
+    seeds = sorted(set(ra[key]) & set(rb[key]), key=int)
+    xa, xb = {k: score(ra, k) for k in seeds}, {k: score(rb, k) for k in seeds}
+    seeds = [k for k in seeds if xa[k] is not None and xb[k] is not None]
+    if not seeds:
+        return None, None, []
+    return _mean([xa[k] for k in seeds]), _mean([xb[k] for k in seeds]), [int(k) for k in seeds]
+
+
+def _on(seeds: list[int] | None, results: dict, *names: str) -> str:
+    """ " on seeds [..]" where the comparison leaves out some of either's seeds."""
+    if seeds is None or all(len(results[n].get("seeds", [])) == len(seeds) for n in names):
+        return ""
+    return f" on seeds {seeds}, those both have"
+
+
 def _server_em(results: dict, name: str, families: list[str] | None = None) -> float | None:
     r = results.get(name)
     if not r:
@@ -247,20 +283,18 @@ def headline(results: dict) -> list[str]:
     """The claims, in numbers: against pooled, forward-KL and local-only; under attack."""
     meta = results["_meta"]
     out = []
-    ours = _server_em(results, "fl-minillm")
-    if ours is None:
+    if _server_em(results, "fl-minillm") is None:
         return out
     out.append("## Headline")
     out.append("")
     for other in ("pooled", "forward-kl", "local-only", "fedavg"):
-        theirs = _server_em(results, other)
-        if theirs is None:
+        ours, theirs, seeds = paired(results, "fl-minillm", other)
+        if ours is None or theirs is None:
             continue
-        sd = results[other]["server"]["em_all"]["std"]  # None: one seed, no spread
-        spread = "" if sd is None else f" ± {100 * sd:.1f}"
         out.append(
-            f"- server EM (all families): fl-minillm {100 * ours:.1f} vs {other} "
-            f"{100 * theirs:.1f}{spread} ({100 * (ours - theirs):+.1f} points"
+            f"- server EM (all families){_on(seeds, results, 'fl-minillm', other)}: "
+            f"fl-minillm {100 * ours:.1f} vs {other} {100 * theirs:.1f} "
+            f"({100 * (ours - theirs):+.1f} points"
             + (
                 f"; {100 * ours / theirs:.0f}% of it, target >= 90%)"
                 if other == "pooled" and theirs
@@ -281,20 +315,21 @@ def headline(results: dict) -> list[str]:
             and ("clean-undefended" in results)
         ):
             clean = "clean-undefended"
-        a, ca = _server_em(results, name), _server_em(results, clean)
+        a, ca, seeds = paired(results, name, clean)
         if a is None or ca is None:
             continue
+        on = _on(seeds, results, name, clean)
         if "server_em_honest" not in r:
             out.append(f"- {name}: server EM {100 * a:.1f} on all families "
-                       f"({100 * (a - ca):+.1f} vs {clean})")  # fmt: skip
+                       f"({100 * (a - ca):+.1f} vs {clean}{on})")  # fmt: skip
             continue
         honest = sorted({f for c, fs in fbc.items() if c not in r["adversaries"] for f in fs})
-        h, ch = _server_em(results, name, honest), _server_em(results, clean, honest)
+        h, ch, _ = paired(results, name, clean, honest)
         who = ", ".join(f"{p}: {m}" for p, m in r["adversaries"].items())
         line = (
             f"- {name} ({who}): server EM {100 * a:.1f} on all families ({100 * (a - ca):+.1f} "
-            f"vs {clean}), {100 * h:.1f} on the honest clients' families ({100 * (h - ch):+.1f} "
-            f"vs {clean}'s {100 * ch:.1f})"
+            f"vs {clean}{on}), {100 * h:.1f} on the honest clients' families "
+            f"({100 * (h - ch):+.1f} vs {clean}'s {100 * ch:.1f})"
         )
         if "server_target_rate" in r:
             line += f"; backdoor success {100 * r['server_target_rate']['mean']:.1f}%"
