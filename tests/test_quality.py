@@ -382,6 +382,6 @@ def test_paired_compares_methods_on_the_seeds_both_have():
     assert seeds == [0, 2] and ours == pytest.approx(0.75) and pooled == pytest.approx(0.85)
     assert paired(results, "fl-minillm", "pooled", ["a"])[:2] == pytest.approx((0.75, 0.85))
     line = next(x for x in headline(results) if "vs pooled" in x)
-    assert "on seeds [0, 2]" in line and "75.0 vs pooled 85.0" in line and "88% of it" in line
+    assert "on seeds [0, 2]" in line and "75.0 vs pooled 85.0" in line and "88.2% of it" in line
     results["pooled"] = summary({1: 0.5})
     assert paired(results, "fl-minillm", "pooled") == (None, None, [])

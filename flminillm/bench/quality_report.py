@@ -296,7 +296,7 @@ def headline(results: dict) -> list[str]:
             f"fl-minillm {100 * ours:.1f} vs {other} {100 * theirs:.1f} "
             f"({100 * (ours - theirs):+.1f} points"
             + (
-                f"; {100 * ours / theirs:.0f}% of it, target >= 90%)"
+                f"; {100 * ours / theirs:.1f}% of it, target >= 90%)"
                 if other == "pooled" and theirs
                 else ")"
             )
@@ -362,7 +362,7 @@ def write_markdown(results: dict, path: Path, png: str) -> None:
     if meta.get("server_vs_pooled") is not None:
         lines += [
             f"**FL-MiniLLM server / pooled server, EM on all families: "
-            f"{100 * meta['server_vs_pooled']:.0f}%** (target: >= 90%).",
+            f"{100 * meta['server_vs_pooled']:.1f}%** (target: >= 90%).",
             "",
         ]
     if meta.get("resumed"):
