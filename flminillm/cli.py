@@ -422,7 +422,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
             console.print(f"[red]FAILED[/] {name} seed {f['seed']}: {f['error']}")
     ratio = results["_meta"].get("server_vs_pooled")
     if ratio is not None:
-        console.print(f"FL-MiniLLM server / pooled server, EM on all families: {ratio:.0%}")
+        console.print(f"FL-MiniLLM server / pooled server, EM on all families: {ratio:.1%}")
     console.print(f"wrote {args.out}/results.md, results.json, results.png; MLflow: {uri}")
     return 0
 
