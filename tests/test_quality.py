@@ -365,12 +365,14 @@ def test_paired_compares_methods_on_the_seeds_both_have():
     server/pooled ratio use seeds 0 and 2 of both, not three seeds against two."""
     from flminillm.bench.quality_report import headline, paired
 
-    def summary(by_seed: dict[int, float]) -> dict:
+    def summary(by_seed: dict[int, float], std: float | None = None) -> dict:
         return {
             "seeds": list(by_seed),
-            "server": {"em_all": {"mean": sum(by_seed.values()) / len(by_seed), "std": None}},
-            "server_em_by_seed": {str(k): v for k, v in by_seed.items()},
-            "server_families_em_by_seed": {str(k): {"a": v, "b": 0.0} for k, v in by_seed.items()},
+            "server": {"em_all": {"mean": sum(by_seed.values()) / len(by_seed), "std": std}},
+            # family b scores 0.1 above a: em_all (their mean) is the seed's figure
+            "server_families_em_by_seed": {
+                str(k): {"a": v - 0.05, "b": v + 0.05} for k, v in by_seed.items()
+            },
         }
 
     results = {
@@ -380,8 +382,16 @@ def test_paired_compares_methods_on_the_seeds_both_have():
     }
     ours, pooled, seeds = paired(results, "fl-minillm", "pooled")
     assert seeds == [0, 2] and ours == pytest.approx(0.75) and pooled == pytest.approx(0.85)
-    assert paired(results, "fl-minillm", "pooled", ["a"])[:2] == pytest.approx((0.75, 0.85))
+    assert paired(results, "fl-minillm", "pooled", ["a"])[:2] == pytest.approx((0.70, 0.80))
     line = next(x for x in headline(results) if "vs pooled" in x)
     assert "on seeds [0, 2]" in line and "75.0 vs pooled 85.0" in line and "88.2% of it" in line
+    # the spread is printed for a method whose every seed is in the comparison, only
+    results["fl-minillm"] = summary({0: 0.8, 2: 0.7}, std=0.07)
+    results["pooled"] = summary({0: 0.9, 1: 0.5, 2: 0.8}, std=0.2)
+    line = next(x for x in headline(results) if "vs pooled" in x)
+    assert "fl-minillm 75.0 ± 7.0 vs pooled 85.0 (" in line
+    results["forward-kl"] = summary({0: 0.7, 2: 0.7}, std=0.0)
+    line = next(x for x in headline(results) if "vs forward-kl" in x)
+    assert "fl-minillm 75.0 ± 7.0 vs forward-kl 70.0 ± 0.0 (+5.0 points)" in line
     results["pooled"] = summary({1: 0.5})
     assert paired(results, "fl-minillm", "pooled") == (None, None, [])

@@ -109,10 +109,8 @@ def summarise(runs: list[dict], v: Variant) -> dict[str, Any]:
     out["server_families_em"] = {
         f: _stat([s["families"][f] for s in scores])["mean"] for f in scores[0]["families"]
     }
-    # per seed, so that two methods are compared on the seeds both have (`paired`)
-    out["server_em_by_seed"] = {
-        str(r["seed"]): s["server"]["em_all"] for r, s in zip(runs, scores, strict=True)
-    }
+    # per seed, so that two methods are compared on the seeds both have (`paired`); the
+    # server's em_all is the mean of these (party_scores)
     out["server_families_em_by_seed"] = {
         str(r["seed"]): s["families"] for r, s in zip(runs, scores, strict=True)
     }
@@ -245,14 +243,14 @@ def paired(results: dict, a: str, b: str, families: list[str] | None = None) -> 
     over `families`) over the seeds both a and b have: means over different seeds would
     compare seeds as much as methods. (None, None, []) when they share none; the plain
     means, seeds None, for results written before per-seed scores."""
-    key = "server_em_by_seed" if families is None else "server_families_em_by_seed"
+    key = "server_families_em_by_seed"
     ra, rb = results.get(a) or {}, results.get(b) or {}
     if key not in ra or key not in rb:
         return _server_em(results, a, families), _server_em(results, b, families), None
 
     def score(r: dict, seed: str) -> float | None:
         x = r[key][seed]
-        return x if families is None else _mean([x[f] for f in families if x.get(f) is not None])
+        return _mean([x[f] for f in (families or sorted(x)) if x.get(f) is not None])
 
     seeds = sorted(set(ra[key]) & set(rb[key]), key=int)
     xa, xb = {k: score(ra, k) for k in seeds}, {k: score(rb, k) for k in seeds}
@@ -267,6 +265,16 @@ def _on(seeds: list[int] | None, results: dict, *names: str) -> str:
     if seeds is None or all(len(results[n].get("seeds", [])) == len(seeds) for n in names):
         return ""
     return f" on seeds {seeds}, those both have"
+
+
+def _pm(results: dict, name: str, seeds: list[int] | None) -> str:
+    """ " ± std" of name's server EM (all families) where the comparison uses all of its
+    seeds (the std over fewer seeds is not stored)."""
+    r = results[name]
+    std = r["server"]["em_all"].get("std")
+    if std is None or (seeds is not None and len(r.get("seeds", [])) != len(seeds)):
+        return ""
+    return f" ± {100 * std:.1f}"
 
 
 def _server_em(results: dict, name: str, families: list[str] | None = None) -> float | None:
@@ -293,7 +301,8 @@ def headline(results: dict) -> list[str]:
             continue
         out.append(
             f"- server EM (all families){_on(seeds, results, 'fl-minillm', other)}: "
-            f"fl-minillm {100 * ours:.1f} vs {other} {100 * theirs:.1f} "
+            f"fl-minillm {100 * ours:.1f}{_pm(results, 'fl-minillm', seeds)} vs {other} "
+            f"{100 * theirs:.1f}{_pm(results, other, seeds)} "
             f"({100 * (ours - theirs):+.1f} points"
             + (
                 f"; {100 * ours / theirs:.1f}% of it, target >= 90%)"
