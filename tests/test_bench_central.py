@@ -159,7 +159,7 @@ def test_minillm_uses_minillm_loss_over_the_whole_vocabulary():
 def test_method_batches_on_the_tiny_setting(tiny):
     """minillm's batch (mixed sampling, S = V) and federated-step's (top-k support, a share
     alpha of teacher answers) as built from the tiny setting's saved models."""
-    from flminillm.bench.central import _federated_batch, _full, _minillm_batch, build_setup
+    from flminillm.bench.central import _federated_batch, _minillm_batch, _with_top_k, build_setup
     from flminillm.config import DistillConfig, load_config
     from flminillm.devices import generator
     from flminillm.generation import response_logits
@@ -193,13 +193,13 @@ def test_method_batches_on_the_tiny_setting(tiny):
     )
     # the -full methods: the same message path with S = V, so the teacher's log-probs on the
     # support are its whole softmax and the tail bucket is empty
-    f = _full(_federated_batch)(s, s.student, exs, d, gen)
+    f = _with_top_k(_federated_batch)(s, s.student, exs, d, gen)
     on = f["response_mask"].bool()
     assert f["support_ids"].shape[-1] == len(s.tok) and int(f["from_teacher"].sum()) == 3
     assert (f["support_ids"][on].sort(-1).values == torch.arange(len(s.tok))).all()
     mass = torch.logsumexp(f["teacher_logp"][on].double(), -1).exp()
     torch.testing.assert_close(mass, torch.ones_like(mass), rtol=0, atol=1e-4)
-    f = _full(_federated_batch, 6)(s, s.student, exs, d, gen)  # the -k methods' support
+    f = _with_top_k(_federated_batch, 6)(s, s.student, exs, d, gen)  # the -k methods' support
     assert f["support_ids"].shape[-1] == 7 and (f["support_ids"][on] >= 0).all()
     # federated-step-a0.2: the schedule past its warm-up in every collection (a fifth of the
     # sequences the teacher's answers, no SeqKD), whatever the config's warm-up

@@ -50,6 +50,11 @@ MINILLM = dict(method="reverse_kl", alpha=0.2, teacher_mixed=True, prefix_iw=Fal
 ON_POLICY = dict(alpha=0.2, warmup_rounds=0, seqkd_rounds=0)
 
 
+def _on_policy(**update) -> Callable[[DistillConfig], DistillConfig]:
+    """The distill section after the warm-up (ON_POLICY), with `update` on top."""
+    return lambda d: d.model_copy(update={**ON_POLICY, **update})
+
+
 @dataclass
 class Setup:
     """One seed's shared setting: data, tokenizer, the teacher and the warm-started student."""
@@ -226,7 +231,7 @@ def _federated_batch(s: Setup, model, exs, d: DistillConfig, gen) -> Batch:
     return to_device(assemble_batch(msg, [teaching], torch.ones(1), d)[0], s.device)
 
 
-def _full(make_batch: Callable, top_k: int | None = None) -> Callable:
+def _with_top_k(make_batch: Callable, top_k: int | None = None) -> Callable:
     """make_batch with a support of top_k + 1 tokens (the student's sampled token and its
     top_k others) on its rollouts and on the teacher's answers; by default S = V
     (top_k = V - 1), where the tail bucket is empty."""
@@ -344,25 +349,25 @@ METHODS: dict[str, Method] = {
                              "rollouts with their top-k support (generation.sample), the "
                              "teacher's scores and answers (steps.teach_same), aggregate."
                              "assemble_batch, update.distill_epochs"),
-    "federated-step-a0.2": Method(_ppo(_federated_batch, lambda d: d.model_copy(update=ON_POLICY)),
+    "federated-step-a0.2": Method(_ppo(_federated_batch, _on_policy()),
                                   "the same after its warm-up (the schedule's second phase, "
                                   "distill.for_round past warmup_rounds): teacher-mixed share "
                                   "0.2, SeqKD off; the rest of the config's distill section"),
     # the remaining gap to minillm, one difference at a time (whatever is left after both is
     # the mixing: per sequence with prefix weights here, per token with q / (0.8 q + 0.2 p))
     "federated-step-a0.2-g0.95": Method(
-        _ppo(_federated_batch, lambda d: d.model_copy(update={**ON_POLICY, "gamma": 0.95})),
+        _ppo(_federated_batch, _on_policy(gamma=0.95)),
         "federated-step-a0.2 with MiniLLM's discount gamma 0.95"),
     "federated-step-a0.2-full": Method(
-        _ppo(_full(_federated_batch), lambda d: d.model_copy(update=ON_POLICY)),
+        _ppo(_with_top_k(_federated_batch), _on_policy()),
         "federated-step-a0.2 with the support S = V (generation.top_k = V - 1) on the "
         "student's rollouts and the teacher's answers"),
     **{f"federated-step-a0.2-k{k}": Method(
-        _ppo(_full(_federated_batch, k), lambda d: d.model_copy(update=ON_POLICY)),
+        _ppo(_with_top_k(_federated_batch, k), _on_policy()),
         f"federated-step-a0.2 with generation.top_k {k} (the sampled token, its top {k} others "
         "and the tail bucket): the scores' bytes grow with k") for k in (32, 128)},
     "federated-step-a0.2-full-g0.95": Method(
-        _ppo(_full(_federated_batch), lambda d: d.model_copy(update={**ON_POLICY, "gamma": 0.95})),
+        _ppo(_with_top_k(_federated_batch), _on_policy(gamma=0.95)),
         "both: S = V and gamma 0.95; what is left to minillm is the mixing (per sequence, "
         "prefix weights) and minillm's unweighted single-step term"),
     "trl-distill": Method(_trl, "TRL DistillationTrainer, beta = 1.0: on-policy per-token "
