@@ -33,6 +33,7 @@ from flminillm.rounds import (
     Param,
     Task,
     Wiring,
+    tasks,
 )
 from flminillm.steps import STEPS
 
@@ -48,8 +49,35 @@ def run_wiring(
     """Run every task of `wiring` in order; returns each task's output (a loop's tasks: a
     list, one per item), passed between tasks as a pipeline passes them (JSON text)."""
     outs: dict[str, Any] = {}
+    for entry in wiring:
+        if isinstance(entry, Task):
+            outs[entry.name] = run_task(entry, cfg, params, call, outs=outs)
+            continue
+        gathered: dict[str, list] = {t.name: [] for t in entry.body}
+        for item in outs[entry.over]:
+            local: dict[str, Any] = {}
+            for t in entry.body:
+                local[t.name] = run_task(t, cfg, params, call, item, outs, local)
+                gathered[t.name].append(local[t.name])
+        outs.update(gathered)
+    return outs
 
-    def arg(value: Any, item: Any, local: dict[str, Any]) -> Any:
+
+def run_task(
+    task: Task,
+    cfg: Config,
+    params: dict[str, Any],
+    call: Caller = invoke.call,
+    item: Any = None,
+    outs: dict[str, Any] | None = None,
+    local: dict[str, Any] | None = None,
+) -> Any:
+    """One task of a wiring, its arguments resolved as a pipeline resolves them (`outs`: the
+    outputs of the tasks before it, a loop's gathered; `local`: those of the tasks before it
+    in its loop's body, for this item); returns its output as JSON text."""
+    outs, local = outs or {}, local or {}
+
+    def arg(value: Any) -> Any:
         if isinstance(value, Param):
             return params[value.name]
         if isinstance(value, Out):
@@ -62,23 +90,17 @@ def run_wiring(
             return cfg.server.id
         return value
 
-    def run(task: Task, item: Any = None, local: dict[str, Any] | None = None) -> Any:
-        local = local if local is not None else {}
-        kwargs = {k: arg(v, item, local) for k, v in task.args.items()}
-        return invoke.encode_output(STEPS[task.step], call(task.step, cfg, **kwargs))
+    kwargs = {k: arg(v) for k, v in task.args.items()}
+    return invoke.encode_output(STEPS[task.step], call(task.step, cfg, **kwargs))
 
-    for entry in wiring:
-        if isinstance(entry, Task):
-            outs[entry.name] = run(entry)
-            continue
-        gathered: dict[str, list] = {t.name: [] for t in entry.body}
-        for item in outs[entry.over]:
-            local: dict[str, Any] = {}
-            for t in entry.body:
-                local[t.name] = run(t, item, local)
-                gathered[t.name].append(local[t.name])
-        outs.update(gathered)
-    return outs
+
+def clients_local_sft(cfg: Config, state: dict, r: int, memo: Memo) -> list[str]:
+    """Every client's local_sft of round r from the manifest `state`, called as the round
+    wiring calls it (ROUND_TASKS' local_sft task), through memo: a baseline that fine-tunes
+    only, and a benchmark's shared set-up, make the very calls (and memo keys) a round does."""
+    task = next(t for t in tasks(ROUND_TASKS) if t.step == "local_sft")
+    params = {"state_json": json.dumps(state), "round_index": r}
+    return [run_task(task, cfg, params, memo.call, item=c.id) for c in cfg.clients]
 
 
 def _slice(cfg: Config, step: str, party: str | None) -> dict[str, Any]:

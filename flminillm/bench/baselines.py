@@ -23,7 +23,7 @@ from flminillm.artifacts import (
     seed,
 )
 from flminillm.config import Config
-from flminillm.inprocess import Memo, OnRound, setup
+from flminillm.inprocess import Memo, OnRound, clients_local_sft, setup
 
 
 def fedavg_bytes(server: str, live: list[str], size: int) -> dict[str, dict[str, int]]:
@@ -53,13 +53,9 @@ def run_local_only(cfg: Config, memo: Memo, on_round: OnRound) -> list[dict]:
     states = [setup(cfg, memo)]
     on_round(0, states[0], {})
     for r in range(1, cfg.rounds + 1):
-        sj = json.dumps(states[-1])
-        outs = [
-            json.dumps(memo.call("local_sft", cfg, state_json=sj, round_index=r, client_id=c.id))
-            for c in cfg.clients
-        ]
-        states.append(invoke.call("evaluate", cfg, state_json=sj, round_index=r, update="",
-                                  updates=outs))  # fmt: skip
+        outs = clients_local_sft(cfg, states[-1], r, memo)
+        states.append(invoke.call("evaluate", cfg, state_json=json.dumps(states[-1]),
+                                  round_index=r, update="", updates=outs))  # fmt: skip
         on_round(r, states[-1], {})
     return states
 

@@ -106,15 +106,13 @@ def shared_setup(base_json: str, v: Variant, seed: int, workdir: str) -> dict:
     suffix "-setup"): its step records do not mix with any run's. Returns {"memo",
     "seconds"}."""
     from flminillm.config import config_from_json
-    from flminillm.inprocess import Memo, setup
+    from flminillm.inprocess import Memo, clients_local_sft, setup
 
     t0 = time.perf_counter()
     cfg = variant_config(config_from_json(base_json), v, seed, Path(workdir))
     cfg = cfg.model_copy(update={"name": f"{cfg.name}-setup"})
     memo = Memo()
-    state = json.dumps(setup(cfg, memo))  # the round-0 manifest every round 1 reads
-    for c in cfg.clients:
-        memo.call("local_sft", cfg, state_json=state, round_index=1, client_id=c.id)
+    clients_local_sft(cfg, setup(cfg, memo), 1, memo)  # from the round-0 manifest
     return {"memo": memo.entries, "seconds": time.perf_counter() - t0}
 
 

@@ -267,7 +267,7 @@ def _on(seeds: list[int] | None, results: dict, *names: str) -> str:
     return f" on seeds {seeds}, those both have"
 
 
-def _pm(results: dict, name: str, seeds: list[int] | None) -> str:
+def _spread(results: dict, name: str, seeds: list[int] | None) -> str:
     """ " ± std" of name's server EM (all families) where the comparison uses all of its
     seeds (the std over fewer seeds is not stored)."""
     r = results[name]
@@ -301,8 +301,8 @@ def headline(results: dict) -> list[str]:
             continue
         out.append(
             f"- server EM (all families){_on(seeds, results, 'fl-minillm', other)}: "
-            f"fl-minillm {100 * ours:.1f}{_pm(results, 'fl-minillm', seeds)} vs {other} "
-            f"{100 * theirs:.1f}{_pm(results, other, seeds)} "
+            f"fl-minillm {100 * ours:.1f}{_spread(results, 'fl-minillm', seeds)} vs {other} "
+            f"{100 * theirs:.1f}{_spread(results, other, seeds)} "
             f"({100 * (ours - theirs):+.1f} points"
             + (
                 f"; {100 * ours / theirs:.1f}% of it, target >= 90%)"
