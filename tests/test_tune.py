@@ -10,7 +10,14 @@ import pytest
 import yaml
 
 from flminillm.bench.quality import finished_result
-from flminillm.bench.tune import GRID, candidates, choose, on_validation, validation_score
+from flminillm.bench.tune import (
+    GRID,
+    candidates,
+    choose,
+    choose_rounds,
+    on_validation,
+    validation_score,
+)
 from flminillm.cli import main
 from flminillm.config import load_config
 
@@ -38,6 +45,13 @@ def test_tune_scores_validation_and_chooses_the_best(tmp_path):
         best = meta["chosen"][method]["candidate"]
         assert best == choose(res, method) and mine[best] == max(mine.values())
     assert "**(chosen)**" in (tmp_path / "tune.md").read_text()
+    # the round budget: the best round of the chosen candidates' mean validation curve
+    budget = meta["rounds"]
+    chosen = [meta["chosen"][m]["candidate"] for m in ("reverse_kl", "forward_kl")]
+    assert budget["curve"]["rounds"] == list(range(1, load_config(TINY).rounds + 1))
+    assert budget["score"] == max(budget["curve"]["mean"])
+    # the last round's score is the summary's (the curve reads the same evaluations)
+    assert budget["curve"][chosen[0]][-1] == pytest.approx(validation_score(res[chosen[0]]))
     # resumed: nothing runs again, same numbers
     assert main([*args, "--resume"]) == 0
     again = json.loads((tmp_path / "tune.json").read_text())
@@ -139,3 +153,26 @@ def test_a_tie_in_em_is_broken_by_rouge_l_then_by_order():
     res["other"] = run(0.01, 0.10)
     assert choose(res, "reverse_kl") == "as-written"
     assert choose(res, "forward_kl") is None
+
+
+def test_the_round_budget_is_the_first_best_round_of_the_mean_curve():
+    """Two methods' per-round validation curves: the budget is the round where their mean
+    peaks (one budget for both), the earlier round on a tie; round 0 is not a budget."""
+
+    def run(server: list[float], unseen: list[float]) -> dict:
+        return {"curve": {"rounds": list(range(len(server))), "server_em_all": server,
+                          "clients_em_unseen": unseen}}  # fmt: skip
+
+    res = {
+        "a": run([0.0, 0.4, 0.6, 0.7, 0.6], [0.0, 0.2, 0.4, 0.5, 0.5]),  # 0.6 at round 3
+        "b": run([0.9, 0.5, 0.6, 0.6, 0.8], [0.9, 0.3, 0.4, 0.4, 0.6]),  # 0.7 at round 4
+        "_meta": {},
+    }
+    got = choose_rounds(res, ["a", "b"])
+    assert got["curve"]["rounds"] == [1, 2, 3, 4]
+    assert got["curve"]["mean"] == pytest.approx([0.35, 0.5, 0.55, 0.625])
+    assert got["rounds"] == 4 and got["score"] == pytest.approx(0.625)
+    assert choose_rounds(res, ["a"])["rounds"] == 3
+    res["a"]["curve"]["server_em_all"][4] = 0.7  # round 4 ties round 3 for a: fewer rounds
+    assert choose_rounds(res, ["a"])["rounds"] == 3
+    assert choose_rounds(res, ["missing"]) is None

@@ -125,6 +125,10 @@ def summarise(runs: list[dict], v: Variant) -> dict[str, Any]:
             _stat([run_scores(r, str(k))["clients"]["em_all"] for r in runs if str(k) in r["rounds"]])["mean"]
             for k in rounds
         ],
+        "clients_em_unseen": [
+            _stat([run_scores(r, str(k))["clients"]["em_unseen"] for r in runs if str(k) in r["rounds"]])["mean"]
+            for k in rounds
+        ],
     }  # fmt: skip
     out.update(attack_scores(runs, v))
     out["seconds"] = _stat([r["seconds"] for r in runs])["mean"]

@@ -116,6 +116,38 @@ def choose(results: dict[str, dict], group: str) -> str | None:
     return max(scored, key=lambda x: x[0])[1] if scored else None
 
 
+def choose_rounds(results: dict[str, dict], names: list[str]) -> dict[str, Any] | None:
+    """The round budget, on validation: for every round k >= 1 the runs of `names` have
+    (the methods' chosen candidates: one budget for every method, as bench quality gives
+    them), the validation score after round k (`validation_score`'s EM mean, from the
+    summaries' per-round curve) averaged over `names`; the first round with the best mean
+    (fewer rounds on a tie). None without runs. {"rounds", "score", "curve": {"rounds":
+    [..], name: [..], "mean": [..]}}."""
+    curves = [results[n]["curve"] for n in names if n in results]
+    if not curves or any("clients_em_unseen" not in c for c in curves):
+        return None
+    rounds = sorted(set.intersection(*(set(c["rounds"]) for c in curves)) - {0})
+
+    def score(c: dict, k: int) -> float | None:
+        i = c["rounds"].index(k)
+        s, u = c["server_em_all"][i], c["clients_em_unseen"][i]
+        return None if s is None or u is None else (s + u) / 2
+
+    table: dict[str, list] = {"rounds": rounds}
+    for n, c in zip([n for n in names if n in results], curves, strict=True):
+        table[n] = [score(c, k) for k in rounds]
+    cols = [table[n] for n in names if n in results]
+    table["mean"] = [
+        None if any(col[i] is None for col in cols) else sum(col[i] for col in cols) / len(cols)
+        for i in range(len(rounds))
+    ]
+    scored = [(m, -k) for k, m in zip(rounds, table["mean"], strict=True) if m is not None]
+    if not scored:
+        return None
+    best, neg_k = max(scored)
+    return {"rounds": -neg_k, "score": best, "curve": table}
+
+
 def on_validation(base: Config) -> Config:
     """`base` scoring its validation split (refused without one)."""
     if base.data.n_val_per_family == 0 and base.data.source == "benchmark":
@@ -157,8 +189,9 @@ def run_tune(
             chosen[method] = {"candidate": name, "score": validation_score(results[name]),
                               "rouge_l_score": validation_score(results[name], "rouge_l"),
                               "distill": v.overrides["distill"]}  # fmt: skip
+    budget = choose_rounds(results, [c["candidate"] for m, c in chosen.items() if m in GRID])
     results["_meta"] = {**grid_meta(config, base, grid, seeds, command), "chosen": chosen,
-                        "split": "validation"}  # fmt: skip
+                        "split": "validation", "rounds": budget}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(results, out_dir / "tune.json")
     _write_markdown(results, out_dir / "tune.md")
@@ -213,4 +246,20 @@ def _write_markdown(results: dict, path: Path) -> None:
     ]
     for method, c in meta["chosen"].items():
         lines.append(f"- {method}: `{c['candidate']}` → `distill: {json.dumps(c['distill'])}`")
+    budget = meta.get("rounds")
+    if budget:
+        curve = budget["curve"]
+        names = [n for n in curve if n not in ("rounds", "mean")]
+        lines += [
+            f"- round budget (of the config's {max(curve['rounds'])}): **{budget['rounds']}**, "
+            "the first round with the best validation score averaged over the chosen "
+            "candidates (one budget for every method):",
+            "",
+            "| round | " + " | ".join(f"`{n}`" for n in names) + " | mean |",
+            "|---|" + "---|" * (len(names) + 1),
+        ]
+        for i, k in enumerate(curve["rounds"]):
+            mark = " **(chosen)**" if k == budget["rounds"] else ""
+            cells = [_pm({"mean": curve[n][i]}) for n in [*names, "mean"]]
+            lines.append(f"| {k}{mark} | " + " | ".join(cells) + " |")
     atomic_write_text(path, "\n".join(lines) + "\n")
