@@ -326,17 +326,25 @@ def test_resume_reuses_finished_runs_and_reruns_the_rest(tmp_path):
         run_quality(TINY, seeds=1, names=names, resume=True)
 
 
-def test_benchmark_config_carries_what_bench_tune_chose():
+@pytest.mark.parametrize(
+    "tune, config",
+    [("tune.json", "benchmark.yaml"), ("tune-10rounds/tune.json", "benchmark-10rounds.yaml")],
+)
+def test_benchmark_config_carries_what_bench_tune_chose(tune, config):
     """docs/tune.json (validation split) chose the distill settings; the benchmark config (the
     fl-minillm method) and the forward-kl baseline must carry them, so that no report's
-    hyper-parameters come from the evaluation split."""
+    hyper-parameters come from the evaluation split. The 10-round config's budget, too,
+    is what validation chose (docs/tune-10rounds/)."""
     root = Path(__file__).resolve().parents[1]
-    chosen = json.loads((root / "docs" / "tune.json").read_text())["_meta"]["chosen"]
+    meta = json.loads((root / "docs" / tune).read_text())["_meta"]
+    chosen = meta["chosen"]
     assert chosen["reverse_kl"]["distill"]["method"] == "reverse_kl"
-    d = load_config(root / "configs" / "benchmark.yaml").distill
+    cfg = load_config(root / "configs" / config)
     for field, value in chosen["reverse_kl"]["distill"].items():
-        assert getattr(d, field) == value, f"configs/benchmark.yaml distill.{field}"
+        assert getattr(cfg.distill, field) == value, f"configs/{config} distill.{field}"
     assert FORWARD_KL == chosen["forward_kl"]["distill"]
+    if meta.get("rounds"):
+        assert cfg.rounds == meta["rounds"]["rounds"], f"configs/{config} rounds"
 
 
 def test_sampled_scores_get_their_table_only_where_runs_have_them():
