@@ -123,7 +123,8 @@ def choose_rounds(results: dict[str, dict], names: list[str]) -> dict[str, Any] 
     summaries' per-round curve) averaged over `names`; the first round with the best mean
     (fewer rounds on a tie). None without runs. {"rounds", "score", "curve": {"rounds":
     [..], name: [..], "mean": [..]}}."""
-    curves = [results[n]["curve"] for n in names if n in results]
+    names = [n for n in names if n in results]
+    curves = [results[n]["curve"] for n in names]
     if not curves or any("clients_em_unseen" not in c for c in curves):
         return None
     rounds = sorted(set.intersection(*(set(c["rounds"]) for c in curves)) - {0})
@@ -134,9 +135,9 @@ def choose_rounds(results: dict[str, dict], names: list[str]) -> dict[str, Any] 
         return None if s is None or u is None else (s + u) / 2
 
     table: dict[str, list] = {"rounds": rounds}
-    for n, c in zip([n for n in names if n in results], curves, strict=True):
+    for n, c in zip(names, curves, strict=True):
         table[n] = [score(c, k) for k in rounds]
-    cols = [table[n] for n in names if n in results]
+    cols = [table[n] for n in names]
     table["mean"] = [
         None if any(col[i] is None for col in cols) else sum(col[i] for col in cols) / len(cols)
         for i in range(len(rounds))
