@@ -115,21 +115,12 @@ def summarise(runs: list[dict], v: Variant) -> dict[str, Any]:
         str(r["seed"]): s["families"] for r, s in zip(runs, scores, strict=True)
     }
     rounds = sorted({int(k) for r in runs for k in r["rounds"]})
-    out["curve"] = {
-        "rounds": rounds,
-        "server_em_all": [
-            _stat([run_scores(r, str(k))["server"]["em_all"] for r in runs if str(k) in r["rounds"]])["mean"]
-            for k in rounds
-        ],
-        "clients_em_all": [
-            _stat([run_scores(r, str(k))["clients"]["em_all"] for r in runs if str(k) in r["rounds"]])["mean"]
-            for k in rounds
-        ],
-        "clients_em_unseen": [
-            _stat([run_scores(r, str(k))["clients"]["em_unseen"] for r in runs if str(k) in r["rounds"]])["mean"]
-            for k in rounds
-        ],
-    }  # fmt: skip
+    # every run's scores after each round it has, computed once for the curve's series
+    by_round = [[run_scores(r, str(k)) for r in runs if str(k) in r["rounds"]] for k in rounds]
+    out["curve"] = {"rounds": rounds} | {
+        f"{who}_{key}": [_stat([x[who][key] for x in xs])["mean"] for xs in by_round]
+        for who, key in (("server", "em_all"), ("clients", "em_all"), ("clients", "em_unseen"))
+    }
     out.update(attack_scores(runs, v))
     out["seconds"] = _stat([r["seconds"] for r in runs])["mean"]
     kls = [r["kl_pooled"] for r in runs if r.get("kl_pooled")]

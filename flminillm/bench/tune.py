@@ -98,9 +98,15 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
 def validation_score(summary: dict, metric: str = "em") -> float | None:
     """Mean of the server's `metric` (em, rouge_l) on all families and the clients' on
     unseen families."""
-    s = summary["server"][f"{metric}_all"]["mean"]
-    c = summary["clients"][f"{metric}_unseen"]["mean"]
-    return None if s is None or c is None else (s + c) / 2
+    return _score(summary["server"][f"{metric}_all"]["mean"],
+                  summary["clients"][f"{metric}_unseen"]["mean"])  # fmt: skip
+
+
+def _score(server_all: float | None, clients_unseen: float | None) -> float | None:
+    """The validation score from its two parts (None where either is missing)."""
+    if server_all is None or clients_unseen is None:
+        return None
+    return (server_all + clients_unseen) / 2
 
 
 def choose(results: dict[str, dict], group: str) -> str | None:
@@ -131,8 +137,7 @@ def choose_rounds(results: dict[str, dict], names: list[str]) -> dict[str, Any] 
 
     def score(c: dict, k: int) -> float | None:
         i = c["rounds"].index(k)
-        s, u = c["server_em_all"][i], c["clients_em_unseen"][i]
-        return None if s is None or u is None else (s + u) / 2
+        return _score(c["server_em_all"][i], c["clients_em_unseen"][i])
 
     table: dict[str, list] = {"rounds": rounds}
     for n, c in zip(names, curves, strict=True):
