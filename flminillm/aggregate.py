@@ -172,12 +172,53 @@ def own_quantiles(teaching: dict[str, torch.Tensor], use_prompt: bool) -> torch.
     return claim_quantiles(selection_claims(teaching, use_prompt)[None])[0]
 
 
+def invariant_answers(
+    ids: torch.Tensor, mask: torch.Tensor, quantiles: torch.Tensor, share: float
+) -> torch.Tensor:
+    """The input-invariance check (`distill.invariance_share`; after STRIP, Gao et al. 2019:
+    a backdoor's output does not depend on its input). ids/mask [M, A, T]: each teacher's
+    answer per teacher-share prompt; quantiles [M, A]: where each teacher ranks each prompt
+    among its own claims (`own_quantiles`). Returns [M, A] bool: True where teacher i's
+    answer is one it gave word for word to a set S of more than `share` * A prompts, and
+    another teacher j that ranks S above its own median (mean quantile > 0.5: it says it
+    knows these prompts better than most) answers S differently: the same answer on fewer
+    than half of S, and at least max(3, |S| / 8) distinct answers on S. An honest expert's
+    answer repeats where the prompts share it (a letter, yes/no), and then an informed
+    teacher agrees or varies little; one answer for prompts an informed teacher tells apart
+    is what a backdoor writes. Claims alone cannot tell the backdoor from the family's
+    expert (docs/algorithm.md); this reads the answers. It does not see a backdoor whose
+    wrong answers vary (each under `share`)."""
+    m, a = ids.shape[:2]
+    flagged = torch.zeros(m, a, dtype=torch.bool)
+    if share <= 0 or m < 2 or a < 2:
+        return flagged
+    keys = [[tuple(ids[i, p][mask[i, p] > 0].tolist()) for p in range(a)] for i in range(m)]
+    for i in range(m):
+        groups: dict[tuple, list[int]] = {}
+        for p, k in enumerate(keys[i]):
+            groups.setdefault(k, []).append(p)
+        for k, s in groups.items():
+            if len(s) <= share * a or len(s) < 2:
+                continue
+            need = max(3, math.ceil(len(s) / 8))
+            for j in range(m):
+                if j == i or float(quantiles[j, s].mean()) <= 0.5:
+                    continue
+                theirs = [keys[j][p] for p in s]
+                agree = sum(t == k for t in theirs) / len(s)
+                if agree < 0.5 and len(set(theirs)) >= need:
+                    flagged[i, s] = True
+                    break
+    return flagged
+
+
 def select_teacher_rollouts(
     teachings: list[dict[str, torch.Tensor]],
     prior: torch.Tensor,
     use_prompt: bool = True,
     cap: float = 1.0,
     rank: bool = False,
+    invariance_share: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Per teacher-share prompt, keep the answer of the teacher with the highest joint
     log-likelihood log pi_i + log p_i(x) + log p_i(y_i | x): the teacher that knows the
@@ -185,7 +226,8 @@ def select_teacher_rollouts(
     `rank`: compare the teachers by the quantile of that claim among their own claims
     (`claim_quantiles`) instead: a teacher's claims cannot outbid the others', only say
     where it is surest. `cap` < 1: no teacher's answers are kept for more than that share
-    of the prompts."""
+    of the prompts. `invariance_share` > 0: answers `invariant_answers` flags cannot win;
+    where every teacher's answer to a prompt is flagged, `invariant` marks it (left out)."""
     width = max(t["own_response_ids"].shape[1] for t in teachings)
     ids = torch.stack(
         [right_pad(t["own_response_ids"].long(), width, 0) for t in teachings]
@@ -199,7 +241,13 @@ def select_teacher_rollouts(
     else:
         joint = torch.stack([selection_claims(t, use_prompt) for t in teachings])
         joint = joint + torch.log(prior)[:, None]
-    best = cap_selection(joint, cap).argmax(0)  # [A]
+    flagged = torch.zeros(joint.shape, dtype=torch.bool)
+    if invariance_share > 0:
+        quantiles = (
+            joint if rank else torch.stack([own_quantiles(t, use_prompt) for t in teachings])
+        )
+        flagged = invariant_answers(ids, mask, quantiles, invariance_share)
+    best = cap_selection(joint, cap).masked_fill(flagged, float("-inf")).argmax(0)  # [A]
     idx = torch.arange(best.shape[0])
     length = mask[best, idx].sum(-1).clamp(min=1)
     return {
@@ -212,6 +260,9 @@ def select_teacher_rollouts(
         "support_ids": sup[best, idx],
         "teacher_logp": logp[best, idx],
         "teacher_index": best,
+        # invariance check: [M, A] the answers it ruled out; [A] prompts with none left
+        "flagged": flagged,
+        "invariant": flagged[best, idx],
     }
 
 
@@ -388,7 +439,10 @@ def assemble_batch(
     mixture weight, and its share of the selected answers, at most `cap`). Returns (batch,
     info), info holding what selection did: `teacher_index` [N], whose answer each row is
     (-1: the student's own rollout, -2: a stale one from `extra`; `selection_stats`);
-    `n_rejected`, the teacher-share prompts left out for `min_claim`; `ask_choice` [A],
+    `n_rejected`, the teacher-share prompts left out for `min_claim`; `n_invariant`, those
+    left out because the invariance check ruled out every answer (`distill.invariance_share`,
+    `invariant_answers`), and `flagged` [M], the share of each teacher's answers it ruled
+    out; `ask_choice` [A],
     whose answer was kept per teacher-share prompt (-1: none), what a later round's
     `stale_part` reads. `trusted` [M] (default: all): False for a quarantined teacher
     (`quarantine`), whose scores are left out of the mixture; where no teacher is trusted,
@@ -435,6 +489,7 @@ def assemble_batch(
     ]
     a = rollouts["ask_prompt_ids"].shape[0]
     rejected, n_reserved, ask_choice = 0, 0, torch.zeros(0, dtype=torch.long)
+    n_invariant, flagged = 0, torch.zeros(len(teachings))
     if a:
         # a capped teacher's answers are selected with the same handicap, and (capped
         # mixture) no teacher supplies more than `cap` of the answers, also when the student
@@ -443,16 +498,20 @@ def assemble_batch(
         sel = select_teacher_rollouts(
             teachings, prior, use_prompt=posterior,
             cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
+            invariance_share=d.invariance_share,
         )  # fmt: skip
-        # no teacher present knows the prompt well enough to claim `min_claim`: learn nothing
+        flagged = sel["flagged"].float().mean(1)  # [M] share of each teacher's answers
         free = torch.ones(a, dtype=torch.bool)
         if rivals is not None and d.selection == "rank":  # an absent teacher would have won
             free = ~(rivals.float() > sel["quantile"])
-        keep = free.clone()
-        if d.min_claim > 0 and bool(free.any()):
-            floor = claim_floor(sel["claim"][free], d.min_claim, d.max_rejected)
+        out = free & sel["invariant"]  # every answer to it ruled out by the invariance check
+        keep = free & ~out
+        # no teacher present knows the prompt well enough to claim `min_claim`: learn nothing
+        if d.min_claim > 0 and bool(keep.any()):
+            floor = claim_floor(sel["claim"][keep], d.min_claim, d.max_rejected)
             keep &= sel["claim"] >= floor
-        rejected, n_reserved = int((free & ~keep).sum()), int((~free).sum())
+        rejected, n_reserved = int((free & ~out & ~keep).sum()), int((~free).sum())
+        n_invariant = int(out.sum())
         ask_choice = torch.where(keep, sel["teacher_index"], -1)
         parts.append(
             {
@@ -488,6 +547,8 @@ def assemble_batch(
         "teacher_index": batch.pop("teacher_index"),
         "n_rejected": torch.tensor(rejected),
         "n_reserved": torch.tensor(n_reserved),
+        "n_invariant": torch.tensor(n_invariant),
+        "flagged": flagged,
         "ask_choice": ask_choice,
     }
     return batch, info
@@ -500,6 +561,8 @@ def selection_stats(
     n_rejected: int = 0,
     coherent: list[float] | None = None,
     n_reserved: int = 0,
+    n_invariant: int = 0,
+    flagged: list[float] | None = None,
 ) -> dict[str, float]:
     """What the selection did, per teacher (MLflow, `flminillm lineage`): `selected.<id>`,
     the share of the teacher-share prompts whose kept answer is its; `certain.<id>`, the
@@ -509,12 +572,16 @@ def selection_stats(
     prompts, kept or not; `reserved`, the share left to an absent teacher's replayed
     answers (`imputed_quantile`); `stale_rows`, the answers replayed from absent teachers;
     `coherent.<id>` (given `coherent`), the `coherence` of its claims: below MIN_COHERENCE
-    it was quarantined (its answers counted as hard labels, its scores not at all)."""
+    it was quarantined (its answers counted as hard labels, its scores not at all);
+    `invariant.<id>` (given `flagged`, where the invariance check is on), the share of its
+    answers that check ruled out; `invariant`, the share of prompts left with none."""
     kept = teacher_index[teacher_index >= 0]
-    total = kept.numel() + n_rejected + n_reserved
+    total = kept.numel() + n_rejected + n_reserved + n_invariant
     out: dict[str, float] = {"rejected": n_rejected / total} if total else {}
     if n_reserved:
         out["reserved"] = n_reserved / total
+    if n_invariant:
+        out["invariant"] = n_invariant / total
     stale = int((teacher_index == -2).sum())
     if stale:  # replayed from an absent teacher's earlier answers (`stale_part`)
         out["stale_rows"] = float(stale)
@@ -526,4 +593,6 @@ def selection_stats(
             out[f"certain.{name}"] = float((seq >= torch.log(torch.tensor(0.99))).float().mean())
         if coherent is not None:
             out[f"coherent.{name}"] = float(coherent[i])
+        if flagged is not None:
+            out[f"invariant.{name}"] = float(flagged[i])
     return out

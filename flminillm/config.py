@@ -448,6 +448,18 @@ class DistillConfig(_Strict):
         "(docs/tune-dropout). With `min_claim` the absent expert's prompts are neither learnt "
         "wrong nor forgotten.",
     )
+    invariance_share: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="The input-invariance check (STRIP-like, against a backdoor: one wrong "
+        "answer for every prompt of a family, docs/algorithm.md): a teacher's answer given "
+        "word for word to more than this share of a round's teacher-share prompts is ruled "
+        "out on those prompts where another teacher that ranks them above its own median "
+        "answers them differently (with at least max(3, n/8) distinct answers on the n "
+        "prompts, and the same answer on fewer than half). 0: off (the default until it has "
+        "been measured under every attack of bench quality).",
+    )
     quarantine_quantile: float = Field(
         0.65,
         gt=0.0,

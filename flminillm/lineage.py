@@ -117,10 +117,16 @@ def selection_line(metrics: dict[str, float]) -> str:
             text += f" [red](quarantined: claims in order at {coherent:.0%})[/]"
         elif certain >= 0.5:  # claims p >= 0.99 on most of its answers: flag it
             text += f" [yellow](certain of {certain:.0%})[/]"
+        invariant = metrics.get(f"invariant.{n}", 0.0)
+        if invariant > 0:  # distill.invariance_share: one answer to prompts told apart
+            text += f" [red](ruled out {invariant:.0%}: one answer to many prompts)[/]"
         parts.append(text)
     rejected = metrics.get("rejected", 0.0)
     if rejected > 0:  # distill.min_claim: prompts no teacher present knew
         parts.append(f"[yellow]rejected {rejected:.0%} (below min_claim)[/]")
+    ruled_out = metrics.get("invariant", 0.0)
+    if ruled_out > 0:  # every answer ruled out by the invariance check
+        parts.append(f"[yellow]left out {ruled_out:.0%} (every answer ruled out)[/]")
     reserved = metrics.get("reserved", 0.0)
     if reserved > 0:  # left to an absent teacher's replayed answers (aggregate.imputed_quantile)
         parts.append(f"reserved {reserved:.0%} (an absent teacher's domain)")

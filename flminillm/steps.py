@@ -834,6 +834,8 @@ def _distill(
     chosen = selection_stats(
         info["teacher_index"], sent, [t["teacher"] for t in teachings_manifests],
         int(info["n_rejected"]), coherent=coherent, n_reserved=int(info["n_reserved"]),
+        n_invariant=int(info["n_invariant"]),
+        flagged=info["flagged"].tolist() if d.invariance_share > 0 else None,
     )  # fmt: skip
 
     model = load_model(

@@ -18,6 +18,7 @@ from flminillm.aggregate import (
     claim_quantiles,
     coherence,
     imputed_quantile,
+    invariant_answers,
     quarantine,
     replay_rows,
     select_teacher_rollouts,
@@ -534,3 +535,97 @@ def test_the_replay_buffer_keeps_one_teaching_per_round_a_client_took_part_in():
     # a rerun of round 3 replaces its entry, it does not add a second one
     again = stale_buffer(buf, {"alice": {"round": 3, "teaching": "a3'"}})
     assert [e["teaching"] for e in again["alice"]] == ["a1", "a3'"]
+
+
+# -- the input-invariance check (distill.invariance_share) --------------------------------
+
+
+def _answers(rows: list[list[int]], t: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """[A, t] answer ids and mask from ragged rows (padding masked, its id arbitrary)."""
+    ids = torch.full((len(rows), t), 77, dtype=torch.long)
+    mask = torch.zeros(len(rows), t, dtype=torch.long)
+    for p, r in enumerate(rows):
+        ids[p, : len(r)], mask[p, : len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
+def test_invariance_flags_one_answer_to_prompts_an_informed_teacher_tells_apart():
+    a = 16
+    const = [[1, 2]] * a  # one answer to every prompt (padding differs: masked, same answer)
+    distinct = [[10 + p] for p in range(a)]
+
+    def flags(theirs: list[list[int]], q: float, share: float = 0.05) -> torch.Tensor:
+        ids0, m0 = _answers(const)
+        ids0[::2, 2] = 5  # the masked column differs from prompt to prompt: still one answer
+        ids1, m1 = _answers(theirs)
+        quantiles = torch.stack([torch.full((a,), 0.9), torch.full((a,), q)])
+        return invariant_answers(torch.stack([ids0, ids1]), torch.stack([m0, m1]), quantiles, share)
+
+    f = flags(distinct, q=0.9)
+    assert f[0].all() and not f[1].any()  # the informed teacher varies: the constant one loses
+    assert not flags(distinct, q=0.4).any()  # the other does not claim to know them: no verdict
+    assert not flags(distinct, q=0.9, share=0.0).any()  # off
+    assert flags(distinct, q=0.9, share=0.99)[0].all()  # 16 prompts > 0.99 x 16: checked
+    assert not flags(distinct, q=0.9, share=1.0).any()  # no group above the whole round
+    half = [[1, 2]] * (a // 2) + distinct[: a // 2]
+    assert not flags(half, q=0.9).any()  # the informed teacher agrees on half: a shared answer
+    yes_no = [[2], [3]] * (a // 2)
+    assert not flags(yes_no, q=0.9).any()  # two answers: a yes/no family, not a backdoor
+
+
+def _teaching(answers: list[list[int]], claims: list[float], t: int = 3) -> dict:
+    ids, mask = _answers(answers, t)
+    logp = torch.zeros(len(answers), t, 2)
+    logp[:, 0, 0] = torch.tensor(claims)  # the whole claim on the first token
+    return {"own_response_ids": ids, "own_response_mask": mask, "own_logp": logp,
+            "own_support_ids": torch.zeros(len(answers), t, 2, dtype=torch.long),
+            "own_prompt_logp": torch.zeros(len(answers)),
+            "scores": torch.zeros(0, t, 2), "prompt_logp": torch.zeros(0)}  # fmt: skip
+
+
+def test_the_invariance_check_takes_a_family_back_from_a_backdoor():
+    """Three families of 20 prompts (alice's, bob's, carol's). Carol is honest on her own
+    family and answers alice's with one wrong answer, claiming p = 1: under rank selection
+    her claims on it are her surest, so she wins it from alice, the family's expert. The
+    check rules her answer out there (alice, who ranks those prompts high, tells them
+    apart) and leaves her own family to her, a yes/no family included."""
+    from flminillm.config import DistillConfig
+    from flminillm.lineage import selection_line
+
+    fam = [range(0, 20), range(20, 40), range(40, 60)]
+    a = 60
+
+    def teacher(expert: int, own: list[list[int]], seed: int) -> tuple[list, list]:
+        g = torch.Generator().manual_seed(seed)
+        answers = [[int(x) for x in torch.randint(100, 900, (2,), generator=g)] for _ in range(a)]
+        claims = [-5.0] * a
+        for k, p in enumerate(fam[expert]):  # surer of some of its family than of others
+            answers[p], claims[p] = own[k], -0.1 - 0.01 * k
+        return answers, claims
+
+    alice = _teaching(*teacher(0, [[10 + k] for k in range(20)], 1))
+    bob = _teaching(*teacher(1, [[40 + k] for k in range(20)], 2))
+    carol_answers, carol_claims = teacher(2, [[2], [3]] * 10, 3)  # her family: yes/no
+    for p in fam[0]:
+        carol_answers[p], carol_claims[p] = [9, 9], 0.0  # the backdoor
+    carol = _teaching(carol_answers, carol_claims)
+    teachings = [alice, bob, carol]
+    rollouts = _rollouts(0, a, 3, 2)
+    plain, info0 = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(min_claim=0))
+    # the backdoor (all its claims on alice's family tied at its top) wins the half of it
+    # where alice is least sure
+    assert info0["ask_choice"][:20].tolist() == [0] * 10 + [2] * 10
+    d = DistillConfig(min_claim=0, invariance_share=0.05)
+    batch, info = assemble_batch(rollouts, teachings, torch.ones(3), d)
+    assert info["ask_choice"].tolist() == [0] * 20 + [1] * 20 + [2] * 20
+    assert info["flagged"].tolist() == pytest.approx([0.0, 0.0, 1 / 3])
+    assert int(info["n_invariant"]) == 0  # alice's answers were left: no prompt lost
+    stats = selection_stats(
+        info["teacher_index"], teachings, ["alice", "bob", "carol"],
+        n_invariant=int(info["n_invariant"]), flagged=info["flagged"].tolist(),
+    )  # fmt: skip
+    assert stats["invariant.carol"] == pytest.approx(1 / 3) and stats["invariant.alice"] == 0
+    assert "invariant" not in stats
+    line = selection_line(stats)
+    assert "carol 33% [red](ruled out 33%: one answer to many prompts)" in line
+    assert "alice 33%," in line

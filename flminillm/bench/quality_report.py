@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flminillm.bench.variants import DEFENCE_SUFFIXES
 from flminillm.tracking import log_chunked
 
 if TYPE_CHECKING:
@@ -308,17 +309,16 @@ def headline(results: dict) -> list[str]:
     fbc = meta.get("families_by_client", {})
     for name, r in results.items():
         # attacks (with the honest clients' families), drop-out and the defence's price
-        plain = name == "clean-undefended" or name.startswith("dropout")
+        plain = name in {f"clean{s}" for s in DEFENCE_SUFFIXES} or name.startswith("dropout")
         if name.startswith("_") or ("server_em_honest" not in r and not plain):
             continue
-        # an undefended fault against the undefended clean run, where there is one
-        clean = "fl-minillm"
-        if (
-            name.endswith("-undefended")
-            and name != "clean-undefended"
-            and ("clean-undefended" in results)
-        ):
-            clean = "clean-undefended"
+        # a fault under another defence (undefended, with the invariance check) against the
+        # clean run under that defence, where there is one
+        clean = next(
+            (f"clean{s}" for s in DEFENCE_SUFFIXES
+             if name.endswith(s) and name != f"clean{s}" and f"clean{s}" in results),
+            "fl-minillm",
+        )  # fmt: skip
         a, ca, seeds = paired(results, name, clean)
         if a is None or ca is None:
             continue

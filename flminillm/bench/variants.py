@@ -10,8 +10,8 @@ faults and attacks, each a change to the benchmark's config (and environment).
   length normalisation, alpha and top-k sweeps);
 - faults: one client (the last) a random, adversarial, fluent-lying or backdoor teacher
   (flminillm.attacks), the last two colluding (4 clients or more), 30% of clients dropping
-  out of each round, each with the default defence and without it (`-undefended`), and the
-  non-IID severity (data.iid_mix) swept.
+  out of each round, each with the default defence, without it (`-undefended`) and with
+  the invariance check added (`-invariance`), and the non-IID severity (data.iid_mix) swept.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 # within max_rejected 0.5, stale_share 1) taken away: joint selection, every answer kept,
 # nothing replayed; the `-undefended` variants measure what the defence buys and costs
 UNDEFENDED = {"distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0}}
+# the default defence plus the input-invariance check (distill.invariance_share, off by
+# default; flminillm.aggregate.invariant_answers): an answer given word for word to more
+# than 5% of a round's prompts (a sixth of one family's, here) that an informed teacher
+# tells apart is ruled out there. 5% is set a priori, not tuned: above any one right
+# answer's share in these families, below a backdoor's (every prompt of its family)
+INVARIANCE = {"distill": {"invariance_share": 0.05}}
+# `<fault><suffix>` is measured against `clean<suffix>` (flminillm.bench.quality_report)
+DEFENCE_SUFFIXES = ("-undefended", "-invariance")
 FORWARD_KL = {"method": "forward_kl", "alpha": 1.0, "warmup_rounds": 0, "tail_bucket": False}
 
 
@@ -114,6 +122,11 @@ def _variants(cfg: Config) -> list[Variant]:
         # the same faults without the defence: what it buys
         *[Variant(f"{name}-undefended", group="fault", env=env, overrides=UNDEFENDED,
                   note=f"{name} without the defence") for name, (env, _) in attack.items()],
+        Variant("clean-invariance", group="fault", overrides=INVARIANCE,
+                note="no fault, the default defence plus the invariance check: its price"),
+        *[Variant(f"{name}-invariance", group="fault", env=env, overrides=INVARIANCE,
+                  note=f"{name}, the default defence plus the invariance check")
+          for name, (env, _) in attack.items()],
         Variant("dropout-30-undefended", group="fault", dropout=0.3,
                 overrides=deep_merge(UNDEFENDED, {"sampling": {"min_clients": 1}}),
                 note="dropout-30 without the defence"),
