@@ -368,6 +368,36 @@ def test_sampled_scores_get_their_table_only_where_runs_have_them():
     assert not any(x.startswith("| a |") for x in lines)
 
 
+def test_a_fault_under_another_defence_is_measured_against_that_defence_s_clean_run():
+    """`backdoor-invariance` against `clean-invariance` (same defence), `backdoor` against
+    the default `fl-minillm`, `clean-invariance` against `fl-minillm` (its price)."""
+    from flminillm.bench.quality_report import headline
+
+    def summary(em: float, adversary: bool = False) -> dict:
+        r = {"seeds": [0], "server": {"em_all": {"mean": em}},
+             "server_families_em_by_seed": {"0": {"a": em - 0.1, "b": em + 0.1}}}  # fmt: skip
+        if adversary:  # carol attacks alice's family a
+            r |= {"server_em_honest": {"mean": em}, "adversaries": {"carol": "backdoor@a"}}
+        return r
+
+    results = {
+        "_meta": {"families_by_client": {"alice": ["a"], "carol": ["b"]}},
+        "fl-minillm": summary(0.8),
+        "clean-invariance": summary(0.7),
+        "backdoor": summary(0.5, adversary=True),
+        "backdoor-invariance": summary(0.65, adversary=True),
+    }
+    lines = {x.split(" ")[1]: x for x in headline(results) if x.startswith("- ")}
+    assert "(-10.0 vs fl-minillm)" in lines["clean-invariance:"]
+    # honest families: alice's a (carol's b is the adversary's own)
+    assert "(-5.0 vs clean-invariance), 55.0 on the honest" in lines["backdoor-invariance"]
+    assert "(-5.0 vs clean-invariance's 60.0)" in lines["backdoor-invariance"]
+    assert "(-30.0 vs fl-minillm), 40.0 on the honest" in lines["backdoor"]
+    del results["clean-invariance"]  # without its clean run: against the default's
+    lines = {x.split(" ")[1]: x for x in headline(results) if x.startswith("- ")}
+    assert "(-15.0 vs fl-minillm)" in lines["backdoor-invariance"]
+
+
 def test_paired_compares_methods_on_the_seeds_both_have():
     """A method with seeds 0 and 2 against one with 0-2: the headline's numbers and the
     server/pooled ratio use seeds 0 and 2 of both, not three seeds against two."""

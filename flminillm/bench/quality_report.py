@@ -256,9 +256,15 @@ def paired(results: dict, a: str, b: str, families: list[str] | None = None) -> 
     return _mean([xa[k] for k in seeds]), _mean([xb[k] for k in seeds]), [int(k) for k in seeds]
 
 
+def _all_seeds(results: dict, name: str, seeds: list[int] | None) -> bool:
+    """Whether a comparison on `seeds` (None: written before per-seed scores, all of them)
+    uses every seed of `name`."""
+    return seeds is None or len(results[name].get("seeds", [])) == len(seeds)
+
+
 def _on(seeds: list[int] | None, results: dict, *names: str) -> str:
     """ " on seeds [..]" where the comparison leaves out some of either's seeds."""
-    if seeds is None or all(len(results[n].get("seeds", [])) == len(seeds) for n in names):
+    if all(_all_seeds(results, n, seeds) for n in names):
         return ""
     return f" on seeds {seeds}, those both have"
 
@@ -266,9 +272,8 @@ def _on(seeds: list[int] | None, results: dict, *names: str) -> str:
 def _spread(results: dict, name: str, seeds: list[int] | None) -> str:
     """ " ± std" of name's server EM (all families) where the comparison uses all of its
     seeds (the std over fewer seeds is not stored)."""
-    r = results[name]
-    std = r["server"]["em_all"].get("std")
-    if std is None or (seeds is not None and len(r.get("seeds", [])) != len(seeds)):
+    std = results[name]["server"]["em_all"].get("std")
+    if std is None or not _all_seeds(results, name, seeds):
         return ""
     return f" ± {100 * std:.1f}"
 
