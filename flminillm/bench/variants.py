@@ -127,6 +127,9 @@ def _variants(cfg: Config) -> list[Variant]:
         *[Variant(f"{name}-invariance", group="fault", env=env, overrides=INVARIANCE,
                   note=f"{name}, the default defence plus the invariance check")
           for name, (env, _) in attack.items()],
+        Variant("dropout-30-invariance", group="fault", dropout=0.3,
+                overrides=deep_merge(INVARIANCE, {"sampling": {"min_clients": 1}}),
+                note="dropout-30, the default defence plus the invariance check"),
         Variant("dropout-30-undefended", group="fault", dropout=0.3,
                 overrides=deep_merge(UNDEFENDED, {"sampling": {"min_clients": 1}}),
                 note="dropout-30 without the defence"),
