@@ -620,6 +620,13 @@ def test_the_invariance_check_takes_a_family_back_from_a_backdoor():
     assert info["ask_choice"].tolist() == [0] * 20 + [1] * 20 + [2] * 20
     assert info["flagged"].tolist() == pytest.approx([0.0, 0.0, 1 / 3])
     assert int(info["n_invariant"]) == 0  # alice's answers were left: no prompt lost
+    # joint selection reads the claims themselves (carol's p = 1 outbids everyone): the
+    # check still takes alice's family back, by the quantiles it computes for itself
+    joint = DistillConfig(min_claim=0, selection="joint", invariance_share=0.05)
+    assert (
+        assemble_batch(rollouts, teachings, torch.ones(3), joint)[1]["ask_choice"][:20].tolist()
+        == [0] * 20
+    )
     stats = selection_stats(
         info["teacher_index"], teachings, ["alice", "bob", "carol"],
         n_invariant=int(info["n_invariant"]), flagged=info["flagged"].tolist(),

@@ -33,7 +33,7 @@ METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 UNDEFENDED = {"distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0}}
 # the default defence plus the input-invariance check (distill.invariance_share, off by
 # default; flminillm.aggregate.invariant_answers): an answer given word for word to more
-# than 5% of a round's prompts (a sixth of one family's, here) that an informed teacher
+# than 5% of a round's prompts (30% of one family's, in a round of six) that an informed teacher
 # tells apart is ruled out there. 5% is set a priori, not tuned: above any one right
 # answer's share in these families, below a backdoor's (every prompt of its family)
 INVARIANCE = {"distill": {"invariance_share": 0.05}}
