@@ -636,3 +636,37 @@ def test_the_invariance_check_takes_a_family_back_from_a_backdoor():
     line = selection_line(stats)
     assert "carol 33% [red](ruled out 33%: one answer to many prompts)" in line
     assert "alice 33%," in line
+
+
+def test_a_prompt_whose_every_answer_is_ruled_out_leaves_the_batch(monkeypatch):
+    """Where the check rules out every teacher's answer to a prompt (the selection has no
+    answer left to keep), the prompt leaves the batch and is counted apart from `min_claim`'s
+    rejects, in the stats and in the lineage."""
+    import flminillm.aggregate as agg
+    from flminillm.config import DistillConfig
+    from flminillm.lineage import selection_line
+
+    a = 4
+
+    def every_answer_to_prompt_0(ids, mask, quantiles, share):
+        flagged = torch.zeros(ids.shape[:2], dtype=torch.bool)
+        flagged[:, 0] = True
+        return flagged
+
+    monkeypatch.setattr(agg, "invariant_answers", every_answer_to_prompt_0)
+    teachings = [
+        _teaching([[10 + p] for p in range(a)], [-0.1, -0.2, -3.0, -4.0]),
+        _teaching([[20 + p] for p in range(a)], [-3.0, -4.0, -0.1, -0.2]),
+    ]
+    d = DistillConfig(min_claim=0, invariance_share=0.05)
+    batch, info = assemble_batch(_rollouts(0, a, 3, 2), teachings, torch.ones(2), d)
+    assert info["ask_choice"].tolist() == [-1, 0, 1, 1]
+    assert int(info["n_invariant"]) == 1 and int(info["n_rejected"]) == 0
+    assert batch["response_ids"].shape[0] == a - 1
+    assert info["flagged"].tolist() == [0.25, 0.25]
+    stats = selection_stats(
+        info["teacher_index"], teachings, ["alice", "bob"],
+        n_invariant=int(info["n_invariant"]), flagged=info["flagged"].tolist(),
+    )  # fmt: skip
+    assert stats["invariant"] == 0.25 and stats["selected.alice"] == 0.25
+    assert "left out 25% (every answer ruled out)" in selection_line(stats)
