@@ -24,21 +24,30 @@ from flminillm.config import Config, deep_merge
 
 METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 
-# The forward-KL/SeqKD baseline's own distill settings, chosen on the validation split by
-# `flminillm bench tune` (docs/tune.json; tests/test_quality.py checks they agree), so the
-# baseline is not run at the reverse-KL method's schedule.
 # the defence of flminillm.aggregate (DistillConfig's defaults: rank selection, min_claim 0.5
 # within max_rejected 0.5, stale_share 1) taken away: joint selection, every answer kept,
 # nothing replayed; the `-undefended` variants measure what the defence buys and costs
 UNDEFENDED = {"distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0}}
 # the default defence plus the input-invariance check (distill.invariance_share, off by
 # default; flminillm.aggregate.invariant_answers): an answer given word for word to more
-# than 5% of a round's prompts (30% of one family's, in a round of six) that an informed teacher
-# tells apart is ruled out there. 5% is set a priori, not tuned: above any one right
-# answer's share in these families, below a backdoor's (every prompt of its family)
+# than 5% of a round's prompts (30% of one family's, in a round of six) that an informed
+# teacher tells apart is ruled out there. 5% is set a priori, not tuned: above any one
+# right answer's share in these families, below a backdoor's (every prompt of its family)
 INVARIANCE = {"distill": {"invariance_share": 0.05}}
-# `<fault><suffix>` is measured against `clean<suffix>` (flminillm.bench.quality_report)
-DEFENCE_SUFFIXES = ("-undefended", "-invariance")
+# The other defences the faults run under, as `<fault><suffix>` beside `<fault>` (the
+# default defence): {suffix: (overrides, what it is)}. Each comes with `clean<suffix>`, the
+# same without a fault, which flminillm.bench.quality_report measures them against.
+DEFENCES = {
+    "-undefended": (UNDEFENDED, "without the default defence (joint selection, no min_claim, "
+                                "no stale replay)"),
+    "-invariance": (INVARIANCE, "the default defence plus the invariance check"),
+}  # fmt: skip
+DEFENCE_SUFFIXES = tuple(DEFENCES)
+# what `dropout-30` changes besides the drop-out itself: rounds go on with one client
+DROPOUT_OVERRIDES = {"sampling": {"min_clients": 1}}
+# The forward-KL/SeqKD baseline's own distill settings, chosen on the validation split by
+# `flminillm bench tune` (docs/tune.json; tests/test_quality.py checks they agree), so the
+# baseline is not run at the reverse-KL method's schedule.
 FORWARD_KL = {"method": "forward_kl", "alpha": 1.0, "warmup_rounds": 0, "tail_bucket": False}
 
 
@@ -111,28 +120,19 @@ def _variants(cfg: Config) -> list[Variant]:
                   note=f"support size {x} (default {k})") for x in topks],
         Variant("clean-median", group="fault", overrides={"distill": {"aggregation": "median"}},
                 note="no fault, median aggregation (the price of robustness)"),
-        Variant("clean-undefended", group="fault", overrides=UNDEFENDED,
-                note="no fault, without the default defence (joint selection, no min_claim, "
-                "no stale replay): the defence's price"),
         *[Variant(name, group="fault", env=env, note=note)
           for name, (env, note) in attack.items()],
-        Variant("dropout-30", group="fault", overrides={"sampling": {"min_clients": 1}},
-                dropout=0.3,
+        Variant("dropout-30", group="fault", overrides=DROPOUT_OVERRIDES, dropout=0.3,
                 note="30% of the clients (rounded, at least 1) drop out of each round, at random"),
-        # the same faults without the defence: what it buys
-        *[Variant(f"{name}-undefended", group="fault", env=env, overrides=UNDEFENDED,
-                  note=f"{name} without the defence") for name, (env, _) in attack.items()],
-        Variant("clean-invariance", group="fault", overrides=INVARIANCE,
-                note="no fault, the default defence plus the invariance check: its price"),
-        *[Variant(f"{name}-invariance", group="fault", env=env, overrides=INVARIANCE,
-                  note=f"{name}, the default defence plus the invariance check")
-          for name, (env, _) in attack.items()],
-        Variant("dropout-30-invariance", group="fault", dropout=0.3,
-                overrides=deep_merge(INVARIANCE, {"sampling": {"min_clients": 1}}),
-                note="dropout-30, the default defence plus the invariance check"),
-        Variant("dropout-30-undefended", group="fault", dropout=0.3,
-                overrides=deep_merge(UNDEFENDED, {"sampling": {"min_clients": 1}}),
-                note="dropout-30 without the defence"),
+        # the same, clean and under each fault, under the other defences: what they buy
+        *[w for suffix, (over, what) in DEFENCES.items() for w in (
+            Variant(f"clean{suffix}", group="fault", overrides=over,
+                    note=f"no fault, {what}: its price"),
+            *[Variant(f"{name}{suffix}", group="fault", env=env, overrides=over,
+                      note=f"{name}, {what}") for name, (env, _) in attack.items()],
+            Variant(f"dropout-30{suffix}", group="fault", dropout=0.3,
+                    overrides=deep_merge(over, DROPOUT_OVERRIDES), note=f"dropout-30, {what}"),
+        )],
         Variant("adversary-median", group="fault", env=attack["adversary"][0],
                 overrides=deep_merge(UNDEFENDED, {"distill": {"aggregation": "median"}}),
                 note=f"{last} lies; median aggregation, no other defence"),
