@@ -173,40 +173,47 @@ def own_quantiles(teaching: dict[str, torch.Tensor], use_prompt: bool) -> torch.
 
 
 def invariant_answers(
-    ids: torch.Tensor, mask: torch.Tensor, quantiles: torch.Tensor, share: float
+    ids: torch.Tensor, mask: torch.Tensor, quantiles: torch.Tensor, share: float, sure: float
 ) -> torch.Tensor:
     """The input-invariance check (`distill.invariance_share`; after STRIP, Gao et al. 2019:
     a backdoor's output does not depend on its input). ids/mask [M, A, T]: each teacher's
     answer per teacher-share prompt; quantiles [M, A]: where each teacher ranks each prompt
     among its own claims (`own_quantiles`). Returns [M, A] bool: True where teacher i's
-    answer is one it gave word for word to a set S of more than `share` * A prompts, and
-    another teacher j that ranks S above its own median (mean quantile > 0.5: it says it
-    knows these prompts better than most) answers S differently: the same answer on fewer
-    than half of S, and at least max(3, |S| / 8) distinct answers on S. An honest expert's
+    answer is one it gave word for word to a set S of prompts, and another teacher j
+    answers differently the part of S that both rank above the quantile `sure`
+    (`distill.invariance_quantile`) of their own claims, if that part holds more than
+    `share` * A prompts: the same answer as i on fewer than half of them, and at least
+    max(3, n / 8) distinct answers on those n. Then all of S is flagged. An honest expert's
     answer repeats where the prompts share it (a letter, yes/no), and then an informed
     teacher agrees or varies little; one answer for prompts an informed teacher tells apart
-    is what a backdoor writes. Claims alone cannot tell the backdoor from the family's
-    expert (docs/algorithm.md); this reads the answers. It does not see a backdoor whose
-    wrong answers vary (each under `share`)."""
+    is what a backdoor writes. Only the part both are sure of is judged: under rank
+    selection a backdoor wins a prompt only by ranking it above the family's expert, who
+    ranks its own family at its top; an honest teacher whose one collapsed guess on other
+    families' prompts also happens to be a right answer in its own family (a letter) ranks
+    those guesses low, and is not judged on them (docs/algorithm.md, measured). Claims
+    alone cannot tell the backdoor from the family's expert; this reads the answers. It
+    does not see a backdoor whose wrong answers vary, nor one on prompts no other teacher
+    is sure of."""
     m, a = ids.shape[:2]
     flagged = torch.zeros(m, a, dtype=torch.bool)
     if share <= 0 or m < 2 or a < 2:
         return flagged
     keys = [[tuple(ids[i, p][mask[i, p] > 0].tolist()) for p in range(a)] for i in range(m)]
+    high = quantiles > sure  # [M, A]
     for i in range(m):
         groups: dict[tuple, list[int]] = {}
         for p, k in enumerate(keys[i]):
             groups.setdefault(k, []).append(p)
         for k, s in groups.items():
-            if len(s) <= share * a or len(s) < 2:
+            if len(s) <= share * a:
                 continue
-            need = max(3, math.ceil(len(s) / 8))
             for j in range(m):
-                if j == i or float(quantiles[j, s].mean()) <= 0.5:
+                both = [p for p in s if high[i, p] and high[j, p]] if j != i else []
+                if len(both) <= share * a or len(both) < 2:
                     continue
-                theirs = [keys[j][p] for p in s]
-                agree = sum(t == k for t in theirs) / len(s)
-                if agree < 0.5 and len(set(theirs)) >= need:
+                theirs = [keys[j][p] for p in both]
+                agree = sum(t == k for t in theirs) / len(both)
+                if agree < 0.5 and len(set(theirs)) >= max(3, math.ceil(len(both) / 8)):
                     flagged[i, s] = True
                     break
     return flagged
@@ -219,6 +226,7 @@ def select_teacher_rollouts(
     cap: float = 1.0,
     rank: bool = False,
     invariance_share: float = 0.0,
+    invariance_quantile: float = 0.75,
 ) -> dict[str, torch.Tensor]:
     """Per teacher-share prompt, keep the answer of the teacher with the highest joint
     log-likelihood log pi_i + log p_i(x) + log p_i(y_i | x): the teacher that knows the
@@ -246,7 +254,7 @@ def select_teacher_rollouts(
         quantiles = (
             joint if rank else torch.stack([own_quantiles(t, use_prompt) for t in teachings])
         )
-        flagged = invariant_answers(ids, mask, quantiles, invariance_share)
+        flagged = invariant_answers(ids, mask, quantiles, invariance_share, invariance_quantile)
     best = cap_selection(joint, cap).masked_fill(flagged, float("-inf")).argmax(0)  # [A]
     idx = torch.arange(best.shape[0])
     length = mask[best, idx].sum(-1).clamp(min=1)
@@ -498,7 +506,7 @@ def assemble_batch(
         sel = select_teacher_rollouts(
             teachings, prior, use_prompt=posterior,
             cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
-            invariance_share=d.invariance_share,
+            invariance_share=d.invariance_share, invariance_quantile=d.invariance_quantile,
         )  # fmt: skip
         flagged = sel["flagged"].float().mean(1)  # [M] share of each teacher's answers
         free = torch.ones(a, dtype=torch.bool)

@@ -449,16 +449,31 @@ class DistillConfig(_Strict):
         "wrong nor forgotten.",
     )
     invariance_share: float = Field(
-        0.0,
+        0.05,
         ge=0.0,
         lt=1.0,
         description="The input-invariance check (STRIP-like, against a backdoor: one wrong "
         "answer for every prompt of a family, docs/algorithm.md): a teacher's answer given "
-        "word for word to more than this share of a round's teacher-share prompts is ruled "
-        "out on those prompts where another teacher that ranks them above its own median "
-        "answers them differently (with at least max(3, n/8) distinct answers on the n "
-        "prompts, and the same answer on fewer than half). 0: off (the default until it has "
-        "been measured under every attack of bench quality).",
+        "word for word to a set of prompts is ruled out on all of them where, on the part "
+        "that it and another teacher both rank above `invariance_quantile` of their own "
+        "claims, more than this share of a round's teacher-share prompts, the other teacher "
+        "answers differently (at least max(3, n/8) distinct answers on those n prompts, and "
+        "the same answer on fewer than half). 0: off. 0.05 was set a priori, not tuned: above "
+        "any one right answer's share in the benchmarks' families, below a backdoor's (every "
+        "prompt of its family).",
+    )
+    invariance_quantile: float = Field(
+        0.75,
+        gt=0.0,
+        lt=1.0,
+        description="Where the input-invariance check judges a teacher's repeated answer: "
+        "on the prompts that it and the other teacher both rank above this quantile of "
+        "their own claims. Under rank selection a backdoor wins a family's prompts only by "
+        "ranking them above the family's expert, who ranks its own families at its top "
+        "(each client holds about a quarter of the prompts or less in the benchmarks); an "
+        "honest teacher's collapsed guess on other families' prompts ranks lower and is not "
+        "judged (docs/algorithm.md). 0.75 was set from the training rounds' messages of "
+        "stop 29's runs (docs/results.md), not from any evaluation split.",
     )
     quarantine_quantile: float = Field(
         0.65,

@@ -554,16 +554,20 @@ def test_invariance_flags_one_answer_to_prompts_an_informed_teacher_tells_apart(
     const = [[1, 2]] * a  # one answer to every prompt (padding differs: masked, same answer)
     distinct = [[10 + p] for p in range(a)]
 
-    def flags(theirs: list[list[int]], q: float, share: float = 0.05) -> torch.Tensor:
+    def flags(theirs, q, share=0.05, mine=0.9, sure=0.75) -> torch.Tensor:
         ids0, m0 = _answers(const)
         ids0[::2, 2] = 5  # the masked column differs from prompt to prompt: still one answer
         ids1, m1 = _answers(theirs)
-        quantiles = torch.stack([torch.full((a,), 0.9), torch.full((a,), q)])
-        return invariant_answers(torch.stack([ids0, ids1]), torch.stack([m0, m1]), quantiles, share)
+        quantiles = torch.stack([torch.as_tensor(mine).expand(a), torch.as_tensor(q).expand(a)])
+        return invariant_answers(
+            torch.stack([ids0, ids1]), torch.stack([m0, m1]), quantiles.float(), share, sure
+        )
 
     f = flags(distinct, q=0.9)
     assert f[0].all() and not f[1].any()  # the informed teacher varies: the constant one loses
     assert not flags(distinct, q=0.4).any()  # the other does not claim to know them: no verdict
+    assert not flags(distinct, q=0.9, mine=0.5).any()  # nor where the author is unsure
+    assert not flags(distinct, q=0.9, sure=0.95).any()  # both below the check's quantile
     assert not flags(distinct, q=0.9, share=0.0).any()  # off
     assert flags(distinct, q=0.9, share=0.99)[0].all()  # 16 prompts > 0.99 x 16: checked
     assert not flags(distinct, q=0.9, share=1.0).any()  # no group above the whole round
@@ -571,6 +575,34 @@ def test_invariance_flags_one_answer_to_prompts_an_informed_teacher_tells_apart(
     assert not flags(half, q=0.9).any()  # the informed teacher agrees on half: a shared answer
     yes_no = [[2], [3]] * (a // 2)
     assert not flags(yes_no, q=0.9).any()  # two answers: a yes/no family, not a backdoor
+    # judged on the part both are sure of, the whole group is flagged: 6 of 16 prompts
+    # (> 0.05 x 16) where both rank high carry the verdict to the other 10
+    part = torch.tensor([0.9] * 6 + [0.3] * 10)
+    assert flags(distinct, q=part)[0].all()
+    assert not flags(distinct, q=part, share=0.4).any()  # 6 <= 0.4 x 16: too few to judge
+
+
+def test_an_honest_expert_whose_right_answer_is_its_guess_elsewhere_is_not_judged():
+    """The 5-client false positive of stop 29, in small: dave, last_letter's expert, answers
+    " e" on a fifth of his family (right) and on most prompts of the other families (a
+    collapsed guess, ranked low). Carol, expert of a look-alike family, ranks dave's family
+    high and answers it with many letters. Judged on the whole " e" group (the old rule),
+    carol would rule out dave's right answers; judged where both are sure, the check has
+    only dave's few right " e"s before it (under `share`) and leaves them."""
+    a = 100
+    fam = torch.arange(a) < 20  # dave's family: the first 20 prompts
+    e = [5]
+    dave = [e if (p < 20 and p % 5 == 0) or p >= 20 else [30 + p % 7] for p in range(a)]
+    carol = [[40 + p % 13] for p in range(a)]
+    q_dave = torch.where(fam, 0.95, 0.4)
+    q_carol = torch.where(fam, 0.8, 0.5)
+    ids0, m0 = _answers(dave)
+    ids1, m1 = _answers(carol)
+    ids, mask = torch.stack([ids0, ids1]), torch.stack([m0, m1])
+    quantiles = torch.stack([q_dave, q_carol])
+    assert not invariant_answers(ids, mask, quantiles, 0.05, 0.75).any()
+    # the old rule (every prompt of the group judged, at any quantile) flags all of " e"
+    assert invariant_answers(ids, mask, quantiles, 0.05, 0.0)[0, ::5].all()
 
 
 def _teaching(answers: list[list[int]], claims: list[float], t: int = 3) -> dict:
@@ -611,7 +643,8 @@ def test_the_invariance_check_takes_a_family_back_from_a_backdoor():
     carol = _teaching(carol_answers, carol_claims)
     teachings = [alice, bob, carol]
     rollouts = _rollouts(0, a, 3, 2)
-    plain, info0 = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(min_claim=0))
+    off = DistillConfig(min_claim=0, invariance_share=0)
+    plain, info0 = assemble_batch(rollouts, teachings, torch.ones(3), off)
     # the backdoor (all its claims on alice's family tied at its top) wins the half of it
     # where alice is least sure
     assert info0["ask_choice"][:20].tolist() == [0] * 10 + [2] * 10
@@ -648,7 +681,7 @@ def test_a_prompt_whose_every_answer_is_ruled_out_leaves_the_batch(monkeypatch):
 
     a = 4
 
-    def every_answer_to_prompt_0(ids, mask, quantiles, share):
+    def every_answer_to_prompt_0(ids, mask, quantiles, share, sure):
         flagged = torch.zeros(ids.shape[:2], dtype=torch.bool)
         flagged[:, 0] = True
         return flagged

@@ -369,8 +369,8 @@ def test_sampled_scores_get_their_table_only_where_runs_have_them():
 
 
 def test_a_fault_under_another_defence_is_measured_against_that_defence_s_clean_run():
-    """`backdoor-invariance` against `clean-invariance` (same defence), `backdoor` against
-    the default `fl-minillm`, `clean-invariance` against `fl-minillm` (its price)."""
+    """`backdoor-no-invariance` against `clean-no-invariance` (same defence), `backdoor`
+    against the default `fl-minillm`, `clean-no-invariance` against `fl-minillm`."""
     from flminillm.bench.quality_report import headline
 
     def summary(em: float, adversary: bool = False) -> dict:
@@ -383,19 +383,19 @@ def test_a_fault_under_another_defence_is_measured_against_that_defence_s_clean_
     results = {
         "_meta": {"families_by_client": {"alice": ["a"], "carol": ["b"]}},
         "fl-minillm": summary(0.8),
-        "clean-invariance": summary(0.7),
+        "clean-no-invariance": summary(0.7),
         "backdoor": summary(0.5, adversary=True),
-        "backdoor-invariance": summary(0.65, adversary=True),
+        "backdoor-no-invariance": summary(0.65, adversary=True),
     }
     lines = {x.split(" ")[1]: x for x in headline(results) if x.startswith("- ")}
-    assert "(-10.0 vs fl-minillm)" in lines["clean-invariance:"]
+    assert "(-10.0 vs fl-minillm)" in lines["clean-no-invariance:"]
     # honest families: alice's a (carol's b is the adversary's own)
-    assert "(-5.0 vs clean-invariance), 55.0 on the honest" in lines["backdoor-invariance"]
-    assert "(-5.0 vs clean-invariance's 60.0)" in lines["backdoor-invariance"]
+    assert "(-5.0 vs clean-no-invariance), 55.0 on the honest" in lines["backdoor-no-invariance"]
+    assert "(-5.0 vs clean-no-invariance's 60.0)" in lines["backdoor-no-invariance"]
     assert "(-30.0 vs fl-minillm), 40.0 on the honest" in lines["backdoor"]
-    del results["clean-invariance"]  # without its clean run: against the default's
+    del results["clean-no-invariance"]  # without its clean run: against the default's
     lines = {x.split(" ")[1]: x for x in headline(results) if x.startswith("- ")}
-    assert "(-15.0 vs fl-minillm)" in lines["backdoor-invariance"]
+    assert "(-15.0 vs fl-minillm)" in lines["backdoor-no-invariance"]
 
 
 def test_paired_compares_methods_on_the_seeds_both_have():

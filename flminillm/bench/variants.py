@@ -11,7 +11,8 @@ faults and attacks, each a change to the benchmark's config (and environment).
 - faults: one client (the last) a random, adversarial, fluent-lying or backdoor teacher
   (flminillm.attacks), the last two colluding (4 clients or more), 30% of clients dropping
   out of each round, each with the default defence, without it (`-undefended`) and with
-  the invariance check added (`-invariance`), and the non-IID severity (data.iid_mix) swept.
+  all of it but the input-invariance check (`-no-invariance`), and the non-IID severity
+  (data.iid_mix) swept.
 """
 
 from __future__ import annotations
@@ -25,22 +26,24 @@ from flminillm.config import Config, deep_merge
 METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 
 # the defence of flminillm.aggregate (DistillConfig's defaults: rank selection, min_claim 0.5
-# within max_rejected 0.5, stale_share 1) taken away: joint selection, every answer kept,
-# nothing replayed; the `-undefended` variants measure what the defence buys and costs
-UNDEFENDED = {"distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0}}
-# the default defence plus the input-invariance check (distill.invariance_share, off by
-# default; flminillm.aggregate.invariant_answers): an answer given word for word to more
-# than 5% of a round's prompts (30% of one family's, in a round of six) that an informed
-# teacher tells apart is ruled out there. 5% is set a priori, not tuned: above any one
-# right answer's share in these families, below a backdoor's (every prompt of its family)
-INVARIANCE = {"distill": {"invariance_share": 0.05}}
+# within max_rejected 0.5, stale_share 1, the input-invariance check) taken away: joint
+# selection, every answer kept, nothing replayed, no answer ruled out; the `-undefended`
+# variants measure what the defence buys and costs
+UNDEFENDED = {
+    "distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0,
+                "invariance_share": 0.0}
+}  # fmt: skip
+# the default defence without the input-invariance check (distill.invariance_share 0;
+# flminillm.aggregate.invariant_answers): what the check buys against the backdoor and
+# what it costs a clean federation
+NO_INVARIANCE = {"distill": {"invariance_share": 0.0}}
 # The other defences the faults run under, as `<fault><suffix>` beside `<fault>` (the
 # default defence): {suffix: (overrides, what it is)}. Each comes with `clean<suffix>`, the
 # same without a fault, which flminillm.bench.quality_report measures them against.
 DEFENCES = {
     "-undefended": (UNDEFENDED, "without the default defence (joint selection, no min_claim, "
-                                "no stale replay)"),
-    "-invariance": (INVARIANCE, "the default defence plus the invariance check"),
+                                "no stale replay, no invariance check)"),
+    "-no-invariance": (NO_INVARIANCE, "the default defence without the invariance check"),
 }  # fmt: skip
 DEFENCE_SUFFIXES = tuple(DEFENCES)
 # what `dropout-30` changes besides the drop-out itself: rounds go on with one client
