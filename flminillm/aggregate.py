@@ -199,7 +199,7 @@ def invariant_answers(
     if share <= 0 or m < 2 or a < 2:
         return flagged
     keys = [[tuple(ids[i, p][mask[i, p] > 0].tolist()) for p in range(a)] for i in range(m)]
-    high = quantiles > sure  # [M, A]
+    high = (quantiles > sure).tolist()  # [M][A]
     for i in range(m):
         groups: dict[tuple, list[int]] = {}
         for p, k in enumerate(keys[i]):
@@ -208,7 +208,7 @@ def invariant_answers(
             if len(s) <= share * a:
                 continue
             for j in range(m):
-                both = [p for p in s if high[i, p] and high[j, p]] if j != i else []
+                both = [p for p in s if high[i][p] and high[j][p]] if j != i else []
                 if len(both) <= share * a or len(both) < 2:
                     continue
                 theirs = [keys[j][p] for p in both]

@@ -568,6 +568,7 @@ def test_invariance_flags_one_answer_to_prompts_an_informed_teacher_tells_apart(
     assert not flags(distinct, q=0.4).any()  # the other does not claim to know them: no verdict
     assert not flags(distinct, q=0.9, mine=0.5).any()  # nor where the author is unsure
     assert not flags(distinct, q=0.9, sure=0.95).any()  # both below the check's quantile
+    assert not flags(distinct, q=0.75, mine=0.75).any()  # at the quantile: not above it
     assert not flags(distinct, q=0.9, share=0.0).any()  # off
     assert flags(distinct, q=0.9, share=0.99)[0].all()  # 16 prompts > 0.99 x 16: checked
     assert not flags(distinct, q=0.9, share=1.0).any()  # no group above the whole round

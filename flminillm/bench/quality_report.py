@@ -317,7 +317,7 @@ def headline(results: dict) -> list[str]:
         plain = name in {f"clean{s}" for s in DEFENCE_SUFFIXES} or name.startswith("dropout")
         if name.startswith("_") or ("server_em_honest" not in r and not plain):
             continue
-        # a fault under another defence (undefended, with the invariance check) against the
+        # a fault under another defence (undefended, without the invariance check) against the
         # clean run under that defence, where there is one
         clean = next(
             (f"clean{s}" for s in DEFENCE_SUFFIXES
