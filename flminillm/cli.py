@@ -361,7 +361,50 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--jobs", type=int, default=0, help="worker processes (default: 2)")
     tune.add_argument("--resume", action="store_true", help="reuse finished runs in --workdir")
     tune.set_defaults(func=cmd_bench_tune)
+
+    paired = bench_sub.add_parser(
+        "paired", help="two variants of a bench quality workdir, seed by seed, on the same "
+        "evaluation examples, with the difference's standard error",
+    )  # fmt: skip
+    paired.add_argument("a", help="a variant, e.g. backdoor")
+    paired.add_argument("b", nargs="?", default="fl-minillm", help="compared with (fl-minillm)")
+    paired.add_argument("--config", default="configs/benchmark.yaml", help="the benchmark")
+    paired.add_argument("--workdir", required=True, help="the bench quality workdir of the runs")
+    paired.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    paired.add_argument(
+        "--families", choices=("honest", "all"), default="honest",
+        help="the server's EM on every client's families but the last's (the adversary's), "
+        "or on all",
+    )  # fmt: skip
+    paired.set_defaults(func=cmd_bench_paired)
     return parser
+
+
+def cmd_bench_paired(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from flminillm.bench.paired import run_paired
+
+    if args.seeds < 1:
+        print("error: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        rows = run_paired(
+            Path(args.config), Path(args.workdir), args.a, args.b, args.seeds, args.families
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    table = Table(title=f"server EM on {args.families} families: {args.a} vs {args.b}")
+    for col in ("seed", "n", args.a, args.b, "difference", "paired SE", "only one right"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["seed"]), str(r["n"]), f"{r['em_a']:.1f}", f"{r['em_b']:.1f}",
+            f"{r['diff']:+.1f}", f"{r['se']:.1f}", str(r["discordant"]),
+        )  # fmt: skip
+    _console().print(table)
+    return 0
 
 
 def cmd_bench_tune(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ teachers, drop-out schedules and the in-process memo."""
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from pathlib import Path
 
@@ -433,3 +434,30 @@ def test_paired_compares_methods_on_the_seeds_both_have():
     assert "fl-minillm 75.0 ± 7.0 vs forward-kl 70.0 ± 0.0 (+5.0 points)" in line
     results["pooled"] = summary({1: 0.5})
     assert paired(results, "fl-minillm", "pooled") == (None, None, [])
+
+
+def test_bench_paired_reads_back_the_runs_and_measures_the_difference_s_noise(bench_out, capsys):
+    """`flminillm bench paired` answers the evaluation prompts again with each run's final
+    server (from the workdir's store, by digest): its EM is the run's own evaluation's, and
+    the difference comes with its paired standard error over the examples."""
+    from flminillm.bench.paired import paired_difference, run_paired
+
+    results = json.loads((bench_out / "results.json").read_text())
+    rows = run_paired(TINY, bench_out / "work", "adversary", "fl-minillm", 1)
+    honest = ["successor", "repeat"]  # alice's and bob's; carol (last) is the adversary
+    assert [r["seed"] for r in rows] == [0] and rows[0]["n"] == 2 * 8
+    for name, em in (("adversary", rows[0]["em_a"]), ("fl-minillm", rows[0]["em_b"])):
+        fams = results[name]["server_families_em_by_seed"]["0"]
+        assert em == pytest.approx(100 * sum(fams[f] for f in honest) / len(honest))
+    assert rows[0]["diff"] == pytest.approx(rows[0]["em_a"] - rows[0]["em_b"])
+    # the arithmetic: 4 examples, one right only in a, one only in b
+    p = paired_difference([1, 1, 0, 0], [1, 0, 1, 0])
+    assert (p["diff"], p["discordant"]) == (0.0, 2)
+    assert p["se"] == pytest.approx(100 * math.sqrt((2 / 3) / 4))
+    assert paired_difference([1, 1], [1, 1])["se"] == 0.0
+    with pytest.raises(ValueError, match="same >= 2 examples"):
+        paired_difference([1], [0, 1])
+    # a variant that did not run in the workdir: the error says what to run
+    assert main(["bench", "paired", "backdoor", "--config", str(TINY),
+                 "--workdir", str(bench_out / "work"), "--seeds", "2"]) == 2  # fmt: skip
+    assert "no finished run" in capsys.readouterr().err
