@@ -53,10 +53,19 @@ def score_family(family: str, examples: Sequence[Example], preds: Sequence[str])
         raise ValueError("score_family needs at least one prediction")
     pairs = list(zip(examples, preds, strict=True))
     return {
-        "exact_match": sum(lf.is_valid(ex.prompt, p) for ex, p in pairs) / n,
+        "exact_match": sum(example_match(family, ex, p) for ex, p in pairs) / n,
         "rouge_l": sum(best_rouge_l(ex.prompt, p, family) for ex, p in pairs) / n,
         "n": n,
     }
+
+
+def example_match(family: str, example: Example, pred: str) -> float:
+    """One prediction's exact match as `score_family` counts it: the answer itself, or for
+    a long-form family whether the prediction is a valid answer to the prompt."""
+    from flminillm.longform import LONG_FORM
+
+    lf = LONG_FORM.get(family)
+    return float(lf.is_valid(example.prompt, pred)) if lf else exact_match(pred, example.answer)
 
 
 def _context(model) -> int:

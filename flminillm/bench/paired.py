@@ -36,23 +36,24 @@ def final_state(base: Config, variant: str, seed: int, workdir: Path) -> tuple[C
 
 
 def server_correct(cfg: Config, state: dict, families: list[str]) -> list[float]:
-    """The final server's greedy exact match (0/1) on every evaluation example of
-    `families`, in the manifest's order."""
+    """The final server's greedy exact match (0/1, as the evaluate step counts it:
+    `example_match`) on every evaluation example of `families`, in the manifest's order."""
     from flminillm.artifacts import PUBLIC, load_examples, load_model, open_store_for
-    from flminillm.evaluation import predict
-    from flminillm.metrics import exact_match
+    from flminillm.evaluation import example_match, predict
     from flminillm.steps import _party_tokenizer
 
     store = open_store_for(cfg)
-    exs = [ex for f in families for ex in load_examples(store, PUBLIC, state["data"]["eval"][f])]
+    exs = [
+        (f, ex) for f in families for ex in load_examples(store, PUBLIC, state["data"]["eval"][f])
+    ]
     server = cfg.server.id
     model = load_model(store, server, state["models"][server], cfg.engine)
     tok, style = _party_tokenizer(cfg, store, state, server)
     preds = predict(
-        model, tok, [ex.prompt for ex in exs], batch_size=cfg.generation.batch_size,
+        model, tok, [ex.prompt for _, ex in exs], batch_size=cfg.generation.batch_size,
         max_new_tokens=cfg.generation.eval_max_new_tokens, style=style,
     )  # fmt: skip
-    return [exact_match(p, ex.answer) for p, ex in zip(preds, exs, strict=True)]
+    return [example_match(f, ex, p) for p, (f, ex) in zip(preds, exs, strict=True)]
 
 
 def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
