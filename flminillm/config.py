@@ -375,6 +375,12 @@ class DistillConfig(_Strict):
     epochs: int = Field(2, ge=1, description="PPO epochs over each round's rollouts.")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0, lt=1)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="Learning rate over each distill step's updates: constant, or cosine "
+        "decay to 10% of lr at the step's last update (flminillm.training.lr_schedule, no "
+        "warm-up): each round ends at a quieter point.",
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     lm_coef: float = Field(0.5, ge=0, description="Weight of the LM loss on the party's own data.")
     seqkd_coef: float = Field(

@@ -761,7 +761,7 @@ def _distill(
     from flminillm.messages import MessageError, validate_rollouts
     from flminillm.ranks import rank_world
     from flminillm.training import batches, encode_examples
-    from flminillm.update import as_floats, behaviour_logprobs, distill_epochs
+    from flminillm.update import as_floats, behaviour_logprobs, distill_epochs, distill_lr
 
     d = cfg.distill.for_round(round_index)
     vocab = vocab_of(state, student_id)
@@ -858,9 +858,11 @@ def _distill(
             lm_seed = seed(cfg, "lm", round_index, student_id)
             lm_batches = batches(rows, d.batch_size, tok.pad_token_id, lm_seed)
 
-    engine = make_engine(model, d.lr, 0.0, d.max_grad_norm, cfg.engine)
-    model.train()
     rank, world = rank_world()
+    schedule = distill_lr(d, int(batch["prompt_ids"].shape[0]), world,
+                          cfg.engine.gradient_accumulation_steps)  # fmt: skip
+    engine = make_engine(model, d.lr, 0.0, d.max_grad_norm, cfg.engine, lr_lambda=schedule)
+    model.train()
     stats = distill_epochs(
         engine, batch, behaviour, d, seqkd=d.seqkd_coef > 0 and round_index <= d.seqkd_rounds,
         order_seed=seed(cfg, "distill-order", round_index, student_id), lm_batches=lm_batches,

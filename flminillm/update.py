@@ -16,7 +16,7 @@ import torch
 from flminillm.devices import to_device
 from flminillm.distill import forward_kl_loss, lm_loss, minillm_loss
 from flminillm.generation import response_logits
-from flminillm.training import causal_lm_loss
+from flminillm.training import causal_lm_loss, lr_schedule
 
 if TYPE_CHECKING:
     from flminillm.config import DistillConfig
@@ -102,6 +102,20 @@ def update_step(
     engine.step()
     stats["loss"] = loss.detach()
     return stats
+
+
+def n_updates(n: int, d: DistillConfig, world: int = 1) -> int:
+    """Mini-batch updates `distill_epochs` takes over a batch of `n` rows."""
+    return d.epochs * -(-n // (d.batch_size * world))
+
+
+def distill_lr(d: DistillConfig, n: int, world: int = 1, accumulation: int = 1):
+    """The lr multiplier of `d.lr_schedule` over the optimizer steps of one distill step
+    (None: constant)."""
+    if d.lr_schedule == "constant":
+        return None
+    total = max(n_updates(n, d, world) // accumulation, 1)  # a partial accumulation: no step
+    return lambda s: lr_schedule(s, total - 1, 0)  # the last step at 10% of lr
 
 
 def distill_epochs(

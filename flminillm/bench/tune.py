@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flminillm.bench.quality import _workdir, grid_meta, run_grid, summarise_grid, write_json
-from flminillm.bench.variants import Variant, attacks
+from flminillm.bench.variants import FORWARD_KL, Variant, attacks
 from flminillm.config import Config, load_config
 
 # The corrections of docs/algorithm.md ("Corrections under review"), all on.
@@ -63,6 +63,16 @@ QUARANTINE_GRID = [
 ]
 
 
+# The learning rate over each distill step (distill.lr_schedule), for both methods under
+# the benchmark's settings: group `lr_schedule` (FL-MiniLLM, the config as written) and
+# `lr_schedule-forward_kl` (the forward-kl variant of bench quality). The benchmark configs
+# carry the FL-MiniLLM choice; forward-kl's choice goes into its variant where they differ.
+SCHEDULE_GRID = [
+    ("schedule-constant", {"lr_schedule": "constant"}),
+    ("schedule-cosine", {"lr_schedule": "cosine"}),
+]
+
+
 def _note(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "as configured"
 
@@ -84,6 +94,13 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
         Variant(name, group="quarantine_quantile", env=broken, overrides={"distill": d},
                 note=f"{_note(d)}; {what}")
         for name, d in QUARANTINE_GRID
+    ] + [
+        Variant(name, group="lr_schedule", overrides={"distill": d}, note=_note(d))
+        for name, d in SCHEDULE_GRID
+    ] + [
+        Variant(f"fkl-{name}", group="lr_schedule-forward_kl",
+                overrides={"distill": {**FORWARD_KL, **d}}, note=f"forward-kl, {_note(d)}")
+        for name, d in SCHEDULE_GRID
     ]  # fmt: skip
     if names:
         unknown = sorted(set(names) - {v.name for v in out})
