@@ -377,7 +377,29 @@ def build_parser() -> argparse.ArgumentParser:
         "or on all",
     )  # fmt: skip
     paired.set_defaults(func=cmd_bench_paired)
+
+    sel = bench_sub.add_parser(
+        "selection", help="whose answers the server kept, per round and family, in one run "
+        "of a bench quality workdir",
+    )  # fmt: skip
+    sel.add_argument("variant", nargs="?", default="fl-minillm", help="the run's variant")
+    sel.add_argument("--config", default="configs/benchmark.yaml", help="the benchmark")
+    sel.add_argument("--workdir", required=True, help="the bench quality workdir of the run")
+    sel.add_argument("--seed", type=int, default=0, help="the run's seed")
+    sel.set_defaults(func=cmd_bench_selection)
     return parser
+
+
+def cmd_bench_selection(args: argparse.Namespace) -> int:
+    from flminillm.bench.selection import kept_by_family, markdown
+
+    try:
+        result = kept_by_family(Path(args.config), Path(args.workdir), args.variant, args.seed)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    return 0
 
 
 def cmd_bench_paired(args: argparse.Namespace) -> int:

@@ -678,6 +678,12 @@ class ClusterConfig(_Strict):
     )
 
 
+# Options added after federations had been run, with the default that behaves as before:
+# left out of the experiment (its JSON and digest) while at that default, so that a new
+# option keeps the ids of existing federations and the pipeline cache of their steps.
+LATE_OPTIONS: dict[str, dict[str, Any]] = {"distill": {"lr_schedule": "constant"}}
+
+
 class ExperimentConfig(_Strict):
     """What determines a federation's results: parties, data, training, generation, the
     distill step, seeds and rounds. Hashed: its digest names the federation, its JSON is
@@ -796,7 +802,12 @@ class ExperimentConfig(_Strict):
         return ExperimentConfig.model_validate(self.experiment_dict())
 
     def experiment_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", include=set(ExperimentConfig.model_fields))
+        data = self.model_dump(mode="json", include=set(ExperimentConfig.model_fields))
+        for section, fields in LATE_OPTIONS.items():
+            for name, default in fields.items():
+                if data[section].get(name) == default:
+                    del data[section][name]
+        return data
 
     def experiment_json(self) -> str:
         """The canonical JSON of the experiment: what steps receive and what is hashed."""

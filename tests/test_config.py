@@ -264,6 +264,32 @@ def test_config_is_frozen_and_digest_changes():
     assert parse_config(_tiny()).digest() == cfg.digest()
 
 
+def test_a_late_option_at_its_default_keeps_the_federation_id():
+    """An option added after federations had run (config.LATE_OPTIONS) is left out of the
+    hashed experiment while at the default that behaves as before, so existing federation
+    ids and cached steps stay valid; set to anything else, it is hashed and sent."""
+    import json
+
+    from flminillm.config import LATE_OPTIONS
+
+    cfg = parse_config(_tiny())
+    sent = json.loads(cfg.experiment_json())
+    for section, fields in LATE_OPTIONS.items():
+        model = type(getattr(cfg, section))
+        for name, default in fields.items():
+            assert model.model_fields[name].default == default  # the field's own default
+            assert name not in sent[section]
+    explicit = copy.deepcopy(_tiny())
+    explicit.setdefault("distill", {})["lr_schedule"] = "constant"
+    assert parse_config(explicit).digest() == cfg.digest()
+    explicit["distill"]["lr_schedule"] = "cosine"
+    cosine = parse_config(explicit)
+    assert cosine.digest() != cfg.digest()
+    assert json.loads(cosine.experiment_json())["distill"]["lr_schedule"] == "cosine"
+    # what a step receives parses back to the same settings
+    assert ExperimentConfig.model_validate(sent) == cfg.experiment
+
+
 def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
     """A config can start from another (`extends`, relative to its own file): mappings merge
     key by key, lists and values are replaced; a missing parent or a loop is named."""

@@ -461,3 +461,34 @@ def test_bench_paired_reads_back_the_runs_and_measures_the_difference_s_noise(be
     assert main(["bench", "paired", "backdoor", "--config", str(TINY),
                  "--workdir", str(bench_out / "work"), "--seeds", "2"]) == 2  # fmt: skip
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_bench_selection_counts_the_kept_answers_per_family(bench_out, capsys):
+    """`flminillm bench selection` reads back the choice the distill step recorded: per
+    round, every teacher-share prompt once, by family, each teacher's count its
+    `selected.<id>` share of the round's distill record (MLflow, lineage)."""
+    from flminillm.artifacts import open_store_for
+    from flminillm.bench.paired import final_state
+    from flminillm.bench.selection import kept_by_family, markdown
+
+    work = bench_out / "work"
+    result = kept_by_family(TINY, work, "fl-minillm", 0)
+    cfg, _ = final_state(load_config(TINY), "fl-minillm", 0, work)
+    assert set(result["rounds"]) == set(range(1, cfg.rounds + 1))
+    assert set(result["families"]) <= set(cfg.data.families)
+    assert result["holders"] == {f: c for c, fs in cfg.families_by_client().items() for f in fs}
+    store = open_store_for(cfg)
+    for rnd, counts in result["rounds"].items():
+        (rec,) = store.list_records(f"{cfg.federation_id()}/round-{rnd:04d}/distill.server.json")
+        total = sum(sum(c.values()) for c in counts.values())
+        assert total == round(cfg.distill.alpha * cfg.generation.prompts_per_round)  # asked once
+        for client in [c.id for c in cfg.clients]:
+            won = sum(c.get(client, 0) for c in counts.values())
+            assert won == pytest.approx(rec["metrics"][f"selected.{client}"] * total)
+        assert set().union(*counts.values()) <= {c.id for c in cfg.clients} | {"-"}
+    table = markdown(result)
+    assert table.count("\n") == cfg.rounds + 1 and "% holder" in table
+    assert (
+        main(["bench", "selection", "pooled", "--config", str(TINY), "--workdir", str(work)]) == 2
+    )
+    assert "kept no record" in capsys.readouterr().err

@@ -176,3 +176,30 @@ def test_the_round_budget_is_the_first_best_round_of_the_mean_curve():
     res["a"]["curve"]["server_em_all"][4] = 0.7  # round 4 ties round 3 for a: fewer rounds
     assert choose_rounds(res, ["a"])["rounds"] == 3
     assert choose_rounds(res, ["missing"]) is None
+
+
+def test_lr_schedule_is_chosen_for_both_methods():
+    """The distill step's learning-rate schedule is a group per method: FL-MiniLLM as the
+    config is written, forward-kl as bench quality runs it; they differ only in it."""
+    from flminillm.bench.variants import FORWARD_KL
+
+    cfg = load_config(TINY)
+    for group, base in (("lr_schedule", {}), ("lr_schedule-forward_kl", FORWARD_KL)):
+        vs = [v for v in candidates(cfg) if v.group == group]
+        assert {v.overrides["distill"]["lr_schedule"] for v in vs} == {"constant", "cosine"}
+        for v in vs:
+            assert {k: x for k, x in v.overrides["distill"].items() if k != "lr_schedule"} == base
+
+
+def test_the_benchmark_s_lr_schedule_is_what_validation_chose():
+    """docs/tune-schedule/tune.json (validation split) chose the distill step's schedule for
+    both methods; the benchmark config and the forward-kl variant carry it."""
+    from flminillm.bench.variants import FORWARD_KL
+
+    meta = json.loads((ROOT / "docs" / "tune-schedule" / "tune.json").read_text())["_meta"]
+    assert meta["split"] == "validation"
+    chosen = meta["chosen"]
+    bench = load_config(ROOT / "configs" / "benchmark.yaml")
+    assert bench.distill.lr_schedule == chosen["lr_schedule"]["distill"]["lr_schedule"]
+    fkl = chosen["lr_schedule-forward_kl"]["distill"]["lr_schedule"]
+    assert FORWARD_KL.get("lr_schedule", bench.distill.lr_schedule) == fkl
