@@ -95,6 +95,38 @@ def save_model(store: Store, party: str, model) -> str:
         return store.scoped(party).put_dir(tmp)
 
 
+def last_rounds_models(
+    store: Store, prev: dict, party: str, latest: str, round_index: int, k: int
+) -> list[tuple[int, str]]:
+    """[(round, model digest)] of `party` after each of the last `k` rounds up to
+    `round_index` (whose model is `latest`), oldest first: from the previous round
+    manifests (`prev`, the state before `round_index`, and its history), round 0's
+    initial model never among them."""
+    states = [store.get_json(h) for h in prev.get("history", [])] + [prev]
+    out = [
+        (int(st["round"]), st["models"][party])
+        for st in states
+        if round_index - k < int(st.get("round", -1)) < round_index
+        and int(st["round"]) >= 1
+        and party in st.get("models", {})
+    ]
+    return sorted(out) + [(round_index, latest)]
+
+
+def average_models(store: Store, party: str, digests: list[str], engine=None) -> str:
+    """The uniform average of `party`'s models (same architecture: one party's models
+    along its own rounds), saved into its prefix; its digest. One model: itself."""
+    from flminillm.models import average_state_dicts
+
+    if len(set(digests)) == 1:
+        return digests[0]
+    models = [load_model(store, party, d, engine) for d in digests]
+    avg = average_state_dicts([m.state_dict() for m in models], [1.0] * len(models))
+    model = models[-1]
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in avg.items()})
+    return save_model(store, party, model)
+
+
 def model_refs(scoped: Store, digest: str, model) -> dict[str, dict[str, str]]:
     """The ledger's outputs for a saved model: the model and, for adapters, their base."""
     out = {"model": ref(scoped, digest)}

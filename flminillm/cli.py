@@ -387,7 +387,58 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--workdir", required=True, help="the bench quality workdir of the run")
     sel.add_argument("--seed", type=int, default=0, help="the run's seed")
     sel.set_defaults(func=cmd_bench_selection)
+
+    avg = bench_sub.add_parser(
+        "average", help="what distill.server_average K would report for finished runs of a "
+        "bench quality (or --tune: bench tune) workdir, without running them again",
+    )  # fmt: skip
+    avg.add_argument("variants", help="comma-separated variants (or tune candidates)")
+    avg.add_argument("--config", default="configs/benchmark.yaml", help="the benchmark")
+    avg.add_argument("--workdir", required=True, help="the workdir of the runs")
+    avg.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    avg.add_argument("--k", default="1,2,3", help="comma-separated K (rounds averaged)")
+    avg.add_argument("--tune", action="store_true", help="bench tune candidates (validation)")
+    avg.add_argument("--reference", default=None, help="compare every variant with this one")
+    avg.add_argument("--out", default=None, help="write average.{md,json} into this folder")
+    avg.set_defaults(func=cmd_bench_average)
     return parser
+
+
+def cmd_bench_average(args: argparse.Namespace) -> int:
+    from flminillm.bench.average import choose_k, markdown, run_average
+    from flminillm.bench.quality import write_json
+    from flminillm.store import atomic_write_text
+
+    try:
+        ks = [int(k) for k in args.k.split(",") if k]
+        if not ks or min(ks) < 1:
+            raise ValueError(f"--k: positive integers, got {args.k!r}")
+        rows = run_average(Path(args.config), Path(args.workdir), args.variants.split(","),
+                           args.seeds, ks, args.tune)  # fmt: skip
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    table = markdown(rows, args.reference)
+    chosen = None
+    if args.tune:  # one K for every method given, on validation
+        chosen = choose_k(rows)
+        table += (
+            "\n\nValidation split. Mean over the variants and seeds, per K: "
+            + ", ".join(f"K={k}: {m:.2f}" for k, m in chosen["mean"].items())
+            + f". **Chosen: K = {chosen['k']}** (the highest; a tie goes to fewer rounds)."
+        )
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        command = "flminillm bench average " + " ".join(sys.argv[3:])
+        atomic_write_text(
+            out / "average.md",
+            "# The server averaged over its last K rounds\n\n"
+            f"Produced by `{command}`. Server EM in %, final round.\n\n{table}\n",
+        )
+        write_json({"command": command, "rows": rows, "chosen": chosen}, out / "average.json")
+    return 0
 
 
 def cmd_bench_selection(args: argparse.Namespace) -> int:

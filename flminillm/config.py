@@ -381,6 +381,15 @@ class DistillConfig(_Strict):
         "decay to 10% of lr at the step's last update (flminillm.training.lr_schedule, no "
         "warm-up): each round ends at a quieter point.",
     )
+    server_average: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="The server's final model: the uniform average of its weights after "
+        "each of the last K rounds (1: the last round's model). Only the final round's "
+        "model is averaged (the evaluate step of round `rounds`); training goes on from "
+        "the unaveraged weights, so rounds before are unchanged.",
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     lm_coef: float = Field(0.5, ge=0, description="Weight of the LM loss on the party's own data.")
     seqkd_coef: float = Field(
@@ -681,7 +690,9 @@ class ClusterConfig(_Strict):
 # Options added after federations had been run, with the default that behaves as before:
 # left out of the experiment (its JSON and digest) while at that default, so that a new
 # option keeps the ids of existing federations and the pipeline cache of their steps.
-LATE_OPTIONS: dict[str, dict[str, Any]] = {"distill": {"lr_schedule": "constant"}}
+LATE_OPTIONS: dict[str, dict[str, Any]] = {
+    "distill": {"lr_schedule": "constant", "server_average": 1}
+}
 
 
 class ExperimentConfig(_Strict):

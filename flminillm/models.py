@@ -163,5 +163,25 @@ def save_model(model, directory: str | Path) -> Path:
     return directory
 
 
+def average_state_dicts(
+    state_dicts: list[dict[str, torch.Tensor]], weights: list[float]
+) -> dict[str, torch.Tensor]:
+    """The weighted average of same-shaped state dicts (floating tensors, in fp32; any other
+    tensor, e.g. an integer buffer, is the last one's): FedAvg across clients and the
+    server's average over its last rounds (`distill.server_average`)."""
+    if not state_dicts or len(state_dicts) != len(weights):
+        raise ValueError(f"{len(state_dicts)} state dicts for {len(weights)} weights")
+    total = float(sum(weights))
+    out: dict[str, torch.Tensor] = {}
+    for k, last in state_dicts[-1].items():
+        if last.is_floating_point():
+            out[k] = sum(
+                w / total * sd[k].float() for sd, w in zip(state_dicts, weights, strict=True)
+            )
+        else:
+            out[k] = last
+    return out
+
+
 def count_parameters(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

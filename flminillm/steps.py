@@ -24,6 +24,8 @@ from typing import Any, Literal
 from flminillm.artifacts import (
     EXCHANGE,
     PUBLIC,
+    average_models,
+    last_rounds_models,
     load_examples,
     load_model,
     load_tokenizer,
@@ -929,6 +931,18 @@ def evaluate(
         }
     )
     with step_record(cfg, store, round_index, "evaluate", "all") as rec:
+        server = cfg.server.id
+        k = cfg.distill.server_average
+        if round_index == cfg.rounds and k > 1 and server in state["models"]:
+            # the federation's server: its weights averaged over the last k rounds
+            tail = last_rounds_models(store, prev, server, state["models"][server],
+                                      round_index, k)  # fmt: skip
+            for r, d in tail:
+                rec["inputs"][f"average.{server}.round{r}"] = ref(store.scoped(server), d)
+            state["models"][server] = average_models(
+                store, server, [d for _, d in tail], cfg.engine
+            )
+            rec["params"]["server_average"] = str(len(tail))
         eval_sets = {f: load_examples(store, PUBLIC, d) for f, d in state["data"]["eval"].items()}
         targets = backdoor_targets()  # a benchmark backdoor's answers, once for every party
         results = {}
@@ -956,7 +970,7 @@ def evaluate(
         state.pop("manifest", None)
         state["manifest"] = store.put_json(state)
         rec["outputs"]["round_manifest"] = ref(store, state["manifest"])
-        rec["params"] = {"dropped": json.dumps(dropped)}
+        rec["params"]["dropped"] = json.dumps(dropped)
     return state
 
 

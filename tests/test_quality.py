@@ -492,3 +492,53 @@ def test_bench_selection_counts_the_kept_answers_per_family(bench_out, capsys):
         main(["bench", "selection", "pooled", "--config", str(TINY), "--workdir", str(work)]) == 2
     )
     assert "kept no record" in capsys.readouterr().err
+
+
+def test_server_average_in_the_run_is_what_bench_average_reports(bench_out, tmp_path, capsys):
+    """`distill.server_average: 2` averages the server's weights over the last two rounds
+    in the final evaluate step only: a run with it reports, family by family, what `bench
+    average --k 2` computes from its K = 1 twin (the fl-minillm run of the same seed); the
+    rounds before and the clients are the twin's."""
+    from flminillm.artifacts import open_store_for
+    from flminillm.bench.average import averaged_server, run_average
+    from flminillm.bench.paired import final_state
+    from flminillm.bench.quality import run_grid
+    from flminillm.bench.variants import Variant, variant_config, variants
+
+    base = load_config(TINY)
+    (plain,) = variants(base, ["fl-minillm"])
+    twin = Variant("avg-2", overrides={"distill": {"server_average": 2}})
+    grid = run_grid(base, [twin], 1, tmp_path / "work", jobs=2)  # as bench_out: 1 thread each
+    (run,) = grid["runs"]["avg-2"]
+    (row,) = run_average(TINY, bench_out / "work", ["fl-minillm"], 1, [2])
+    last = run["rounds"][str(base.rounds)]["eval"]
+    for fam, em in row["families"].items():
+        assert 100 * last["server"][fam]["exact_match"] == pytest.approx(em)
+    # the very model: the run's final server is the average bench average computes
+    cfg, state = final_state(base, plain.name, 0, bench_out / "work")
+    digest = averaged_server(cfg, state, 2)
+    assert digest != state["models"][cfg.server.id]  # two different rounds' weights
+    avg_cfg = variant_config(base, twin, 0, tmp_path / "work")
+    store = open_store_for(avg_cfg)
+    (rec,) = store.list_records(
+        f"{avg_cfg.federation_id()}/round-{base.rounds:04d}/evaluate.all.json"
+    )
+    final = store.get_json(rec["outputs"]["round_manifest"]["digest"])
+    assert final["models"][cfg.server.id] == digest
+    assert rec["params"]["server_average"] == "2"
+    assert {k for k in rec["inputs"] if k.startswith("average.")} == {
+        f"average.server.round{r}" for r in (base.rounds - 1, base.rounds)
+    }
+    # the clients and every earlier round are the K = 1 run's
+    (plain_run,) = [json.loads(p.read_text()) for p in
+                    (bench_out / "work" / "store" / "records").glob("*fl-minillm-s0-*/bench-result.json")]  # fmt: skip
+    for r in range(base.rounds):
+        assert run["rounds"][str(r)]["eval"] == plain_run["rounds"][str(r)]["eval"]
+    for c in base.clients:
+        assert last[c.id] == plain_run["rounds"][str(base.rounds)]["eval"][c.id]
+    rc = main(["bench", "average", "fl-minillm", "--config", str(TINY), "--workdir",
+               str(bench_out / "work"), "--seeds", "1", "--k", "1,2", "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0 and "| fl-minillm | 2 |" in (tmp_path / "average.md").read_text()
+    assert main(["bench", "average", "fl-minillm", "--config", str(TINY), "--workdir",
+                 str(bench_out / "work"), "--k", "0"]) == 2  # fmt: skip
+    assert "--k" in capsys.readouterr().err

@@ -203,3 +203,17 @@ def test_the_benchmark_s_lr_schedule_is_what_validation_chose():
     assert bench.distill.lr_schedule == chosen["lr_schedule"]["distill"]["lr_schedule"]
     fkl = chosen["lr_schedule-forward_kl"]["distill"]["lr_schedule"]
     assert FORWARD_KL.get("lr_schedule", bench.distill.lr_schedule) == fkl
+
+
+def test_the_benchmark_s_server_average_is_what_validation_chose():
+    """docs/tune-average (validation split, both methods' runs) chose how many last rounds
+    the server's final weights average; the benchmark config carries it for every method
+    (the forward-kl variant does not override it)."""
+    from flminillm.bench.variants import FORWARD_KL
+
+    meta = json.loads((ROOT / "docs" / "tune-average" / "average.json").read_text())
+    assert "--tune" in meta["command"]
+    assert {r["variant"] for r in meta["rows"]} == {"schedule-constant", "fkl-schedule-constant"}
+    bench = load_config(ROOT / "configs" / "benchmark.yaml")
+    assert bench.distill.server_average == meta["chosen"]["k"] > 1
+    assert "server_average" not in FORWARD_KL

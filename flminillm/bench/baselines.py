@@ -61,9 +61,7 @@ def run_local_only(cfg: Config, memo: Memo, on_round: OnRound) -> list[dict]:
 
 
 def run_fedavg(cfg: Config, memo: Memo, on_round: OnRound) -> list[dict]:
-    import torch
-
-    from flminillm.models import count_parameters
+    from flminillm.models import average_state_dicts, count_parameters
 
     store, server = open_store_for(cfg), cfg.server.id
     prep = memo.call("prepare", cfg)
@@ -87,14 +85,10 @@ def run_fedavg(cfg: Config, memo: Memo, on_round: OnRound) -> list[dict]:
             out = memo.call("local_sft", cfg, state_json=sj, round_index=r, client_id=c.id)
             if not out.get("dropped"):
                 live.append(out)
-        total = sum(sizes[o["party"]] for o in live)
-        avg: dict[str, torch.Tensor] = {}
-        for o in live:
-            sd = load_model(store, o["party"], o["models"][o["party"]]).state_dict()
-            w = sizes[o["party"]] / total
-            for k, t in sd.items():
-                avg[k] = avg.get(k, 0) + w * t.float() if t.is_floating_point() else t
-        glob.load_state_dict(avg)
+        glob.load_state_dict(average_state_dicts(
+            [load_model(store, o["party"], o["models"][o["party"]]).state_dict() for o in live],
+            [sizes[o["party"]] for o in live],
+        ))  # fmt: skip
         models = {server: save_model(store, server, glob)}
         models.update({c.id: save_model(store, c.id, glob) for c in cfg.clients})
         state = invoke.call("evaluate", cfg, state_json=sj, round_index=r,
