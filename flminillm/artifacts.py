@@ -123,7 +123,8 @@ def average_models(store: Store, party: str, digests: list[str], engine=None) ->
     models = [load_model(store, party, d, engine) for d in digests]
     avg = average_state_dicts([m.state_dict() for m in models], [1.0] * len(models))
     model = models[-1]
-    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in avg.items()})
+    own = model.state_dict()  # once: each call builds the whole dict
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in avg.items()})
     return save_model(store, party, model)
 
 

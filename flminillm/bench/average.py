@@ -23,23 +23,17 @@ from flminillm.config import Config, load_config
 def _run(base: Config, name: str, seed: int, workdir: Path, tune: bool) -> tuple[Config, dict]:
     """(config, final manifest) of a finished run: a bench quality variant, or (tune) a
     bench tune candidate on the validation split."""
-    from flminillm.bench.paired import final_state
+    from flminillm.bench.paired import final_manifest, final_state
 
     if not tune:
         return final_state(base, name, seed, workdir)
-    from flminillm.artifacts import open_store_for
     from flminillm.bench.tune import candidates, on_validation
     from flminillm.bench.variants import variant_config
 
     vb = on_validation(base)
     (v,) = candidates(vb, [name])
     cfg = variant_config(vb, v, seed, workdir)
-    recs = open_store_for(cfg).list_records(
-        f"{cfg.federation_id()}/round-{cfg.rounds:04d}/evaluate.all.json"
-    )
-    if not recs:
-        raise ValueError(f"{name} seed {seed}: no finished bench tune run in {workdir}")
-    return cfg, open_store_for(cfg).get_json(recs[0]["outputs"]["round_manifest"]["digest"])
+    return cfg, final_manifest(cfg, f"{name} seed {seed}: no finished bench tune run in {workdir}")
 
 
 def averaged_server(cfg: Config, state: dict, k: int) -> str:

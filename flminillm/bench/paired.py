@@ -20,19 +20,26 @@ from flminillm.config import Config, load_config
 
 def final_state(base: Config, variant: str, seed: int, workdir: Path) -> tuple[Config, dict]:
     """(the run's config, its last round's manifest) of (variant, seed) in workdir."""
-    from flminillm.artifacts import open_store_for
     from flminillm.bench.variants import variant_config, variants
 
     (v,) = variants(base, [variant])
     cfg = variant_config(base, v, seed, workdir)
+    return cfg, final_manifest(
+        cfg, f"{variant} seed {seed}: no finished run in {workdir} (run `flminillm bench "
+        f"quality --workdir {workdir} --methods {variant}` with this config first)",
+    )  # fmt: skip
+
+
+def final_manifest(cfg: Config, missing: str) -> dict:
+    """The last round's manifest of the run `cfg` names, from its store (ValueError
+    `missing` where that run did not finish)."""
+    from flminillm.artifacts import open_store_for
+
     store = open_store_for(cfg)
     recs = store.list_records(f"{cfg.federation_id()}/round-{cfg.rounds:04d}/evaluate.all.json")
     if not recs:
-        raise ValueError(
-            f"{variant} seed {seed}: no finished run in {workdir} (run `flminillm bench quality "
-            f"--workdir {workdir} --methods {variant}` with this config first)"
-        )
-    return cfg, store.get_json(recs[0]["outputs"]["round_manifest"]["digest"])
+        raise ValueError(missing)
+    return store.get_json(recs[0]["outputs"]["round_manifest"]["digest"])
 
 
 def server_correct(cfg: Config, state: dict, families: list[str]) -> list[float]:
