@@ -432,6 +432,31 @@ def stale_part(
     }
 
 
+def implausible_teachers(
+    lm_scores: torch.Tensor, margin: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Peer review by the student's own LM (`distill.plausibility_margin`). `lm_scores`
+    [M, A]: the student's mean per-token log q(y | x) of each teacher's answer to each
+    teacher-share prompt. Returns (barred [M] bool, gap [M]): gap_i is how far teacher i's
+    median score lies below the median of the other teachers' medians (nats per token,
+    positive: less plausible); a teacher with gap_i > margin is barred for the round.
+    Medians, so that one liar (or two colluders of five) cannot move the reference, and a
+    teacher is judged on all its answers: an honest teacher's guesses on families it does
+    not hold are as plausible to the student as anyone's guesses, a random-token answer is
+    not. With fewer than two teachers, or margin 0, nobody is barred."""
+    m = lm_scores.shape[0]
+    gap = torch.zeros(m)
+    if m < 2 or lm_scores.shape[1] == 0:
+        return torch.zeros(m, dtype=torch.bool), gap
+    med = lm_scores.float().median(dim=1).values  # [M]
+    for i in range(m):
+        others = torch.cat([med[:i], med[i + 1 :]])
+        gap[i] = others.median() - med[i]
+    if not torch.isfinite(gap).all():
+        raise ValueError("plausibility: the student's scores of the answers are not finite")
+    return (gap > margin) if margin > 0 else torch.zeros(m, dtype=torch.bool), gap
+
+
 def assemble_batch(
     rollouts: dict[str, torch.Tensor],
     teachings: list[dict[str, torch.Tensor]],
@@ -440,6 +465,7 @@ def assemble_batch(
     extra: list[dict[str, torch.Tensor]] = (),
     trusted: list[bool] | None = None,
     rivals: torch.Tensor | None = None,
+    barred: list[bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The student's training batch: its rollouts scored by the aggregated teachers, then
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
@@ -458,11 +484,17 @@ def assemble_batch(
     quantile an absent teacher would have claimed per prompt (`imputed_quantile`); under
     rank selection a prompt whose kept answer's quantile it beats is left out
     (`n_reserved`): that teacher's replayed answers (`extra`) teach its domain, not the
-    present teachers' guesses."""
+    present teachers' guesses. `barred` [M] (default: none): teachers the student's LM
+    found implausible (`implausible_teachers`): their scores leave the mixture as a
+    quarantined teacher's do, and a prompt they would win leaves the batch (`n_implausible`)
+    rather than going to the next teacher's guess."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     trusted = [True] * len(teachings) if trusted is None else list(trusted)
-    scorers = [i for i, ok in enumerate(trusted) if ok]
+    barred_t = torch.zeros(len(teachings), dtype=torch.bool)
+    if barred is not None:
+        barred_t = torch.tensor([bool(b) for b in barred], dtype=torch.bool)
+    scorers = [i for i, ok in enumerate(trusted) if ok and not barred_t[i]]
     delta = torch.zeros(len(teachings))
     n = rollouts["prompt_ids"].shape[0] if scorers else 0
     sup = rollouts["support_ids"].long()
@@ -497,7 +529,7 @@ def assemble_batch(
     ]
     a = rollouts["ask_prompt_ids"].shape[0]
     rejected, n_reserved, ask_choice = 0, 0, torch.zeros(0, dtype=torch.long)
-    n_invariant, flagged = 0, torch.zeros(len(teachings))
+    n_invariant, n_implausible, flagged = 0, 0, torch.zeros(len(teachings))
     if a:
         # a capped teacher's answers are selected with the same handicap, and (capped
         # mixture) no teacher supplies more than `cap` of the answers, also when the student
@@ -513,13 +545,19 @@ def assemble_batch(
         if rivals is not None and d.selection == "rank":  # an absent teacher would have won
             free = ~(rivals.float() > sel["quantile"])
         out = free & sel["invariant"]  # every answer to it ruled out by the invariance check
-        keep = free & ~out
+        # won by a teacher the student's LM found implausible: left out, not re-assigned
+        implausible = free & ~out & barred_t[sel["teacher_index"]]
+        keep = free & ~out & ~implausible
         # no teacher present knows the prompt well enough to claim `min_claim`: learn nothing
         if d.min_claim > 0 and bool(keep.any()):
             floor = claim_floor(sel["claim"][keep], d.min_claim, d.max_rejected)
             keep &= sel["claim"] >= floor
-        rejected, n_reserved = int((free & ~out & ~keep).sum()), int((~free).sum())
-        n_invariant = int(out.sum())
+        rejected = int((free & ~out & ~implausible & ~keep).sum())
+        n_reserved, n_invariant, n_implausible = (
+            int((~free).sum()),
+            int(out.sum()),
+            int(implausible.sum()),
+        )
         ask_choice = torch.where(keep, sel["teacher_index"], -1)
         parts.append(
             {
@@ -556,6 +594,7 @@ def assemble_batch(
         "n_rejected": torch.tensor(rejected),
         "n_reserved": torch.tensor(n_reserved),
         "n_invariant": torch.tensor(n_invariant),
+        "n_implausible": torch.tensor(n_implausible),
         "flagged": flagged,
         "ask_choice": ask_choice,
     }
@@ -571,6 +610,9 @@ def selection_stats(
     n_reserved: int = 0,
     n_invariant: int = 0,
     flagged: list[float] | None = None,
+    n_implausible: int = 0,
+    gaps: list[float] | None = None,
+    barred: list[bool] | None = None,
 ) -> dict[str, float]:
     """What the selection did, per teacher (MLflow, `flminillm lineage`): `selected.<id>`,
     the share of the teacher-share prompts whose kept answer is its; `certain.<id>`, the
@@ -582,14 +624,20 @@ def selection_stats(
     `coherent.<id>` (given `coherent`), the `coherence` of its claims: below MIN_COHERENCE
     it was quarantined (its answers counted as hard labels, its scores not at all);
     `invariant.<id>` (given `flagged`, where the invariance check is on), the share of its
-    answers that check ruled out; `invariant`, the share of prompts left with none."""
+    answers that check ruled out; `invariant`, the share of prompts left with none;
+    `plausibility.<id>` (given `gaps`, where the plausibility check is on), how far below
+    the other teachers the student's LM put its answers (`implausible_teachers`, nats per
+    token), `implausible.<id>` 1 where that barred it, and `implausible`, the share of
+    prompts left out because a barred teacher would have won them."""
     kept = teacher_index[teacher_index >= 0]
-    total = kept.numel() + n_rejected + n_reserved + n_invariant
+    total = kept.numel() + n_rejected + n_reserved + n_invariant + n_implausible
     out: dict[str, float] = {"rejected": n_rejected / total} if total else {}
     if n_reserved:
         out["reserved"] = n_reserved / total
     if n_invariant:
         out["invariant"] = n_invariant / total
+    if n_implausible:
+        out["implausible"] = n_implausible / total
     stale = int((teacher_index == -2).sum())
     if stale:  # replayed from an absent teacher's earlier answers (`stale_part`)
         out["stale_rows"] = float(stale)
@@ -603,4 +651,7 @@ def selection_stats(
             out[f"coherent.{name}"] = float(coherent[i])
         if flagged is not None:
             out[f"invariant.{name}"] = float(flagged[i])
+        if gaps is not None:
+            out[f"plausibility.{name}"] = float(gaps[i])
+            out[f"implausible.{name}"] = float(bool(barred[i])) if barred is not None else 0.0
     return out

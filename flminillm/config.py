@@ -477,6 +477,20 @@ class DistillConfig(_Strict):
         "any one right answer's share in the benchmarks' families, below a backdoor's (every "
         "prompt of its family).",
     )
+    plausibility_margin: float = Field(
+        6.0,
+        ge=0.0,
+        description="Peer review by the student's own LM: a teacher whose answers the "
+        "student finds less likely than the other teachers' by more than this margin (the "
+        "median over its answers of the student's mean per-token log p(y | x), in nats, "
+        "against the median of the others' medians) is implausible for the round: the "
+        "prompts it would win leave the batch and its scores leave the mixture. Catches "
+        "random-token answers whatever their author claims; a fluent wrong answer passes "
+        "(rank selection bounds it). 0: off. 6 was set from the training rounds' messages of "
+        "stop 31's runs (honest teachers at most 3.9 below the others, the random-token "
+        "liar at least 7.4; docs/algorithm.md), not from any evaluation split. Needs two "
+        "teachers or more.",
+    )
     invariance_quantile: float = Field(
         0.75,
         gt=0.0,
@@ -691,7 +705,7 @@ class ClusterConfig(_Strict):
 # left out of the experiment (its JSON and digest) while at that default, so that a new
 # option keeps the ids of existing federations and the pipeline cache of their steps.
 LATE_OPTIONS: dict[str, dict[str, Any]] = {
-    "distill": {"lr_schedule": "constant", "server_average": 1}
+    "distill": {"lr_schedule": "constant", "server_average": 1, "plausibility_margin": 0.0}
 }
 
 

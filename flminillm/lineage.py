@@ -117,6 +117,9 @@ def selection_line(metrics: dict[str, float]) -> str:
             text += f" [red](quarantined: claims in order at {coherent:.0%})[/]"
         elif certain >= 0.5:  # claims p >= 0.99 on most of its answers: flag it
             text += f" [yellow](certain of {certain:.0%})[/]"
+        if metrics.get(f"implausible.{n}", 0.0) > 0:  # distill.plausibility_margin
+            gap = metrics.get(f"plausibility.{n}", 0.0)
+            text += f" [red](implausible: answers {gap:.1f} nats/token below the others')[/]"
         invariant = metrics.get(f"invariant.{n}", 0.0)
         if invariant > 0:  # distill.invariance_share: one answer to prompts told apart
             text += f" [red](ruled out {invariant:.0%}: one answer to many prompts)[/]"
@@ -127,6 +130,9 @@ def selection_line(metrics: dict[str, float]) -> str:
     ruled_out = metrics.get("invariant", 0.0)
     if ruled_out > 0:  # every answer ruled out by the invariance check
         parts.append(f"[yellow]left out {ruled_out:.0%} (every answer ruled out)[/]")
+    implausible = metrics.get("implausible", 0.0)
+    if implausible > 0:  # won by a teacher the student's LM barred
+        parts.append(f"[yellow]left out {implausible:.0%} (an implausible teacher's)[/]")
     reserved = metrics.get("reserved", 0.0)
     if reserved > 0:  # left to an absent teacher's replayed answers (aggregate.imputed_quantile)
         parts.append(f"reserved {reserved:.0%} (an absent teacher's domain)")

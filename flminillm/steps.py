@@ -752,6 +752,7 @@ def _distill(
         MIN_COHERENCE,
         assemble_batch,
         coherence,
+        implausible_teachers,
         imputed_quantile,
         own_quantiles,
         quarantine,
@@ -763,7 +764,13 @@ def _distill(
     from flminillm.messages import MessageError, validate_rollouts
     from flminillm.ranks import rank_world
     from flminillm.training import batches, encode_examples
-    from flminillm.update import as_floats, behaviour_logprobs, distill_epochs, distill_lr
+    from flminillm.update import (
+        answer_logprob,
+        as_floats,
+        behaviour_logprobs,
+        distill_epochs,
+        distill_lr,
+    )  # fmt: skip
 
     d = cfg.distill.for_round(round_index)
     vocab = vocab_of(state, student_id)
@@ -829,21 +836,33 @@ def _distill(
         ]  # fmt: skip
         extra = [{**p, "support_ids": p["support_ids"][..., :1],
                   "teacher_logp": p["teacher_logp"][..., :1]} for p in extra]  # fmt: skip
+    model = load_model(
+        store, student_id, model_digest, cfg.engine, cfg.party(student_id).model.lora
+    )
+    device = next(model.parameters()).device
+    # peer review by the student's own LM: a teacher whose answers it finds far less likely
+    # than the others' is barred for the round (flminillm.aggregate.implausible_teachers)
+    barred, gaps = None, None
+    if d.plausibility_margin > 0 and len(teachings) >= 2 and rollouts["ask_prompt_ids"].shape[0]:
+        with autocast(cfg.engine, device):
+            lm = torch.stack([
+                answer_logprob(model, rollouts, t, cfg.generation.batch_size, device)
+                for t in teachings
+            ])  # fmt: skip
+        barred_t, gap_t = implausible_teachers(lm, d.plausibility_margin)
+        barred, gaps = barred_t.tolist(), gap_t.tolist()
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
     batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra, trusted=trusted,
-                                 rivals=rivals)  # fmt: skip
+                                 rivals=rivals, barred=barred)  # fmt: skip
     choice = store.scoped(student_id).put_tensors({"choice": info["ask_choice"].int()})
     chosen = selection_stats(
         info["teacher_index"], sent, [t["teacher"] for t in teachings_manifests],
         int(info["n_rejected"]), coherent=coherent, n_reserved=int(info["n_reserved"]),
         n_invariant=int(info["n_invariant"]),
         flagged=info["flagged"].tolist() if d.invariance_share > 0 else None,
+        n_implausible=int(info["n_implausible"]), gaps=gaps, barred=barred,
     )  # fmt: skip
 
-    model = load_model(
-        store, student_id, model_digest, cfg.engine, cfg.party(student_id).model.lora
-    )
-    device = next(model.parameters()).device
     from_teacher = batch["from_teacher"]
     batch = to_device(batch, device)
     torch.manual_seed(seed(cfg, "distill", round_index, student_id))

@@ -48,6 +48,23 @@ def behaviour_logprobs(model, batch: Batch, micro_batch: int = 0) -> torch.Tenso
     )
 
 
+def answer_logprob(
+    model, rollouts: Batch, teaching: Batch, micro_batch: int, device
+) -> torch.Tensor:
+    """The student's mean per-token log q(y | x) [A] of a teacher's answers (`own_response_ids`)
+    to the teacher-share prompts (`ask_prompt_ids`): what `distill.plausibility_margin`
+    judges a teacher by (flminillm.aggregate.implausible_teachers)."""
+    batch = {
+        "prompt_ids": rollouts["ask_prompt_ids"].long().to(device),
+        "prompt_mask": rollouts["ask_prompt_mask"].long().to(device),
+        "response_ids": teaching["own_response_ids"].long().to(device),
+        "response_mask": teaching["own_response_mask"].long().to(device),
+    }
+    logp = behaviour_logprobs(model, batch, micro_batch).float().cpu()
+    length = batch["response_mask"].sum(1).clamp(min=1).cpu()
+    return logp.sum(1) / length
+
+
 def distill_loss(
     logits: torch.Tensor, mb: Batch, behaviour: torch.Tensor, d: DistillConfig, seqkd: bool
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

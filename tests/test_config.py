@@ -266,8 +266,10 @@ def test_config_is_frozen_and_digest_changes():
 
 def test_a_late_option_at_its_default_keeps_the_federation_id():
     """An option added after federations had run (config.LATE_OPTIONS) is left out of the
-    hashed experiment while at the default that behaves as before, so existing federation
-    ids and cached steps stay valid; set to anything else, it is hashed and sent."""
+    hashed experiment while at the value that behaves as before, so existing federation
+    ids and cached steps stay valid; set to anything else, it is hashed and sent. A new
+    default that computes differently (plausibility_margin: on by default) is hashed at
+    it, so the federations it changes get new ids."""
     import json
 
     from flminillm.config import LATE_OPTIONS
@@ -276,9 +278,16 @@ def test_a_late_option_at_its_default_keeps_the_federation_id():
     sent = json.loads(cfg.experiment_json())
     for section, fields in LATE_OPTIONS.items():
         model = type(getattr(cfg, section))
-        for name, default in fields.items():
-            assert model.model_fields[name].default == default  # the field's own default
-            assert name not in sent[section]
+        for name, old in fields.items():
+            default = model.model_fields[name].default
+            if default == old:
+                assert name not in sent[section]
+            else:
+                assert sent[section][name] == default
+            before = copy.deepcopy(_tiny())
+            before.setdefault(section, {})[name] = old
+            assert name not in json.loads(parse_config(before).experiment_json())[section]
+    assert sent["distill"]["plausibility_margin"] == 6.0
     explicit = copy.deepcopy(_tiny())
     explicit.setdefault("distill", {})["lr_schedule"] = "constant"
     assert parse_config(explicit).digest() == cfg.digest()

@@ -26,12 +26,13 @@ from flminillm.config import Config, deep_merge
 METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 
 # the defence of flminillm.aggregate (DistillConfig's defaults: rank selection, min_claim 0.5
-# within max_rejected 0.5, stale_share 1, the input-invariance check) taken away: joint
-# selection, every answer kept, nothing replayed, no answer ruled out; the `-undefended`
+# within max_rejected 0.5, stale_share 1, the input-invariance check, the plausibility
+# check) taken away: joint selection, every answer kept, nothing replayed, no answer ruled
+# out, no teacher judged by the student's LM; the `-undefended`
 # variants measure what the defence buys and costs
 UNDEFENDED = {
     "distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0,
-                "invariance_share": 0.0}
+                "invariance_share": 0.0, "plausibility_margin": 0.0}
 }  # fmt: skip
 # the default defence without the input-invariance check (distill.invariance_share 0;
 # flminillm.aggregate.invariant_answers): what the check buys against the backdoor and
@@ -42,7 +43,7 @@ NO_INVARIANCE = {"distill": {"invariance_share": 0.0}}
 # same without a fault, which flminillm.bench.quality_report measures them against.
 DEFENCES = {
     "-undefended": (UNDEFENDED, "without the default defence (joint selection, no min_claim, "
-                                "no stale replay, no invariance check)"),
+                                "no stale replay, no invariance or plausibility check)"),
     "-no-invariance": (NO_INVARIANCE, "the default defence without the invariance check"),
 }  # fmt: skip
 DEFENCE_SUFFIXES = tuple(DEFENCES)
