@@ -438,22 +438,23 @@ def implausible_teachers(
     """Peer review by the student's own LM (`distill.plausibility_margin`). `lm_scores`
     [M, A]: the student's mean per-token log q(y | x) of each teacher's answer to each
     teacher-share prompt. Returns (barred [M] bool, gap [M]): gap_i is how far teacher i's
-    median score lies below the median of the other teachers' medians (nats per token,
-    positive: less plausible); a teacher with gap_i > margin is barred for the round.
-    Medians, so that one liar (or two colluders of five) cannot move the reference, and a
-    teacher is judged on all its answers: an honest teacher's guesses on families it does
-    not hold are as plausible to the student as anyone's guesses, a random-token answer is
-    not. With fewer than two teachers, or margin 0, nobody is barred."""
+    median score lies below the reference (nats per token; positive: less plausible), the
+    upper median of all M teachers' medians (the ((M - 1) // 2)-th highest: with three
+    teachers the middle one, with two the likelier). A teacher with gap_i > margin is
+    barred for the round. Medians, so that a minority of liars (one of three, two colluders
+    of five, one of two) cannot move the reference; a teacher is judged on all its answers:
+    an honest teacher's guesses on families it does not hold are about as plausible to the
+    student as anyone's guesses, a random-token answer is not. With fewer than two teachers,
+    or margin 0, nobody is barred."""
     m = lm_scores.shape[0]
     gap = torch.zeros(m)
     if m < 2 or lm_scores.shape[1] == 0:
         return torch.zeros(m, dtype=torch.bool), gap
     med = lm_scores.float().median(dim=1).values  # [M]
-    for i in range(m):
-        others = torch.cat([med[:i], med[i + 1 :]])
-        gap[i] = others.median() - med[i]
-    if not torch.isfinite(gap).all():
+    if not torch.isfinite(med).all():
         raise ValueError("plausibility: the student's scores of the answers are not finite")
+    reference = med.sort(descending=True).values[(m - 1) // 2]
+    gap = reference - med
     return (gap > margin) if margin > 0 else torch.zeros(m, dtype=torch.bool), gap
 
 

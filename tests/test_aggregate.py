@@ -704,3 +704,103 @@ def test_a_prompt_whose_every_answer_is_ruled_out_leaves_the_batch(monkeypatch):
     )  # fmt: skip
     assert stats["invariant"] == 0.25 and stats["selected.alice"] == 0.25
     assert "left out 25% (every answer ruled out)" in selection_line(stats)
+
+
+# -- peer review by the student's own LM (distill.plausibility_margin) --------------------
+
+
+def test_the_student_lm_bars_a_teacher_far_below_the_others():
+    """A teacher is judged by the median of the student's per-token log-probs of its
+    answers against the upper median of all teachers' medians: random-token answers (the
+    student finds them far less likely than anyone's guesses) are barred; an honest teacher
+    somewhat below the others, or everyone shifted by one constant, is not; two colluders
+    of five cannot move the reference, nor one liar of two; margin 0, one teacher: nobody."""
+    from flminillm.aggregate import implausible_teachers
+
+    g = torch.Generator().manual_seed(0)
+    honest = -3.0 + torch.randn(4, 200, generator=g)
+    liar = -12.0 + torch.randn(1, 200, generator=g)
+    scores = torch.cat([honest[:2], liar])
+    barred, gap = implausible_teachers(scores, 5.0)
+    assert barred.tolist() == [False, False, True]
+    assert 8.0 < float(gap[2]) < 10.0 and bool((gap[:2].abs() < 1.0).all())
+    assert implausible_teachers(scores[1:], 5.0)[0].tolist() == [False, True]  # one of two
+    shifted, _ = implausible_teachers(scores - 5.0, 5.0)  # a larger vocabulary: all lower
+    assert shifted.tolist() == [False, False, True]
+    # an honest teacher 4 nats/token below the others (guesses on families it never saw)
+    unsure = torch.cat([honest[:2], honest[2:3] - 4.0])
+    assert implausible_teachers(unsure, 5.0)[0].tolist() == [False, False, False]
+    # 2 colluders of 5: the median of the others' medians stays honest
+    five = torch.cat([honest[:3], liar, liar + 0.5])
+    assert implausible_teachers(five, 5.0)[0].tolist() == [False, False, False, True, True]
+    assert not bool(implausible_teachers(scores, 0.0)[0].any())  # off
+    assert implausible_teachers(liar, 5.0)[0].tolist() == [False]  # nobody to compare with
+    with pytest.raises(ValueError, match="not finite"):
+        implausible_teachers(torch.cat([honest[:2], torch.full((1, 200), float("nan"))]), 5.0)
+
+
+def test_a_barred_teacher_s_prompts_leave_the_batch_and_its_scores_the_mixture():
+    """What a barred teacher would have won is left out (counted as `n_implausible`), not
+    handed to the next teacher's guess; its scores of the student's rollouts are dropped as
+    a quarantined teacher's are; the others' answers are kept as they were."""
+    from flminillm.config import DistillConfig
+
+    n, a, t, s = 3, 6, 5, 9
+    g = torch.Generator().manual_seed(3)
+    rollouts = _rollouts(n, a, t, s)
+    teachings = [
+        {**_honest_teaching(seed=i), "prompt_logp": -torch.rand(n, generator=g),
+         "scores": torch.log_softmax(torch.randn(n, t, s, generator=g), -1)}
+        for i in range(2)
+    ]  # fmt: skip
+    d = DistillConfig(min_claim=0.0)  # every answer kept but the barred teacher's
+    _, free = assemble_batch(rollouts, teachings, torch.ones(2), d)
+    won = free["ask_choice"] == 1
+    assert bool(won.any()) and bool((free["ask_choice"] == 0).any())
+    alone, _ = assemble_batch(rollouts, teachings[:1], torch.ones(1), d)
+    batch, info = assemble_batch(rollouts, teachings, torch.ones(2), d, barred=[False, True])
+    assert torch.equal(info["ask_choice"][won], torch.full((int(won.sum()),), -1))
+    assert torch.equal(info["ask_choice"][~won], free["ask_choice"][~won])
+    assert int(info["n_implausible"]) == int(won.sum())
+    assert torch.allclose(batch["teacher_logp"][:n], alone["teacher_logp"][:n], atol=1e-5)
+    stats = selection_stats(
+        info["teacher_index"], teachings, ["alice", "carol"], int(info["n_rejected"]),
+        n_implausible=int(info["n_implausible"]), gaps=[0.1, 9.0], barred=[False, True],
+    )  # fmt: skip
+    assert stats["implausible"] == pytest.approx(int(won.sum()) / a)
+    assert stats["implausible.carol"] == 1.0 and stats["plausibility.carol"] == 9.0
+    assert stats["selected.carol"] == 0.0
+
+    from flminillm.lineage import selection_line
+
+    line = selection_line(stats)
+    assert "carol 0% [red](implausible: answers 9.0 nats/token below the others')[/]" in line
+    assert "left out" in line and "alice" in line and "alice 0% [red]" not in line
+
+
+def test_answer_logprob_is_the_student_s_mean_log_prob_of_each_answer():
+    """Left-padded prompts and right-padded answers of different lengths: each answer's
+    mean per-token log q equals scoring it alone, without padding."""
+    from flminillm.bench.harness import tiny_model
+    from flminillm.update import answer_logprob
+
+    model = tiny_model("llama", 32, 2, 4, vocab=50, seed=1).eval()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    answers = [[20, 21], [22], [23, 24, 25]]
+    p_ids = torch.zeros(3, 4, dtype=torch.long)
+    p_mask = torch.zeros(3, 4, dtype=torch.long)
+    a_ids = torch.zeros(3, 3, dtype=torch.long)
+    a_mask = torch.zeros(3, 3, dtype=torch.long)
+    for i, (p, y) in enumerate(zip(prompts, answers, strict=True)):
+        p_ids[i, 4 - len(p):], p_mask[i, 4 - len(p):] = torch.tensor(p), 1  # fmt: skip
+        a_ids[i, : len(y)], a_mask[i, : len(y)] = torch.tensor(y), 1
+    got = answer_logprob(
+        model, {"ask_prompt_ids": p_ids, "ask_prompt_mask": p_mask},
+        {"own_response_ids": a_ids, "own_response_mask": a_mask}, 2, torch.device("cpu"),
+    )  # fmt: skip
+    for i, (p, y) in enumerate(zip(prompts, answers, strict=True)):
+        ids = torch.tensor([p + y])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
+        want = sum(float(logp[len(p) - 1 + j, tok]) for j, tok in enumerate(y)) / len(y)
+        assert float(got[i]) == pytest.approx(want, abs=1e-4)

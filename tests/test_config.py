@@ -287,7 +287,7 @@ def test_a_late_option_at_its_default_keeps_the_federation_id():
             before = copy.deepcopy(_tiny())
             before.setdefault(section, {})[name] = old
             assert name not in json.loads(parse_config(before).experiment_json())[section]
-    assert sent["distill"]["plausibility_margin"] == 6.0
+    assert sent["distill"]["plausibility_margin"] == 5.0
     explicit = copy.deepcopy(_tiny())
     explicit.setdefault("distill", {})["lr_schedule"] = "constant"
     assert parse_config(explicit).digest() == cfg.digest()
@@ -315,13 +315,18 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
     large = load_config(root / "configs" / "benchmark-large-server.yaml")
     assert large.server.id == bench.server.id and large.server.model.hidden_size == 256
     longer = load_config(root / "configs" / "benchmark-10rounds.yaml")
-    # ten rounds, and the server's last round's model as when its docs were measured
+    # ten rounds, the server's last round's model and no plausibility check, as when its
+    # docs were measured
     plain = bench.experiment_dict()
     assert longer.rounds == 10 and longer.experiment_dict() == {
         **plain,
         "rounds": 10,
         "name": "benchmark-10rounds",
-        "distill": {k: v for k, v in plain["distill"].items() if k != "server_average"},
+        "distill": {
+            k: v
+            for k, v in plain["distill"].items()
+            if k not in ("server_average", "plausibility_margin")
+        },
     }
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "child.yaml").write_text("extends: ../nowhere.yaml\nname: x\n")
