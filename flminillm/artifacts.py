@@ -120,9 +120,15 @@ def average_models(store: Store, party: str, digests: list[str], engine=None) ->
 
     if len(set(digests)) == 1:
         return digests[0]
-    models = [load_model(store, party, d, engine) for d in digests]
-    avg = average_state_dicts([m.state_dict() for m in models], [1.0] * len(models))
-    model = models[-1]
+    last = {}
+
+    def one_at_a_time():  # a running sum: two models in memory, not K + 1
+        for d in digests:
+            last["model"] = load_model(store, party, d, engine)
+            yield last["model"].state_dict()
+
+    avg = average_state_dicts(one_at_a_time(), [1.0] * len(digests))
+    model = last["model"]
     own = model.state_dict()  # once: each call builds the whole dict
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in avg.items()})
     return save_model(store, party, model)

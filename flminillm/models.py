@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -164,22 +165,30 @@ def save_model(model, directory: str | Path) -> Path:
 
 
 def average_state_dicts(
-    state_dicts: list[dict[str, torch.Tensor]], weights: list[float]
+    state_dicts: Iterable[dict[str, torch.Tensor]], weights: list[float]
 ) -> dict[str, torch.Tensor]:
     """The weighted average of same-shaped state dicts (floating tensors, in fp32; any other
     tensor, e.g. an integer buffer, is the last one's): FedAvg across clients and the
-    server's average over its last rounds (`distill.server_average`)."""
-    if not state_dicts or len(state_dicts) != len(weights):
-        raise ValueError(f"{len(state_dicts)} state dicts for {len(weights)} weights")
+    server's average over its last rounds (`distill.server_average`). `state_dicts` may be
+    a generator: one is held at a time beside the running sum, so averaging K models of a
+    large server needs the memory of two, not K + 1."""
     total = float(sum(weights))
     out: dict[str, torch.Tensor] = {}
-    for k, last in state_dicts[-1].items():
-        if last.is_floating_point():
-            out[k] = sum(
-                w / total * sd[k].float() for sd, w in zip(state_dicts, weights, strict=True)
-            )
-        else:
-            out[k] = last
+    n = 0
+    for sd in state_dicts:
+        if n >= len(weights):
+            raise ValueError(f"more state dicts than the {len(weights)} weights")
+        w = weights[n] / total
+        for k, v in sd.items():
+            if not v.is_floating_point():
+                out[k] = v
+            elif n == 0:
+                out[k] = w * v.float()
+            else:
+                out[k] += w * v.float()
+        n += 1
+    if n == 0 or n != len(weights):
+        raise ValueError(f"{n} state dicts for {len(weights)} weights")
     return out
 
 

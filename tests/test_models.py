@@ -64,3 +64,29 @@ def test_init_model_loads_name_or_path_through_the_same_code(tiny_config, tmp_pa
         original.named_parameters(), reloaded.named_parameters(), strict=True
     ):
         assert torch.equal(p1, p2), n
+
+
+def test_average_state_dicts_streams_and_matches_the_plain_weighted_sum():
+    """FedAvg's and `distill.server_average`'s one average: a generator of state dicts (one
+    in memory at a time) gives, bit for bit, the weighted sum of the fp32 tensors in order;
+    integer buffers are the last one's; a count that does not match the weights is named."""
+    import torch
+
+    from flminillm.models import average_state_dicts
+
+    g = torch.Generator().manual_seed(0)
+    sds = [
+        {"w": torch.randn(4, 3, generator=g).to(torch.bfloat16), "b": torch.randn(3, generator=g),
+         "step": torch.tensor(i)}
+        for i in range(3)
+    ]  # fmt: skip
+    weights = [40.0, 25.0, 35.0]
+    got = average_state_dicts((sd for sd in sds), weights)
+    for k in ("w", "b"):
+        want = sum(w / 100.0 * sd[k].float() for sd, w in zip(sds, weights, strict=True))
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], want)
+    assert int(got["step"]) == 2
+    with pytest.raises(ValueError, match="2 state dicts for 3 weights"):
+        average_state_dicts(iter(sds[:2]), weights)
+    with pytest.raises(ValueError, match="more state dicts"):
+        average_state_dicts(iter(sds), weights[:2])

@@ -137,6 +137,11 @@ def test_report_files_and_mlflow_runs(bench_out):
         ).fetchone()[0]
     assert len(runs) == n_runs + 1 and children == n_runs
     assert rounds == cfg.rounds + 1  # rounds 0..R as metric history
+    # the server's distill steps record the student LM's review of every teacher
+    # (distill.plausibility_margin, on by default; the tiny models are too weak to bar one)
+    with sqlite3.connect(bench_out / "mlflow.db") as db:
+        keys = {k for (k,) in db.execute("select distinct key from metrics")}
+    assert {f"plausibility.{c.id}" for c in cfg.clients} <= keys
 
 
 def test_memo_shares_setup_between_variants(tmp_path):

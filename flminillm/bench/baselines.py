@@ -85,8 +85,8 @@ def run_fedavg(cfg: Config, memo: Memo, on_round: OnRound) -> list[dict]:
             out = memo.call("local_sft", cfg, state_json=sj, round_index=r, client_id=c.id)
             if not out.get("dropped"):
                 live.append(out)
-        glob.load_state_dict(average_state_dicts(
-            [load_model(store, o["party"], o["models"][o["party"]]).state_dict() for o in live],
+        glob.load_state_dict(average_state_dicts(  # one client's model in memory at a time
+            (load_model(store, o["party"], o["models"][o["party"]]).state_dict() for o in live),
             [sizes[o["party"]] for o in live],
         ))  # fmt: skip
         models = {server: save_model(store, server, glob)}
