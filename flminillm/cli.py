@@ -410,9 +410,14 @@ def cmd_bench_average(args: argparse.Namespace) -> int:
     from flminillm.store import atomic_write_text
 
     try:
-        ks = [int(k) for k in args.k.split(",") if k]
+        try:
+            ks = [int(k) for k in args.k.split(",") if k.strip()]
+        except ValueError:
+            ks = []
         if not ks or min(ks) < 1:
-            raise ValueError(f"--k: positive integers, got {args.k!r}")
+            raise ValueError(
+                f"--k: comma-separated positive integers, e.g. --k 1,3; got {args.k!r}"
+            )
         rows = run_average(Path(args.config), Path(args.workdir), args.variants.split(","),
                            args.seeds, ks, args.tune)  # fmt: skip
     except ValueError as err:

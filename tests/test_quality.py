@@ -547,3 +547,6 @@ def test_server_average_in_the_run_is_what_bench_average_reports(bench_out, tmp_
     assert main(["bench", "average", "fl-minillm", "--config", str(TINY), "--workdir",
                  str(bench_out / "work"), "--k", "0"]) == 2  # fmt: skip
     assert "--k" in capsys.readouterr().err
+    assert main(["bench", "average", "fl-minillm", "--config", str(TINY), "--workdir",
+                 str(bench_out / "work"), "--k", "1,three"]) == 2  # fmt: skip
+    assert "--k: comma-separated positive integers" in capsys.readouterr().err

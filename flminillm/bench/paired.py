@@ -46,6 +46,7 @@ def server_correct(cfg: Config, state: dict, families: list[str]) -> list[float]
     """The final server's greedy exact match (0/1, as the evaluate step counts it:
     `example_match`) on every evaluation example of `families`, in the manifest's order."""
     from flminillm.artifacts import PUBLIC, load_examples, load_model, open_store_for
+    from flminillm.devices import autocast
     from flminillm.evaluation import example_match, predict
     from flminillm.steps import _party_tokenizer
 
@@ -56,10 +57,11 @@ def server_correct(cfg: Config, state: dict, families: list[str]) -> list[float]
     server = cfg.server.id
     model = load_model(store, server, state["models"][server], cfg.engine)
     tok, style = _party_tokenizer(cfg, store, state, server)
-    preds = predict(
-        model, tok, [ex.prompt for _, ex in exs], batch_size=cfg.generation.batch_size,
-        max_new_tokens=cfg.generation.eval_max_new_tokens, style=style,
-    )  # fmt: skip
+    with autocast(cfg.engine, next(model.parameters()).device):  # as the evaluate step
+        preds = predict(
+            model, tok, [ex.prompt for _, ex in exs], batch_size=cfg.generation.batch_size,
+            max_new_tokens=cfg.generation.eval_max_new_tokens, style=style,
+        )  # fmt: skip
     return [example_match(f, ex, p) for p, (f, ex) in zip(preds, exs, strict=True)]
 
 
