@@ -480,16 +480,16 @@ class DistillConfig(_Strict):
     plausibility_margin: float = Field(
         5.0,
         ge=0.0,
-        description="Peer review by the student's own LM: a teacher whose answers the "
-        "student finds less likely than the other teachers' by more than this margin (the "
-        "median over its answers of the student's mean per-token log q(y | x), in nats, "
-        "against the upper median of all teachers' medians) is implausible for the round: "
-        "the prompts it would win leave the batch and its scores leave the mixture. Catches "
-        "random-token answers whatever their author claims; a fluent wrong answer passes "
-        "(rank selection bounds it). 0: off. 5 was set from the training rounds' messages of "
-        "stop 31's runs (honest teachers at most 3.9 below the reference, the random-token "
-        "liar at least 6.0; docs/algorithm.md), not from any evaluation split. Needs two "
-        "teachers or more.",
+        description="Peer review by the student's own LM as it was before the federation "
+        "(its round-0 model: fluent in the prompts' language, taught no family by anyone): "
+        "a teacher whose answers that model finds less likely than the other teachers' by "
+        "more than this margin (the median over its answers of the mean per-token log "
+        "q0(y | x), in nats, against the upper median of all teachers' medians) is "
+        "implausible for the round: the prompts it would win leave the batch and its scores "
+        "leave the mixture. Catches random-token answers whatever their author claims; a "
+        "fluent wrong answer passes (rank selection bounds it). 0: off. 5 was set from the "
+        "training rounds' messages of stop 31's runs (docs/algorithm.md), not from any "
+        "evaluation split. Needs two teachers or more.",
     )
     invariance_quantile: float = Field(
         0.75,

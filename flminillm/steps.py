@@ -25,6 +25,7 @@ from flminillm.artifacts import (
     EXCHANGE,
     PUBLIC,
     average_models,
+    initial_model,
     last_rounds_models,
     load_examples,
     load_model,
@@ -836,21 +837,29 @@ def _distill(
         ]  # fmt: skip
         extra = [{**p, "support_ids": p["support_ids"][..., :1],
                   "teacher_logp": p["teacher_logp"][..., :1]} for p in extra]  # fmt: skip
-    model = load_model(
-        store, student_id, model_digest, cfg.engine, cfg.party(student_id).model.lora
-    )
-    device = next(model.parameters()).device
-    # peer review by the student's own LM: a teacher whose answers it finds far less likely
-    # than the others' is barred for the round (flminillm.aggregate.implausible_teachers)
-    barred, gaps = None, None
+    lora = cfg.party(student_id).model.lora
+    # peer review by the student's own LM as it was before the federation (fluent in the
+    # prompts' language, taught no family by anyone): a teacher whose answers it finds far
+    # less likely than the others' is barred for the round (aggregate.implausible_teachers)
+    barred, gaps, judge = None, None, None
     if d.plausibility_margin > 0 and len(teachings) >= 2 and rollouts["ask_prompt_ids"].shape[0]:
-        with autocast(cfg.engine, device):
+        judge_digest = initial_model(store, state, student_id)
+        judge = load_model(store, student_id, judge_digest, cfg.engine, lora)
+        at = next(judge.parameters()).device
+        with autocast(cfg.engine, at):
             lm = torch.stack([
-                answer_logprob(model, rollouts, t, cfg.generation.batch_size, device)
+                answer_logprob(judge, rollouts, t, cfg.generation.batch_size, at)
                 for t in teachings
             ])  # fmt: skip
         barred_t, gap_t = implausible_teachers(lm, d.plausibility_margin)
         barred, gaps = barred_t.tolist(), gap_t.tolist()
+        if judge_digest != model_digest:
+            del judge  # one model in memory at a time
+            judge = None
+    model = judge if judge is not None else load_model(
+        store, student_id, model_digest, cfg.engine, lora
+    )  # fmt: skip
+    device = next(model.parameters()).device
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
     batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra, trusted=trusted,
                                  rivals=rivals, barred=barred)  # fmt: skip

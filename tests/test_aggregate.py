@@ -804,3 +804,22 @@ def test_answer_logprob_is_the_student_s_mean_log_prob_of_each_answer():
             logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
         want = sum(float(logp[len(p) - 1 + j, tok]) for j, tok in enumerate(y)) / len(y)
         assert float(got[i]) == pytest.approx(want, abs=1e-4)
+
+
+def test_the_plausibility_judge_is_the_student_s_round_0_model(tmp_path):
+    """The check reads the student's model from before the federation (round 0's manifest,
+    through any round's history), not the model it has become: a teacher is not judged by
+    whether it agrees with what the others taught."""
+    from flminillm.artifacts import initial_model
+    from flminillm.store import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    m0 = {"round": 0, "models": {"server": "sha256:aaa"}, "history": []}
+    d0 = store.put_json(m0)
+    m1 = {"round": 1, "models": {"server": "sha256:bbb"}, "history": [d0]}
+    d1 = store.put_json(m1)
+    m2 = {"round": 2, "models": {"server": "sha256:ccc"}, "history": [d0, d1]}
+    for state in (m0, m1, m2):
+        assert initial_model(store, state, "server") == "sha256:aaa"
+    with pytest.raises(ValueError, match="no round-0 model of 'erin'"):
+        initial_model(store, m2, "erin")
