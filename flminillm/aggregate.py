@@ -432,30 +432,37 @@ def stale_part(
     }
 
 
+PLAUSIBILITY_QUANTILE = 0.9  # a teacher is judged by its likelier answers: the top tenth
+
+
 def implausible_teachers(
-    lm_scores: torch.Tensor, margin: float
+    lm_scores: torch.Tensor, vocab_size: int, margin: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Peer review by the student's own LM (`distill.plausibility_margin`). `lm_scores`
-    [M, A]: the student's mean per-token log q(y | x) of each teacher's answer to each
-    teacher-share prompt. Returns (barred [M] bool, gap [M]): gap_i is how far teacher i's
-    median score lies below the reference (nats per token; positive: less plausible), the
-    upper median of all M teachers' medians (the ((M - 1) // 2)-th highest: with three
-    teachers the middle one, with two the likelier). A teacher with gap_i > margin is
-    barred for the round. Medians, so that a minority of liars (one of three, two colluders
-    of five, one of two) cannot move the reference; a teacher is judged on all its answers:
-    an honest teacher's guesses on families it does not hold are about as plausible to the
-    student as anyone's guesses, a random-token answer is not. With fewer than two teachers,
-    or margin 0, nobody is barred."""
+    """Peer review by the student's round-0 LM (`distill.plausibility_margin`). `lm_scores`
+    [M, A]: the judge's mean per-token log q0(y | x) of each teacher's answer to each
+    teacher-share prompt. Returns (barred [M] bool, score [M]): score_i is the 90th
+    percentile of teacher i's answers' scores minus log(1 / vocab_size), in nats per token:
+    how much likelier than a uniformly random token the judge finds even the teacher's
+    likelier answers. A teacher with score_i < -margin is barred for the round.
+
+    Why a random token is the yardstick: for answers of uniformly random tokens, E log q0(y)
+    = log(1/V) - KL(U || q0) < log(1/V) (Jensen), lower the more the judge has learnt of the
+    language; honest answers, right or wrong, are language and score above it. The yardstick
+    reads no other teacher, so any number of colluders (half of a round's teachers, or all
+    but one) is judged alike. The 90th percentile, not the median: an honest teacher's
+    guesses on families it never held can be garbage for a round (a median 4 nats below
+    uniform was seen), but a tenth of its answers (its own families) stays fluent. A judge
+    that knows nothing (an untrained model) scores every answer near log(1/V): nobody is
+    barred. Margin 0 (off) or no answers: nobody."""
     m = lm_scores.shape[0]
-    gap = torch.zeros(m)
-    if m < 2 or lm_scores.shape[1] == 0:
-        return torch.zeros(m, dtype=torch.bool), gap
-    med = lm_scores.float().median(dim=1).values  # [M]
-    if not torch.isfinite(med).all():
+    if lm_scores.shape[1] == 0:
+        return torch.zeros(m, dtype=torch.bool), torch.zeros(m)
+    if not torch.isfinite(lm_scores).all():
         raise ValueError("plausibility: the student's scores of the answers are not finite")
-    reference = med.sort(descending=True).values[(m - 1) // 2]
-    gap = reference - med
-    return (gap > margin) if margin > 0 else torch.zeros(m, dtype=torch.bool), gap
+    top = torch.quantile(lm_scores.float(), PLAUSIBILITY_QUANTILE, dim=1)
+    score = top + math.log(vocab_size)
+    barred = (score < -margin) if margin > 0 else torch.zeros(m, dtype=torch.bool)
+    return barred, score
 
 
 def assemble_batch(
@@ -626,9 +633,9 @@ def selection_stats(
     it was quarantined (its answers counted as hard labels, its scores not at all);
     `invariant.<id>` (given `flagged`, where the invariance check is on), the share of its
     answers that check ruled out; `invariant`, the share of prompts left with none;
-    `plausibility.<id>` (given `gaps`, where the plausibility check is on), how far below
-    the other teachers the student's LM put its answers (`implausible_teachers`, nats per
-    token), `implausible.<id>` 1 where that barred it, and `implausible`, the share of
+    `plausibility.<id>` (given `gaps`, where the plausibility check is on), how much likelier
+    than a random token the judge found its likelier answers (`implausible_teachers`, nats
+    per token), `implausible.<id>` 1 where that barred it, and `implausible`, the share of
     prompts left out because a barred teacher would have won them."""
     kept = teacher_index[teacher_index >= 0]
     total = kept.numel() + n_rejected + n_reserved + n_invariant + n_implausible

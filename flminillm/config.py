@@ -478,18 +478,19 @@ class DistillConfig(_Strict):
         "prompt of its family).",
     )
     plausibility_margin: float = Field(
-        5.0,
+        1.0,
         ge=0.0,
         description="Peer review by the student's own LM as it was before the federation "
         "(its round-0 model: fluent in the prompts' language, taught no family by anyone): "
-        "a teacher whose answers that model finds less likely than the other teachers' by "
-        "more than this margin (the median over its answers of the mean per-token log "
-        "q0(y | x), in nats, against the upper median of all teachers' medians) is "
-        "implausible for the round: the prompts it would win leave the batch and its scores "
-        "leave the mixture. Catches random-token answers whatever their author claims; a "
-        "fluent wrong answer passes (rank selection bounds it). 0: off. 5 was set from the "
-        "training rounds' messages of stop 31's runs (docs/algorithm.md), not from any "
-        "evaluation split. Needs two teachers or more.",
+        "a teacher whose likelier answers (the 90th percentile over its answers of the "
+        "judge's mean per-token log q0(y | x)) score more than this margin, in nats per "
+        "token, below a uniformly random token (log 1/V) is implausible for the round: the "
+        "prompts it would win leave the batch and its scores leave the mixture. Catches "
+        "random-token answers whatever their author claims, and any number of colluders; a "
+        "fluent wrong answer passes (rank selection bounds it). 0: off. 1 was set from the "
+        "training rounds' messages of stop 31's runs (honest teachers at least 0.6 above "
+        "log 1/V, random-token liars at least 2.2 below; docs/algorithm.md), not from any "
+        "evaluation split.",
     )
     invariance_quantile: float = Field(
         0.75,

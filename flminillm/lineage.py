@@ -118,8 +118,8 @@ def selection_line(metrics: dict[str, float]) -> str:
         elif certain >= 0.5:  # claims p >= 0.99 on most of its answers: flag it
             text += f" [yellow](certain of {certain:.0%})[/]"
         if metrics.get(f"implausible.{n}", 0.0) > 0:  # distill.plausibility_margin
-            gap = metrics.get(f"plausibility.{n}", 0.0)
-            text += f" [red](implausible: answers {gap:.1f} nats/token below the others')[/]"
+            gap = -metrics.get(f"plausibility.{n}", 0.0)
+            text += f" [red](implausible: answers {gap:.1f} nats/token below random tokens)[/]"
         invariant = metrics.get(f"invariant.{n}", 0.0)
         if invariant > 0:  # distill.invariance_share: one answer to prompts told apart
             text += f" [red](ruled out {invariant:.0%}: one answer to many prompts)[/]"

@@ -839,10 +839,15 @@ def _distill(
                   "teacher_logp": p["teacher_logp"][..., :1]} for p in extra]  # fmt: skip
     lora = cfg.party(student_id).model.lora
     # peer review by the student's own LM as it was before the federation (fluent in the
-    # prompts' language, taught no family by anyone): a teacher whose answers it finds far
-    # less likely than the others' is barred for the round (aggregate.implausible_teachers)
+    # prompts' language, taught no family by anyone): a teacher whose likelier answers it
+    # finds less likely than random tokens is barred for the round
+    # (aggregate.implausible_teachers)
     barred, gaps, judge = None, None, None
-    if d.plausibility_margin > 0 and len(teachings) >= 2 and rollouts["ask_prompt_ids"].shape[0]:
+    if (
+        d.plausibility_margin > 0
+        and not _is_client(cfg, student_id)  # a client's one teacher is the server
+        and rollouts["ask_prompt_ids"].shape[0]
+    ):
         judge_digest = initial_model(store, state, student_id)
         judge = load_model(store, student_id, judge_digest, cfg.engine, lora)
         at = next(judge.parameters()).device
@@ -851,7 +856,7 @@ def _distill(
                 answer_logprob(judge, rollouts, t, cfg.generation.batch_size, at)
                 for t in teachings
             ])  # fmt: skip
-        barred_t, gap_t = implausible_teachers(lm, d.plausibility_margin)
+        barred_t, gap_t = implausible_teachers(lm, vocab, d.plausibility_margin)
         barred, gaps = barred_t.tolist(), gap_t.tolist()
         if judge_digest != model_digest:
             del judge  # one model in memory at a time

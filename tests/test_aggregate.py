@@ -709,34 +709,42 @@ def test_a_prompt_whose_every_answer_is_ruled_out_leaves_the_batch(monkeypatch):
 # -- peer review by the student's own LM (distill.plausibility_margin) --------------------
 
 
-def test_the_student_lm_bars_a_teacher_far_below_the_others():
-    """A teacher is judged by the median of the student's per-token log-probs of its
-    answers against the upper median of all teachers' medians: random-token answers (the
-    student finds them far less likely than anyone's guesses) are barred; an honest teacher
-    somewhat below the others, or everyone shifted by one constant, is not; two colluders
-    of five cannot move the reference, nor one liar of two; margin 0, one teacher: nobody."""
+def test_the_judge_bars_a_teacher_whose_likelier_answers_read_below_random_tokens():
+    """A teacher is judged by the 90th percentile of the judge's per-token log-probs of its
+    answers against log(1/V), a uniformly random token's: random-token answers score below
+    it (E log q(y) = log 1/V - KL(U || q)) and are barred; an honest teacher whose guesses
+    are mostly garbage but a tenth of whose answers are fluent is not; the yardstick reads
+    no other teacher, so colluders are barred however many; an untrained judge (every score
+    near log 1/V) bars nobody; margin 0 is off."""
+    import math
+
     from flminillm.aggregate import implausible_teachers
 
+    v = 1024
+    uniform = -math.log(v)  # -6.93
     g = torch.Generator().manual_seed(0)
     honest = -3.0 + torch.randn(4, 200, generator=g)
-    liar = -12.0 + torch.randn(1, 200, generator=g)
+    # a judge that knows the language: random tokens 2-3 nats per token below uniform
+    liar = uniform - 3.0 + 0.3 * torch.randn(1, 200, generator=g)
     scores = torch.cat([honest[:2], liar])
-    barred, gap = implausible_teachers(scores, 5.0)
+    barred, score = implausible_teachers(scores, v, 1.0)
     assert barred.tolist() == [False, False, True]
-    assert 8.0 < float(gap[2]) < 10.0 and bool((gap[:2].abs() < 1.0).all())
-    assert implausible_teachers(scores[1:], 5.0)[0].tolist() == [False, True]  # one of two
-    shifted, _ = implausible_teachers(scores - 5.0, 5.0)  # a larger vocabulary: all lower
-    assert shifted.tolist() == [False, False, True]
-    # an honest teacher 4 nats/token below the others (guesses on families it never saw)
-    unsure = torch.cat([honest[:2], honest[2:3] - 4.0])
-    assert implausible_teachers(unsure, 5.0)[0].tolist() == [False, False, False]
-    # 2 colluders of 5: the median of the others' medians stays honest
-    five = torch.cat([honest[:3], liar, liar + 0.5])
-    assert implausible_teachers(five, 5.0)[0].tolist() == [False, False, False, True, True]
-    assert not bool(implausible_teachers(scores, 0.0)[0].any())  # off
-    assert implausible_teachers(liar, 5.0)[0].tolist() == [False]  # nobody to compare with
+    assert float(score[2]) < -2.0 and bool((score[:2] > 3.0).all())
+    # mostly garbage (median 4 nats below uniform), a fluent tenth: kept
+    garbage = torch.cat([uniform - 4.0 + torch.randn(1, 170, generator=g),
+                         -2.0 + torch.randn(1, 30, generator=g)], 1)  # fmt: skip
+    assert implausible_teachers(torch.cat([honest[:1], garbage]), v, 1.0)[0].tolist() == [
+        False, False,
+    ]  # fmt: skip
+    # colluders: one honest teacher of four, three liars alike
+    many = torch.cat([honest[:1], liar, liar + 0.1, liar - 0.1])
+    assert implausible_teachers(many, v, 1.0)[0].tolist() == [False, True, True, True]
+    assert implausible_teachers(liar, v, 1.0)[0].tolist() == [True]  # alone, too
+    untrained = uniform + 0.1 * torch.randn(3, 200, generator=g)
+    assert not bool(implausible_teachers(untrained, v, 1.0)[0].any())
+    assert not bool(implausible_teachers(scores, v, 0.0)[0].any())  # off
     with pytest.raises(ValueError, match="not finite"):
-        implausible_teachers(torch.cat([honest[:2], torch.full((1, 200), float("nan"))]), 5.0)
+        implausible_teachers(torch.cat([honest[:2], torch.full((1, 200), float("nan"))]), v, 1.0)
 
 
 def test_a_barred_teacher_s_prompts_leave_the_batch_and_its_scores_the_mixture():
@@ -765,16 +773,16 @@ def test_a_barred_teacher_s_prompts_leave_the_batch_and_its_scores_the_mixture()
     assert torch.allclose(batch["teacher_logp"][:n], alone["teacher_logp"][:n], atol=1e-5)
     stats = selection_stats(
         info["teacher_index"], teachings, ["alice", "carol"], int(info["n_rejected"]),
-        n_implausible=int(info["n_implausible"]), gaps=[0.1, 9.0], barred=[False, True],
+        n_implausible=int(info["n_implausible"]), gaps=[2.0, -3.5], barred=[False, True],
     )  # fmt: skip
     assert stats["implausible"] == pytest.approx(int(won.sum()) / a)
-    assert stats["implausible.carol"] == 1.0 and stats["plausibility.carol"] == 9.0
+    assert stats["implausible.carol"] == 1.0 and stats["plausibility.carol"] == -3.5
     assert stats["selected.carol"] == 0.0
 
     from flminillm.lineage import selection_line
 
     line = selection_line(stats)
-    assert "carol 0% [red](implausible: answers 9.0 nats/token below the others')[/]" in line
+    assert "carol 0% [red](implausible: answers 3.5 nats/token below random tokens)[/]" in line
     assert "left out" in line and "alice" in line and "alice 0% [red]" not in line
 
 

@@ -287,7 +287,7 @@ def test_a_late_option_at_its_default_keeps_the_federation_id():
             before = copy.deepcopy(_tiny())
             before.setdefault(section, {})[name] = old
             assert name not in json.loads(parse_config(before).experiment_json())[section]
-    assert sent["distill"]["plausibility_margin"] == 5.0
+    assert sent["distill"]["plausibility_margin"] == 1.0
     explicit = copy.deepcopy(_tiny())
     explicit.setdefault("distill", {})["lr_schedule"] = "constant"
     assert parse_config(explicit).digest() == cfg.digest()
