@@ -59,6 +59,22 @@ def test_tune_scores_validation_and_chooses_the_best(tmp_path):
     assert again["_meta"]["chosen"] == meta["chosen"]
 
 
+def test_no_round_budget_is_chosen_from_a_curve_with_an_averaged_last_round(tmp_path):
+    """With distill.server_average K > 1 the last round's point averages K servers and the
+    others do not: the tune says so and chooses no budget from such a curve."""
+    cfg = tmp_path / "avg.yaml"
+    cfg.write_text(f"extends: {TINY}\ndistill: {{server_average: 2}}\n")
+    args = ["bench", "tune", "--config", str(cfg), "--candidates", "fkl-a1", "--out",
+            str(tmp_path), "--workdir", str(tmp_path / "work"), "--jobs", "1"]  # fmt: skip
+    assert main(args) == 0
+    meta = json.loads((tmp_path / "tune.json").read_text())["_meta"]
+    assert "server_average: 1" in meta["rounds"]["skipped"]
+    assert (
+        "- round budget: not chosen: the runs average the server over its last 2 rounds"
+        in (tmp_path / "tune.md").read_text()
+    )
+
+
 def test_tune_refuses_a_config_without_a_validation_split(tmp_path, capsys):
     data = yaml.safe_load(TINY.read_text())
     data["data"].pop("n_val_per_family")

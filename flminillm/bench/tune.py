@@ -139,6 +139,13 @@ def choose(results: dict[str, dict], group: str) -> str | None:
     return max(scored, key=lambda x: x[0])[1] if scored else None
 
 
+AVERAGED_CURVE = (
+    "the runs average the server over its last {k} rounds (distill.server_average), so the "
+    "per-round curve would compare an averaged last round with unaveraged earlier ones; "
+    "choose the budget with `distill: {{server_average: 1}}` in the config"
+)
+
+
 def choose_rounds(results: dict[str, dict], names: list[str]) -> dict[str, Any] | None:
     """The round budget, on validation: for every round k >= 1 the runs of `names` have
     (the methods' chosen candidates: one budget for every method, as bench quality gives
@@ -213,6 +220,10 @@ def run_tune(
                               "rouge_l_score": validation_score(results[name], "rouge_l"),
                               "distill": v.overrides["distill"]}  # fmt: skip
     budget = choose_rounds(results, [c["candidate"] for m, c in chosen.items() if m in GRID])
+    if budget and base.distill.server_average > 1:
+        # the last round's point is the average of K rounds' servers, the others are not:
+        # no budget is chosen from such a curve (docs/tune.md)
+        budget = {"skipped": AVERAGED_CURVE.format(k=base.distill.server_average)}
     results["_meta"] = {**grid_meta(config, base, grid, seeds, command), "chosen": chosen,
                         "split": "validation", "rounds": budget}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +281,9 @@ def _write_markdown(results: dict, path: Path) -> None:
     for method, c in meta["chosen"].items():
         lines.append(f"- {method}: `{c['candidate']}` → `distill: {json.dumps(c['distill'])}`")
     budget = meta.get("rounds")
-    if budget:
+    if budget and "skipped" in budget:
+        lines.append(f"- round budget: not chosen: {budget['skipped']}")
+    elif budget:
         curve = budget["curve"]
         names = [n for n in curve if n not in ("rounds", "mean")]
         lines += [
