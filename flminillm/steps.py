@@ -976,6 +976,10 @@ def evaluate(
                 store, server, [d for _, d in tail], cfg.engine
             )
             rec["params"]["server_average"] = str(len(tail))
+            # the federation's final server is this step's product, not any round's
+            rec["outputs"][f"model.{server}.averaged"] = ref(
+                store.scoped(server), state["models"][server]
+            )
         eval_sets = {f: load_examples(store, PUBLIC, d) for f, d in state["data"]["eval"].items()}
         targets = backdoor_targets()  # a benchmark backdoor's answers, once for every party
         results = {}

@@ -535,6 +535,7 @@ def test_server_average_in_the_run_is_what_bench_average_reports(bench_out, tmp_
     )
     final = store.get_json(rec["outputs"]["round_manifest"]["digest"])
     assert final["models"][cfg.server.id] == digest
+    assert rec["outputs"]["model.server.averaged"]["digest"] == digest  # the step's product
     assert rec["params"]["server_average"] == "2"
     assert {k for k in rec["inputs"] if k.startswith("average.")} == {
         f"average.server.round{r}" for r in (base.rounds - 1, base.rounds)
