@@ -671,8 +671,12 @@ def distill(
             )  # fmt: skip
             exchange = store.scoped(EXCHANGE)
             mine = store.scoped(student_id)
+            judged = cfg.distill.for_round(round_index).plausibility_margin > 0 and not (
+                _is_client(cfg, student_id)
+            )  # the round-0 model that judged the teachers' answers (plausibility_margin)
             rec["inputs"] = {
                 "model": ref(mine, model_digest),
+                **({"judge": ref(mine, initial_model(store, state, student_id))} if judged else {}),
                 "rollouts": ref(exchange, ro["rollouts"]),
                 **{f"teaching.{t['teacher']}": ref(exchange, t["teaching"]) for t in live},
                 **{

@@ -143,8 +143,11 @@ def test_report_files_and_mlflow_runs(bench_out):
     recs = sorted((bench_out / "work" / "store" / "records").glob(
         "bench-tiny-adversary-s0-*/round-*/distill.server.json"))  # fmt: skip
     assert len(recs) == cfg.rounds
+    first = json.loads(recs[0].read_text())["inputs"]["model"]["digest"]  # round 0's server
     for path in recs:
-        m = json.loads(path.read_text())["metrics"]
+        rec = json.loads(path.read_text())
+        assert rec["inputs"]["judge"]["digest"] == first  # the same judge every round
+        m = rec["metrics"]
         for c in cfg.clients:
             assert abs(m[f"plausibility.{c.id}"]) < 1.0 and m[f"implausible.{c.id}"] == 0.0
 
