@@ -559,3 +559,38 @@ def test_server_average_in_the_run_is_what_bench_average_reports(bench_out, tmp_
     assert main(["bench", "average", "fl-minillm", "--config", str(TINY), "--workdir",
                  str(bench_out / "work"), "--k", "1,three"]) == 2  # fmt: skip
     assert "--k: comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_a_killed_grid_leaves_no_orphan_worker(tmp_path):
+    """`bench quality`'s workers die with it (flminillm.bench.quality.die_with_parent): a
+    grid killed with SIGKILL does not leave a worker finishing its run into the workdir."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "grid.py"
+    script.write_text(
+        "import concurrent.futures as cf, multiprocessing as mp, os, sys, time\n"
+        "from flminillm.bench.quality import _worker_init\n"
+        "if __name__ == '__main__':\n"
+        "    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'),\n"
+        "            initializer=_worker_init, initargs=(1, os.getpid())) as pool:\n"
+        "        print(pool.submit(os.getpid).result(), flush=True)\n"
+        "        pool.submit(time.sleep, 120).result()\n"
+    )
+    grid = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT)  # fmt: skip
+    worker = int(grid.stdout.readline())
+    os.kill(grid.pid, signal.SIGKILL)
+    grid.wait()
+    for _ in range(100):  # the worker gets SIGTERM from the kernel
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError(f"worker {worker} outlived its killed grid")

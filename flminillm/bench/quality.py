@@ -130,10 +130,31 @@ def finished_result(base: Config, v: Variant, seed: int, workdir: Path) -> dict 
 # --------------------------------------------------------------------------------------
 # the benchmark
 # --------------------------------------------------------------------------------------
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if parent is not None:
+        die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this worker process die (SIGTERM) when `parent` does, where the OS can (Linux:
+    prctl PR_SET_PDEATHSIG): a `bench quality` or `bench tune` killed with SIGTERM or
+    SIGKILL leaves no orphan worker finishing its run and writing it into the workdir,
+    which a re-invocation could then meet half-written or cache. Elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return
+    pr_set_pdeathsig = 1
+    prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the call: nobody will signal
+        os._exit(1)
 
 
 def run_grid(
@@ -174,7 +195,7 @@ def run_grid(
         TextColumn(f"[bold]{title}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=False,
     ) as progress, cf.ProcessPoolExecutor(
-        jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+        jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads, os.getpid())
     ) as pool:  # fmt: skip
         bar = progress.add_task("", total=len(todo))
         to_run = []
