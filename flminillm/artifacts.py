@@ -99,7 +99,8 @@ def initial_model(store: Store, state: dict, party: str) -> str:
     """`party`'s model before the federation's first round (its round-0 model: pre-trained,
     or locally fine-tuned for a client), from a round manifest `state` and its history."""
     first = store.get_json(state["history"][0]) if state.get("history") else state
-    if int(first.get("round", -1)) != 0 or party not in first.get("models", {}):
+    # round 0's manifest, or one from before it (a step run outside a federation's rounds)
+    if int(first.get("round", -1)) > 0 or party not in first.get("models", {}):
         raise ValueError(
             f"no round-0 model of {party!r} in the manifests (round {first.get('round')}): "
             "a federation started before round manifests kept their history; run it again"

@@ -831,3 +831,6 @@ def test_the_plausibility_judge_is_the_student_s_round_0_model(tmp_path):
         assert initial_model(store, state, "server") == "sha256:aaa"
     with pytest.raises(ValueError, match="no round-0 model of 'erin'"):
         initial_model(store, m2, "erin")
+    old = {"round": 3, "models": {"server": "sha256:ddd"}}  # a manifest without its history
+    with pytest.raises(ValueError, match=r"no round-0 model of 'server' .*round 3"):
+        initial_model(store, old, "server")
