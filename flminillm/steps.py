@@ -671,12 +671,10 @@ def distill(
             )  # fmt: skip
             exchange = store.scoped(EXCHANGE)
             mine = store.scoped(student_id)
-            judged = cfg.distill.for_round(round_index).plausibility_margin > 0 and not (
-                _is_client(cfg, student_id)
-            )  # the round-0 model that judged the teachers' answers (plausibility_margin)
             rec["inputs"] = {
                 "model": ref(mine, model_digest),
-                **({"judge": ref(mine, initial_model(store, state, student_id))} if judged else {}),
+                # the round-0 model that judged the teachers' answers (plausibility_margin)
+                **({"judge": ref(mine, taught["judge"])} if taught["judge"] else {}),
                 "rollouts": ref(exchange, ro["rollouts"]),
                 **{f"teaching.{t['teacher']}": ref(exchange, t["teaching"]) for t in live},
                 **{
@@ -750,7 +748,8 @@ def _distill(
     `stale`: absent teachers' earlier answers, `stale_buffer`: replayed, `distill.stale_share`,
     and standing in for them in selection), its updated model
     (digest and the model itself), the update's statistics and what it was taught (the
-    rollouts, and whose answers were kept: `ask_choice`) out."""
+    rollouts, whose answers were kept: `ask_choice`, and the model that judged them:
+    `judge`, None where the plausibility check did not run) out."""
     import torch
 
     from flminillm.aggregate import (
@@ -846,7 +845,7 @@ def _distill(
     # prompts' language, taught no family by anyone): a teacher whose likelier answers it
     # finds less likely than random tokens is barred for the round
     # (aggregate.implausible_teachers)
-    barred, gaps, judge = None, None, None
+    barred, gaps, judge, judge_digest = None, None, None, None
     if (
         d.plausibility_margin > 0
         and not _is_client(cfg, student_id)  # a client's one teacher is the server
@@ -913,7 +912,7 @@ def _distill(
     metrics["n_teacher_rollouts"] = float(int(from_teacher.sum()))
     metrics["bytes_received"] = float(sum(t["bytes"] for t in teachings_manifests))
     metrics.update(chosen)
-    taught = {"rollouts": rollouts_digest, "choice": choice}
+    taught = {"rollouts": rollouts_digest, "choice": choice, "judge": judge_digest}
     return save_model(store, student_id, engine.hf_model), metrics, engine.hf_model, taught
 
 

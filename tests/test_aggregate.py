@@ -430,6 +430,20 @@ def _honest_teaching(a: int = 6, t: int = 5, k: int = 8, vocab: int = 40, seed: 
     }  # fmt: skip
 
 
+def _two_scoring_teachers(n: int, a: int, t: int, s: int, seed: int):
+    """Rollouts (`_rollouts`) and two honest teachers' messages on them: their own answers
+    (`_honest_teaching`), random prompt log-likelihoods and random scores of the student's
+    n rollouts."""
+    g = torch.Generator().manual_seed(seed)
+    rollouts = _rollouts(n, a, t, s)
+    teachings = [
+        {**_honest_teaching(seed=i), "prompt_logp": -torch.rand(n, generator=g),
+         "scores": torch.log_softmax(torch.randn(n, t, s, generator=g), -1)}
+        for i in range(2)
+    ]  # fmt: skip
+    return rollouts, teachings
+
+
 def test_coherence_catches_a_broken_teacher_not_an_honest_one():
     """An honest teacher's claims are in its support's order at every position; random
     scores (a broken model, flminillm.attacks 'random') almost nowhere. Liars keep the order
@@ -473,13 +487,7 @@ def test_a_quarantined_teacher_counts_by_its_answers_alone():
     assert bool((claim_quantiles(torch.zeros(1, 6)) == 0.5).all())  # a constant claim
 
     n, a, t, s = 3, 6, 5, 9
-    g = torch.Generator().manual_seed(2)
-    rollouts = _rollouts(n, a, t, s)
-    teachings = [
-        {**_honest_teaching(seed=i), "prompt_logp": -torch.rand(n, generator=g),
-         "scores": torch.log_softmax(torch.randn(n, t, s, generator=g), -1)}
-        for i in range(2)
-    ]  # fmt: skip
+    rollouts, teachings = _two_scoring_teachers(n, a, t, s, seed=2)
     d = DistillConfig()
     alone, _ = assemble_batch(rollouts, teachings[:1], torch.ones(1), d)
     teachings[1] = quarantine(teachings[1], 0.5)
@@ -754,13 +762,7 @@ def test_a_barred_teacher_s_prompts_leave_the_batch_and_its_scores_the_mixture()
     from flminillm.config import DistillConfig
 
     n, a, t, s = 3, 6, 5, 9
-    g = torch.Generator().manual_seed(3)
-    rollouts = _rollouts(n, a, t, s)
-    teachings = [
-        {**_honest_teaching(seed=i), "prompt_logp": -torch.rand(n, generator=g),
-         "scores": torch.log_softmax(torch.randn(n, t, s, generator=g), -1)}
-        for i in range(2)
-    ]  # fmt: skip
+    rollouts, teachings = _two_scoring_teachers(n, a, t, s, seed=3)
     d = DistillConfig(min_claim=0.0)  # every answer kept but the barred teacher's
     _, free = assemble_batch(rollouts, teachings, torch.ones(2), d)
     won = free["ask_choice"] == 1
