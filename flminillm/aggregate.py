@@ -227,6 +227,7 @@ def select_teacher_rollouts(
     rank: bool = False,
     invariance_share: float = 0.0,
     invariance_quantile: float = 0.75,
+    joint_quantile: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Per teacher-share prompt, keep the answer of the teacher with the highest joint
     log-likelihood log pi_i + log p_i(x) + log p_i(y_i | x): the teacher that knows the
@@ -235,7 +236,11 @@ def select_teacher_rollouts(
     (`claim_quantiles`) instead: a teacher's claims cannot outbid the others', only say
     where it is surest. `cap` < 1: no teacher's answers are kept for more than that share
     of the prompts. `invariance_share` > 0: answers `invariant_answers` flags cannot win;
-    where every teacher's answer to a prompt is flagged, `invariant` marks it (left out)."""
+    where every teacher's answer to a prompt is flagged, `invariant` marks it (left out).
+    `joint_quantile` < 1 (under `rank`, without a `cap`): where teachers rank a prompt above
+    that quantile of their own claims, they compete on it by their joint claims
+    (`selection: joint` among the sure), the rest by rank; `by_claim` marks the prompts
+    where that changed the winner (`distill.joint_quantile`, docs/algorithm.md)."""
     width = max(t["own_response_ids"].shape[1] for t in teachings)
     ids = torch.stack(
         [right_pad(t["own_response_ids"].long(), width, 0) for t in teachings]
@@ -256,6 +261,15 @@ def select_teacher_rollouts(
         )
         flagged = invariant_answers(ids, mask, quantiles, invariance_share, invariance_quantile)
     best = cap_selection(joint, cap).masked_fill(flagged, float("-inf")).argmax(0)  # [A]
+    by_claim = torch.zeros(best.shape, dtype=torch.bool)
+    if rank and cap >= 1.0 and joint_quantile < 1.0:
+        sure = (joint > joint_quantile) & ~flagged  # [M, A]
+        claims = torch.stack([selection_claims(t, use_prompt) for t in teachings])
+        claims = claims + torch.log(prior)[:, None]
+        among = claims.masked_fill(~sure, float("-inf")).argmax(0)
+        chosen = torch.where(sure.any(0), among, best)
+        by_claim = chosen != best
+        best = chosen
     idx = torch.arange(best.shape[0])
     length = mask[best, idx].sum(-1).clamp(min=1)
     return {
@@ -271,6 +285,7 @@ def select_teacher_rollouts(
         # invariance check: [M, A] the answers it ruled out; [A] prompts with none left
         "flagged": flagged,
         "invariant": flagged[best, idx],
+        "by_claim": by_claim,
     }
 
 
@@ -538,6 +553,7 @@ def assemble_batch(
     a = rollouts["ask_prompt_ids"].shape[0]
     rejected, n_reserved, ask_choice = 0, 0, torch.zeros(0, dtype=torch.long)
     n_invariant, n_implausible, flagged = 0, 0, torch.zeros(len(teachings))
+    n_by_claim = 0
     if a:
         # a capped teacher's answers are selected with the same handicap, and (capped
         # mixture) no teacher supplies more than `cap` of the answers, also when the student
@@ -547,6 +563,7 @@ def assemble_batch(
             teachings, prior, use_prompt=posterior,
             cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
             invariance_share=d.invariance_share, invariance_quantile=d.invariance_quantile,
+            joint_quantile=d.joint_quantile,
         )  # fmt: skip
         flagged = sel["flagged"].float().mean(1)  # [M] share of each teacher's answers
         free = torch.ones(a, dtype=torch.bool)
@@ -566,6 +583,7 @@ def assemble_batch(
             int(out.sum()),
             int(implausible.sum()),
         )
+        n_by_claim = int((keep & sel["by_claim"]).sum())
         ask_choice = torch.where(keep, sel["teacher_index"], -1)
         parts.append(
             {
@@ -603,6 +621,7 @@ def assemble_batch(
         "n_reserved": torch.tensor(n_reserved),
         "n_invariant": torch.tensor(n_invariant),
         "n_implausible": torch.tensor(n_implausible),
+        "n_by_claim": torch.tensor(n_by_claim),
         "flagged": flagged,
         "ask_choice": ask_choice,
     }
@@ -621,6 +640,7 @@ def selection_stats(
     n_implausible: int = 0,
     gaps: list[float] | None = None,
     barred: list[bool] | None = None,
+    n_by_claim: int = 0,
 ) -> dict[str, float]:
     """What the selection did, per teacher (MLflow, `flminillm lineage`): `selected.<id>`,
     the share of the teacher-share prompts whose kept answer is its; `certain.<id>`, the
@@ -636,7 +656,9 @@ def selection_stats(
     `plausibility.<id>` (given `gaps`, where the plausibility check is on), how much likelier
     than a random token the judge found its likelier answers (`implausible_teachers`, nats
     per token), `implausible.<id>` 1 where that barred it, and `implausible`, the share of
-    prompts left out because a barred teacher would have won them."""
+    prompts left out because a barred teacher would have won them; `by_claim`, the share of
+    prompts whose kept answer the teachers' claims chose among the sure where their ranks
+    would have chosen another (`distill.joint_quantile`)."""
     kept = teacher_index[teacher_index >= 0]
     total = kept.numel() + n_rejected + n_reserved + n_invariant + n_implausible
     out: dict[str, float] = {"rejected": n_rejected / total} if total else {}
@@ -646,6 +668,8 @@ def selection_stats(
         out["invariant"] = n_invariant / total
     if n_implausible:
         out["implausible"] = n_implausible / total
+    if n_by_claim and total:
+        out["by_claim"] = n_by_claim / total
     stale = int((teacher_index == -2).sum())
     if stale:  # replayed from an absent teacher's earlier answers (`stale_part`)
         out["stale_rows"] = float(stale)

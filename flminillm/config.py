@@ -411,6 +411,33 @@ class DistillConfig(_Strict):
         1.0, ge=0, le=1, description="Teacher share during the warm-up rounds."
     )
 
+    @model_validator(mode="after")
+    def _sure_band(self) -> DistillConfig:
+        if self.selection != "rank" or self.joint_quantile == 1.0:
+            return self
+        if self.joint_quantile <= self.quarantine_quantile:
+            raise ValueError(
+                f"joint_quantile ({self.joint_quantile}) must be above quarantine_quantile "
+                f"({self.quarantine_quantile}): a quarantined teacher ranks every prompt at "
+                "that quantile and would compete by its claims among the sure; raise "
+                "joint_quantile or set it to 1 (rank alone)"
+            )
+        if self.invariance_share == 0:
+            raise ValueError(
+                f"joint_quantile {self.joint_quantile} needs the input-invariance check "
+                "(invariance_share > 0): among the sure a backdoor's certain claims outbid the "
+                "family's expert, and only that check rules its answers out; set "
+                "joint_quantile: 1 (rank alone) where invariance_share is 0"
+            )
+        if self.joint_quantile < self.invariance_quantile:
+            raise ValueError(
+                f"joint_quantile ({self.joint_quantile}) must not be below "
+                f"invariance_quantile ({self.invariance_quantile}): a backdoor that wins among "
+                "the sure by its claims must be where the input-invariance check judges; "
+                "raise joint_quantile (or lower invariance_quantile)"
+            )
+        return self
+
     def for_round(self, round_index: int) -> DistillConfig:
         """The settings of round `round_index` (1-based) under the warm-up schedule."""
         if self.warmup_rounds == 0:
@@ -491,6 +518,24 @@ class DistillConfig(_Strict):
         "training rounds' messages of stop 31's runs (honest teachers at least 0.6 above "
         "log 1/V, random-token liars at least 2.2 below; docs/algorithm.md), not from any "
         "evaluation split.",
+    )
+    joint_quantile: float = Field(
+        0.75,
+        gt=0.0,
+        le=1.0,
+        description="Under rank selection, where teachers rank a prompt above this quantile "
+        "of their own claims (each is sure of it, by its own standard), they compete on it by "
+        "their claims, as joint selection does; elsewhere by rank. Rank alone hands a family "
+        "to a teacher that holds few families and a look-alike of it (it ranks the look-alike "
+        "just below its own domain, above where a holder of several families ranks its own); "
+        "among the sure, the holder's claim on its own answer is the higher. A flat-claiming "
+        "liar (quantile 0.5), a quarantined teacher (`quarantine_quantile`) and an "
+        "uninformed guess are never among the sure; a backdoor focused on a family is, and "
+        "the input-invariance check judges exactly there (so this must not be below "
+        "`invariance_quantile`, and needs `invariance_share` > 0). 1: rank alone (as before "
+        "stop 33). 0.75 is "
+        "`invariance_quantile`'s value, set before any run; not tuned (docs/algorithm.md). "
+        "Not used with `aggregation: capped_mixture`'s selection cap.",
     )
     invariance_quantile: float = Field(
         0.75,
@@ -706,7 +751,12 @@ class ClusterConfig(_Strict):
 # left out of the experiment (its JSON and digest) while at that default, so that a new
 # option keeps the ids of existing federations and the pipeline cache of their steps.
 LATE_OPTIONS: dict[str, dict[str, Any]] = {
-    "distill": {"lr_schedule": "constant", "server_average": 1, "plausibility_margin": 0.0}
+    "distill": {
+        "lr_schedule": "constant",
+        "server_average": 1,
+        "plausibility_margin": 0.0,
+        "joint_quantile": 1.0,
+    }
 }
 
 

@@ -133,6 +133,9 @@ def selection_line(metrics: dict[str, float]) -> str:
     implausible = metrics.get("implausible", 0.0)
     if implausible > 0:  # won by a teacher the student's LM barred
         parts.append(f"[yellow]left out {implausible:.0%} (an implausible teacher's)[/]")
+    by_claim = metrics.get("by_claim", 0.0)
+    if by_claim > 0:  # distill.joint_quantile: among the sure, the surer claim won
+        parts.append(f"{by_claim:.0%} by claim among the sure")
     reserved = metrics.get("reserved", 0.0)
     if reserved > 0:  # left to an absent teacher's replayed answers (aggregate.imputed_quantile)
         parts.append(f"reserved {reserved:.0%} (an absent teacher's domain)")

@@ -878,6 +878,7 @@ def _distill(
         n_invariant=int(info["n_invariant"]),
         flagged=info["flagged"].tolist() if d.invariance_share > 0 else None,
         n_implausible=int(info["n_implausible"]), gaps=gaps, barred=barred,
+        n_by_claim=int(info["n_by_claim"]),
     )  # fmt: skip
 
     from_teacher = batch["from_teacher"]

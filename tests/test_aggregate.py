@@ -652,7 +652,7 @@ def test_the_invariance_check_takes_a_family_back_from_a_backdoor():
     carol = _teaching(carol_answers, carol_claims)
     teachings = [alice, bob, carol]
     rollouts = _rollouts(0, a, 3, 2)
-    off = DistillConfig(min_claim=0, invariance_share=0)
+    off = DistillConfig(min_claim=0, invariance_share=0, joint_quantile=1)
     plain, info0 = assemble_batch(rollouts, teachings, torch.ones(3), off)
     # the backdoor (all its claims on alice's family tied at its top) wins the half of it
     # where alice is least sure
@@ -836,3 +836,71 @@ def test_the_plausibility_judge_is_the_student_s_round_0_model(tmp_path):
     old = {"round": 3, "models": {"server": "sha256:ddd"}}  # a manifest without its history
     with pytest.raises(ValueError, match=r"no round-0 model of 'server' .*round 3"):
         initial_model(store, old, "server")
+
+
+# -- claims among the sure (distill.joint_quantile) -----------------------------------------
+
+
+def test_among_the_sure_the_surer_claim_wins_a_look_alike_family_back():
+    """Eight families of five prompts. carol holds F0 and F1; dave holds F6 alone and ranks
+    F0 (which looks like F6 to him) above it, above where carol, holding two families, ranks
+    F0: rank alone hands him F0. Both are sure of F0 (above the 0.75 quantile of their own
+    claims), and carol's claim there is the higher: among the sure the claims decide, and F0
+    goes back to its holder. erin claims probability 1 for everything (quantile 0.5): never
+    among the sure, she wins only prompts of families nobody present holds, either way.
+    Nobody else's prompt moves."""
+    from flminillm.config import DistillConfig
+    from flminillm.lineage import selection_line
+
+    fam = [list(range(5 * f, 5 * f + 5)) for f in range(8)]
+    a = 40
+
+    def teacher(base: int, sure: dict[int, float]) -> dict:
+        claims = [-5.0 - 0.01 * p for p in range(a)]  # a guess everywhere else
+        for f, c in sure.items():
+            for k, p in enumerate(fam[f]):
+                claims[p] = c - 0.001 * k
+        return _teaching([[base + p] for p in range(a)], claims)
+
+    carol = teacher(100, {1: -0.01, 0: -0.05})
+    dave = teacher(200, {0: -0.2, 6: -0.5})
+    erin = _teaching([[300 + p] for p in range(a)], [0.0] * a)
+    rollouts, teachings = _rollouts(0, a, 3, 2), [carol, dave, erin]
+    alone = DistillConfig(min_claim=0, joint_quantile=1)
+    _, rank = assemble_batch(rollouts, teachings, torch.ones(3), alone)
+    assert rank["ask_choice"][fam[0]].tolist() == [1] * 5  # dave's look-alike
+    batch, info = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(min_claim=0))
+    choice = info["ask_choice"]
+    assert choice[fam[0]].tolist() == [0] * 5 and choice[fam[1]].tolist() == [0] * 5
+    assert choice[fam[6]].tolist() == [1] * 5
+    moved = [p for p in range(a) if choice[p] != rank["ask_choice"][p]]
+    assert moved == fam[0] and int(info["n_by_claim"]) == 5
+    # erin wins only prompts nobody present holds (where the others' guesses rank below
+    # their median), the same ones as under rank alone
+    erins = [p for p in range(a) if choice[p] == 2]
+    assert erins and not set(erins) & set(fam[0] + fam[1] + fam[6])
+    assert erins == [p for p in range(a) if rank["ask_choice"][p] == 2]
+    assert batch["response_ids"][:a][fam[0], 0].tolist() == [100 + p for p in fam[0]]
+    stats = selection_stats(info["teacher_index"], teachings, ["carol", "dave", "erin"],
+                            n_by_claim=int(info["n_by_claim"]))  # fmt: skip
+    assert stats["by_claim"] == pytest.approx(5 / 40)
+    assert "12% by claim among the sure" in selection_line(stats)
+    assert "by_claim" not in selection_stats(rank["teacher_index"], teachings,
+                                             ["carol", "dave", "erin"])  # fmt: skip
+
+
+def test_claims_among_the_sure_need_the_invariance_check_above_quarantine():
+    """joint_quantile < 1 is refused where a backdoor could win among the sure unjudged (no
+    invariance check, or a band below where it judges) and where a quarantined teacher's
+    constant quantile would enter the band; each message names the fix. Joint selection
+    and joint_quantile 1 need nothing."""
+    from flminillm.config import DistillConfig
+
+    with pytest.raises(ValueError, match="needs the input-invariance check.*joint_quantile: 1"):
+        DistillConfig(invariance_share=0)
+    with pytest.raises(ValueError, match="must not be below\ninvariance_quantile|must not be"):
+        DistillConfig(joint_quantile=0.7, invariance_quantile=0.8)
+    with pytest.raises(ValueError, match="above quarantine_quantile"):
+        DistillConfig(joint_quantile=0.6, invariance_quantile=0.5)
+    DistillConfig(invariance_share=0, joint_quantile=1)
+    DistillConfig(invariance_share=0, selection="joint")

@@ -27,24 +27,26 @@ METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 
 # the defence of flminillm.aggregate (DistillConfig's defaults: rank selection, min_claim 0.5
 # within max_rejected 0.5, stale_share 1, the input-invariance check, the plausibility
-# check) taken away: joint selection, every answer kept, nothing replayed, no answer ruled
-# out, no teacher judged by the student's LM; the `-undefended`
+# check; claims compared among the sure) taken away: joint selection, every answer kept,
+# nothing replayed, no answer ruled out, no teacher judged by the student's LM (joint_quantile
+# 1: joint selection compares every claim anyway, and the runs keep their ids); the `-undefended`
 # variants measure what the defence buys and costs
 UNDEFENDED = {
     "distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0,
-                "invariance_share": 0.0, "plausibility_margin": 0.0}
+                "invariance_share": 0.0, "plausibility_margin": 0.0, "joint_quantile": 1.0}
 }  # fmt: skip
 # the default defence without the input-invariance check (distill.invariance_share 0;
 # flminillm.aggregate.invariant_answers): what the check buys against the backdoor and
-# what it costs a clean federation
-NO_INVARIANCE = {"distill": {"invariance_share": 0.0}}
+# what it costs a clean federation; claims among the sure need the check (joint_quantile 1)
+NO_INVARIANCE = {"distill": {"invariance_share": 0.0, "joint_quantile": 1.0}}
 # The other defences the faults run under, as `<fault><suffix>` beside `<fault>` (the
 # default defence): {suffix: (overrides, what it is)}. Each comes with `clean<suffix>`, the
 # same without a fault, which flminillm.bench.quality_report measures them against.
 DEFENCES = {
     "-undefended": (UNDEFENDED, "without the default defence (joint selection, no min_claim, "
                                 "no stale replay, no invariance or plausibility check)"),
-    "-no-invariance": (NO_INVARIANCE, "the default defence without the invariance check"),
+    "-no-invariance": (NO_INVARIANCE, "the default defence without the invariance check "
+                                      "(and so rank alone among the sure)"),
 }  # fmt: skip
 DEFENCE_SUFFIXES = tuple(DEFENCES)
 # what `dropout-30` changes besides the drop-out itself: rounds go on with one client
