@@ -74,13 +74,23 @@ def read_manifest(source: str, cfg: Config) -> dict:
     return manifest
 
 
-def next_round(manifest: dict, round_index: int | None) -> int:
-    """The round to run from `manifest` (the output of round r runs round r + 1)."""
+def next_round(manifest: dict, round_index: int | None, cfg: Config | None = None) -> int:
+    """The round to run from `manifest` (the output of round r runs round r + 1), of the
+    federation `cfg` names: a manifest of another federation, or a round past the config's
+    last, is refused (the last round's manifest holds the federation's final server, its
+    weights averaged over its last rounds where distill.server_average > 1: not a state
+    to train on from)."""
+    fid = manifest.get("federation")
+    if cfg is not None and fid and fid != cfg.federation_id():
+        raise ValueError(
+            f"--from-manifest: the manifest is of federation {fid}, the config's is "
+            f"{cfg.federation_id()}; give the config that federation ran with"
+        )
     done = manifest.get("round")
     if round_index is None:
         if not isinstance(done, int):
             raise ValueError("--round: the manifest does not say its round; give --round N")
-        return done + 1
+        round_index = done + 1
     if round_index < 1:
         raise ValueError(f"--round: must be >= 1 (got {round_index})")
     if isinstance(done, int) and round_index != done + 1:
@@ -88,6 +98,12 @@ def next_round(manifest: dict, round_index: int | None) -> int:
             f"--round {round_index}: the manifest is the state after round {done}, so it "
             f"starts round {done + 1}; for round {round_index} use the manifest of round "
             f"{round_index - 1}"
+        )
+    if cfg is not None and round_index > cfg.rounds:
+        raise ValueError(
+            f"--round {round_index}: the federation has {cfg.rounds} rounds (config `rounds`), "
+            f"and the manifest of round {cfg.rounds} is its end (its final server, not a "
+            "round's state); to go further, run a federation with more rounds"
         )
     return round_index
 
@@ -114,7 +130,7 @@ def submit(
     experiment_json = cfg.experiment_json()
     started = time.time()
     if manifest is not None:
-        r = next_round(manifest, round_index)
+        r = next_round(manifest, round_index, cfg)
         name = run_name or f"{cfg.name}-round-{r}-{time.strftime('%Y%m%d-%H%M%S')}"
         arguments: dict[str, Any] = {
             "experiment_json": experiment_json,

@@ -201,9 +201,11 @@ def test_submit_federation_creates_experiment_and_run(kfp_server, tiny_config, t
 
 def test_submit_one_round_from_a_manifest_file(kfp_server, tiny_config, tmp_path, capsys):
     host, fake = kfp_server
-    config = write_config(tiny_config, tmp_path / "exp.yaml")
+    cfg = tiny_config.model_copy(update={"rounds": 3})
+    config = write_config(cfg, tmp_path / "exp.yaml")
     manifest = {"kind": "round_manifest", "round": 2, "models": {"server": "ab" * 32}}
     manifest["manifest"] = "cd" * 32
+    manifest["federation"] = cfg.federation_id()
     path = tmp_path / "round_manifest.json"
     path.write_text(json.dumps(manifest, indent=1))
     argv = ["submit", "--host", host, "--config", str(config), "--from-manifest", str(path)]
@@ -222,6 +224,15 @@ def test_submit_one_round_from_a_manifest_file(kfp_server, tiny_config, tmp_path
     # a manifest after round 2 starts round 3, not another
     assert main([*argv, "--round", "5"]) == 2
     assert "starts round 3" in capsys.readouterr().err
+    # the last round's manifest is the federation's end (its server averaged over its last
+    # rounds): no round 4 from it; nor a round from another federation's manifest
+    for changes, error in (
+        ({"round": 3}, "the federation has 3 rounds (config `rounds`)"),
+        ({"federation": "tiny-000000000000"}, "is of federation tiny-000000000000"),
+    ):
+        path.write_text(json.dumps({**manifest, **changes}))
+        assert main(argv) == 2
+        assert error in capsys.readouterr().err
     assert len(fake.created_runs()) == 1
 
 
