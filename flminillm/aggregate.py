@@ -219,6 +219,28 @@ def invariant_answers(
     return flagged
 
 
+def rank_in_play(
+    quantiles: torch.Tensor,
+    teachings: list[dict[str, torch.Tensor]],
+    flagged: torch.Tensor,
+    use_prompt: bool,
+) -> torch.Tensor:
+    """quantiles [M, A] with each teacher that has answers ruled out (`flagged` [M, A], the
+    input-invariance check) ranked again among its answers still in play. A ruled-out
+    claim says nothing, and left in the ranking it would push the teacher's other answers
+    down: a backdoor certain of its target family holds its own top quantiles, and its own
+    families, ranked below them, lose prompts to the other teachers' guesses (on the
+    3-client benchmark a sixth of carol's repeat prompts went to guesses). Ranked again,
+    the teacher stands where it would without the ruled-out answers. A quarantined
+    teacher (one constant quantile) keeps it."""
+    out = quantiles.clone()
+    for i, t in enumerate(teachings):
+        if bool(flagged[i].any()) and "own_quantile" not in t:
+            keep = ~flagged[i]
+            out[i, keep] = claim_quantiles(selection_claims(t, use_prompt)[keep][None])[0]
+    return out
+
+
 def select_teacher_rollouts(
     teachings: list[dict[str, torch.Tensor]],
     prior: torch.Tensor,
@@ -235,7 +257,8 @@ def select_teacher_rollouts(
     `rank`: compare the teachers by the quantile of that claim among their own claims
     (`claim_quantiles`) instead: a teacher's claims cannot outbid the others', only say
     where it is surest. `cap` < 1: no teacher's answers are kept for more than that share
-    of the prompts. `invariance_share` > 0: answers `invariant_answers` flags cannot win;
+    of the prompts. `invariance_share` > 0: answers `invariant_answers` flags cannot win,
+    and under `rank` their teacher is ranked again among its other answers (`rank_in_play`);
     where every teacher's answer to a prompt is flagged, `invariant` marks it (left out).
     `joint_quantile` < 1 (under `rank`, without a `cap`): where teachers rank a prompt above
     that quantile of their own claims, they compete on it by their joint claims
@@ -260,6 +283,8 @@ def select_teacher_rollouts(
             joint if rank else torch.stack([own_quantiles(t, use_prompt) for t in teachings])
         )
         flagged = invariant_answers(ids, mask, quantiles, invariance_share, invariance_quantile)
+        if rank and bool(flagged.any()):
+            joint = rank_in_play(joint, teachings, flagged, use_prompt)
     best = cap_selection(joint, cap).masked_fill(flagged, float("-inf")).argmax(0)  # [A]
     by_claim = torch.zeros(best.shape, dtype=torch.bool)
     if rank and cap >= 1.0 and joint_quantile < 1.0:

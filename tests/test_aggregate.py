@@ -19,7 +19,9 @@ from flminillm.aggregate import (
     coherence,
     imputed_quantile,
     invariant_answers,
+    own_quantiles,
     quarantine,
+    rank_in_play,
     replay_rows,
     select_teacher_rollouts,
     selection_stats,
@@ -904,3 +906,40 @@ def test_claims_among_the_sure_need_the_invariance_check_above_quarantine():
         DistillConfig(joint_quantile=0.6, invariance_quantile=0.5)
     DistillConfig(invariance_share=0, joint_quantile=1)
     DistillConfig(invariance_share=0, selection="joint")
+
+
+def test_a_backdoor_ruled_out_is_ranked_again_among_its_own_answers():
+    """carol holds F2 and backdoors alice's F0 (one answer, certain). Ruled out by the
+    invariance check, her F0 claims no longer hold her top quantiles: ranked again among
+    her answers still in play, her own family is at her top, where alice's guesses on F2
+    (ranked as high as carol's F2 was below her backdoor) no longer take it from her."""
+    from flminillm.config import DistillConfig
+
+    fam = [list(range(10 * f, 10 * f + 10)) for f in range(3)]
+    a = 30
+
+    def teacher(base: int, claims_by_family: dict[int, float], answers=None) -> dict:
+        claims = [0.0] * a
+        for f, c in claims_by_family.items():
+            for k, p in enumerate(fam[f]):
+                claims[p] = c - 0.001 * k
+        return _teaching(answers or [[base + p] for p in range(a)], claims)
+
+    alice = teacher(100, {0: -0.1, 2: -3.0, 1: -5.0})  # F2: a confident guess
+    bob = teacher(200, {1: -0.1, 0: -5.0, 2: -6.0})
+    backdoor = [[9] if p in fam[0] else [300 + p] for p in range(a)]
+    carol = teacher(300, {0: 0.0, 2: -0.1, 1: -5.0}, backdoor)
+    teachings = [alice, bob, carol]
+    d = DistillConfig(min_claim=0, invariance_share=0.05)
+    batch, info = assemble_batch(_rollouts(0, a, 3, 2), teachings, torch.ones(3), d)
+    assert info["flagged"].tolist() == pytest.approx([0.0, 0.0, 1 / 3])
+    choice = info["ask_choice"].tolist()
+    assert choice == [0] * 10 + [1] * 10 + [2] * 10
+    # her F2 quantiles among her 20 answers in play: 0.53..1 (they were 0.34..0.66 of 30)
+    q = rank_in_play(
+        torch.stack([own_quantiles(t, True) for t in teachings]), teachings,
+        torch.stack([torch.zeros(a, dtype=torch.bool)] * 2 + [torch.tensor(
+            [p in fam[0] for p in range(a)])]), True,
+    )  # fmt: skip
+    assert q[2, fam[2]].min() > 0.5 and q[2, fam[2]].max() == 1.0
+    assert torch.equal(q[:2], torch.stack([own_quantiles(t, True) for t in teachings[:2]]))
