@@ -128,8 +128,11 @@ def last_rounds_models(
 
 def average_models(store: Store, party: str, digests: list[str], engine=None) -> str:
     """The uniform average of `party`'s models (same architecture: one party's models
-    along its own rounds), saved into its prefix; its digest. One model: itself."""
-    from flminillm.models import average_state_dicts
+    along its own rounds), saved into its prefix; its digest. One model: itself. Adapter
+    checkpoints (LoRA) are averaged by the weights they make, base + B A, and the average
+    is saved as a whole model: averaging A and B apart gives mean(B) mean(A), which is not
+    the mean of the products."""
+    from flminillm.models import average_state_dicts, is_lora
 
     if len(set(digests)) == 1:
         return digests[0]
@@ -137,7 +140,8 @@ def average_models(store: Store, party: str, digests: list[str], engine=None) ->
 
     def one_at_a_time():  # a running sum: two models in memory, not K + 1
         for d in digests:
-            last["model"] = load_model(store, party, d, engine)
+            model = load_model(store, party, d, engine)
+            last["model"] = model.merge_and_unload() if is_lora(model) else model
             yield last["model"].state_dict()
 
     avg = average_state_dicts(one_at_a_time(), [1.0] * len(digests))

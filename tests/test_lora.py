@@ -117,3 +117,43 @@ def test_lora_on_smollm2_trains_adapters_only(tmp_path):
     print(f"SmolLM2 LoRA r=8: {n_train} of {n_all} parameters trainable; checkpoint "
           f"{adapters / 1e6:.1f} MB vs {full / 1e6:.1f} MB full ({adapters / full:.1%})")  # fmt: skip
     assert adapters < 0.03 * full
+
+
+def test_averaging_adapter_checkpoints_averages_the_weights_they_make(tmp_path):
+    """The server's last rounds averaged (distill.server_average) where it trains LoRA
+    adapters: the average is of the weights each checkpoint makes, base + B A, not of A
+    and B apart (the mean of products is not the product of means). Saved as a whole
+    model; its layers equal the mean of the two merged checkpoints'."""
+    from flminillm.artifacts import average_models
+    from flminillm.models import read_base
+
+    store = open_store(str(tmp_path / "store"))
+    spec = ModelSpec(family="llama", hidden_size=64, num_layers=2, num_heads=4, max_positions=64)
+    base_digest = save_model(store, "server", build_model(spec, 300, 0, 1, seed=0))
+    digests, merged = [], []
+    for seed in (1, 2):
+        model = load_model(store, "server", base_digest, lora=LoraSpec(r=4))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        digests.append(save_model(store, "server", model))
+        merged.append(load_model(store, "server", digests[-1]).merge_and_unload().state_dict())
+    avg = average_models(store, "server", digests)
+    path = store.scoped("server").get_dir(avg)
+    assert read_base(path) is None  # a whole model
+    got = load_model(store, "server", avg).state_dict()
+    assert set(got) == set(merged[0])
+    for k, v in got.items():
+        assert torch.allclose(v, (merged[0][k] + merged[1][k]) / 2, atol=1e-6), k
+    # A and B averaged apart would differ, which is why they are not
+    a = load_model(store, "server", digests[0]).state_dict()
+    b = load_model(store, "server", digests[1]).state_dict()
+    apart = {k: (a[k] + b[k]) / 2 for k in a}
+    q = next(k for k in a if "q_proj.lora_A" in k)
+    ba = apart[q.replace("lora_A", "lora_B")] @ apart[q]
+    name = q.replace("base_model.model.", "").replace(".lora_A.default", "")
+    base_w = load_model(store, "server", base_digest).state_dict()[name]
+    scale = 16 / 4  # LoraSpec's default alpha over r
+    assert not torch.allclose(base_w + scale * ba, got[name], atol=1e-3)
