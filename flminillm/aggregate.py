@@ -230,7 +230,7 @@ def rank_in_play(
     claim says nothing, and left in the ranking it would push the teacher's other answers
     down: a backdoor certain of its target family holds its own top quantiles, and its own
     families, ranked below them, lose prompts to the other teachers' guesses (on the
-    3-client benchmark a sixth of carol's repeat prompts went to guesses). Ranked again,
+    3-client benchmark 8-15% of carol's repeat prompts went to guesses). Ranked again,
     the teacher stands where it would without the ruled-out answers. A quarantined
     teacher (one constant quantile) keeps it."""
     out = quantiles.clone()
