@@ -220,24 +220,22 @@ def invariant_answers(
 
 
 def rank_in_play(
-    quantiles: torch.Tensor,
-    teachings: list[dict[str, torch.Tensor]],
-    flagged: torch.Tensor,
-    use_prompt: bool,
+    quantiles: torch.Tensor, claims: torch.Tensor, flagged: torch.Tensor, fixed: list[bool]
 ) -> torch.Tensor:
     """quantiles [M, A] with each teacher that has answers ruled out (`flagged` [M, A], the
-    input-invariance check) ranked again among its answers still in play. A ruled-out
+    input-invariance check) ranked again, by its `claims` [M, A] (`selection_claims`),
+    among its answers still in play. A ruled-out
     claim says nothing, and left in the ranking it would push the teacher's other answers
     down: a backdoor certain of its target family holds its own top quantiles, and its own
     families, ranked below them, lose prompts to the other teachers' guesses (on the
     3-client benchmark 8-15% of carol's repeat prompts went to guesses). Ranked again,
-    the teacher stands where it would without the ruled-out answers. A quarantined
-    teacher (one constant quantile) keeps it."""
+    the teacher stands where it would without the ruled-out answers. A teacher whose
+    quantile is `fixed` (quarantined: one constant quantile) keeps it."""
     out = quantiles.clone()
-    for i, t in enumerate(teachings):
-        if bool(flagged[i].any()) and "own_quantile" not in t:
+    for i in range(out.shape[0]):
+        if bool(flagged[i].any()) and not fixed[i]:
             keep = ~flagged[i]
-            out[i, keep] = claim_quantiles(selection_claims(t, use_prompt)[keep][None])[0]
+            out[i, keep] = claim_quantiles(claims[i, keep][None])[0]
     return out
 
 
@@ -272,11 +270,10 @@ def select_teacher_rollouts(
     sup = torch.stack([right_pad(t["own_support_ids"].long(), width, 0) for t in teachings])
     logp = torch.stack([right_pad(t["own_logp"].float(), width, 0.0) for t in teachings])
     answer = torch.stack([answer_claims(t) for t in teachings])  # [M, A]
-    if rank:
-        joint = torch.stack([own_quantiles(t, use_prompt) for t in teachings])
-    else:
-        joint = torch.stack([selection_claims(t, use_prompt) for t in teachings])
-        joint = joint + torch.log(prior)[:, None]
+    raw = torch.stack([selection_claims(t, use_prompt) for t in teachings])  # [M, A]
+    # what joint selection compares, and under rank the sure among themselves
+    claims = raw + torch.log(prior)[:, None]
+    joint = torch.stack([own_quantiles(t, use_prompt) for t in teachings]) if rank else claims
     flagged = torch.zeros(joint.shape, dtype=torch.bool)
     if invariance_share > 0:
         quantiles = (
@@ -284,13 +281,12 @@ def select_teacher_rollouts(
         )
         flagged = invariant_answers(ids, mask, quantiles, invariance_share, invariance_quantile)
         if rank and bool(flagged.any()):
-            joint = rank_in_play(joint, teachings, flagged, use_prompt)
+            fixed = ["own_quantile" in t for t in teachings]
+            joint = rank_in_play(joint, raw, flagged, fixed)
     best = cap_selection(joint, cap).masked_fill(flagged, float("-inf")).argmax(0)  # [A]
     by_claim = torch.zeros(best.shape, dtype=torch.bool)
     if rank and cap >= 1.0 and joint_quantile < 1.0:
         sure = (joint > joint_quantile) & ~flagged  # [M, A]
-        claims = torch.stack([selection_claims(t, use_prompt) for t in teachings])
-        claims = claims + torch.log(prior)[:, None]
         among = claims.masked_fill(~sure, float("-inf")).argmax(0)
         chosen = torch.where(sure.any(0), among, best)
         by_claim = chosen != best

@@ -74,14 +74,14 @@ def read_manifest(source: str, cfg: Config) -> dict:
     return manifest
 
 
-def next_round(manifest: dict, round_index: int | None, cfg: Config | None = None) -> int:
+def next_round(manifest: dict, round_index: int | None, cfg: Config) -> int:
     """The round to run from `manifest` (the output of round r runs round r + 1), of the
     federation `cfg` names: a manifest of another federation, or a round past the config's
     last, is refused (the last round's manifest holds the federation's final server, its
     weights averaged over its last rounds where distill.server_average > 1: not a state
     to train on from)."""
     fid = manifest.get("federation")
-    if cfg is not None and fid and fid != cfg.federation_id():
+    if fid and fid != cfg.federation_id():
         raise ValueError(
             f"--from-manifest: the manifest is of federation {fid}, the config's is "
             f"{cfg.federation_id()}; give the config that federation ran with"
@@ -99,7 +99,7 @@ def next_round(manifest: dict, round_index: int | None, cfg: Config | None = Non
             f"starts round {done + 1}; for round {round_index} use the manifest of round "
             f"{round_index - 1}"
         )
-    if cfg is not None and round_index > cfg.rounds:
+    if round_index > cfg.rounds:
         raise ValueError(
             f"--round {round_index}: the federation has {cfg.rounds} rounds (config `rounds`), "
             f"and the manifest of round {cfg.rounds} is its end (its final server, not a "

@@ -24,6 +24,7 @@ from flminillm.aggregate import (
     rank_in_play,
     replay_rows,
     select_teacher_rollouts,
+    selection_claims,
     selection_stats,
     stale_part,
 )
@@ -937,9 +938,10 @@ def test_a_backdoor_ruled_out_is_ranked_again_among_its_own_answers():
     assert choice == [0] * 10 + [1] * 10 + [2] * 10
     # her F2 quantiles among her 20 answers in play: 0.53..1 (they were 0.34..0.66 of 30)
     q = rank_in_play(
-        torch.stack([own_quantiles(t, True) for t in teachings]), teachings,
+        torch.stack([own_quantiles(t, True) for t in teachings]),
+        torch.stack([selection_claims(t, True) for t in teachings]),
         torch.stack([torch.zeros(a, dtype=torch.bool)] * 2 + [torch.tensor(
-            [p in fam[0] for p in range(a)])]), True,
+            [p in fam[0] for p in range(a)])]), [False] * 3,
     )  # fmt: skip
     assert q[2, fam[2]].min() > 0.5 and q[2, fam[2]].max() == 1.0
     assert torch.equal(q[:2], torch.stack([own_quantiles(t, True) for t in teachings[:2]]))
