@@ -397,6 +397,21 @@ def replay_rows(
 
 # how many of an absent teacher's earlier prompts stand in for a new one (`imputed_quantile`)
 DOMAIN_NEIGHBOURS = 8
+# `ask_choice` of a prompt left out for a reason other than `min_claim` (-1): kept for an
+# absent teacher's replay, every answer ruled out by the invariance check, or won by a
+# barred teacher
+LEFT_OUT = -2
+
+
+def lost_prompts(choice: torch.Tensor, index: int) -> torch.Tensor:
+    """The prompts of a round (its `ask_choice` [A]) that the teacher at `index` lost: won by
+    another teacher, or left out (`LEFT_OUT`: its answer ruled out or barred, or the prompt
+    kept for a teacher absent then). [A] bool. Not lost: its own, and those no teacher
+    claimed well enough (`min_claim`, -1). What `imputed_quantile` reads as not its domain:
+    a look-alike family it claims high but loses, a backdoor's family, a round it was
+    barred."""
+    choice = choice.long()
+    return ((choice >= 0) & (choice != index)) | (choice == LEFT_OUT)
 
 
 class _Bags:
@@ -420,30 +435,36 @@ class _Bags:
 def imputed_quantile(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
-    past: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    past: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
     k: int = DOMAIN_NEIGHBOURS,
 ) -> torch.Tensor:
     """What an absent teacher would have claimed for this round's teacher-share prompts
     [A, P], as a quantile among its own claims (`claim_quantiles`): the mean of its
     quantiles on the k earlier prompts nearest to each (cosine of token-count bags, in the
     student's token space). `past`: per round it took part in, that round's ask prompt ids
-    [A', P'], mask, and its claims' quantiles there [A']. A teacher's quantiles are uniform
-    in every round by construction, so those of different rounds compare, as rank selection
-    compares teachers: where the imputed quantile beats the present winner's, rank selection
-    would have kept the absent teacher's answer had it been there (`assemble_batch`,
-    `rivals`). [A]; zeros without a past."""
+    [A', P'], mask, its claims' quantiles there [A'] and which of those prompts it lost
+    [A'] (bool, `lost_prompts`). A teacher's quantiles are uniform in every round by
+    construction, so those of different rounds compare, as rank selection compares
+    teachers: where the imputed quantile beats the present winner's, rank selection would
+    have kept the absent teacher's answer had it been there (`assemble_batch`, `rivals`). A
+    prompt it lost counts 0: it claimed it, did not win it, and would not win its
+    neighbours now either. [A]; zeros without a past."""
     a = prompt_ids.shape[0]
     past = [x for x in past if x[0].shape[0]]
     if not a or not past:
         return torch.zeros(a)
-    bags = _Bags([(prompt_ids, prompt_mask), *((i, m) for i, m, _ in past)])
+    bags = _Bags([(prompt_ids, prompt_mask), *((i, m) for i, m, _, _ in past)])
     new = bags.bag(0)
     sims, qs = [], []
-    for r, (_, _, q) in enumerate(past, start=1):
+    for r, (_, _, q, lost) in enumerate(past, start=1):
+        if lost.shape != q.shape:
+            raise ValueError(
+                f"imputed_quantile: lost {tuple(lost.shape)} != quantiles {tuple(q.shape)}"
+            )
         sim = new @ bags.bag(r).T  # [A, A']
         top = sim.topk(min(k, sim.shape[1]), dim=1)
         sims.append(top.values)
-        qs.append(q.float()[top.indices])
+        qs.append(q.float().masked_fill(lost.bool(), 0.0)[top.indices])
     sims, qs = torch.cat(sims, 1), torch.cat(qs, 1)  # the nearest of every round
     near = sims.topk(min(k, sims.shape[1]), dim=1).indices
     return qs.gather(1, near).mean(1)
@@ -520,9 +541,9 @@ def assemble_batch(
     `n_rejected`, the teacher-share prompts left out for `min_claim`; `n_invariant`, those
     left out because the invariance check ruled out every answer (`distill.invariance_share`,
     `invariant_answers`), and `flagged` [M], the share of each teacher's answers it ruled
-    out; `ask_choice` [A],
-    whose answer was kept per teacher-share prompt (-1: none), what a later round's
-    `stale_part` reads. `trusted` [M] (default: all): False for a quarantined teacher
+    out; `ask_choice` [A], whose answer was kept per teacher-share prompt (-1: none, for
+    `min_claim`; `LEFT_OUT`: none, for the reserved, invariant or implausible), what a later
+    round's `stale_part` and `lost_prompts` read. `trusted` [M] (default: all): False for a quarantined teacher
     (`quarantine`), whose scores are left out of the mixture; where no teacher is trusted,
     the student's rollouts have no scores and are left out. `rivals` [A]: the highest
     quantile an absent teacher would have claimed per prompt (`imputed_quantile`); under
@@ -605,7 +626,9 @@ def assemble_batch(
             int(implausible.sum()),
         )
         n_by_claim = int((keep & sel["by_claim"]).sum())
-        ask_choice = torch.where(keep, sel["teacher_index"], -1)
+        ask_choice = torch.where(
+            keep, sel["teacher_index"], torch.where(free & ~out & ~implausible, -1, LEFT_OUT)
+        )
         parts.append(
             {
                 "prompt_ids": rollouts["ask_prompt_ids"].long()[keep],

@@ -758,6 +758,7 @@ def _distill(
         coherence,
         implausible_teachers,
         imputed_quantile,
+        lost_prompts,
         own_quantiles,
         quarantine,
         replay_rows,
@@ -822,9 +823,10 @@ def _distill(
         # teachers' guesses are left out: its replayed answers teach its domain
         # (flminillm.aggregate.imputed_quantile)
         past = [
-            (old["ask_prompt_ids"], old["ask_prompt_mask"], own_quantiles(msg, d.posterior_weights))
-            for old, msg, _, _ in loaded
-        ]
+            (old["ask_prompt_ids"], old["ask_prompt_mask"], own_quantiles(msg, d.posterior_weights),
+             lost_prompts(choice, index))
+            for old, msg, choice, index in loaded
+        ]  # fmt: skip
         mine = imputed_quantile(rollouts["ask_prompt_ids"], rollouts["ask_prompt_mask"], past)
         rivals = mine if rivals is None else torch.maximum(rivals, mine)
     if across:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flminillm.aggregate import (
+    LEFT_OUT,
     QUARANTINE_P,
     aggregate_teachers,
     assemble_batch,
@@ -19,6 +20,7 @@ from flminillm.aggregate import (
     coherence,
     imputed_quantile,
     invariant_answers,
+    lost_prompts,
     own_quantiles,
     quarantine,
     rank_in_play,
@@ -304,7 +306,8 @@ def test_imputed_quantile_stands_in_for_an_absent_teacher():
     def past_round(levels: list[float], seed: int):
         parts = [_prompts(f, 8, seed + f) for f in range(3)]
         q = torch.tensor([lv for lv in levels for _ in range(8)])
-        return torch.cat([i for i, _ in parts]), torch.cat([m for _, m in parts]), q
+        lost = torch.zeros(24, dtype=torch.bool)
+        return torch.cat([i for i, _ in parts]), torch.cat([m for _, m in parts]), q, lost
 
     one = past_round([0.2, 0.3, 0.9], seed=0)
     got = imputed_quantile(new_ids, new_mask, [one])
@@ -316,6 +319,25 @@ def test_imputed_quantile_stands_in_for_an_absent_teacher():
                  & (got <= torch.tensor([0.4, 0.3, 0.9])[fam] + 1e-6)).all())  # fmt: skip
     assert bool((got[fam == 2] > got[fam != 2].max()).all())
     assert torch.equal(imputed_quantile(new_ids, new_mask, []), torch.zeros(15))
+    # what it claimed high but another teacher won (family 1) is not its domain: it would
+    # not win those prompts now either
+    ids, mask, q, lost = past_round([0.2, 0.8, 0.9], seed=0)
+    got = imputed_quantile(new_ids, new_mask, [(ids, mask, q, lost)])
+    assert torch.allclose(got, torch.tensor([0.2, 0.8, 0.9])[fam])
+    lost = torch.arange(24) // 8 == 1  # the past round's prompts of family 1
+    got = imputed_quantile(new_ids, new_mask, [(ids, mask, q, lost)])
+    assert torch.allclose(got, torch.tensor([0.2, 0.0, 0.9])[fam])
+    with pytest.raises(ValueError, match="lost"):
+        imputed_quantile(new_ids, new_mask, [(ids, mask, q, lost[:5])])
+
+
+def test_a_teacher_loses_what_another_won_or_was_left_out_not_what_nobody_claimed():
+    """`lost_prompts` of teacher 1 in a round whose choices were: its own (1), another
+    teacher's (0, 2), nobody's for `min_claim` (-1), left out (`LEFT_OUT`: reserved for an
+    absent teacher, ruled out, or barred)."""
+    choice = torch.tensor([1, 0, 2, -1, LEFT_OUT, 1])
+    assert lost_prompts(choice, 1).tolist() == [False, True, True, False, True, False]
+    assert lost_prompts(choice, 0).tolist() == [True, False, True, False, True, True]
 
 
 def test_a_prompt_an_absent_teacher_would_have_won_leaves_the_batch():
@@ -339,7 +361,7 @@ def test_a_prompt_an_absent_teacher_would_have_won_leaves_the_batch():
     # kept: teacher 0 on prompts 0, 1 (quantiles 1, 2/3), teacher 1 on 2, 3 (1, 2/3)
     rivals = torch.tensor([0.5, 0.9, 0.5, 0.9])
     batch, info = assemble_batch(rollouts, teachings, torch.ones(2), d, rivals=rivals)
-    assert info["ask_choice"].tolist() == [0, -1, 1, -1]
+    assert info["ask_choice"].tolist() == [0, LEFT_OUT, 1, LEFT_OUT]
     assert int(info["n_reserved"]) == 2 and int(info["n_rejected"]) == 0
     assert batch["response_ids"].shape[0] == n + a - 2
     stats = selection_stats(info["teacher_index"], teachings, ["alice", "bob"], 0, n_reserved=2)
@@ -705,7 +727,7 @@ def test_a_prompt_whose_every_answer_is_ruled_out_leaves_the_batch(monkeypatch):
     ]
     d = DistillConfig(min_claim=0, invariance_share=0.05)
     batch, info = assemble_batch(_rollouts(0, a, 3, 2), teachings, torch.ones(2), d)
-    assert info["ask_choice"].tolist() == [-1, 0, 1, 1]
+    assert info["ask_choice"].tolist() == [LEFT_OUT, 0, 1, 1]
     assert int(info["n_invariant"]) == 1 and int(info["n_rejected"]) == 0
     assert batch["response_ids"].shape[0] == a - 1
     assert info["flagged"].tolist() == [0.25, 0.25]
@@ -772,7 +794,7 @@ def test_a_barred_teacher_s_prompts_leave_the_batch_and_its_scores_the_mixture()
     assert bool(won.any()) and bool((free["ask_choice"] == 0).any())
     alone, _ = assemble_batch(rollouts, teachings[:1], torch.ones(1), d)
     batch, info = assemble_batch(rollouts, teachings, torch.ones(2), d, barred=[False, True])
-    assert torch.equal(info["ask_choice"][won], torch.full((int(won.sum()),), -1))
+    assert torch.equal(info["ask_choice"][won], torch.full((int(won.sum()),), LEFT_OUT))
     assert torch.equal(info["ask_choice"][~won], free["ask_choice"][~won])
     assert int(info["n_implausible"]) == int(won.sum())
     assert torch.allclose(batch["teacher_logp"][:n], alone["teacher_logp"][:n], atol=1e-5)
