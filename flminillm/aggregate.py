@@ -470,6 +470,24 @@ def imputed_quantile(
     return qs.gather(1, near).mean(1)
 
 
+def unknown_domain(quantile: torch.Tensor, free: torch.Tensor, share: float) -> torch.Tensor:
+    """The prompts [A] (bool) to reserve for absent clients the server has never heard from
+    (no answers to replay, no past to impute a domain from, `imputed_quantile`): their
+    domain is unknown, its size is taken as theirs of the clients (`share`, an equal split;
+    not tuned). They are the round(share * A) prompts, among those still `free` (not
+    reserved for an absent teacher with a past), whose rank winner ranks them lowest among
+    its own claims (`quantile` [A]): where a present teacher knows the prompt, it is among
+    its surest, and guesses at an absent expert's family rank low (in the 3-client
+    drop-out runs of stop 32, round 1 without bob, this catches 225-256 of bob's 225-284
+    prompts; in the 5-client runs, round 1 without the unsampled client, 105-153 of
+    105-209). Left out, not learnt wrong: the cost is a round's fewer answers."""
+    n = min(round(share * quantile.numel()), int(free.sum()))
+    out = torch.zeros(quantile.numel(), dtype=torch.bool)
+    if n > 0:
+        out[quantile.float().masked_fill(~free, float("inf")).argsort()[:n]] = True
+    return out
+
+
 def stale_part(
     rollouts: dict[str, torch.Tensor], teaching: dict[str, torch.Tensor], rows: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -531,6 +549,7 @@ def assemble_batch(
     trusted: list[bool] | None = None,
     rivals: torch.Tensor | None = None,
     barred: list[bool] | None = None,
+    unknown_share: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The student's training batch: its rollouts scored by the aggregated teachers, then
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
@@ -549,7 +568,10 @@ def assemble_batch(
     quantile an absent teacher would have claimed per prompt (`imputed_quantile`); under
     rank selection a prompt whose kept answer's quantile it beats is left out
     (`n_reserved`): that teacher's replayed answers (`extra`) teach its domain, not the
-    present teachers' guesses. `barred` [M] (default: none): teachers the student's LM
+    present teachers' guesses. `unknown_share`: the share of the clients absent with no
+    past to impute from (`unknown_domain`): under rank selection that share of the prompts,
+    those whose kept answer's quantile is lowest, is reserved too. `barred` [M] (default:
+    none): teachers the student's LM
     found implausible (`implausible_teachers`): their scores leave the mixture as a
     quarantined teacher's do, and a prompt they would win leaves the batch (`n_implausible`)
     rather than going to the next teacher's guess."""
@@ -611,6 +633,8 @@ def assemble_batch(
         free = torch.ones(a, dtype=torch.bool)
         if rivals is not None and d.selection == "rank":  # an absent teacher would have won
             free = ~(rivals.float() > sel["quantile"])
+        if unknown_share > 0 and d.selection == "rank":
+            free &= ~unknown_domain(sel["quantile"], free, unknown_share)
         out = free & sel["invariant"]  # every answer to it ruled out by the invariance check
         # won by a teacher the student's LM found implausible: left out, not re-assigned
         implausible = free & ~out & barred_t[sel["teacher_index"]]

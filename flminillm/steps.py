@@ -871,8 +871,17 @@ def _distill(
     )  # fmt: skip
     device = next(model.parameters()).device
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
+    # drop-out without loss, for the absent clients with no past to replay or impute from
+    # (a client absent from round 1, never sampled yet): their domain's size, as their share
+    # of the clients, is left out where the present teachers are least sure
+    # (flminillm.aggregate.unknown_domain)
+    unknown = 0
+    if not _is_client(cfg, student_id) and d.stale_share > 0:
+        here = {t["teacher"] for t in teachings_manifests}
+        unknown = sum(c.id not in here and c.id not in (stale or {}) for c in cfg.clients)
     batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra, trusted=trusted,
-                                 rivals=rivals, barred=barred)  # fmt: skip
+                                 rivals=rivals, barred=barred,
+                                 unknown_share=unknown / len(cfg.clients))  # fmt: skip
     choice = store.scoped(student_id).put_tensors({"choice": info["ask_choice"].int()})
     chosen = selection_stats(
         info["teacher_index"], sent, [t["teacher"] for t in teachings_manifests],

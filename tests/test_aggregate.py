@@ -29,6 +29,7 @@ from flminillm.aggregate import (
     selection_claims,
     selection_stats,
     stale_part,
+    unknown_domain,
 )
 from tests.tensors import log_probs
 
@@ -368,6 +369,42 @@ def test_a_prompt_an_absent_teacher_would_have_won_leaves_the_batch():
     assert stats["reserved"] == pytest.approx(0.5) and stats["selected.bob"] == pytest.approx(0.25)
     joint = d.model_copy(update={"selection": "joint"})
     _, info = assemble_batch(rollouts, teachings, torch.ones(2), joint, rivals=rivals)
+    assert int(info["n_reserved"]) == 0
+
+
+def test_an_absent_client_with_no_past_gets_its_share_where_the_present_are_least_sure():
+    """`unknown_domain`: round(share * A) of the still-free prompts, those whose rank winner
+    ranks lowest among its own claims; in `assemble_batch` they are reserved (counted,
+    `LEFT_OUT`) beside those an absent teacher with a past would win; not under joint
+    selection."""
+    from flminillm.config import DistillConfig
+
+    q = torch.tensor([0.9, 0.2, 0.8, 0.3, 0.1, 0.7])
+    free = torch.ones(6, dtype=torch.bool)
+    assert unknown_domain(q, free, 1 / 3).tolist() == [False, True, False, False, True, False]
+    free[4] = False  # already reserved for an absent teacher with a past: not counted twice
+    assert unknown_domain(q, free, 1 / 3).tolist() == [False, True, False, True, False, False]
+    assert not unknown_domain(q, free, 0.0).any()
+    assert int(unknown_domain(q, torch.zeros(6, dtype=torch.bool), 0.5).sum()) == 0
+
+    n, a, t, s = 2, 4, 3, 2
+    rollouts = _rollouts(n, a, t, s)
+    teachings = [
+        {"scores": torch.full((n, t, s), -1.0), "prompt_logp": torch.zeros(n),
+         "own_response_ids": torch.ones(a, t, dtype=torch.long),
+         "own_response_mask": torch.ones(a, t, dtype=torch.long),
+         "own_support_ids": torch.arange(s).expand(a, t, s).clone(),
+         "own_logp": torch.log(torch.tensor(p))[:, None, None].expand(a, t, s).clone(),
+         "own_prompt_logp": torch.zeros(a)}
+        for p in ([0.9, 0.8, 0.1, 0.2], [0.1, 0.2, 0.7, 0.6])
+    ]  # fmt: skip
+    d = DistillConfig(min_claim=0.0, selection="rank")
+    # kept: teacher 0 on prompts 0, 1 (quantiles 1, 2/3), teacher 1 on 2, 3 (1, 2/3)
+    _, info = assemble_batch(rollouts, teachings, torch.ones(2), d, unknown_share=0.5)
+    assert info["ask_choice"].tolist() == [0, LEFT_OUT, 1, LEFT_OUT]
+    assert int(info["n_reserved"]) == 2
+    joint = d.model_copy(update={"selection": "joint"})
+    _, info = assemble_batch(rollouts, teachings, torch.ones(2), joint, unknown_share=0.5)
     assert int(info["n_reserved"]) == 0
 
 

@@ -190,6 +190,12 @@ def test_a_client_that_misses_round_1_gets_its_full_fine_tuning_later(
         if rec["step"] == "distill" and rec["party"] == cfg.server.id
     }
     assert server[1]["coherent.bob"] < MIN_COHERENCE and "coherent.alice" not in server[1]
+    # alice, absent with no past, is one of two clients: half the prompts, where bob is
+    # least sure, are left out rather than learnt from his guesses
+    # (flminillm.aggregate.unknown_domain); nobody is absent in round 2
+    asked = round(cfg.distill.alpha * cfg.generation.prompts_per_round)
+    assert server[1]["reserved"] == pytest.approx(round(asked / 2) / asked)
+    assert "reserved" not in server[2]
     assert server[1]["n_student_rollouts"] == 0  # no trusted teacher to score them
     assert server[2]["coherent.bob"] < MIN_COHERENCE and server[2]["coherent.alice"] == 1.0
     assert server[2]["n_student_rollouts"] > 0  # alice scores them
