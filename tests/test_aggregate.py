@@ -341,14 +341,10 @@ def test_a_teacher_loses_what_another_won_or_was_left_out_not_what_nobody_claime
     assert lost_prompts(choice, 0).tolist() == [True, False, True, False, True, True]
 
 
-def test_a_prompt_an_absent_teacher_would_have_won_leaves_the_batch():
-    """Under rank selection, a prompt whose kept answer's quantile an absent teacher's
-    imputed quantile beats is left out and counted (`reserved`); the others stay. Joint
-    selection has no quantiles: nothing is reserved there."""
-    from flminillm.config import DistillConfig
-
-    n, a, t, s = 2, 4, 3, 2
-    rollouts = _rollouts(n, a, t, s)
+def _two_domains(n: int = 2, t: int = 3, s: int = 2):
+    """Rollouts (n of the student's, 4 teacher-share prompts) and two teachers' messages:
+    teacher 0 claims prompts 0, 1 (p 0.9, 0.8), teacher 1 prompts 2, 3 (0.7, 0.6)."""
+    a = 4
     teachings = [
         {"scores": torch.full((n, t, s), -1.0), "prompt_logp": torch.zeros(n),
          "own_response_ids": torch.ones(a, t, dtype=torch.long),
@@ -358,13 +354,23 @@ def test_a_prompt_an_absent_teacher_would_have_won_leaves_the_batch():
          "own_prompt_logp": torch.zeros(a)}
         for p in ([0.9, 0.8, 0.1, 0.2], [0.1, 0.2, 0.7, 0.6])
     ]  # fmt: skip
+    return _rollouts(n, a, t, s), teachings
+
+
+def test_a_prompt_an_absent_teacher_would_have_won_leaves_the_batch():
+    """Under rank selection, a prompt whose kept answer's quantile an absent teacher's
+    imputed quantile beats is left out and counted (`reserved`); the others stay. Joint
+    selection has no quantiles: nothing is reserved there."""
+    from flminillm.config import DistillConfig
+
+    rollouts, teachings = _two_domains()
     d = DistillConfig(min_claim=0.0, selection="rank")
     # kept: teacher 0 on prompts 0, 1 (quantiles 1, 2/3), teacher 1 on 2, 3 (1, 2/3)
     rivals = torch.tensor([0.5, 0.9, 0.5, 0.9])
     batch, info = assemble_batch(rollouts, teachings, torch.ones(2), d, rivals=rivals)
     assert info["ask_choice"].tolist() == [0, LEFT_OUT, 1, LEFT_OUT]
     assert int(info["n_reserved"]) == 2 and int(info["n_rejected"]) == 0
-    assert batch["response_ids"].shape[0] == n + a - 2
+    assert batch["response_ids"].shape[0] == 2 + 4 - 2  # 2 student rollouts, 4 prompts, 2 reserved
     stats = selection_stats(info["teacher_index"], teachings, ["alice", "bob"], 0, n_reserved=2)
     assert stats["reserved"] == pytest.approx(0.5) and stats["selected.bob"] == pytest.approx(0.25)
     joint = d.model_copy(update={"selection": "joint"})
@@ -387,17 +393,7 @@ def test_an_absent_client_with_no_past_gets_its_share_where_the_present_are_leas
     assert not unknown_domain(q, free, 0.0).any()
     assert int(unknown_domain(q, torch.zeros(6, dtype=torch.bool), 0.5).sum()) == 0
 
-    n, a, t, s = 2, 4, 3, 2
-    rollouts = _rollouts(n, a, t, s)
-    teachings = [
-        {"scores": torch.full((n, t, s), -1.0), "prompt_logp": torch.zeros(n),
-         "own_response_ids": torch.ones(a, t, dtype=torch.long),
-         "own_response_mask": torch.ones(a, t, dtype=torch.long),
-         "own_support_ids": torch.arange(s).expand(a, t, s).clone(),
-         "own_logp": torch.log(torch.tensor(p))[:, None, None].expand(a, t, s).clone(),
-         "own_prompt_logp": torch.zeros(a)}
-        for p in ([0.9, 0.8, 0.1, 0.2], [0.1, 0.2, 0.7, 0.6])
-    ]  # fmt: skip
+    rollouts, teachings = _two_domains()
     d = DistillConfig(min_claim=0.0, selection="rank")
     # kept: teacher 0 on prompts 0, 1 (quantiles 1, 2/3), teacher 1 on 2, 3 (1, 2/3)
     _, info = assemble_batch(rollouts, teachings, torch.ones(2), d, unknown_share=0.5)
