@@ -397,9 +397,11 @@ def replay_rows(
 
 # how many of an absent teacher's earlier prompts stand in for a new one (`imputed_quantile`)
 DOMAIN_NEIGHBOURS = 8
-# `ask_choice` of a prompt left out for a reason other than `min_claim` (-1): kept for an
-# absent teacher's replay, every answer ruled out by the invariance check, or won by a
-# barred teacher
+# `ask_choice` of a prompt left out for a reason other than `min_claim` (-1): reserved for
+# an absent teacher (`imputed_quantile`, `unknown_domain`), every answer ruled out by the
+# invariance check, or won by a barred teacher. For the present teachers it is a prompt
+# they lost (`lost_prompts`), deliberately: where an absent teacher's domain was imputed,
+# it is not theirs. (Not `teacher_index`'s -2, a stale row, in another tensor.)
 LEFT_OUT = -2
 
 
@@ -484,7 +486,8 @@ def unknown_domain(quantile: torch.Tensor, free: torch.Tensor, share: float) -> 
     n = min(round(share * quantile.numel()), int(free.sum()))
     out = torch.zeros(quantile.numel(), dtype=torch.bool)
     if n > 0:
-        out[quantile.float().masked_fill(~free, float("inf")).argsort()[:n]] = True
+        # stable: ties (rank quantiles are k / A) go to the earlier prompt on every device
+        out[quantile.float().masked_fill(~free, float("inf")).argsort(stable=True)[:n]] = True
     return out
 
 
@@ -715,8 +718,9 @@ def selection_stats(
     share of its answers for which it claimed p(y | x) >= 0.99 (a teacher certain of
     everything is either perfect or lying: rank selection gives such claims no weight);
     `rejected`, the share of them left out (`min_claim`): shares are of all teacher-share
-    prompts, kept or not; `reserved`, the share left to an absent teacher's replayed
-    answers (`imputed_quantile`); `stale_rows`, the answers replayed from absent teachers;
+    prompts, kept or not; `reserved`, the share left out for absent teachers: to their
+    replayed answers (`imputed_quantile`), or, for those with no past, to nobody
+    (`unknown_domain`); `stale_rows`, the answers replayed from absent teachers;
     `coherent.<id>` (given `coherent`), the `coherence` of its claims: below MIN_COHERENCE
     it was quarantined (its answers counted as hard labels, its scores not at all);
     `invariant.<id>` (given `flagged`, where the invariance check is on), the share of its

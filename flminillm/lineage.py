@@ -137,7 +137,7 @@ def selection_line(metrics: dict[str, float]) -> str:
     if by_claim > 0:  # distill.joint_quantile: among the sure, the surer claim won
         parts.append(f"{by_claim:.0%} by claim among the sure")
     reserved = metrics.get("reserved", 0.0)
-    if reserved > 0:  # left to an absent teacher's replayed answers (aggregate.imputed_quantile)
+    if reserved > 0:  # left out for absent teachers (aggregate.imputed_quantile, unknown_domain)
         parts.append(f"reserved {reserved:.0%} (an absent teacher's domain)")
     return "answers kept: " + ", ".join(parts)
 

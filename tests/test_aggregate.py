@@ -391,6 +391,10 @@ def test_an_absent_client_with_no_past_gets_its_share_where_the_present_are_leas
     free[4] = False  # already reserved for an absent teacher with a past: not counted twice
     assert unknown_domain(q, free, 1 / 3).tolist() == [False, True, False, True, False, False]
     assert not unknown_domain(q, free, 0.0).any()
+    ties = torch.full((40,), 0.5)  # a quarantined winner's quantile is one value: the first
+    assert unknown_domain(ties, torch.ones(40, dtype=torch.bool), 0.25).nonzero()[
+        :, 0
+    ].tolist() == list(range(10))
     assert int(unknown_domain(q, torch.zeros(6, dtype=torch.bool), 0.5).sum()) == 0
 
     rollouts, teachings = _two_domains()

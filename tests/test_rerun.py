@@ -193,7 +193,7 @@ def test_a_client_that_misses_round_1_gets_its_full_fine_tuning_later(
     # alice, absent with no past, is one of two clients: half the prompts, where bob is
     # least sure, are left out rather than learnt from his guesses
     # (flminillm.aggregate.unknown_domain); nobody is absent in round 2
-    asked = round(cfg.distill.alpha * cfg.generation.prompts_per_round)
+    asked = round(cfg.distill.for_round(1).alpha * cfg.generation.prompts_per_round)
     assert server[1]["reserved"] == pytest.approx(round(asked / 2) / asked)
     assert "reserved" not in server[2]
     assert server[1]["n_student_rollouts"] == 0  # no trusted teacher to score them
