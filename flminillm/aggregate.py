@@ -634,10 +634,11 @@ def assemble_batch(
         )  # fmt: skip
         flagged = sel["flagged"].float().mean(1)  # [M] share of each teacher's answers
         free = torch.ones(a, dtype=torch.bool)
-        if rivals is not None and d.selection == "rank":  # an absent teacher would have won
-            free = ~(rivals.float() > sel["quantile"])
-        if unknown_share > 0 and d.selection == "rank":
-            free &= ~unknown_domain(sel["quantile"], free, unknown_share)
+        if d.selection == "rank":  # left out for absent teachers (`n_reserved`)
+            if rivals is not None:  # one with a past would have won
+                free = ~(rivals.float() > sel["quantile"])
+            if unknown_share > 0:  # ones with no past: their share, where the present are unsure
+                free &= ~unknown_domain(sel["quantile"], free, unknown_share)
         out = free & sel["invariant"]  # every answer to it ruled out by the invariance check
         # won by a teacher the student's LM found implausible: left out, not re-assigned
         implausible = free & ~out & barred_t[sel["teacher_index"]]

@@ -665,9 +665,11 @@ def distill(
             cache = stale_buffer(state.get("stale", {})) if replay else {}
             here = {t["teacher"] for t in live}  # absent: dropped out, or not sampled
             stale = {c.id: cache[c.id] for c in cfg.clients if c.id not in here and c.id in cache}
+            # absent with no past to replay or impute from (out of round 1, never sampled yet)
+            unknown = [c.id for c in cfg.clients if replay and c.id not in here | set(cache)]
             new_digest, metrics, trained, taught = _distill(
                 cfg, store, state, round_index, student_id, model_digest, ro["rollouts"], live,
-                stale,
+                stale, len(unknown),
             )  # fmt: skip
             exchange = store.scoped(EXCHANGE)
             mine = store.scoped(student_id)
@@ -743,10 +745,12 @@ def _distill(
     cfg: Config, store: Store, state: dict, round_index: int, student_id: str,
     model_digest: str, rollouts_digest: str, teachings_manifests: list[dict],
     stale: dict[str, list[dict]] | None = None,
+    unknown: int = 0,
 ) -> tuple[str, dict[str, float], Any, dict]:  # fmt: skip
     """The distill step's work: the student's rollouts and its teachers' messages in (and
     `stale`: absent teachers' earlier answers, `stale_buffer`: replayed, `distill.stale_share`,
-    and standing in for them in selection), its updated model
+    and standing in for them in selection; `unknown`: how many absent clients have no past,
+    `unknown_domain`), its updated model
     (digest and the model itself), the update's statistics and what it was taught (the
     rollouts, whose answers were kept: `ask_choice`, and the model that judged them:
     `judge`, None where the plausibility check did not run) out."""
@@ -871,14 +875,9 @@ def _distill(
     )  # fmt: skip
     device = next(model.parameters()).device
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
-    # drop-out without loss, for the absent clients with no past to replay or impute from
-    # (a client absent from round 1, never sampled yet): their domain's size, as their share
-    # of the clients, is left out where the present teachers are least sure
+    # drop-out without loss, for the absent clients with no past: their domain's size, as
+    # their share of the clients, is left out where the present teachers are least sure
     # (flminillm.aggregate.unknown_domain)
-    unknown = 0
-    if not _is_client(cfg, student_id) and d.stale_share > 0:
-        here = {t["teacher"] for t in teachings_manifests}
-        unknown = sum(c.id not in here and c.id not in (stale or {}) for c in cfg.clients)
     batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra, trusted=trusted,
                                  rivals=rivals, barred=barred,
                                  unknown_share=unknown / len(cfg.clients))  # fmt: skip
