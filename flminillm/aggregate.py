@@ -543,57 +543,6 @@ def implausible_teachers(
     return barred, score
 
 
-def least_claims(logp: torch.Tensor, support_ids: torch.Tensor) -> torch.Tensor:
-    """Per position, the least likely outcome a teacher's log-probs on a support claim: the
-    smallest of its support entries and of its rest bucket (1 - sum_S p, the mass outside
-    the support): [..., S] -> [...]."""
-    from flminillm.distill import _log1mexp, _support_mask
-
-    valid = _support_mask(support_ids)
-    lp = logp.float().masked_fill(~valid, float("inf"))
-    rest = _log1mexp(torch.logsumexp(lp.masked_fill(~valid, float("-inf")).double(), -1))
-    return torch.minimum(lp.min(-1).values, rest.float())
-
-
-def certainty_floor(teachings: list[dict[str, torch.Tensor]], quantile: float) -> float | None:
-    """The least likely claim a teacher may make this round (`distill.certainty_quantile`):
-    the median over the teachers of the `quantile` of each one's least likely claims on its
-    own answers (`least_claims`), None with fewer than two teachers. With an even count the
-    upper of the middle two, so that the certainty of fewer than half the teachers never
-    sets it."""
-    if quantile <= 0 or len(teachings) < 2:
-        return None
-    own = []
-    for t in teachings:
-        mask = t["own_response_mask"].bool()
-        if not bool(mask.any()):
-            continue
-        low = least_claims(t["own_logp"], t["own_support_ids"].long())[mask]
-        own.append(float(torch.quantile(low, quantile)))
-    if len(own) < 2:
-        return None
-    return sorted(own)[len(own) // 2]
-
-
-def floor_claims(logp: torch.Tensor, support_ids: torch.Tensor, floor: float) -> torch.Tensor:
-    """Log-probs on a support with no outcome below exp(`floor`): every support entry
-    raised to it, then, where the support holds more than 1 - exp(floor), the whole
-    support scaled down so that the rest bucket keeps exp(floor) (the entries raised end a
-    factor 1 - S exp(floor) below it). What a teacher claims is certain then pulls the
-    student no harder than the floor allows: the single-step KL of a student whose mass is
-    elsewhere grows with log q - log p, and a claim of probability 1 (log p = -30 off the
-    answer) pulled 3-6 times harder than any honest teacher's (docs/algorithm.md).
-    Padding entries (support id < 0) are left as they are: [..., S] -> [..., S]."""
-    from flminillm.distill import _support_mask
-
-    valid = _support_mask(support_ids)
-    raised = torch.where(valid, logp.float().clamp(min=floor), logp.float())
-    held = torch.logsumexp(raised.masked_fill(~valid, float("-inf")), -1, keepdim=True)
-    cap = math.log1p(-math.exp(floor))
-    excess = (held - cap).clamp(min=0.0)
-    return torch.where(valid, raised - excess, raised).to(logp.dtype)
-
-
 def assemble_batch(
     rollouts: dict[str, torch.Tensor],
     teachings: list[dict[str, torch.Tensor]],
@@ -628,9 +577,7 @@ def assemble_batch(
     none): teachers the student's LM
     found implausible (`implausible_teachers`): their scores leave the mixture as a
     quarantined teacher's do, and a prompt they would win leaves the batch (`n_implausible`)
-    rather than going to the next teacher's guess. Every teacher log-prob of the batch is
-    then floored (`floor_claims`) at the round's `certainty_floor` (`distill.
-    certainty_quantile`), in info as `certainty_floor` (NaN: none)."""
+    rather than going to the next teacher's guess."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     trusted = [True] * len(teachings) if trusted is None else list(trusted)
@@ -740,11 +687,6 @@ def assemble_batch(
         out["from_teacher"].append(p["from_teacher"])
         out["teacher_index"].append(p["teacher_index"])
     batch = {k: torch.cat(v) for k, v in out.items()}
-    # no teacher claims more certainty than the teachers' median does (`certainty_floor`;
-    # the median of those trusted and not barred: a quarantined teacher's claims are ours)
-    floor = certainty_floor([teachings[i] for i in scorers], d.certainty_quantile)
-    if floor is not None:
-        batch["teacher_logp"] = floor_claims(batch["teacher_logp"], batch["support_ids"], floor)
     info = {
         "teacher_index": batch.pop("teacher_index"),
         "n_rejected": torch.tensor(rejected),
@@ -754,7 +696,6 @@ def assemble_batch(
         "n_by_claim": torch.tensor(n_by_claim),
         "flagged": flagged,
         "ask_choice": ask_choice,
-        "certainty_floor": torch.tensor(float("nan") if floor is None else floor),
     }
     return batch, info
 
@@ -772,7 +713,6 @@ def selection_stats(
     gaps: list[float] | None = None,
     barred: list[bool] | None = None,
     n_by_claim: int = 0,
-    floor: float | None = None,
 ) -> dict[str, float]:
     """What the selection did, per teacher (MLflow, `flminillm lineage`): `selected.<id>`,
     the share of the teacher-share prompts whose kept answer is its; `certain.<id>`, the
@@ -791,9 +731,7 @@ def selection_stats(
     per token), `implausible.<id>` 1 where that barred it, and `implausible`, the share of
     prompts left out because a barred teacher would have won them; `by_claim`, the share of
     prompts whose kept answer the teachers' claims chose among the sure where their ranks
-    would have chosen another (`distill.joint_quantile`); `certainty_floor` (given `floor`)
-    the least likely claim a teacher could make (`certainty_floor`, log-prob) and
-    `floored.<id>` the share of its answer tokens whose claims were raised to it."""
+    would have chosen another (`distill.joint_quantile`)."""
     kept = teacher_index[teacher_index >= 0]
     total = kept.numel() + n_rejected + n_reserved + n_invariant + n_implausible
     out: dict[str, float] = {"rejected": n_rejected / total} if total else {}
@@ -805,8 +743,6 @@ def selection_stats(
         out["implausible"] = n_implausible / total
     if n_by_claim and total:
         out["by_claim"] = n_by_claim / total
-    if floor is not None:
-        out["certainty_floor"] = float(floor)
     stale = int((teacher_index == -2).sum())
     if stale:  # replayed from an absent teacher's earlier answers (`stale_part`)
         out["stale_rows"] = float(stale)
@@ -820,10 +756,6 @@ def selection_stats(
             out[f"coherent.{name}"] = float(coherent[i])
         if flagged is not None:
             out[f"invariant.{name}"] = float(flagged[i])
-        mask = t["own_response_mask"].bool()
-        if floor is not None and bool(mask.any()):
-            low = least_claims(t["own_logp"], t["own_support_ids"].long())[mask]
-            out[f"floored.{name}"] = float((low < floor).float().mean())
         if gaps is not None:
             out[f"plausibility.{name}"] = float(gaps[i])
             out[f"implausible.{name}"] = float(bool(barred[i])) if barred is not None else 0.0

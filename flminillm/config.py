@@ -521,22 +521,6 @@ class DistillConfig(_Strict):
         "log 1/V, random-token liars at least 2.2 below; docs/algorithm.md), not from any "
         "evaluation split.",
     )
-    certainty_quantile: float = Field(
-        0.01,
-        ge=0.0,
-        lt=0.5,
-        description="No teacher may claim an outcome less likely than the teachers' median "
-        "does: per round, each present teacher's least likely claims on its own answers (per "
-        "token, the smallest of its support log-probs and of its rest bucket) have this "
-        "quantile; the median over the teachers (the upper of the middle two) is the floor, "
-        "and every teacher log-prob the student learns from is raised to it (the support "
-        "scaled so the rest keeps it too). A claim of certainty (probability 1, log p = -30 "
-        "off the answer) otherwise pulls the student 3-6 times harder than any honest "
-        "teacher's claims, on answers it cannot fit (the fluent liar's; docs/algorithm.md). "
-        "Honest teachers' claims are at or above it on about 1 - this share of their tokens. "
-        "0: off; nothing with fewer than two teachers (a client's one teacher). 0.01 was set "
-        "before any run, not tuned.",
-    )
     joint_quantile: float = Field(
         0.75,
         gt=0.0,
@@ -774,7 +758,6 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "server_average": 1,
         "plausibility_margin": 0.0,
         "joint_quantile": 1.0,
-        "certainty_quantile": 0.0,
     }
 }
 

@@ -120,9 +120,6 @@ def selection_line(metrics: dict[str, float]) -> str:
         if metrics.get(f"implausible.{n}", 0.0) > 0:  # distill.plausibility_margin
             gap = -metrics.get(f"plausibility.{n}", 0.0)
             text += f" [red](implausible: answers {gap:.1f} nats/token below random tokens)[/]"
-        floored = metrics.get(f"floored.{n}", 0.0)
-        if floored >= 0.5:  # distill.certainty_quantile: surer than the teachers' median
-            text += f" [yellow](claims floored on {floored:.0%})[/]"
         invariant = metrics.get(f"invariant.{n}", 0.0)
         if invariant > 0:  # distill.invariance_share: one answer to prompts told apart
             text += f" [red](ruled out {invariant:.0%}: one answer to many prompts)[/]"

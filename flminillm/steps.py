@@ -889,7 +889,6 @@ def _distill(
         flagged=info["flagged"].tolist() if d.invariance_share > 0 else None,
         n_implausible=int(info["n_implausible"]), gaps=gaps, barred=barred,
         n_by_claim=int(info["n_by_claim"]),
-        floor=None if info["certainty_floor"].isnan() else float(info["certainty_floor"]),
     )  # fmt: skip
 
     from_teacher = batch["from_teacher"]

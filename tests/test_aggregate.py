@@ -15,14 +15,11 @@ from flminillm.aggregate import (
     assemble_batch,
     cap_log_weights,
     cap_selection,
-    certainty_floor,
     claim_floor,
     claim_quantiles,
     coherence,
-    floor_claims,
     imputed_quantile,
     invariant_answers,
-    least_claims,
     lost_prompts,
     own_quantiles,
     quarantine,
@@ -1007,104 +1004,3 @@ def test_a_backdoor_ruled_out_is_ranked_again_among_its_own_answers():
     )  # fmt: skip
     assert q[2, fam[2]].min() > 0.5 and q[2, fam[2]].max() == 1.0
     assert torch.equal(q[:2], torch.stack([own_quantiles(t, True) for t in teachings[:2]]))
-
-
-# -- no claim surer than the teachers' median (distill.certainty_quantile) -----------------
-
-
-def _certain(msg: dict) -> dict:
-    """The message with every answer token claimed at probability 1 (log p = -30 for the
-    other support tokens, as flminillm.attacks writes a liar's)."""
-    logp = torch.full_like(msg["own_logp"], -30.0)
-    logp[..., 0] = 0.0
-    return {**msg, "own_logp": logp * msg["own_response_mask"][..., None]}
-
-
-def test_floored_claims_bound_the_pull_of_a_claim_of_certainty():
-    """A claim of probability 1 is raised to the floor on every support token and on the
-    rest of the vocabulary, and stays a distribution; the single-step KL of any student to
-    it is then at most -floor (it was up to 30), and its gradient on the student's logits
-    smaller. Claims above the floor (an honest teacher's) and padding are left as they
-    were."""
-    from flminillm.distill import _support_mask, tail_kl
-
-    honest = _honest_teaching(seed=2)
-    liar = _certain(honest)
-    sup, mask = honest["own_support_ids"], honest["own_response_mask"].bool()
-    floor = -12.0
-    raised = floor_claims(liar["own_logp"], sup, floor)
-    low = least_claims(raised, sup)[mask]
-    assert torch.allclose(low, torch.full_like(low, floor), atol=1e-4)
-    total = torch.logsumexp(raised.double(), -1)[mask]
-    assert bool((total <= 0).all()) and bool((total > math.log1p(-2 * math.exp(floor))).all())
-    above = honest["own_logp"].clamp(min=-11.0)  # every claim above the floor
-    assert torch.equal(floor_claims(above, sup, floor)[mask], above[mask])
-    padded = sup.clone()
-    padded[..., -1] = -1
-    kept = floor_claims(liar["own_logp"], padded, floor)
-    assert torch.equal(kept[..., -1], liar["own_logp"][..., -1])
-    g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(*sup.shape[:2], 40, generator=g) * 3).requires_grad_(True)
-    q = torch.log_softmax(logits, -1).gather(-1, sup)
-    smask = _support_mask(sup)
-    kl_raw, kl_floor = tail_kl(q, liar["own_logp"], smask), tail_kl(q, raised, smask)
-    top_raw, top_floor = float(kl_raw.detach()[mask].max()), float(kl_floor.detach()[mask].max())
-    assert top_floor <= -floor + 1e-3 < top_raw
-    (grad_raw,) = torch.autograd.grad(kl_raw[mask].sum(), logits, retain_graph=True)
-    (grad_floor,) = torch.autograd.grad(kl_floor[mask].sum(), logits)
-    assert float(grad_floor.norm()) < 0.8 * float(grad_raw.norm())
-
-
-def test_the_floor_is_the_teachers_median_certainty_which_one_liar_cannot_set():
-    """The floor is the median over the teachers of each one's `quantile` of least likely
-    claims; a teacher certain of everything sits at the bottom and does not move it (with
-    two teachers, the upper of the two is taken); fewer than two teachers, or the option
-    off: no floor."""
-    honest = [_honest_teaching(seed=i) for i in range(3)]
-    own = []
-    for t in honest:
-        low = least_claims(t["own_logp"], t["own_support_ids"])[t["own_response_mask"].bool()]
-        own.append(float(torch.quantile(low, 0.05)))
-    assert certainty_floor(honest, 0.05) == pytest.approx(sorted(own)[1])
-    liar = _certain(honest[2])
-    floor = certainty_floor([honest[0], honest[1], liar], 0.05)
-    assert floor == pytest.approx(min(own[:2])) and floor > -29
-    assert certainty_floor([honest[0], liar], 0.05) == pytest.approx(own[0])
-    assert certainty_floor(honest[:1], 0.05) is None
-    assert certainty_floor(honest, 0.0) is None
-
-
-def test_a_certain_teacher_s_answers_are_floored_in_the_batch_and_shown():
-    """In the assembled batch the answers of a teacher claiming certainty carry floored
-    log-probs, the honest teacher's are as it sent them but for its own least likely few;
-    `floored.<id>` (MLflow, lineage) says whose claims were raised and how often."""
-    from flminillm.config import DistillConfig
-    from flminillm.lineage import selection_line
-
-    n, a, t, s = 2, 6, 5, 9
-    rollouts, (alice, carol) = _two_scoring_teachers(n, a, t, s, seed=4)
-    carol = _certain(carol)
-    d = DistillConfig(min_claim=0.0, selection="joint")  # carol's certain claims win everything
-    plain, _ = assemble_batch(rollouts, [alice, carol], torch.ones(2),
-                              d.model_copy(update={"certainty_quantile": 0.0}))  # fmt: skip
-    batch, info = assemble_batch(rollouts, [alice, carol], torch.ones(2), d)
-    floor = float(info["certainty_floor"])
-    low = least_claims(alice["own_logp"], alice["own_support_ids"])[
-        alice["own_response_mask"].bool()
-    ]
-    assert floor == pytest.approx(float(torch.quantile(low, d.certainty_quantile)))
-    rows = batch["from_teacher"] & (info["teacher_index"] == 1)
-    assert int(rows.sum()) == a
-    m = batch["response_mask"][rows].bool()
-    got = least_claims(batch["teacher_logp"][rows], batch["support_ids"][rows])[m]
-    assert torch.allclose(got, torch.full_like(got, floor), atol=s * math.exp(floor))
-    assert (
-        float(least_claims(plain["teacher_logp"][rows], plain["support_ids"][rows])[m].max()) < -27
-    )
-    assert torch.isnan(assemble_batch(rollouts, [alice], torch.ones(1), d)[1]["certainty_floor"])
-    stats = selection_stats(info["teacher_index"], [alice, carol], ["alice", "carol"], floor=floor)
-    assert stats["certainty_floor"] == pytest.approx(floor)
-    assert stats["floored.carol"] == 1.0 and stats["floored.alice"] < 0.1
-    line = selection_line(stats)
-    assert "carol 100% [yellow](certain of 100%)[/] [yellow](claims floored on 100%)[/]" in line
-    assert "alice 0%," in line

@@ -325,8 +325,7 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
         "distill": {
             k: v
             for k, v in plain["distill"].items()
-            if k
-            not in ("server_average", "plausibility_margin", "joint_quantile", "certainty_quantile")
+            if k not in ("server_average", "plausibility_margin", "joint_quantile")
         },
     }
     (tmp_path / "sub").mkdir()

@@ -28,14 +28,12 @@ METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 # the defence of flminillm.aggregate (DistillConfig's defaults: rank selection, min_claim 0.5
 # within max_rejected 0.5, stale_share 1, the input-invariance check, the plausibility
 # check; claims compared among the sure) taken away: joint selection, every answer kept,
-# nothing replayed, no answer ruled out, no teacher judged by the student's LM, no claim
-# floored (certainty_quantile 0) (joint_quantile
+# nothing replayed, no answer ruled out, no teacher judged by the student's LM (joint_quantile
 # 1: joint selection compares every claim anyway, and the runs keep their ids); the `-undefended`
 # variants measure what the defence buys and costs
 UNDEFENDED = {
     "distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0,
-                "invariance_share": 0.0, "plausibility_margin": 0.0, "joint_quantile": 1.0,
-                "certainty_quantile": 0.0}
+                "invariance_share": 0.0, "plausibility_margin": 0.0, "joint_quantile": 1.0}
 }  # fmt: skip
 # the default defence without the input-invariance check (distill.invariance_share 0;
 # flminillm.aggregate.invariant_answers): what the check buys against the backdoor and
