@@ -145,6 +145,46 @@ def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypat
     assert "answers kept: alice" in tree and "certain of 100%" in tree
 
 
+def test_an_absent_client_s_domain_is_imputed_from_what_it_won(tiny_config, tmp_path, monkeypatch):
+    """alice takes part in round 1 and drops out of round 2. The server imputes her domain
+    in round 2 from her round-1 claims, with the prompts she lost there marked lost: the
+    mask is `lost_prompts` of the choice the server stored in round 1 (won by bob, or left
+    out), read back from the replay buffer, not all False (flminillm.aggregate
+    .imputed_quantile reads a lost prompt as 0)."""
+    import torch
+
+    import flminillm.aggregate as aggregate
+    from flminillm.aggregate import lost_prompts
+
+    seen = []
+    real = aggregate.imputed_quantile
+
+    def spy(prompt_ids, prompt_mask, past, *args, **kwargs):
+        seen.append(past)
+        return real(prompt_ids, prompt_mask, past, *args, **kwargs)
+
+    monkeypatch.setattr(aggregate, "imputed_quantile", spy)
+    monkeypatch.setenv(RETRIES_ENV, "1")
+    monkeypatch.setenv(FAULTS_ENV, "local_sft:alice:2")
+    # bob claims the same for every prompt (quantile 0.5): he wins where alice ranks lowest
+    monkeypatch.setenv("FLMINILLM_ADVERSARY", "bob:adversarial")
+    sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
+    distill = tiny_config.distill.model_copy(update={"stale_share": 1.0})
+    cfg, _ = isolated_config(
+        tiny_config, tmp_path, "lost", sampling=sampling, distill=distill, rounds=2
+    )
+    states = inprocess_states(cfg)
+    assert list(states[-1]["dropped"]) == ["alice"]
+    assert len(seen) == 1 and len(seen[0]) == 1  # round 2's server: alice's one past round
+    _, _, quantiles, lost = seen[0][0]
+    (entry,) = states[-1]["stale"]["alice"]
+    choice = open_store(cfg.store.uri).scoped(cfg.server.id).get_tensors(entry["choice"])["choice"]
+    assert torch.equal(lost, lost_prompts(choice, entry["index"]))
+    assert lost.shape == quantiles.shape
+    assert bool(lost.any()) and not bool(lost.all())  # bob won some of round 1, alice others
+    assert bool((choice[lost] != entry["index"]).all())
+
+
 def test_round_fails_clearly_below_min_clients(tiny_config, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(RETRIES_ENV, "1")
     sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
