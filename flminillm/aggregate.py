@@ -565,9 +565,10 @@ def assemble_batch(
     `invariant_answers`), and `flagged` [M], the share of each teacher's answers it ruled
     out; `ask_choice` [A], whose answer was kept per teacher-share prompt (-1: none, for
     `min_claim`; `LEFT_OUT`: none, for the reserved, invariant or implausible), what a later
-    round's `stale_part` and `lost_prompts` read. `trusted` [M] (default: all): False for a quarantined teacher
-    (`quarantine`), whose scores are left out of the mixture; where no teacher is trusted,
-    the student's rollouts have no scores and are left out. `rivals` [A]: the highest
+    round's `stale_part` and `lost_prompts` read. `trusted` [M] (default: all): False for
+    a quarantined teacher (`quarantine`), whose scores are left out of the mixture; where no
+    teacher is trusted, the student's rollouts have no scores and are left out. `rivals`
+    [A]: the highest
     quantile an absent teacher would have claimed per prompt (`imputed_quantile`); under
     rank selection a prompt whose kept answer's quantile it beats is left out
     (`n_reserved`): that teacher's replayed answers (`extra`) teach its domain, not the
