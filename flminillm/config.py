@@ -485,10 +485,11 @@ class DistillConfig(_Strict):
         le=1.0,
         description="Drop-out without loss: where a client is absent from a round (dropped "
         "out, or not sampled), the server replays this share times as many answers of that "
-        "client as it kept in the client's latest round, drawn at random from those it kept in every round the client took part in (stale); 0 "
-        "replays nothing. 1 was chosen on the validation split under 30% drop-out "
-        "(docs/tune-dropout). Under rank selection the absent client's domain (its quantiles "
-        "where it won, `imputed_quantile`) is left to its replayed answers; an absent client "
+        "client as it kept in the client's latest round, drawn at random from those it kept "
+        "in every round the client took part in (stale); 0 replays nothing. 1 was chosen on "
+        "the validation split under 30% drop-out (docs/tune-dropout; again in stop 35 under "
+        "the routing below, docs/tune-dropout-routing). Under rank selection the absent "
+        "client's domain (its quantiles where it won, `imputed_quantile`) is left to its replayed answers; an absent client "
         "with no past gets its share of the clients reserved where the present teachers are "
         "least sure (`unknown_domain`). 0 replays and reserves nothing.",
     )
