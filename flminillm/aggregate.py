@@ -568,16 +568,14 @@ def assemble_batch(
     round's `stale_part` and `lost_prompts` read. `trusted` [M] (default: all): False for
     a quarantined teacher (`quarantine`), whose scores are left out of the mixture; where no
     teacher is trusted, the student's rollouts have no scores and are left out. `rivals`
-    [A]: the highest
-    quantile an absent teacher would have claimed per prompt (`imputed_quantile`); under
-    rank selection a prompt whose kept answer's quantile it beats is left out
-    (`n_reserved`): that teacher's replayed answers (`extra`) teach its domain, not the
-    present teachers' guesses. `unknown_share`: the share of the clients absent with no
-    past to impute from (`unknown_domain`): under rank selection that share of the prompts,
-    those whose kept answer's quantile is lowest, is reserved too. `barred` [M] (default:
-    none): teachers the student's LM
-    found implausible (`implausible_teachers`): their scores leave the mixture as a
-    quarantined teacher's do, and a prompt they would win leaves the batch (`n_implausible`)
+    [A]: the highest quantile an absent teacher would have claimed per prompt
+    (`imputed_quantile`); under rank selection a prompt whose kept answer's quantile it
+    beats is left out (`n_reserved`): that teacher's replayed answers (`extra`) teach its
+    domain, not the present teachers' guesses. `unknown_share`: the share of the clients
+    absent with no past to impute from (`unknown_domain`): under rank selection that share
+    of the prompts, those whose kept answer's quantile is lowest, is reserved too.
+    `barred` [M] (default: none): teachers the student's LM found implausible
+    (`implausible_teachers`): their scores leave the mixture as a quarantined teacher's do, and a prompt they would win leaves the batch (`n_implausible`)
     rather than going to the next teacher's guess."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap

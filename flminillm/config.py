@@ -489,9 +489,10 @@ class DistillConfig(_Strict):
         "in every round the client took part in (stale); 0 replays nothing. 1 was chosen on "
         "the validation split under 30% drop-out (docs/tune-dropout; again in stop 35 under "
         "the routing below, docs/tune-dropout-routing). Under rank selection the absent "
-        "client's domain (its quantiles where it won, `imputed_quantile`) is left to its replayed answers; an absent client "
-        "with no past gets its share of the clients reserved where the present teachers are "
-        "least sure (`unknown_domain`). 0 replays and reserves nothing.",
+        "client's domain (its quantiles where it won, `imputed_quantile`) is left to its "
+        "replayed answers; an absent client with no past gets its share of the clients "
+        "reserved where the present teachers are least sure (`unknown_domain`). 0 replays and "
+        "reserves nothing.",
     )
     invariance_share: float = Field(
         0.05,

@@ -663,13 +663,14 @@ def distill(
                 not _is_client(cfg, student_id) and cfg.distill.for_round(round_index).stale_share
             )
             cache = stale_buffer(state.get("stale", {})) if replay else {}
-            here = {t["teacher"] for t in live}  # absent: dropped out, or not sampled
-            stale = {c.id: cache[c.id] for c in cfg.clients if c.id not in here and c.id in cache}
+            here = {t["teacher"] for t in live}
+            absent = [c.id for c in cfg.clients if c.id not in here]  # dropped, or not sampled
+            stale = {c: cache[c] for c in absent if c in cache}
             # absent with no past to replay or impute from (out of round 1, never sampled yet)
-            unknown = [c.id for c in cfg.clients if replay and c.id not in here | set(cache)]
+            unknown = sum(c not in cache for c in absent) if replay else 0
             new_digest, metrics, trained, taught = _distill(
                 cfg, store, state, round_index, student_id, model_digest, ro["rollouts"], live,
-                stale, len(unknown),
+                stale, unknown,
             )  # fmt: skip
             exchange = store.scoped(EXCHANGE)
             mine = store.scoped(student_id)
