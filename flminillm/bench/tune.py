@@ -73,6 +73,16 @@ SCHEDULE_GRID = [
 ]
 
 
+# Whether the single-step reverse KL on a teacher's sequence is weighted by the prefix
+# importance weight (an expectation under the student; small wherever the student is still
+# wrong) or taken at full weight on every visited prefix (MiniLLM's released code):
+# group `iw_single_step`; the benchmark configs carry the choice.
+SINGLE_STEP_GRID = [
+    ("single-step-weighted", {"iw_single_step": True}),
+    ("single-step-full", {"iw_single_step": False}),
+]
+
+
 def _note(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "as configured"
 
@@ -97,6 +107,9 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
     ] + [
         Variant(name, group="lr_schedule", overrides={"distill": d}, note=_note(d))
         for name, d in SCHEDULE_GRID
+    ] + [
+        Variant(name, group="iw_single_step", overrides={"distill": d}, note=_note(d))
+        for name, d in SINGLE_STEP_GRID
     ] + [
         Variant(f"fkl-{name}", group="lr_schedule-forward_kl",
                 overrides={"distill": {**FORWARD_KL, **d}}, note=f"forward-kl, {_note(d)}")
