@@ -233,3 +233,17 @@ def test_the_benchmark_s_server_average_is_what_validation_chose():
     bench = load_config(ROOT / "configs" / "benchmark.yaml")
     assert bench.distill.server_average == meta["chosen"]["k"] > 1
     assert "server_average" not in FORWARD_KL
+
+
+def test_the_benchmark_s_single_step_weight_is_what_validation_chose():
+    """docs/tune-single-step (validation split, 3 seeds) chose whether the single-step
+    reverse KL on a teacher's sequence carries the prefix importance weight; the benchmark
+    config carries the choice, and the group's candidates differ only in it."""
+    meta = json.loads((ROOT / "docs" / "tune-single-step" / "tune.json").read_text())["_meta"]
+    assert meta["split"] == "validation" and meta["seeds"] == [0, 1, 2]
+    chosen = meta["chosen"]["iw_single_step"]["distill"]["iw_single_step"]
+    bench = load_config(ROOT / "configs" / "benchmark.yaml")
+    assert bench.distill.iw_single_step == chosen
+    vs = [v for v in candidates(bench) if v.group == "iw_single_step"]
+    assert sorted(v.overrides["distill"]["iw_single_step"] for v in vs) == [False, True]
+    assert all(set(v.overrides["distill"]) == {"iw_single_step"} for v in vs)
