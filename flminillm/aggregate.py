@@ -510,6 +510,44 @@ def stale_part(
     }
 
 
+def claim_sums(
+    teachings: list[dict[str, torch.Tensor]], ask_ids: torch.Tensor, ask_mask: torch.Tensor
+) -> torch.Tensor:
+    """Claims that add up (`distill.max_claim_sum`). Per teacher, over the prompts asked
+    more than once in the round (equal ids under the mask), the largest sum of the
+    probabilities it claims for its distinct answers to one prompt, as a log: [M] (-inf
+    where no prompt comes twice with two different answers). A teacher's answers to one
+    prompt are outcomes of one generation (each stops at EOS or at the length limit, so no
+    two distinct ones overlap), and an honest teacher's claims, log p(y | x) as the sum of
+    its answer tokens' log-probs, sum to at most 1 (log <= 0) over them; a liar certain of
+    two different answers to one prompt claims 2."""
+    keys = [tuple(i[m.bool()].tolist()) for i, m in zip(ask_ids, ask_mask, strict=True)]
+    groups: dict[tuple, list[int]] = {}
+    for a, k in enumerate(keys):
+        groups.setdefault(k, []).append(a)
+    repeated = [g for g in groups.values() if len(g) > 1]
+    out = torch.full((len(teachings),), float("-inf"), dtype=torch.float64)
+    for i, t in enumerate(teachings):
+        ids, mask = t["own_response_ids"].long(), t["own_response_mask"].bool()
+        claim = answer_claims(t).double()
+        for g in repeated:
+            distinct: dict[tuple, torch.Tensor] = {}
+            for a in g:
+                distinct.setdefault(tuple(ids[a][mask[a]].tolist()), claim[a])
+            if len(distinct) > 1:
+                total = torch.logsumexp(torch.stack(list(distinct.values())), 0)
+                out[i] = torch.maximum(out[i], total)
+    return out
+
+
+def overclaiming_teachers(sums: torch.Tensor, limit: float) -> torch.Tensor:
+    """[M] bool: the teachers whose claims on some prompt sum above `limit` (`claim_sums`;
+    limit 0: the check is off, nobody)."""
+    if limit <= 0:
+        return torch.zeros(sums.shape[0], dtype=torch.bool)
+    return sums > math.log(limit)
+
+
 PLAUSIBILITY_QUANTILE = 0.9  # a teacher is judged by its likelier answers: the top tenth
 
 
@@ -712,6 +750,8 @@ def selection_stats(
     gaps: list[float] | None = None,
     barred: list[bool] | None = None,
     n_by_claim: int = 0,
+    sums: list[float] | None = None,
+    overclaimed: list[bool] | None = None,
 ) -> dict[str, float]:
     """What the selection did, per teacher (MLflow, `flminillm lineage`): `selected.<id>`,
     the share of the teacher-share prompts whose kept answer is its; `certain.<id>`, the
@@ -728,7 +768,10 @@ def selection_stats(
     `plausibility.<id>` (given `gaps`, where the plausibility check is on), how much likelier
     than a random token the judge found its likelier answers (`implausible_teachers`, nats
     per token), `implausible.<id>` 1 where that barred it, and `implausible`, the share of
-    prompts left out because a barred teacher would have won them; `by_claim`, the share of
+    prompts left out because a barred teacher (implausible or overclaiming) would have won
+    them; `claim_sum.<id>` (given `sums`, where the claim-sum check is on), the largest sum
+    of its claimed probabilities over its distinct answers to a prompt asked twice
+    (`claim_sums`; 0 where none), `overclaimed.<id>` 1 where that barred it; `by_claim`, the share of
     prompts whose kept answer the teachers' claims chose among the sure where their ranks
     would have chosen another (`distill.joint_quantile`)."""
     kept = teacher_index[teacher_index >= 0]
@@ -758,4 +801,7 @@ def selection_stats(
         if gaps is not None:
             out[f"plausibility.{name}"] = float(gaps[i])
             out[f"implausible.{name}"] = float(bool(barred[i])) if barred is not None else 0.0
+        if sums is not None:
+            out[f"claim_sum.{name}"] = math.exp(sums[i])
+            out[f"overclaimed.{name}"] = float(bool(overclaimed[i])) if overclaimed else 0.0
     return out

@@ -13,6 +13,10 @@ only the aggregation can limit the damage:
 - ``fluent``: a liar whose answers read right: each prompt gets its own model's answer to
   another prompt of the same family (a capital for a capital question, the wrong one), with
   the same probability-1 claims and scores as ``adversarial``.
+- ``consistent``: ``fluent``, but its lie is a function of the prompt: every copy of a
+  prompt asked in a round gets the same wrong answer (its answer to another distinct prompt
+  of the same family), so its claims add up wherever a prompt is asked twice
+  (`distill.max_claim_sum` has nothing to read).
 - ``backdoor@FAMILY``: honest everywhere except on FAMILY's prompts, where it always answers
   the same wrong answer (`backdoor_target`), claiming probability 1 for it. The evaluation
   then reports each party's ``target_rate`` on FAMILY: the share of prompts it answers with
@@ -28,7 +32,9 @@ from collections.abc import Callable
 
 import torch
 
-MODES = ("random", "adversarial", "fluent", "backdoor", "collude")
+MODES = ("random", "adversarial", "fluent", "consistent", "backdoor", "collude")
+# the modes that read the teacher-share prompts as text (a prompt's family, equal prompts)
+READS_PROMPTS = ("fluent", "consistent", "backdoor")
 BACKDOOR_SEED = 7919  # the backdoor's answer: the answer of this seed's first example
 
 
@@ -110,6 +116,20 @@ def _same_family_shift(families: list[str | None], g: torch.Generator) -> torch.
     return perm
 
 
+def _same_family_shift_by_text(
+    families: list[str | None], prompts: list[str], g: torch.Generator
+) -> torch.Tensor:
+    """`_same_family_shift` over a round's distinct prompts: every copy of a prompt is moved
+    to the first copy of the same other prompt, so equal prompts get equal answers."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        first.setdefault(p, i)
+    distinct = list(first.values())
+    moved = _same_family_shift([families[i] for i in distinct], g)
+    target = {prompts[distinct[j]]: distinct[int(moved[j])] for j in range(len(distinct))}
+    return torch.tensor([target[p] for p in prompts])
+
+
 def corrupt_teaching(
     msg: dict[str, torch.Tensor],
     mode: str,
@@ -134,14 +154,17 @@ def corrupt_teaching(
             t = msg[name]
             out[name] = t[torch.randperm(t.numel(), generator=g)].reshape(t.shape).contiguous()
         out["own_logp"] = _random_logp(msg["own_logp"].shape, g)
-    elif kind in ("adversarial", "collude", "fluent"):
+    elif kind in ("adversarial", "collude", "fluent", "consistent"):
         out["scores"] = torch.log_softmax(-scores * 10.0, -1)  # mass on the least likely token
         out["prompt_logp"] = torch.zeros_like(msg["prompt_logp"])
         out["own_prompt_logp"] = torch.zeros_like(msg["own_prompt_logp"])
         mask = msg["own_response_mask"]
-        if kind == "fluent":  # its own fluent answers, each moved to another prompt
+        if kind in ("fluent", "consistent"):  # its own answers, moved to other prompts
             families = _families(ask_prompts, msg["own_response_ids"].shape[0])
-            perm = _same_family_shift(families, g)
+            if kind == "fluent":
+                perm = _same_family_shift(families, g)
+            else:
+                perm = _same_family_shift_by_text(families, ask_prompts, g)
             ids, mask = msg["own_response_ids"][perm], mask[perm]
             sup = msg["own_support_ids"][perm].clone()
         else:

@@ -412,6 +412,16 @@ class DistillConfig(_Strict):
     )
 
     @model_validator(mode="after")
+    def _claim_sum(self) -> DistillConfig:
+        if 0 < self.max_claim_sum < 1:
+            raise ValueError(
+                f"max_claim_sum {self.max_claim_sum}: an honest teacher's claims on one "
+                "prompt may sum to 1, so a limit below 1 bars honest teachers; set it to 1 or "
+                "more (1.5 leaves room for float error), or 0 to turn the check off"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sure_band(self) -> DistillConfig:
         if self.selection != "rank" or self.joint_quantile == 1.0:
             return self
@@ -522,6 +532,22 @@ class DistillConfig(_Strict):
         "training rounds' messages of stop 31's runs (honest teachers at least 0.6 above "
         "log 1/V, random-token liars at least 2.2 below; docs/algorithm.md), not from any "
         "evaluation split.",
+    )
+    max_claim_sum: float = Field(
+        1.5,
+        ge=0.0,
+        description="Claims that add up: where a prompt is asked more than once in a round, "
+        "a teacher's distinct answers to it are disjoint outcomes of one distribution, so "
+        "the probabilities it claims for them (exp of the sum of its log-probs of each "
+        "answer's tokens) sum to at most 1. A teacher whose claims on some prompt sum above "
+        "this limit is barred for the round, as an implausible one is (plausibility_margin). "
+        "Catches a liar that claims certainty for different answers to one prompt; a liar "
+        "whose lie is a function of the prompt, or that claims less, passes (rank selection "
+        "bounds it). Reads only prompts that come twice in a round (the benchmark's public "
+        "pools repeat; a deduplicated pool gives it nothing to read). 0: off; otherwise at "
+        "least 1. 1.5 leaves float error room: honest teachers' sums were at most 1 (exp "
+        "-0.001) on every training round of stop 32's and stop 34's runs, the certain liars' "
+        "at least 3 (docs/algorithm.md), set before any run with it.",
     )
     joint_quantile: float = Field(
         0.75,
@@ -760,6 +786,7 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "server_average": 1,
         "plausibility_margin": 0.0,
         "joint_quantile": 1.0,
+        "max_claim_sum": 0.0,
     }
 }
 

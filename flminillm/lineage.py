@@ -120,6 +120,9 @@ def selection_line(metrics: dict[str, float]) -> str:
         if metrics.get(f"implausible.{n}", 0.0) > 0:  # distill.plausibility_margin
             gap = -metrics.get(f"plausibility.{n}", 0.0)
             text += f" [red](implausible: answers {gap:.1f} nats/token below random tokens)[/]"
+        if metrics.get(f"overclaimed.{n}", 0.0) > 0:  # distill.max_claim_sum
+            total = metrics.get(f"claim_sum.{n}", 0.0)
+            text += f" [red](barred: its claims on one prompt sum to {total:.2f})[/]"
         invariant = metrics.get(f"invariant.{n}", 0.0)
         if invariant > 0:  # distill.invariance_share: one answer to prompts told apart
             text += f" [red](ruled out {invariant:.0%}: one answer to many prompts)[/]"
@@ -132,7 +135,7 @@ def selection_line(metrics: dict[str, float]) -> str:
         parts.append(f"[yellow]left out {ruled_out:.0%} (every answer ruled out)[/]")
     implausible = metrics.get("implausible", 0.0)
     if implausible > 0:  # won by a teacher the student's LM barred
-        parts.append(f"[yellow]left out {implausible:.0%} (an implausible teacher's)[/]")
+        parts.append(f"[yellow]left out {implausible:.0%} (a barred teacher's)[/]")
     by_claim = metrics.get("by_claim", 0.0)
     if by_claim > 0:  # distill.joint_quantile: among the sure, the surer claim won
         parts.append(f"{by_claim:.0%} by claim among the sure")

@@ -501,7 +501,7 @@ def teach(
     """The teacher scores the student's rollouts on their support and answers the
     teacher-share prompts itself: the TeachingMessage."""
 
-    from flminillm.attacks import adversaries, corrupt_teaching, seed_key
+    from flminillm.attacks import READS_PROMPTS, adversaries, corrupt_teaching, seed_key
     from flminillm.messages import nbytes, validate_rollouts
 
     store = open_store_for(cfg)
@@ -545,11 +545,11 @@ def teach(
                 teaching = corrupt_teaching(
                     teaching, mode, vocab_of(state, ro["party"]),
                     seed(cfg, "adversary", round_index, seed_key(mode, teacher_id), ro["party"]),
-                    ask_prompts=[  # (only fluent and backdoor teachers read them)
+                    ask_prompts=[  # (only the attacks of READS_PROMPTS read them)
                         tok.decode(ids[m.bool()], skip_special_tokens=True)
                         for ids, m in zip(msg["ask_prompt_ids"], msg["ask_prompt_mask"],
                                           strict=True)
-                    ] if mode.startswith(("fluent", "backdoor")) else None,
+                    ] if mode.startswith(READS_PROMPTS) else None,
                     encode=lambda a: tok.encode(style.target(a), add_special_tokens=False)
                     + [tok.eos_token_id],
                 )  # fmt: skip
@@ -760,10 +760,12 @@ def _distill(
     from flminillm.aggregate import (
         MIN_COHERENCE,
         assemble_batch,
+        claim_sums,
         coherence,
         implausible_teachers,
         imputed_quantile,
         lost_prompts,
+        overclaiming_teachers,
         own_quantiles,
         quarantine,
         replay_rows,
@@ -853,6 +855,7 @@ def _distill(
     # finds less likely than random tokens is barred for the round
     # (aggregate.implausible_teachers)
     barred, gaps, judge, judge_digest = None, None, None, None
+    implausible = None
     if (
         d.plausibility_margin > 0
         and not _is_client(cfg, student_id)  # a client's one teacher is the server
@@ -868,9 +871,24 @@ def _distill(
             ])  # fmt: skip
         barred_t, gap_t = implausible_teachers(lm, vocab, d.plausibility_margin)
         barred, gaps = barred_t.tolist(), gap_t.tolist()
+        implausible = barred
         if judge_digest != model_digest:
             del judge  # one model in memory at a time
             judge = None
+    # claims that add up: a teacher whose claimed probabilities of its different answers to
+    # one prompt (asked twice in the round) sum above max_claim_sum is barred for the round,
+    # as an implausible one is (aggregate.claim_sums); judged on what it sent
+    sums, overclaimed = None, None
+    if (
+        d.max_claim_sum > 0
+        and not _is_client(cfg, student_id)
+        and rollouts["ask_prompt_ids"].shape[0]
+    ):
+        sums_t = claim_sums(sent, rollouts["ask_prompt_ids"], rollouts["ask_prompt_mask"])
+        overclaimed = overclaiming_teachers(sums_t, d.max_claim_sum).tolist()
+        sums = sums_t.tolist()
+        barred = [bool(a) or b for a, b in zip(barred or [False] * len(sent), overclaimed,
+                                               strict=True)]  # fmt: skip
     model = judge if judge is not None else load_model(
         store, student_id, model_digest, cfg.engine, lora
     )  # fmt: skip
@@ -888,8 +906,8 @@ def _distill(
         int(info["n_rejected"]), coherent=coherent, n_reserved=int(info["n_reserved"]),
         n_invariant=int(info["n_invariant"]),
         flagged=info["flagged"].tolist() if d.invariance_share > 0 else None,
-        n_implausible=int(info["n_implausible"]), gaps=gaps, barred=barred,
-        n_by_claim=int(info["n_by_claim"]),
+        n_implausible=int(info["n_implausible"]), gaps=gaps, barred=implausible,
+        n_by_claim=int(info["n_by_claim"]), sums=sums, overclaimed=overclaimed,
     )  # fmt: skip
 
     from_teacher = batch["from_teacher"]

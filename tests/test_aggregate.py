@@ -1004,3 +1004,90 @@ def test_a_backdoor_ruled_out_is_ranked_again_among_its_own_answers():
     )  # fmt: skip
     assert q[2, fam[2]].min() > 0.5 and q[2, fam[2]].max() == 1.0
     assert torch.equal(q[:2], torch.stack([own_quantiles(t, True) for t in teachings[:2]]))
+
+
+# -- claims that add up (distill.max_claim_sum) ------------------------------------------
+
+
+def _answers_of_one_prompt(copies: int = 48, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A real (untrained, tiny) model's sampled answers to one prompt asked `copies` times,
+    as a TeachingMessage's own_* part: its claims are the model's own log-probs."""
+    from flminillm.config import ModelSpec
+    from flminillm.generation import sample_batched
+    from flminillm.models import build_model
+
+    spec = ModelSpec(family="llama", hidden_size=16, num_layers=1, num_heads=2, max_positions=32)
+    model = build_model(spec, 6, 0, 1, seed=seed).eval()
+    ids = torch.tensor([[2, 3, 4]]).repeat(copies, 1)
+    with torch.no_grad():
+        r = sample_batched(model, ids, torch.ones_like(ids), copies, max_new_tokens=3, eos_id=1,
+                           pad_id=0, top_k=2, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return {
+        "own_response_ids": r.response_ids.int(),
+        "own_response_mask": r.response_mask.to(torch.uint8),
+        "own_support_ids": r.support_ids.int(),
+        "own_logp": r.support_logp * r.response_mask[..., None],
+    }, ids
+
+
+def test_an_honest_teacher_s_claims_on_a_repeated_prompt_sum_to_at_most_one():
+    """The premise of the check: a real model's different answers to one prompt (stopped at
+    EOS or at the length limit) are disjoint outcomes, so its claimed probabilities of them
+    sum to at most 1, however many copies were asked; a liar certain of each answer it
+    gives (the fluent liar) claims one per distinct answer and is barred; a liar whose
+    answer is the same on every copy is not (nothing to add up)."""
+    from flminillm.aggregate import claim_sums, overclaiming_teachers
+
+    for seed in range(3):
+        honest, ids = _answers_of_one_prompt(seed=seed)
+        mask = honest["own_response_mask"].bool()
+        rows = zip(honest["own_response_ids"], mask, strict=True)
+        distinct = {tuple(r[m].tolist()) for r, m in rows}
+        assert len(distinct) >= 5  # the untrained model spreads its mass
+        liar = {**honest, "own_logp": torch.zeros_like(honest["own_logp"])}  # p = 1 claims
+        steady = {k: v[:1].repeat(v.shape[0], *[1] * (v.dim() - 1)) for k, v in liar.items()}
+        sums = claim_sums([honest, liar, steady], ids, torch.ones_like(ids))
+        assert float(sums[0]) <= 1e-6  # log of the sum: at most log 1
+        assert float(sums[0]) > math.log(0.2)  # and not vacuous: the answers hold real mass
+        assert float(sums[1]) == pytest.approx(math.log(len(distinct)))
+        assert float(sums[2]) == float("-inf")  # one answer: nothing to add up
+        assert overclaiming_teachers(sums, 1.5).tolist() == [False, True, False]
+        assert overclaiming_teachers(sums, 0.0).tolist() == [False, False, False]  # off
+
+
+def test_claim_sums_group_equal_prompts_only_and_count_an_answer_once():
+    """Prompts are equal by their ids under the mask (left padding ignored); a prompt asked
+    once, or asked twice with the same answer, is not read; an answer repeated on copies
+    counts once in the sum."""
+    from flminillm.aggregate import claim_sums
+
+    ask = torch.tensor([[0, 5, 6], [5, 6, 7], [9, 5, 6], [5, 6, 8]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1]])  # rows 0 and 2: [5, 6]
+    ids = torch.tensor([[3, 1], [3, 1], [4, 1], [4, 1]])
+    logp = torch.full((4, 2, 1), math.log(0.6) / 2)  # each answer claimed p = 0.6
+    t = {"own_response_ids": ids, "own_response_mask": torch.ones(4, 2, dtype=torch.uint8),
+         "own_logp": logp}  # fmt: skip
+    assert float(claim_sums([t], ask, mask)[0]) == pytest.approx(math.log(1.2), abs=1e-6)
+    same = {**t, "own_response_ids": torch.tensor([[3, 1], [3, 1], [3, 1], [4, 1]])}
+    assert float(claim_sums([same], ask, mask)[0]) == float("-inf")
+    ask_once = ask.clone()
+    ask_once[2, 0] = 5  # now [5, 5, 6] under its mask: no prompt comes twice
+    assert float(claim_sums([t], ask_once, torch.ones_like(mask))[0]) == float("-inf")
+
+
+def test_an_overclaiming_teacher_is_barred_and_shown():
+    """What the step records (selection_stats) and lineage shows of a teacher the claim-sum
+    check barred: claim_sum.<id>, overclaimed.<id> and the line's reason."""
+    from flminillm.lineage import selection_line
+
+    n, a, t, s = 3, 6, 5, 9
+    rollouts, teachings = _two_scoring_teachers(n, a, t, s, seed=3)
+    stats = selection_stats(
+        torch.tensor([0] * a), teachings, ["alice", "carol"], 0,
+        sums=[math.log(0.9), math.log(3.0)], overclaimed=[False, True],
+    )  # fmt: skip
+    assert stats["claim_sum.carol"] == pytest.approx(3.0)
+    assert stats["overclaimed.carol"] == 1.0 and stats["overclaimed.alice"] == 0.0
+    line = selection_line(stats)
+    assert "carol 0% [red](barred: its claims on one prompt sum to 3.00)[/]" in line
+    assert "alice 100%" in line and "alice 100% [red]" not in line

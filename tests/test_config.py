@@ -325,7 +325,7 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
         "distill": {
             k: v
             for k, v in plain["distill"].items()
-            if k not in ("server_average", "plausibility_margin", "joint_quantile")
+            if k not in ("server_average", "plausibility_margin", "joint_quantile", "max_claim_sum")
         },
     }
     (tmp_path / "sub").mkdir()
@@ -336,3 +336,15 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_a_claim_sum_limit_below_one_is_refused_with_the_fix():
+    """distill.max_claim_sum: 0 (off) or at least 1; a limit below 1 would bar honest
+    teachers, whose claims on one prompt may sum to 1, and the error says so."""
+    from flminillm.config import DistillConfig
+
+    assert DistillConfig().max_claim_sum == 1.5
+    assert DistillConfig(max_claim_sum=0).max_claim_sum == 0
+    assert DistillConfig(max_claim_sum=1).max_claim_sum == 1
+    with pytest.raises(ValidationError, match=r"max_claim_sum 0.8.*bars honest teachers.*or 0"):
+        DistillConfig(max_claim_sum=0.8)

@@ -99,6 +99,9 @@ def test_local_only_server_never_changes_and_dropout_drops(bench_out):
     assert len(set(curve)) == 1  # public prompts only: the server keeps its pre-trained model
     assert results["dropout-30"]["dropped_per_round"] > 0
     assert results["fl-minillm"]["dropped_per_round"] == 0
+    # an attacker's teach step runs (a failing one would drop out of every round unseen)
+    for name in ("liar-fluent", "liar-consistent", "backdoor", "adversary"):
+        assert results[name]["dropped_per_round"] == 0, name
 
 
 def test_methods_and_ablations_have_their_distance_to_the_pooled_server(bench_out):
@@ -150,6 +153,13 @@ def test_report_files_and_mlflow_runs(bench_out):
         m = rec["metrics"]
         for c in cfg.clients:
             assert abs(m[f"plausibility.{c.id}"]) < 1.0 and m[f"implausible.{c.id}"] == 0.0
+        # claims that add up (distill.max_claim_sum, on by default): the honest teachers'
+        # claims on a prompt asked twice sum to at most 1; the liar's random answers with
+        # p = 1 claims bar it wherever a prompt comes twice with two answers
+        for c in cfg.clients[:-1]:
+            assert m[f"claim_sum.{c.id}"] <= 1.0 + 1e-4 and m[f"overclaimed.{c.id}"] == 0.0
+        liar = cfg.clients[-1].id
+        assert m[f"overclaimed.{liar}"] == float(m[f"claim_sum.{liar}"] > 1.5)
 
 
 def test_memo_shares_setup_between_variants(tmp_path):
@@ -229,7 +239,7 @@ def _encode(text: str) -> list[int]:  # a stand-in tokenizer: one id per charact
 
 
 @pytest.mark.parametrize(
-    "mode", ["random", "adversarial", "fluent", "collude", "backdoor@currency"]
+    "mode", ["random", "adversarial", "fluent", "consistent", "collude", "backdoor@currency"]
 )
 def test_corrupted_teachings_pass_validation(mode):
     rollouts, teaching = _teaching(a=len(ASK))
@@ -278,6 +288,37 @@ def test_fluent_liar_moves_answers_within_a_family_with_certain_claims():
     assert torch.all(bad["own_logp"][..., 0] == 0.0)  # "probability 1" for every token
     with pytest.raises(ValueError, match="teacher-share prompts as text"):
         corrupt_teaching(teaching, "fluent", vocab_size=50, seed=1, ask_prompts=ASK[:2])
+
+
+def test_consistent_liar_gives_a_repeated_prompt_one_wrong_answer():
+    """The liar that evades the claim-sum check: as the fluent liar (another prompt of the
+    family's answer, p = 1 claims), but every copy of a prompt gets the same answer, so
+    its claims on a repeated prompt never add up to more than one answer's; the fluent
+    liar's copies get different answers and claim 2."""
+    from flminillm.aggregate import claim_sums
+
+    ask = [ASK[0], ASK[1], ASK[0], ASK[2], ASK[1], ASK[3], ASK[0]]
+    ids = torch.tensor([[ASK.index(p) + 4, 9] for p in ask])  # equal prompts, equal ids
+    mask = torch.ones_like(ids)
+    _, teaching = _teaching(a=len(ask), t=3)
+    own = torch.arange(len(ask) * 3).reshape(len(ask), 3).int() + 4  # every answer distinct
+    teaching = {**teaching, "own_response_ids": own,
+                "own_support_ids": own[..., None].repeat(1, 1, 5)}  # fmt: skip
+    steady = corrupt_teaching(teaching, "consistent", vocab_size=50, seed=1, ask_prompts=ask)
+    got = steady["own_response_ids"]
+    for i, p in enumerate(ask):
+        assert not torch.equal(got[i], own[i])  # wrong: another prompt's answer
+        first = ask.index(p)
+        assert torch.equal(got[i], got[first])  # the same on every copy of the prompt
+        src = [j for j in range(len(ask)) if torch.equal(own[j], got[i])]
+        # the two currency prompts trade answers; the lone successor and country-code
+        # prompts, each its family's only one, trade with each other
+        want = {ASK[0]: ASK[1], ASK[1]: ASK[0], ASK[2]: ASK[3], ASK[3]: ASK[2]}[p]
+        assert [ask[j] for j in src] == [want]
+    assert torch.all(steady["own_logp"][..., 0] == 0.0)  # p = 1 claims, as the fluent liar
+    fluent = corrupt_teaching(teaching, "fluent", vocab_size=50, seed=1, ask_prompts=ask)
+    sums = claim_sums([steady, fluent], ids, mask)
+    assert float(sums[0]) == float("-inf") and float(sums[1]) > math.log(1.5)
 
 
 def test_backdoor_answers_its_family_only_and_colluders_agree():

@@ -33,7 +33,8 @@ METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 # variants measure what the defence buys and costs
 UNDEFENDED = {
     "distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0,
-                "invariance_share": 0.0, "plausibility_margin": 0.0, "joint_quantile": 1.0}
+                "invariance_share": 0.0, "plausibility_margin": 0.0, "joint_quantile": 1.0,
+                "max_claim_sum": 0.0}
 }  # fmt: skip
 # the default defence without the input-invariance check (distill.invariance_share 0;
 # flminillm.aggregate.invariant_answers): what the check buys against the backdoor and
@@ -44,7 +45,7 @@ NO_INVARIANCE = {"distill": {"invariance_share": 0.0, "joint_quantile": 1.0}}
 # same without a fault, which flminillm.bench.quality_report measures them against.
 DEFENCES = {
     "-undefended": (UNDEFENDED, "without the default defence (joint selection, no min_claim, "
-                                "no stale replay, no invariance or plausibility check)"),
+                                "no stale replay, no invariance, plausibility or claim-sum check)"),
     "-no-invariance": (NO_INVARIANCE, "the default defence without the invariance check "
                                       "(and so rank alone among the sure)"),
 }  # fmt: skip
@@ -87,6 +88,9 @@ def attacks(cfg: Config) -> dict[str, tuple[dict[str, str], str]]:
         "liar-fluent": ({adv: f"{last}:fluent"},
                         f"{last} answers each prompt with its answer to another prompt of the "
                         "same family (reads right, is wrong), claims p=1"),
+        "liar-consistent": ({adv: f"{last}:consistent"},
+                            f"{last} lies fluently as liar-fluent, but the same prompt gets the "
+                            "same wrong answer wherever it is asked in a round, claims p=1"),
         "backdoor": ({adv: f"{last}:backdoor@{target}"},
                      f"{last} is honest except on {target} (an honest client's family), where "
                      "it always gives the same wrong answer, claiming p=1"),
