@@ -549,6 +549,16 @@ class DistillConfig(_Strict):
         "-0.001) on every training round of stop 32's and stop 34's runs, the certain liars' "
         "at least 3 (docs/algorithm.md), set before any run with it.",
     )
+    repeat_share: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Share of each round's teacher-share prompts replaced by copies of "
+        "others of the round (seeded, in random places): prompts asked twice on purpose, so "
+        "that the claim-sum check (max_claim_sum) has something to read where the public "
+        "pool has no repeats of its own. 0: off (the benchmarks' pools repeat; their runs "
+        "keep it off). A liar that spots the copies and answers them alike passes.",
+    )
     joint_quantile: float = Field(
         0.75,
         gt=0.0,
@@ -787,6 +797,7 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "plausibility_margin": 0.0,
         "joint_quantile": 1.0,
         "max_claim_sum": 0.0,
+        "repeat_share": 0.0,
     }
 }
 

@@ -408,7 +408,13 @@ def _round_prompts(cfg: ExperimentConfig, store: Store, state: dict, round_index
     chosen = rng.sample(public, n)
     d = cfg.distill.for_round(round_index)
     n_teacher = round(d.alpha * n) if d.teacher_mixed else 0
-    return chosen[: n - n_teacher], chosen[n - n_teacher :]
+    own, ask = chosen[: n - n_teacher], chosen[n - n_teacher :]
+    k = round(d.repeat_share * len(ask))
+    if k and len(ask) > k:  # asked twice on purpose, for the claim-sum check
+        rng = random.Random(seed(cfg, "repeats", round_index, party))
+        ask = ask[: len(ask) - k] + [rng.choice(ask[: len(ask) - k]) for _ in range(k)]
+        rng.shuffle(ask)
+    return own, ask
 
 
 @step()

@@ -1091,3 +1091,29 @@ def test_an_overclaiming_teacher_is_barred_and_shown():
     line = selection_line(stats)
     assert "carol 0% [red](barred: its claims on one prompt sum to 3.00)[/]" in line
     assert "alice 100%" in line and "alice 100% [red]" not in line
+
+
+def test_repeat_share_asks_some_teacher_share_prompts_twice(tiny_config):
+    """distill.repeat_share: that share of a round's teacher-share prompts is replaced by
+    copies of the others (the claim-sum check's reading where the pool has no repeats);
+    the student's own share and the round's other prompts are the same as without it, and
+    0 leaves the round's prompts exactly as they were."""
+    from flminillm.artifacts import open_store_for
+    from flminillm.steps import _round_prompts, prepare
+
+    state = prepare(tiny_config)
+    store = open_store_for(tiny_config)
+    base = tiny_config.model_copy(
+        update={"distill": tiny_config.distill.model_copy(update={"alpha": 1.0})}
+    )
+    own, ask = _round_prompts(base, store, state, 1, "server")
+    assert not own and len(ask) >= 10
+    d = base.distill.model_copy(update={"repeat_share": 0.25})
+    rep = base.model_copy(update={"distill": d})
+    own2, ask2 = _round_prompts(rep, store, state, 1, "server")
+    k = round(0.25 * len(ask))
+    assert own2 == own and len(ask2) == len(ask)
+    kept = ask[: len(ask) - k]
+    assert all(e in kept for e in ask2)  # copies of the round's own prompts only
+    assert len({(e.family, e.prompt) for e in ask2}) <= len(ask) - k < len(ask2)
+    assert _round_prompts(rep, store, state, 1, "server") == (own2, ask2)  # seeded
