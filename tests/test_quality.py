@@ -153,13 +153,15 @@ def test_report_files_and_mlflow_runs(bench_out):
         m = rec["metrics"]
         for c in cfg.clients:
             assert abs(m[f"plausibility.{c.id}"]) < 1.0 and m[f"implausible.{c.id}"] == 0.0
-        # claims that add up (distill.max_claim_sum, on by default): the honest teachers'
-        # claims on a prompt asked twice sum to at most 1; the liar's random answers with
-        # p = 1 claims bar it wherever a prompt comes twice with two answers
+        # claims that add up (distill.max_claim_sum, on by default; the tiny config asks a
+        # quarter of the teacher-share prompts twice, distill.repeat_share): the honest
+        # teachers' claims on a prompt asked twice sum to at most 1; the liar's different
+        # random answers to one prompt, each claimed with p = 1, bar it in every round
         for c in cfg.clients[:-1]:
             assert m[f"claim_sum.{c.id}"] <= 1.0 + 1e-4 and m[f"overclaimed.{c.id}"] == 0.0
         liar = cfg.clients[-1].id
-        assert m[f"overclaimed.{liar}"] == float(m[f"claim_sum.{liar}"] > 1.5)
+        assert m[f"claim_sum.{liar}"] >= 2.0 and m[f"overclaimed.{liar}"] == 1.0
+        assert m[f"selected.{liar}"] == 0.0
 
 
 def test_memo_shares_setup_between_variants(tmp_path):
