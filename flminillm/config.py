@@ -553,8 +553,8 @@ class DistillConfig(_Strict):
         0.0,
         ge=0.0,
         lt=1.0,
-        description="Share of each round's teacher-share prompts replaced by copies of "
-        "others of the round (seeded, in random places): prompts asked twice on purpose, so "
+        description="Share of the server's teacher-share prompts of each round replaced by "
+        "copies of others of the round (seeded, in random places): prompts asked twice on purpose, so "
         "that the claim-sum check (max_claim_sum) has something to read where the public "
         "pool has no repeats of its own. 0: off (the benchmarks' pools repeat; their runs "
         "keep it off). A liar that spots the copies and answers them alike passes.",

@@ -409,8 +409,8 @@ def _round_prompts(cfg: ExperimentConfig, store: Store, state: dict, round_index
     d = cfg.distill.for_round(round_index)
     n_teacher = round(d.alpha * n) if d.teacher_mixed else 0
     own, ask = chosen[: n - n_teacher], chosen[n - n_teacher :]
-    k = round(d.repeat_share * len(ask))
-    if k and len(ask) > k:  # asked twice on purpose, for the claim-sum check
+    k = round(d.repeat_share * len(ask)) if party == cfg.server.id else 0
+    if k and len(ask) > k:  # asked twice on purpose, for the server's claim-sum check
         rng = random.Random(seed(cfg, "repeats", round_index, party))
         ask = ask[: len(ask) - k] + [rng.choice(ask[: len(ask) - k]) for _ in range(k)]
         rng.shuffle(ask)

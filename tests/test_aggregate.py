@@ -1117,3 +1117,7 @@ def test_repeat_share_asks_some_teacher_share_prompts_twice(tiny_config):
     assert all(e in kept for e in ask2)  # copies of the round's own prompts only
     assert len({(e.family, e.prompt) for e in ask2}) <= len(ask) - k < len(ask2)
     assert _round_prompts(rep, store, state, 1, "server") == (own2, ask2)  # seeded
+    client = tiny_config.clients[0].id  # a client's teacher is the server: no copies
+    assert _round_prompts(rep, store, state, 1, client) == _round_prompts(
+        base, store, state, 1, client
+    )
