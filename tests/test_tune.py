@@ -247,3 +247,18 @@ def test_the_benchmark_s_single_step_weight_is_what_validation_chose():
     vs = [v for v in candidates(bench) if v.group == "iw_single_step"]
     assert sorted(v.overrides["distill"]["iw_single_step"] for v in vs) == [False, True]
     assert all(set(v.overrides["distill"]) == {"iw_single_step"} for v in vs)
+
+
+def test_the_teachers_temperature_is_a_group_per_method():
+    """generation.temperature (every rollout, the teachers' answers included) is a group per
+    method: FL-MiniLLM as the config is written, forward-kl as bench quality runs it; the
+    candidates differ only in it, and the chosen one names its generation setting."""
+    from flminillm.bench.variants import FORWARD_KL
+
+    cfg = load_config(TINY)
+    for group, distill in (("temperature", None), ("temperature-forward_kl", FORWARD_KL)):
+        vs = [v for v in candidates(cfg) if v.group == group]
+        assert sorted(v.overrides["generation"]["temperature"] for v in vs) == [0.7, 1.0]
+        for v in vs:
+            assert set(v.overrides["generation"]) == {"temperature"}
+            assert v.overrides.get("distill") == distill

@@ -83,6 +83,16 @@ SINGLE_STEP_GRID = [
 ]
 
 
+# The teachers' sampling temperature (generation.temperature: every rollout, the teachers'
+# answers included), for both methods: group `temperature` (FL-MiniLLM) and
+# `temperature-forward_kl`. An unsure teacher's samples at temperature 1 are often wrong,
+# and SeqKD learns them at full weight.
+TEMPERATURE_GRID = [
+    ("temperature-1", {"temperature": 1.0}),
+    ("temperature-0.7", {"temperature": 0.7}),
+]
+
+
 def _note(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "as configured"
 
@@ -110,6 +120,13 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
     ] + [
         Variant(name, group="iw_single_step", overrides={"distill": d}, note=_note(d))
         for name, d in SINGLE_STEP_GRID
+    ] + [
+        Variant(name, group="temperature", overrides={"generation": d}, note=_note(d))
+        for name, d in TEMPERATURE_GRID
+    ] + [
+        Variant(f"fkl-{name}", group="temperature-forward_kl",
+                overrides={"distill": FORWARD_KL, "generation": d}, note=f"forward-kl, {_note(d)}")
+        for name, d in TEMPERATURE_GRID
     ] + [
         Variant(f"fkl-{name}", group="lr_schedule-forward_kl",
                 overrides={"distill": {**FORWARD_KL, **d}}, note=f"forward-kl, {_note(d)}")
@@ -231,7 +248,9 @@ def run_tune(
             v = next(v for v in vs if v.name == name)
             chosen[method] = {"candidate": name, "score": validation_score(results[name]),
                               "rouge_l_score": validation_score(results[name], "rouge_l"),
-                              "distill": v.overrides["distill"]}  # fmt: skip
+                              "distill": v.overrides.get("distill", {}),
+                              **({"generation": v.overrides["generation"]}
+                                 if "generation" in v.overrides else {})}  # fmt: skip
     budget = choose_rounds(results, [c["candidate"] for m, c in chosen.items() if m in GRID])
     if budget and base.distill.server_average > 1:
         # the last round's point is the average of K rounds' servers, the others are not:
@@ -292,7 +311,8 @@ def _write_markdown(results: dict, path: Path) -> None:
         "",
     ]
     for method, c in meta["chosen"].items():
-        lines.append(f"- {method}: `{c['candidate']}` → `distill: {json.dumps(c['distill'])}`")
+        what = {k: c[k] for k in ("distill", "generation") if c.get(k)}
+        lines.append(f"- {method}: `{c['candidate']}` → `{json.dumps(what)}`")
     budget = meta.get("rounds")
     if budget and "skipped" in budget:
         lines.append(f"- round budget: not chosen: {budget['skipped']}")
