@@ -198,7 +198,7 @@ def invariant_answers(
     flagged = torch.zeros(m, a, dtype=torch.bool)
     if share <= 0 or m < 2 or a < 2:
         return flagged
-    keys = [[tuple(ids[i, p][mask[i, p] > 0].tolist()) for p in range(a)] for i in range(m)]
+    keys = [row_keys(ids[i], mask[i]) for i in range(m)]
     high = (quantiles > sure).tolist()  # [M][A]
     for i in range(m):
         groups: dict[tuple, list[int]] = {}
@@ -510,33 +510,52 @@ def stale_part(
     }
 
 
+def row_keys(ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, ...]]:
+    """Each row's tokens under its mask [N, T] -> N hashable keys: equal keys, equal
+    sequences (left or right padding ignored)."""
+    return [tuple(r[m.bool()].tolist()) for r, m in zip(ids, mask, strict=True)]
+
+
+def repeated_prompts(ask_ids: torch.Tensor, ask_mask: torch.Tensor) -> list[list[int]]:
+    """The prompts asked more than once in a round: groups of row indices of equal prompts."""
+    groups: dict[tuple, list[int]] = {}
+    for a, k in enumerate(row_keys(ask_ids, ask_mask)):
+        groups.setdefault(k, []).append(a)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def group_claim_sums(teaching: dict[str, torch.Tensor], groups: list[list[int]]) -> torch.Tensor:
+    """Per group of equal prompts (`repeated_prompts`), the log of the sum of the
+    probabilities the teacher claims (`answer_claims`) for its distinct answers there, each
+    answer once: [G] float64, -inf where it gave one answer (nothing to add up)."""
+    answers = row_keys(teaching["own_response_ids"], teaching["own_response_mask"])
+    claim = answer_claims(teaching).double()
+    out = torch.full((len(groups),), float("-inf"), dtype=torch.float64)
+    for j, g in enumerate(groups):
+        distinct: dict[tuple, torch.Tensor] = {}
+        for a in g:
+            distinct.setdefault(answers[a], claim[a])
+        if len(distinct) > 1:
+            out[j] = torch.logsumexp(torch.stack(list(distinct.values())), 0)
+    return out
+
+
 def claim_sums(
     teachings: list[dict[str, torch.Tensor]], ask_ids: torch.Tensor, ask_mask: torch.Tensor
 ) -> torch.Tensor:
     """Claims that add up (`distill.max_claim_sum`). Per teacher, over the prompts asked
-    more than once in the round (equal ids under the mask), the largest sum of the
-    probabilities it claims for its distinct answers to one prompt, as a log: [M] (-inf
-    where no prompt comes twice with two different answers). A teacher's answers to one
-    prompt are outcomes of one generation (each stops at EOS or at the length limit, so no
-    two distinct ones overlap), and an honest teacher's claims, log p(y | x) as the sum of
-    its answer tokens' log-probs, sum to at most 1 (log <= 0) over them; a liar certain of
-    two different answers to one prompt claims 2."""
-    keys = [tuple(i[m.bool()].tolist()) for i, m in zip(ask_ids, ask_mask, strict=True)]
-    groups: dict[tuple, list[int]] = {}
-    for a, k in enumerate(keys):
-        groups.setdefault(k, []).append(a)
-    repeated = [g for g in groups.values() if len(g) > 1]
+    more than once in the round (`repeated_prompts`), the largest sum of the probabilities
+    it claims for its distinct answers to one prompt (`group_claim_sums`), as a log: [M]
+    (-inf where no prompt comes twice with two different answers). A teacher's answers to
+    one prompt are outcomes of one generation (each stops at EOS or at the length limit,
+    so no two distinct ones overlap), and an honest teacher's claims, log p(y | x) as the
+    sum of its answer tokens' log-probs, sum to at most 1 (log <= 0) over them; a liar
+    certain of two different answers to one prompt claims 2."""
+    groups = repeated_prompts(ask_ids, ask_mask)
     out = torch.full((len(teachings),), float("-inf"), dtype=torch.float64)
     for i, t in enumerate(teachings):
-        ids, mask = t["own_response_ids"].long(), t["own_response_mask"].bool()
-        claim = answer_claims(t).double()
-        for g in repeated:
-            distinct: dict[tuple, torch.Tensor] = {}
-            for a in g:
-                distinct.setdefault(tuple(ids[a][mask[a]].tolist()), claim[a])
-            if len(distinct) > 1:
-                total = torch.logsumexp(torch.stack(list(distinct.values())), 0)
-                out[i] = torch.maximum(out[i], total)
+        if groups:
+            out[i] = group_claim_sums(t, groups).max()
     return out
 
 
@@ -612,9 +631,10 @@ def assemble_batch(
     domain, not the present teachers' guesses. `unknown_share`: the share of the clients
     absent with no past to impute from (`unknown_domain`): under rank selection that share
     of the prompts, those whose kept answer's quantile is lowest, is reserved too.
-    `barred` [M] (default: none): teachers the student's LM found implausible
-    (`implausible_teachers`): their scores leave the mixture as a quarantined teacher's do, and a prompt they would win leaves the batch (`n_implausible`)
-    rather than going to the next teacher's guess."""
+    `barred` [M] (default: none): teachers barred for the round, implausible to the student's
+    LM (`implausible_teachers`) or overclaiming (`claim_sums`): their scores leave the
+    mixture as a quarantined teacher's do, and a prompt they would win leaves the batch
+    (`n_implausible`) rather than going to the next teacher's guess."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     trusted = [True] * len(teachings) if trusted is None else list(trusted)
@@ -771,9 +791,9 @@ def selection_stats(
     prompts left out because a barred teacher (implausible or overclaiming) would have won
     them; `claim_sum.<id>` (given `sums`, where the claim-sum check is on), the largest sum
     of its claimed probabilities over its distinct answers to a prompt asked twice
-    (`claim_sums`; 0 where none), `overclaimed.<id>` 1 where that barred it; `by_claim`, the share of
-    prompts whose kept answer the teachers' claims chose among the sure where their ranks
-    would have chosen another (`distill.joint_quantile`)."""
+    (`claim_sums`; 0 where none), `overclaimed.<id>` 1 where that barred it; `by_claim`,
+    the share of prompts whose kept answer the teachers' claims chose among the sure where
+    their ranks would have chosen another (`distill.joint_quantile`)."""
     kept = teacher_index[teacher_index >= 0]
     total = kept.numel() + n_rejected + n_reserved + n_invariant + n_implausible
     out: dict[str, float] = {"rejected": n_rejected / total} if total else {}

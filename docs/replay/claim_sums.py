@@ -1,6 +1,6 @@
 """Replay (training rounds only, no evaluation split): per teacher and round of stored runs,
 the prompts asked more than once, and the largest sum of the teacher's claimed p(y | x)
-over its distinct answers to one of them (flminillm.aggregate.claim_sums, as a log), with
+over its distinct answers to one of them (flminillm.aggregate.group_claim_sums, as a log), with
 how many repeated prompts exceed a sum of 1.05 and 1.5. docs/algorithm.md, "Claims that
 add up", has what it gave on stop 32's and stop 34's runs.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from flminillm.aggregate import answer_claims, claim_sums
+from flminillm.aggregate import group_claim_sums, repeated_prompts
 from flminillm.artifacts import open_store_for
 from flminillm.bench.paired import final_state
 from flminillm.config import load_config
@@ -38,27 +38,16 @@ for r in range(1, cfg.rounds + 1):
         continue
     ins = recs[0]["inputs"]
     ro = ex.get_tensors(ins["rollouts"]["digest"])
-    pid, pm = ro["ask_prompt_ids"].long(), ro["ask_prompt_mask"].long()
-    groups: dict[tuple, list[int]] = {}
-    for a, (i, m) in enumerate(zip(pid, pm, strict=True)):
-        groups.setdefault(tuple(i[m > 0].tolist()), []).append(a)
-    repeated = [g for g in groups.values() if len(g) > 1]
+    repeated = repeated_prompts(ro["ask_prompt_ids"], ro["ask_prompt_mask"])
     out = []
     for k, v in sorted(ins.items()):
         if not k.startswith("teaching."):
             continue
         name = k.split(".", 1)[1]
         msg, _ = _teaching_for(ex, state, sid, name, v["digest"], ro, tok, vocab)
-        top = float(claim_sums([msg], pid, pm)[0])
-        ids, mask = msg["own_response_ids"].long(), msg["own_response_mask"].bool()
-        claim = answer_claims(msg).double()
-        over = {1.05: 0, 1.5: 0}
-        for g in repeated:
-            seen = {tuple(ids[a][mask[a]].tolist()): claim[a] for a in reversed(g)}
-            if len(seen) > 1:
-                total = float(torch.logsumexp(torch.stack(list(seen.values())), 0))
-                for lim in over:
-                    over[lim] += total > math.log(lim)
+        sums = group_claim_sums(msg, repeated)
+        top = float(sums.max()) if repeated else float("-inf")
+        over = {lim: int((sums > math.log(lim)).sum()) for lim in (1.05, 1.5)}
         out.append(f"{name}: repeated={len(repeated)} max_log_sum={top:.3f} "
                    f"over1.05={over[1.05]} over1.5={over[1.5]}")  # fmt: skip
     print(f"{variant} s{seed} r{r} | " + " | ".join(out))
