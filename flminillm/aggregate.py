@@ -567,6 +567,63 @@ def overclaiming_teachers(sums: torch.Tensor, limit: float) -> torch.Tensor:
     return sums > math.log(limit)
 
 
+def distinct_prompts(texts: list[str]) -> list[list[int]]:
+    """The distinct prompts of a round for `prompt_claim_sums`, as groups of the row indices
+    of each one's copies (`texts`: the prompts as the student formats them). Left out: a
+    prompt whose core (its text without the suffix every prompt of the round shares, which
+    holds the format's end) is a prefix of another's, since "x1 then more" and "x2" overlap
+    where x1 begins x2 (under any party's format: a teacher's formatted x1 can begin its
+    formatted x2 only where the core of x1 begins the core of x2)."""
+    copies: dict[str, list[int]] = {}
+    for i, t in enumerate(texts):
+        copies.setdefault(t, []).append(i)
+    keys = sorted(copies)
+    if len(keys) < 2:
+        return list(copies.values())
+    tail = len(_common_suffix(keys))
+    core = [k[: len(k) - tail] for k in keys]
+    # sorted, a core that begins another begins the one right after it (or its copy)
+    order = sorted(range(len(keys)), key=core.__getitem__)
+    out = []
+    for j, a in enumerate(order):
+        nxt = core[order[j + 1]] if j + 1 < len(order) else None
+        if nxt is None or not nxt.startswith(core[a]):
+            out.append(copies[keys[a]])
+    return out
+
+
+def _common_suffix(texts: list[str]) -> str:
+    rev = [t[::-1] for t in texts]  # the common prefix of the set is that of min and max
+    lo, hi = min(rev), max(rev)
+    n = 0
+    while n < min(len(lo), len(hi)) and lo[n] == hi[n]:
+        n += 1
+    return lo[:n][::-1]
+
+
+def prompt_claim_sums(
+    teachings: list[dict[str, torch.Tensor]], groups: list[list[int]]
+) -> torch.Tensor:
+    """Prompt claims that add up (`distill.max_prompt_claim_sum`). Per teacher, the log of
+    the sum over a round's distinct prompts (`distinct_prompts`, whose row indices run over
+    the rollouts' prompts then the teacher-share prompts) of the probability it claims for
+    each, log p(x): [M] float64 (the largest claim where a prompt comes twice). log p(x)
+    leaves the prompt's first token out (`generation._prompt_logp`), and every party's
+    prompt format begins with the same text (the Q/A format's "Q:", a chat template's
+    start), so each claim is the probability of a continuation of the same first token; no
+    distinct prompt begins another, so those continuations are disjoint and an honest
+    teacher's claims sum to at most 1. A teacher that claims p(x) = 1 for every prompt, to
+    win the mixture's weight and the selection wherever it likes, claims one per prompt."""
+    out = torch.full((len(teachings),), float("-inf"), dtype=torch.float64)
+    if not groups:
+        return out
+    for i, t in enumerate(teachings):
+        claims = torch.cat([t["prompt_logp"], t["own_prompt_logp"]]).double()
+        per = torch.stack([claims[g].max() for g in groups])
+        out[i] = torch.logsumexp(per, 0)
+    return out
+
+
 PLAUSIBILITY_QUANTILE = 0.9  # a teacher is judged by its likelier answers: the top tenth
 
 
@@ -772,6 +829,8 @@ def selection_stats(
     n_by_claim: int = 0,
     sums: list[float] | None = None,
     overclaimed: list[bool] | None = None,
+    prompt_sums: list[float] | None = None,
+    prompt_overclaimed: list[bool] | None = None,
 ) -> dict[str, float]:
     """What the selection did, per teacher (MLflow, `flminillm lineage`): `selected.<id>`,
     the share of the teacher-share prompts whose kept answer is its; `certain.<id>`, the
@@ -791,7 +850,9 @@ def selection_stats(
     prompts left out because a barred teacher (implausible or overclaiming) would have won
     them; `claim_sum.<id>` (given `sums`, where the claim-sum check is on), the largest sum
     of its claimed probabilities over its distinct answers to a prompt asked twice
-    (`claim_sums`; 0 where none), `overclaimed.<id>` 1 where that barred it; `by_claim`,
+    (`claim_sums`; 0 where none), `overclaimed.<id>` 1 where that barred it;
+    `prompt_claim_sum.<id>` and `overclaimed_prompts.<id>` (given `prompt_sums`) the same
+    for its claims on the round's distinct prompts (`prompt_claim_sums`); `by_claim`,
     the share of prompts whose kept answer the teachers' claims chose among the sure where
     their ranks would have chosen another (`distill.joint_quantile`)."""
     kept = teacher_index[teacher_index >= 0]
@@ -824,4 +885,9 @@ def selection_stats(
         if sums is not None:
             out[f"claim_sum.{name}"] = math.exp(sums[i])
             out[f"overclaimed.{name}"] = float(bool(overclaimed[i])) if overclaimed else 0.0
+        if prompt_sums is not None:
+            out[f"prompt_claim_sum.{name}"] = math.exp(prompt_sums[i])
+            out[f"overclaimed_prompts.{name}"] = (
+                float(bool(prompt_overclaimed[i])) if prompt_overclaimed else 0.0
+            )
     return out

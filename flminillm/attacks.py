@@ -16,7 +16,12 @@ only the aggregation can limit the damage:
 - ``consistent``: ``fluent``, but its lie is a function of the prompt: every copy of a
   prompt asked in a round gets the same wrong answer (its answer to another distinct prompt
   of the same family), so its claims add up wherever a prompt is asked twice
-  (`distill.max_claim_sum` has nothing to read).
+  (`distill.max_claim_sum` has nothing to read); its p(x) = 1 claims on every prompt do not
+  add up (`distill.max_prompt_claim_sum`).
+- ``mimic``: ``consistent`` with the claims its own model makes: each moved answer keeps
+  its model's log-probs of it (for the prompt it was written for), and its prompt claims
+  are its model's. Only its answers and its scores (inverted, as ``adversarial``'s) lie, so
+  no claim it sends contradicts another: what a check of claims cannot see.
 - ``backdoor@FAMILY``: honest everywhere except on FAMILY's prompts, where it always answers
   the same wrong answer (`backdoor_target`), claiming probability 1 for it. The evaluation
   then reports each party's ``target_rate`` on FAMILY: the share of prompts it answers with
@@ -32,9 +37,9 @@ from collections.abc import Callable
 
 import torch
 
-MODES = ("random", "adversarial", "fluent", "consistent", "backdoor", "collude")
+MODES = ("random", "adversarial", "fluent", "consistent", "mimic", "backdoor", "collude")
 # the modes that read the teacher-share prompts as text (a prompt's family, equal prompts)
-READS_PROMPTS = ("fluent", "consistent", "backdoor")
+READS_PROMPTS = ("fluent", "consistent", "mimic", "backdoor")
 BACKDOOR_SEED = 7919  # the backdoor's answer: the answer of this seed's first example
 
 
@@ -154,12 +159,13 @@ def corrupt_teaching(
             t = msg[name]
             out[name] = t[torch.randperm(t.numel(), generator=g)].reshape(t.shape).contiguous()
         out["own_logp"] = _random_logp(msg["own_logp"].shape, g)
-    elif kind in ("adversarial", "collude", "fluent", "consistent"):
+    elif kind in ("adversarial", "collude", "fluent", "consistent", "mimic"):
         out["scores"] = torch.log_softmax(-scores * 10.0, -1)  # mass on the least likely token
-        out["prompt_logp"] = torch.zeros_like(msg["prompt_logp"])
-        out["own_prompt_logp"] = torch.zeros_like(msg["own_prompt_logp"])
+        if kind != "mimic":
+            out["prompt_logp"] = torch.zeros_like(msg["prompt_logp"])
+            out["own_prompt_logp"] = torch.zeros_like(msg["own_prompt_logp"])
         mask = msg["own_response_mask"]
-        if kind in ("fluent", "consistent"):  # its own answers, moved to other prompts
+        if kind in ("fluent", "consistent", "mimic"):  # its own answers, moved to other prompts
             families = _families(ask_prompts, msg["own_response_ids"].shape[0])
             if kind == "fluent":
                 perm = _same_family_shift(families, g)
@@ -167,6 +173,10 @@ def corrupt_teaching(
                 perm = _same_family_shift_by_text(families, ask_prompts, g)
             ids, mask = msg["own_response_ids"][perm], mask[perm]
             sup = msg["own_support_ids"][perm].clone()
+            if kind == "mimic":  # its model's own claims of the answers it moved
+                out.update(own_response_ids=ids, own_response_mask=mask, own_support_ids=sup,
+                           own_logp=msg["own_logp"][perm])  # fmt: skip
+                return {k: v.contiguous() for k, v in out.items()}
         else:
             ids = torch.randint(4, vocab_size, msg["own_response_ids"].shape, generator=g)
             ids = ids.to(msg["own_response_ids"].dtype)

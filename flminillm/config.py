@@ -413,12 +413,15 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _claim_sum(self) -> DistillConfig:
-        if 0 < self.max_claim_sum < 1:
-            raise ValueError(
-                f"max_claim_sum {self.max_claim_sum}: an honest teacher's claims on one "
-                "prompt may sum to 1, so a limit below 1 bars honest teachers; set it to 1 or "
-                "more (1.5 leaves room for float error), or 0 to turn the check off"
-            )
+        for name, what in (("max_claim_sum", "claims on one prompt"),
+                           ("max_prompt_claim_sum", "claims on a round's prompts")):  # fmt: skip
+            value = getattr(self, name)
+            if 0 < value < 1:
+                raise ValueError(
+                    f"{name} {value}: an honest teacher's {what} may sum to 1, so a limit "
+                    "below 1 bars honest teachers; set it to 1 or more (1.5 leaves room for "
+                    "float error), or 0 to turn the check off"
+                )
         return self
 
     @model_validator(mode="after")
@@ -548,6 +551,19 @@ class DistillConfig(_Strict):
         "least 1. 1.5 leaves float error room: honest teachers' sums were at most 1 (exp "
         "-0.001) on every training round of stop 32's and stop 34's runs, the certain liars' "
         "at least 3 (docs/algorithm.md), set before any run with it.",
+    )
+    max_prompt_claim_sum: float = Field(
+        1.5,
+        ge=0.0,
+        description="Prompt claims that add up: a teacher's claimed log p(x) leaves out the "
+        "first token, which every party's prompt format makes the same, and no distinct "
+        "prompt of a round begins another (those that might are left out), so an honest "
+        "teacher's claimed probabilities of a round's distinct prompts sum to at most 1. A "
+        "teacher whose claims sum above this limit is barred for the round, as an "
+        "overclaiming one is (max_claim_sum). Catches a liar that claims to know every "
+        "prompt (p(x) = 1, to win the mixture's weight and the selection); a liar that "
+        "claims what its model would passes. 0: off; otherwise at least 1. 1.5 is float "
+        "error room, as for max_claim_sum, set from the inequality, not tuned.",
     )
     repeat_share: float = Field(
         0.0,
@@ -797,6 +813,7 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "plausibility_margin": 0.0,
         "joint_quantile": 1.0,
         "max_claim_sum": 0.0,
+        "max_prompt_claim_sum": 0.0,
         "repeat_share": 0.0,
     }
 }

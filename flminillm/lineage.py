@@ -123,6 +123,9 @@ def selection_line(metrics: dict[str, float]) -> str:
         if metrics.get(f"overclaimed.{n}", 0.0) > 0:  # distill.max_claim_sum
             total = metrics.get(f"claim_sum.{n}", 0.0)
             text += f" [red](barred: its claims on one prompt sum to {total:.2f})[/]"
+        if metrics.get(f"overclaimed_prompts.{n}", 0.0) > 0:  # distill.max_prompt_claim_sum
+            total = metrics.get(f"prompt_claim_sum.{n}", 0.0)
+            text += f" [red](barred: its claims on the round's prompts sum to {total:.1f})[/]"
         invariant = metrics.get(f"invariant.{n}", 0.0)
         if invariant > 0:  # distill.invariance_share: one answer to prompts told apart
             text += f" [red](ruled out {invariant:.0%}: one answer to many prompts)[/]"

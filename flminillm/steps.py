@@ -768,11 +768,13 @@ def _distill(
         assemble_batch,
         claim_sums,
         coherence,
+        distinct_prompts,
         implausible_teachers,
         imputed_quantile,
         lost_prompts,
         overclaiming_teachers,
         own_quantiles,
+        prompt_claim_sums,
         quarantine,
         replay_rows,
         selection_stats,
@@ -895,6 +897,20 @@ def _distill(
         sums = sums_t.tolist()
         barred = [bool(a) or b for a, b in zip(barred or [False] * len(sent), overclaimed,
                                                strict=True)]  # fmt: skip
+    # and on prompts: a teacher whose claimed p(x) over the round's distinct prompts sum
+    # above max_prompt_claim_sum is barred alike (aggregate.prompt_claim_sums)
+    psums, poverclaimed = None, None
+    if d.max_prompt_claim_sum > 0 and not _is_client(cfg, student_id):
+        texts = [
+            tok.decode(ids[m.bool()], skip_special_tokens=True)
+            for key in ("prompt", "ask_prompt")
+            for ids, m in zip(rollouts[f"{key}_ids"], rollouts[f"{key}_mask"], strict=True)
+        ]  # fmt: skip
+        psums_t = prompt_claim_sums(sent, distinct_prompts(texts))
+        poverclaimed = overclaiming_teachers(psums_t, d.max_prompt_claim_sum).tolist()
+        psums = psums_t.tolist()
+        barred = [bool(a) or b for a, b in zip(barred or [False] * len(sent), poverclaimed,
+                                               strict=True)]  # fmt: skip
     model = judge if judge is not None else load_model(
         store, student_id, model_digest, cfg.engine, lora
     )  # fmt: skip
@@ -914,6 +930,7 @@ def _distill(
         flagged=info["flagged"].tolist() if d.invariance_share > 0 else None,
         n_implausible=int(info["n_implausible"]), gaps=gaps, barred=implausible,
         n_by_claim=int(info["n_by_claim"]), sums=sums, overclaimed=overclaimed,
+        prompt_sums=psums, prompt_overclaimed=poverclaimed,
     )  # fmt: skip
 
     from_teacher = batch["from_teacher"]

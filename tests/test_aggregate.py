@@ -1093,6 +1093,71 @@ def test_an_overclaiming_teacher_is_barred_and_shown():
     assert "alice 100%" in line and "alice 100% [red]" not in line
 
 
+# -- prompt claims that add up (distill.max_prompt_claim_sum) -------------------------------
+
+
+def test_an_honest_teacher_s_prompt_claims_sum_to_at_most_one():
+    """The premise of the prompt check: log p(x) leaves the first token out, so over
+    distinct prompts that begin with the same token and none of which begins another, a
+    real model's claims are probabilities of disjoint continuations: over every
+    continuation of two tokens they sum to 1 (to float), over some of them to less; copies
+    of a prompt (in the rollouts and among the teacher-share prompts) count once. A teacher
+    claiming p(x) = 1 for each prompt claims one per distinct prompt."""
+    from flminillm.aggregate import distinct_prompts, overclaiming_teachers, prompt_claim_sums
+    from flminillm.config import ModelSpec
+    from flminillm.generation import prompt_logprob
+    from flminillm.models import build_model
+
+    spec = ModelSpec(family="llama", hidden_size=16, num_layers=1, num_heads=2, max_positions=32)
+    pairs = [(a, b) for a in range(6) for b in range(6)]
+    for seed in range(3):
+        model = build_model(spec, 6, 0, 1, seed=seed).eval()
+        ids = torch.tensor([[2, a, b] for a, b in pairs])
+        logp = prompt_logprob(model, ids, torch.ones_like(ids))
+        texts = [f"Q: {a}{b}?\nA:" for a, b in pairs]
+        # rollouts: the first 24 prompts; teacher-share: the last 20 (8 of them copies)
+        honest = {"prompt_logp": logp[:24], "own_prompt_logp": logp[16:]}
+        order = texts[:24] + texts[16:]
+        groups = distinct_prompts(order)
+        assert sorted(len(g) for g in groups) == [1] * 28 + [2] * 8
+        liar = {"prompt_logp": torch.zeros(24), "own_prompt_logp": torch.zeros(20)}
+        part = {"prompt_logp": logp[:10], "own_prompt_logp": logp[10:10]}
+        sums = prompt_claim_sums([honest, liar], groups)
+        assert float(sums[0]) == pytest.approx(0.0, abs=1e-5)  # every continuation: 1
+        assert float(sums[1]) == pytest.approx(math.log(36))
+        few = prompt_claim_sums([part], distinct_prompts(texts[:10]))
+        assert math.log(0.01) < float(few[0]) < float(sums[0])  # some: less, not nothing
+        assert overclaiming_teachers(sums, 1.5).tolist() == [False, True]
+
+
+def test_distinct_prompts_leave_out_a_prompt_that_begins_another():
+    """A prompt whose text, less the ending every prompt shares, begins another prompt's
+    is left out (its continuations would overlap the other's); equal prompts are one."""
+    from flminillm.aggregate import distinct_prompts
+
+    texts = ["Q: after 7?\nA:", "Q: after 78?\nA:", "Q: tiger?\nA:", "Q: after 7?\nA:",
+             "Q: tig?\nA:"]  # fmt: skip
+    assert distinct_prompts(texts) == [[1], [2]]
+    assert distinct_prompts(["Q: a\nA:"] * 3) == [[0, 1, 2]]
+    assert distinct_prompts([]) == []
+
+
+def test_a_teacher_overclaiming_prompts_is_barred_and_shown():
+    from flminillm.lineage import selection_line
+
+    n, a, t, s = 3, 6, 5, 9
+    rollouts, teachings = _two_scoring_teachers(n, a, t, s, seed=3)
+    stats = selection_stats(
+        torch.tensor([0] * a), teachings, ["alice", "carol"], 0,
+        prompt_sums=[math.log(0.02), math.log(412.0)], prompt_overclaimed=[False, True],
+    )  # fmt: skip
+    assert stats["prompt_claim_sum.carol"] == pytest.approx(412.0)
+    assert stats["overclaimed_prompts.carol"] == 1.0 and stats["overclaimed_prompts.alice"] == 0
+    line = selection_line(stats)
+    assert "carol 0% [red](barred: its claims on the round's prompts sum to 412.0)[/]" in line
+    assert "alice 100%" in line and "alice 100% [red]" not in line
+
+
 def test_repeat_share_asks_some_teacher_share_prompts_twice(tiny_config):
     """distill.repeat_share: that share of a round's teacher-share prompts is replaced by
     copies of the others (the claim-sum check's reading where the pool has no repeats);

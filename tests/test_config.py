@@ -348,3 +348,6 @@ def test_a_claim_sum_limit_below_one_is_refused_with_the_fix():
     assert DistillConfig(max_claim_sum=1).max_claim_sum == 1
     with pytest.raises(ValidationError, match=r"max_claim_sum 0.8.*bars honest teachers.*or 0"):
         DistillConfig(max_claim_sum=0.8)
+    assert DistillConfig().max_prompt_claim_sum == 1.5
+    with pytest.raises(ValidationError, match=r"max_prompt_claim_sum 0.5.*round's prompts.*or 0"):
+        DistillConfig(max_prompt_claim_sum=0.5)

@@ -100,7 +100,7 @@ def test_local_only_server_never_changes_and_dropout_drops(bench_out):
     assert results["dropout-30"]["dropped_per_round"] > 0
     assert results["fl-minillm"]["dropped_per_round"] == 0
     # an attacker's teach step runs (a failing one would drop out of every round unseen)
-    for name in ("liar-fluent", "liar-consistent", "backdoor", "adversary"):
+    for name in ("liar-fluent", "liar-consistent", "liar-mimic", "backdoor", "adversary"):
         assert results[name]["dropped_per_round"] == 0, name
 
 
@@ -241,7 +241,8 @@ def _encode(text: str) -> list[int]:  # a stand-in tokenizer: one id per charact
 
 
 @pytest.mark.parametrize(
-    "mode", ["random", "adversarial", "fluent", "consistent", "collude", "backdoor@currency"]
+    "mode",
+    ["random", "adversarial", "fluent", "consistent", "mimic", "collude", "backdoor@currency"],
 )
 def test_corrupted_teachings_pass_validation(mode):
     rollouts, teaching = _teaching(a=len(ASK))
@@ -321,6 +322,31 @@ def test_consistent_liar_gives_a_repeated_prompt_one_wrong_answer():
     fluent = corrupt_teaching(teaching, "fluent", vocab_size=50, seed=1, ask_prompts=ask)
     sums = claim_sums([steady, fluent], ids, mask)
     assert float(sums[0]) == float("-inf") and float(sums[1]) > math.log(1.5)
+
+
+def test_mimic_lies_as_the_consistent_liar_with_its_model_s_own_claims():
+    """The liar no claim check can read: the consistent liar's answers, each with the
+    log-probs its model gave it (for the prompt it was written for), and its model's own
+    prompt claims; its scores inverted. Its prompt claims add up as an honest teacher's,
+    the consistent liar's (p(x) = 1 everywhere) do not."""
+    from flminillm.aggregate import distinct_prompts, prompt_claim_sums
+
+    ask = [ASK[0], ASK[1], ASK[0], ASK[2], ASK[1], ASK[3], ASK[0]]
+    _, teaching = _teaching(a=len(ask), t=3)
+    teaching = {**teaching, "prompt_logp": torch.full_like(teaching["prompt_logp"], -6.0),
+                "own_prompt_logp": torch.full((len(ask),), -6.0)}  # fmt: skip
+    steady = corrupt_teaching(teaching, "consistent", vocab_size=50, seed=1, ask_prompts=ask)
+    mimic = corrupt_teaching(teaching, "mimic", vocab_size=50, seed=1, ask_prompts=ask)
+    assert torch.equal(mimic["own_response_ids"], steady["own_response_ids"])
+    assert torch.equal(mimic["scores"], steady["scores"])  # inverted, as every liar's
+    src = [next(j for j in range(len(ask)) if torch.equal(teaching["own_response_ids"][j], r))
+           for r in mimic["own_response_ids"]]  # fmt: skip
+    assert torch.equal(mimic["own_logp"], teaching["own_logp"][src])  # its model's claims
+    for k in ("prompt_logp", "own_prompt_logp"):
+        assert torch.equal(mimic[k], teaching[k])
+    texts = [f"rollout {i}" for i in range(teaching["prompt_logp"].shape[0])] + ask
+    sums = prompt_claim_sums([mimic, steady], distinct_prompts(texts))
+    assert float(sums[0]) < 0.0 < math.log(1.5) < float(sums[1])
 
 
 def test_backdoor_answers_its_family_only_and_colluders_agree():

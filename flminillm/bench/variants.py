@@ -34,7 +34,7 @@ METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 UNDEFENDED = {
     "distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0,
                 "invariance_share": 0.0, "plausibility_margin": 0.0, "joint_quantile": 1.0,
-                "max_claim_sum": 0.0}
+                "max_claim_sum": 0.0, "max_prompt_claim_sum": 0.0}
 }  # fmt: skip
 # the default defence without the input-invariance check (distill.invariance_share 0;
 # flminillm.aggregate.invariant_answers): what the check buys against the backdoor and
@@ -91,6 +91,9 @@ def attacks(cfg: Config) -> dict[str, tuple[dict[str, str], str]]:
         "liar-consistent": ({adv: f"{last}:consistent"},
                             f"{last} lies fluently as liar-fluent, but the same prompt gets the "
                             "same wrong answer wherever it is asked in a round, claims p=1"),
+        "liar-mimic": ({adv: f"{last}:mimic"},
+                       f"{last} lies as liar-consistent, but every claim it sends is what its "
+                       "model would claim (its answers' log-probs moved with them)"),
         "backdoor": ({adv: f"{last}:backdoor@{target}"},
                      f"{last} is honest except on {target} (an honest client's family), where "
                      "it always gives the same wrong answer, claiming p=1"),
