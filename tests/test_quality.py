@@ -162,6 +162,26 @@ def test_report_files_and_mlflow_runs(bench_out):
         liar = cfg.clients[-1].id
         assert m[f"claim_sum.{liar}"] >= 2.0 and m[f"overclaimed.{liar}"] == 1.0
         assert m[f"selected.{liar}"] == 0.0
+    # prompt claims that add up (distill.max_prompt_claim_sum, on by default): the
+    # consistent liar, whose answers the check above cannot read, claims p(x) = 1 for every
+    # prompt and is barred in every round; the mimic, sending its model's own claims, is
+    # not; honest teachers' claims on the round's prompts sum to at most 1
+    for name, barred in (("liar-consistent", 1.0), ("liar-mimic", 0.0)):
+        recs = sorted((bench_out / "work" / "store" / "records").glob(
+            f"bench-tiny-{name}-s0-*/round-*/distill.server.json"))  # fmt: skip
+        assert len(recs) == cfg.rounds
+        for path in recs:
+            m = json.loads(path.read_text())["metrics"]
+            for c in cfg.clients[:-1]:
+                assert m[f"prompt_claim_sum.{c.id}"] <= 1.0 + 1e-4
+                assert m[f"overclaimed_prompts.{c.id}"] == 0.0
+            liar = cfg.clients[-1].id
+            assert m[f"overclaimed_prompts.{liar}"] == barred, name
+            if barred:
+                assert m[f"prompt_claim_sum.{liar}"] >= 10.0 and m[f"selected.{liar}"] == 0.0
+            else:
+                assert m[f"prompt_claim_sum.{liar}"] <= 1.0 + 1e-4
+                assert m[f"selected.{liar}"] > 0.0  # its answers compete as an honest one's
 
 
 def test_memo_shares_setup_between_variants(tmp_path):
