@@ -22,6 +22,10 @@ only the aggregation can limit the damage:
   its model's log-probs of it (for the prompt it was written for), and its prompt claims
   are its model's. Only its answers and its scores (inverted, as ``adversarial``'s) lie, so
   no claim it sends contradicts another: what a check of claims cannot see.
+- ``spread``: ``consistent`` with prompt claims that add up: p(x) = 1/K for each of the K
+  prompts of its message (so they sum to at most 1), its answers still claimed with p = 1
+  (equal on every copy, so they add up too). Still far above an honest teacher's claim on
+  one prompt, which is what claims among the sure (`distill.joint_quantile`) compare.
 - ``backdoor@FAMILY``: honest everywhere except on FAMILY's prompts, where it always answers
   the same wrong answer (`backdoor_target`), claiming probability 1 for it. The evaluation
   then reports each party's ``target_rate`` on FAMILY: the share of prompts it answers with
@@ -32,14 +36,15 @@ only the aggregation can limit the damage:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
 import torch
 
-MODES = ("random", "adversarial", "fluent", "consistent", "mimic", "backdoor", "collude")
+MODES = ("random", "adversarial", "fluent", "consistent", "mimic", "spread", "backdoor", "collude")
 # the modes that read the teacher-share prompts as text (a prompt's family, equal prompts)
-READS_PROMPTS = ("fluent", "consistent", "mimic", "backdoor")
+READS_PROMPTS = ("fluent", "consistent", "mimic", "spread", "backdoor")
 BACKDOOR_SEED = 7919  # the backdoor's answer: the answer of this seed's first example
 
 
@@ -159,13 +164,15 @@ def corrupt_teaching(
             t = msg[name]
             out[name] = t[torch.randperm(t.numel(), generator=g)].reshape(t.shape).contiguous()
         out["own_logp"] = _random_logp(msg["own_logp"].shape, g)
-    elif kind in ("adversarial", "collude", "fluent", "consistent", "mimic"):
+    elif kind in ("adversarial", "collude", "fluent", "consistent", "mimic", "spread"):
         out["scores"] = torch.log_softmax(-scores * 10.0, -1)  # mass on the least likely token
-        if kind != "mimic":
-            out["prompt_logp"] = torch.zeros_like(msg["prompt_logp"])
-            out["own_prompt_logp"] = torch.zeros_like(msg["own_prompt_logp"])
+        if kind != "mimic":  # p(x) = 1 for every prompt, or 1/K where they must add up
+            k = msg["prompt_logp"].numel() + msg["own_prompt_logp"].numel()
+            claim = -math.log(k) if kind == "spread" else 0.0
+            out["prompt_logp"] = torch.full_like(msg["prompt_logp"], claim)
+            out["own_prompt_logp"] = torch.full_like(msg["own_prompt_logp"], claim)
         mask = msg["own_response_mask"]
-        if kind in ("fluent", "consistent", "mimic"):  # its own answers, moved to other prompts
+        if kind in ("fluent", "consistent", "mimic", "spread"):  # its answers, moved elsewhere
             families = _families(ask_prompts, msg["own_response_ids"].shape[0])
             if kind == "fluent":
                 perm = _same_family_shift(families, g)

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from flminillm.attacks import adversaries, backdoor_target, corrupt_teaching, seed_key
+from flminillm.attacks import MODES, adversaries, backdoor_target, corrupt_teaching, seed_key
 from flminillm.bench.quality import run_variant, shared_setup
 from flminillm.bench.quality_report import check_results
 from flminillm.bench.variants import (
     FORWARD_KL,
     METHODS,
+    attacks,
     dropout_faults,
     variant_config,
     variants,
@@ -100,7 +101,7 @@ def test_local_only_server_never_changes_and_dropout_drops(bench_out):
     assert results["dropout-30"]["dropped_per_round"] > 0
     assert results["fl-minillm"]["dropped_per_round"] == 0
     # an attacker's teach step runs (a failing one would drop out of every round unseen)
-    for name in ("liar-fluent", "liar-consistent", "liar-mimic", "backdoor", "adversary"):
+    for name in attacks(load_config(TINY)):
         assert results[name]["dropped_per_round"] == 0, name
 
 
@@ -165,8 +166,9 @@ def test_report_files_and_mlflow_runs(bench_out):
     # prompt claims that add up (distill.max_prompt_claim_sum, on by default): the
     # consistent liar, whose answers the check above cannot read, claims p(x) = 1 for every
     # prompt and is barred in every round; the mimic, sending its model's own claims, is
-    # not; honest teachers' claims on the round's prompts sum to at most 1
-    for name, barred in (("liar-consistent", 1.0), ("liar-mimic", 0.0)):
+    # not, nor the liar that spreads its prompt claims to sum to 1; honest teachers' claims
+    # on the round's prompts sum to at most 1
+    for name, barred in (("liar-consistent", 1.0), ("liar-mimic", 0.0), ("liar-spread", 0.0)):
         recs = sorted((bench_out / "work" / "store" / "records").glob(
             f"bench-tiny-{name}-s0-*/round-*/distill.server.json"))  # fmt: skip
         assert len(recs) == cfg.rounds
@@ -181,6 +183,7 @@ def test_report_files_and_mlflow_runs(bench_out):
                 assert m[f"prompt_claim_sum.{liar}"] >= 10.0 and m[f"selected.{liar}"] == 0.0
             else:
                 assert m[f"prompt_claim_sum.{liar}"] <= 1.0 + 1e-4
+            if name == "liar-mimic":
                 assert m[f"selected.{liar}"] > 0.0  # its answers compete as an honest one's
 
 
@@ -260,10 +263,7 @@ def _encode(text: str) -> list[int]:  # a stand-in tokenizer: one id per charact
     return [4 + ord(ch) % 40 for ch in text] + [1]
 
 
-@pytest.mark.parametrize(
-    "mode",
-    ["random", "adversarial", "fluent", "consistent", "mimic", "collude", "backdoor@currency"],
-)
+@pytest.mark.parametrize("mode", [m if m != "backdoor" else "backdoor@currency" for m in MODES])
 def test_corrupted_teachings_pass_validation(mode):
     rollouts, teaching = _teaching(a=len(ASK))
     bad = corrupt_teaching(teaching, mode, vocab_size=50, seed=1, ask_prompts=ASK,
@@ -365,8 +365,13 @@ def test_mimic_lies_as_the_consistent_liar_with_its_model_s_own_claims():
     for k in ("prompt_logp", "own_prompt_logp"):
         assert torch.equal(mimic[k], teaching[k])
     texts = [f"rollout {i}" for i in range(teaching["prompt_logp"].shape[0])] + ask
-    sums = prompt_claim_sums([mimic, steady], distinct_prompts(texts))
+    spread = corrupt_teaching(teaching, "spread", vocab_size=50, seed=1, ask_prompts=ask)
+    assert torch.equal(spread["own_response_ids"], steady["own_response_ids"])
+    assert torch.equal(spread["own_logp"], steady["own_logp"])  # p = 1 answer claims
+    sums = prompt_claim_sums([mimic, steady, spread], distinct_prompts(texts))
     assert float(sums[0]) < 0.0 < math.log(1.5) < float(sums[1])
+    # 1/K on each of its K prompts: the distinct ones sum to at most 1 (8 of 11 here)
+    assert float(sums[2]) == pytest.approx(math.log(8 / 11))
 
 
 def test_backdoor_answers_its_family_only_and_colluders_agree():

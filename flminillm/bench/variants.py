@@ -94,6 +94,9 @@ def attacks(cfg: Config) -> dict[str, tuple[dict[str, str], str]]:
         "liar-mimic": ({adv: f"{last}:mimic"},
                        f"{last} lies as liar-consistent, but every claim it sends is what its "
                        "model would claim (its answers' log-probs moved with them)"),
+        "liar-spread": ({adv: f"{last}:spread"},
+                        f"{last} lies as liar-consistent, its prompt claims spread to sum to 1 "
+                        "(p(x) = 1/K each), its answers claimed p=1"),
         "backdoor": ({adv: f"{last}:backdoor@{target}"},
                      f"{last} is honest except on {target} (an honest client's family), where "
                      "it always gives the same wrong answer, claiming p=1"),
