@@ -123,9 +123,15 @@ def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypat
     # real messages keep their claims in their support's order (a liar's too): nobody is
     # quarantined, which only a broken teacher is
     assert m["coherent.alice"] == 1.0 and m["coherent.bob"] == 1.0
-    # every teacher-share prompt is kept (alice's or bob's) or rejected (min_claim), and the
-    # tiny teachers, unsure of everything, lose at most max_rejected of them to the floor
-    assert m["selected.alice"] + m["selected.bob"] + m["rejected"] == pytest.approx(1.0)
+    # bob's p(x) = 1 claims on every prompt do not add up (distill.max_prompt_claim_sum): he
+    # is barred in both rounds, and the prompts he would have won are left out
+    for r in (one, two):
+        assert r.metrics["overclaimed_prompts.bob"] == 1.0 and r.metrics["selected.bob"] == 0.0
+    assert m["overclaimed_prompts.alice"] == 0.0  # (round 2: absent)
+    # every teacher-share prompt is kept (alice's), rejected (min_claim) or left out (bob's),
+    # and the tiny teachers, unsure of everything, lose at most max_rejected to the floor
+    kept = m["selected.alice"] + m["rejected"] + m.get("implausible", 0.0)
+    assert kept == pytest.approx(1.0)
     assert m["rejected"] <= cfg.distill.max_rejected
     asked = round(cfg.distill.alpha * cfg.generation.prompts_per_round)
     won = round(m["selected.alice"] * asked)
@@ -134,7 +140,8 @@ def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypat
     # round 2: bob's answers on alice's domain (where she beat him in round 1) are left to
     # her replayed answers (flminillm.aggregate.imputed_quantile)
     m2 = two.metrics
-    assert m2["selected.bob"] + m2["rejected"] + m2.get("reserved", 0.0) == pytest.approx(1.0)
+    left = m2["rejected"] + m2.get("reserved", 0.0) + m2.get("implausible", 0.0)
+    assert left == pytest.approx(1.0)
     assert "reserved" not in m
     assert two.tags["in.stale.alice.r1"] == one.tags["in.teaching.alice"]  # what was replayed
     assert two.params["dropped"] == "alice"
@@ -143,6 +150,7 @@ def test_client_drops_out_and_the_round_goes_on(tiny_config, tmp_path, monkeypat
                  cfg.tracking.uri]) == 0  # fmt: skip
     tree = capsys.readouterr().out
     assert "answers kept: alice" in tree and "certain of 100%" in tree
+    assert "barred: its claims on the round's prompts sum to" in tree
 
 
 def test_an_absent_client_s_domain_is_imputed_from_what_it_won(tiny_config, tmp_path, monkeypatch):
