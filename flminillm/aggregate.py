@@ -130,16 +130,19 @@ def cap_selection(joint: torch.Tensor, cap: float) -> torch.Tensor:
     return joint
 
 
-def claim_quantiles(joint: torch.Tensor) -> torch.Tensor:
+def claim_quantiles(joint: torch.Tensor, low_ties: bool = False) -> torch.Tensor:
     """[M, A] claims -> each teacher's claims replaced by their quantiles among its own, in
-    [0, 1] (ties share their mean rank; one prompt: 0.5). What is left of a claim is *where*
-    the teacher is surer than elsewhere, never *how* sure: a teacher that claims
-    probability 1 for everything has every quantile at 0.5."""
+    [0, 1] (ties share their mean rank, or with `low_ties` their lowest; one prompt: 0.5).
+    What is left of a claim is *where* the teacher is surer than elsewhere, never *how*
+    sure: a teacher that claims probability 1 for everything has every quantile at 0.5, or
+    at 0 with `low_ties` (one claim for everything tells nothing: `distill.tie_rank`)."""
     m, a = joint.shape
     if a < 2:
         return torch.full_like(joint, 0.5)
     srt = joint.sort(dim=1).values.contiguous()
     below = torch.searchsorted(srt, joint.contiguous()).float()  # claims strictly lower
+    if low_ties:
+        return below / (a - 1)
     ties = torch.searchsorted(srt, joint.contiguous(), right=True).float() - below - 1
     return (below + ties / 2) / (a - 1)
 
@@ -162,14 +165,16 @@ def selection_claims(teaching: dict[str, torch.Tensor], use_prompt: bool) -> tor
     return claims + teaching["own_prompt_logp"].float() if use_prompt else claims
 
 
-def own_quantiles(teaching: dict[str, torch.Tensor], use_prompt: bool) -> torch.Tensor:
+def own_quantiles(
+    teaching: dict[str, torch.Tensor], use_prompt: bool, low_ties: bool = False
+) -> torch.Tensor:
     """[A] where rank selection places a teacher's answers: the quantiles of its
     `selection_claims` among its own (`claim_quantiles`; its prior, one constant per
     teacher, does not move them), or its `own_quantile` where given (a quarantined teacher:
     `quarantine`)."""
     if "own_quantile" in teaching:
         return teaching["own_quantile"].float()
-    return claim_quantiles(selection_claims(teaching, use_prompt)[None])[0]
+    return claim_quantiles(selection_claims(teaching, use_prompt)[None], low_ties)[0]
 
 
 def invariant_answers(
@@ -220,7 +225,11 @@ def invariant_answers(
 
 
 def rank_in_play(
-    quantiles: torch.Tensor, claims: torch.Tensor, flagged: torch.Tensor, fixed: list[bool]
+    quantiles: torch.Tensor,
+    claims: torch.Tensor,
+    flagged: torch.Tensor,
+    fixed: list[bool],
+    low_ties: bool = False,
 ) -> torch.Tensor:
     """quantiles [M, A] with each teacher that has answers ruled out (`flagged` [M, A], the
     input-invariance check) ranked again, by its `claims` [M, A] (`selection_claims`),
@@ -235,7 +244,7 @@ def rank_in_play(
     for i in range(out.shape[0]):
         if bool(flagged[i].any()) and not fixed[i]:
             keep = ~flagged[i]
-            out[i, keep] = claim_quantiles(claims[i, keep][None])[0]
+            out[i, keep] = claim_quantiles(claims[i, keep][None], low_ties)[0]
     return out
 
 
@@ -248,6 +257,7 @@ def select_teacher_rollouts(
     invariance_share: float = 0.0,
     invariance_quantile: float = 0.75,
     joint_quantile: float = 1.0,
+    low_ties: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per teacher-share prompt, keep the answer of the teacher with the highest joint
     log-likelihood log pi_i + log p_i(x) + log p_i(y_i | x): the teacher that knows the
@@ -261,7 +271,8 @@ def select_teacher_rollouts(
     `joint_quantile` < 1 (under `rank`, without a `cap`): where teachers rank a prompt above
     that quantile of their own claims, they compete on it by their joint claims
     (`selection: joint` among the sure), the rest by rank; `by_claim` marks the prompts
-    where that changed the winner (`distill.joint_quantile`, docs/algorithm.md)."""
+    where that changed the winner (`distill.joint_quantile`, docs/algorithm.md). `low_ties`:
+    tied claims rank at their lowest (`distill.tie_rank`)."""
     width = max(t["own_response_ids"].shape[1] for t in teachings)
     ids = torch.stack(
         [right_pad(t["own_response_ids"].long(), width, 0) for t in teachings]
@@ -273,16 +284,15 @@ def select_teacher_rollouts(
     raw = torch.stack([selection_claims(t, use_prompt) for t in teachings])  # [M, A]
     # what joint selection compares, and under rank the sure among themselves
     claims = raw + torch.log(prior)[:, None]
-    joint = torch.stack([own_quantiles(t, use_prompt) for t in teachings]) if rank else claims
+    quantiles = [own_quantiles(t, use_prompt, low_ties) for t in teachings]
+    joint = torch.stack(quantiles) if rank else claims
     flagged = torch.zeros(joint.shape, dtype=torch.bool)
     if invariance_share > 0:
-        quantiles = (
-            joint if rank else torch.stack([own_quantiles(t, use_prompt) for t in teachings])
-        )
-        flagged = invariant_answers(ids, mask, quantiles, invariance_share, invariance_quantile)
+        flagged = invariant_answers(ids, mask, torch.stack(quantiles), invariance_share,
+                                    invariance_quantile)  # fmt: skip
         if rank and bool(flagged.any()):
             fixed = ["own_quantile" in t for t in teachings]
-            joint = rank_in_play(joint, raw, flagged, fixed)
+            joint = rank_in_play(joint, raw, flagged, fixed, low_ties)
     best = cap_selection(joint, cap).masked_fill(flagged, float("-inf")).argmax(0)  # [A]
     by_claim = torch.zeros(best.shape, dtype=torch.bool)
     if rank and cap >= 1.0 and joint_quantile < 1.0:
@@ -744,7 +754,7 @@ def assemble_batch(
             teachings, prior, use_prompt=posterior,
             cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
             invariance_share=d.invariance_share, invariance_quantile=d.invariance_quantile,
-            joint_quantile=d.joint_quantile,
+            joint_quantile=d.joint_quantile, low_ties=d.tie_rank == "low",
         )  # fmt: skip
         flagged = sel["flagged"].float().mean(1)  # [M] share of each teacher's answers
         free = torch.ones(a, dtype=torch.bool)

@@ -606,6 +606,16 @@ class DistillConfig(_Strict):
         "judged (docs/algorithm.md). 0.75 was set from the training rounds' messages of "
         "stop 29's runs (docs/results.md), not from any evaluation split.",
     )
+    tie_rank: Literal["mean", "low"] = Field(
+        "mean",
+        description="Under rank selection, where a teacher's tied claims rank among its own: "
+        "at their mean rank, or at their lowest ('low'). A teacher that claims one number "
+        "for everything ranks every answer at 0.5 with 'mean', and wins wherever the others "
+        "all rank a prompt below their median (the `spread` liar, docs/results.md); with "
+        "'low' at 0: one claim for everything tells nothing. Honest teachers tie only on "
+        "the same answer to copies of one prompt. Not chosen yet: `bench tune` groups "
+        "tie_rank (under the spread liar) and tie_rank-clean.",
+    )
     quarantine_quantile: float = Field(
         0.65,
         gt=0.0,
@@ -814,6 +824,7 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "joint_quantile": 1.0,
         "max_claim_sum": 0.0,
         "max_prompt_claim_sum": 0.0,
+        "tie_rank": "mean",
         "repeat_share": 0.0,
     }
 }

@@ -838,7 +838,8 @@ def _distill(
         # teachers' guesses are left out: its replayed answers teach its domain
         # (flminillm.aggregate.imputed_quantile)
         past = [
-            (old["ask_prompt_ids"], old["ask_prompt_mask"], own_quantiles(msg, d.posterior_weights),
+            (old["ask_prompt_ids"], old["ask_prompt_mask"],
+             own_quantiles(msg, d.posterior_weights, d.tie_rank == "low"),
              lost_prompts(choice, index))
             for old, msg, choice, index in loaded
         ]  # fmt: skip

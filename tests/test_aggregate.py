@@ -140,6 +140,26 @@ def test_capped_answer_selection_bounds_a_liar_also_without_student_rollouts():
     assert int((uncapped == 3).sum()) == a and int((capped == 3).sum()) <= 30
 
 
+def test_low_ties_rank_a_teacher_with_one_claim_for_everything_last():
+    """distill.tie_rank 'low': tied claims take their lowest rank, so a teacher that claims
+    one number for everything ranks every answer at 0 and wins no prompt another teacher
+    answers (with 'mean' it ranks at 0.5 and wins where the other ranks below its median);
+    untied claims rank as before."""
+    from flminillm.aggregate import claim_quantiles
+
+    honest = torch.tensor([[-3.0, -1.0, -2.0, -0.5, -4.0]])
+    flat = torch.zeros(1, 5)
+    both = torch.cat([honest, flat])
+    assert torch.equal(claim_quantiles(honest, True), claim_quantiles(honest))
+    assert claim_quantiles(flat).eq(0.5).all() and claim_quantiles(flat, True).eq(0).all()
+    mean_wins = claim_quantiles(both).argmax(0)
+    assert mean_wins.tolist() == [1, 0, 0, 0, 1]  # the flat liar wins below the median
+    low_wins = claim_quantiles(both, True).argmax(0)
+    assert low_wins.tolist() == [0, 0, 0, 0, 0]
+    tied = torch.tensor([[-1.0, -1.0, -2.0]])  # copies with the same answer
+    assert claim_quantiles(tied, True).tolist() == [[0.5, 0.5, 0.0]]
+
+
 def test_claim_quantiles_keep_order_and_flatten_constant_claims():
     j = torch.tensor([[3.0, 1.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0], [-9.0, -1.0, -5.0, -7.0]])
     q = claim_quantiles(j)

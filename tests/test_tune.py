@@ -262,3 +262,19 @@ def test_the_teachers_temperature_is_a_group_per_method():
         for v in vs:
             assert set(v.overrides["generation"]) == {"temperature"}
             assert v.overrides.get("distill") == distill
+
+
+def test_tie_rank_is_tuned_under_the_spread_liar_and_clean():
+    """distill.tie_rank: group tie_rank under the liar whose claims are one number for
+    everything (the liar-spread attack's fault injection), tie_rank-clean without a fault;
+    the candidates differ only in it, and the benchmark config keeps the default until
+    chosen."""
+    from flminillm.bench.variants import attacks
+
+    cfg = load_config(TINY)
+    env = attacks(cfg)["liar-spread"][0]
+    for group, want in (("tie_rank", env), ("tie_rank-clean", {})):
+        vs = [v for v in candidates(cfg) if v.group == group]
+        assert sorted(v.overrides["distill"]["tie_rank"] for v in vs) == ["low", "mean"]
+        assert all(v.env == want and set(v.overrides["distill"]) == {"tie_rank"} for v in vs)
+    assert load_config(ROOT / "configs" / "benchmark.yaml").distill.tie_rank == "mean"

@@ -93,6 +93,17 @@ TEMPERATURE_GRID = [
 ]
 
 
+# Where a teacher's tied claims rank under rank selection (distill.tie_rank): group
+# `tie_rank` under the liar whose claims are one number for everything (the `liar-spread`
+# attack of bench quality), and `tie_rank-clean` without a fault (its price). Decided
+# before any run: 'low' is adopted if it scores above 'mean' under the attack and within 1
+# point of it clean.
+TIE_GRID = [
+    ("ties-mean", {"tie_rank": "mean"}),
+    ("ties-low", {"tie_rank": "low"}),
+]
+
+
 def _note(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "as configured"
 
@@ -101,6 +112,7 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
     """The grid as variants for the federation of `base` (group = the method,
     `stale_share` or `quarantine_quantile`), optionally only the named ones."""
     broken, what = attacks(base)["random-teacher"]
+    spread, liar = attacks(base)["liar-spread"]
     out = [
         Variant(name, group=method, overrides={"distill": {"method": method, **d}}, note=_note(d))
         for method, grid in GRID.items()
@@ -127,6 +139,14 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
         Variant(f"fkl-{name}", group="temperature-forward_kl",
                 overrides={"distill": FORWARD_KL, "generation": d}, note=f"forward-kl, {_note(d)}")
         for name, d in TEMPERATURE_GRID
+    ] + [
+        Variant(f"spread-{name}", group="tie_rank", env=spread, overrides={"distill": d},
+                note=f"{_note(d)}; {liar}")
+        for name, d in TIE_GRID
+    ] + [
+        Variant(f"clean-{name}", group="tie_rank-clean", overrides={"distill": d},
+                note=_note(d))
+        for name, d in TIE_GRID
     ] + [
         Variant(f"fkl-{name}", group="lr_schedule-forward_kl",
                 overrides={"distill": {**FORWARD_KL, **d}}, note=f"forward-kl, {_note(d)}")
