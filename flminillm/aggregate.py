@@ -592,7 +592,7 @@ def distinct_prompts(texts: list[str]) -> list[list[int]]:
         return list(copies.values())
     tail = len(_common_suffix(keys))
     core = [k[: len(k) - tail] for k in keys]
-    # sorted, a core that begins another begins the one right after it (or its copy)
+    # sorted, a core that begins another begins the one right after it
     order = sorted(range(len(keys)), key=core.__getitem__)
     out = []
     for j, a in enumerate(order):

@@ -24,8 +24,8 @@ only the aggregation can limit the damage:
   no claim it sends contradicts another: what a check of claims cannot see.
 - ``spread``: ``consistent`` with prompt claims that add up: p(x) = 1/K for each of the K
   prompts of its message (so they sum to at most 1), its answers still claimed with p = 1
-  (equal on every copy, so they add up too). Still far above an honest teacher's claim on
-  one prompt, which is what claims among the sure (`distill.joint_quantile`) compare.
+  (equal on every copy, so they add up too). Its claims are one number for every answer,
+  so rank selection ranks each of them at its median (`distill.tie_rank`).
 - ``backdoor@FAMILY``: honest everywhere except on FAMILY's prompts, where it always answers
   the same wrong answer (`backdoor_target`), claiming probability 1 for it. The evaluation
   then reports each party's ``target_rate`` on FAMILY: the share of prompts it answers with
@@ -168,7 +168,7 @@ def corrupt_teaching(
         out["scores"] = torch.log_softmax(-scores * 10.0, -1)  # mass on the least likely token
         if kind != "mimic":  # p(x) = 1 for every prompt, or 1/K where they must add up
             k = msg["prompt_logp"].numel() + msg["own_prompt_logp"].numel()
-            claim = -math.log(k) if kind == "spread" else 0.0
+            claim = -math.log(max(k, 1)) if kind == "spread" else 0.0
             out["prompt_logp"] = torch.full_like(msg["prompt_logp"], claim)
             out["own_prompt_logp"] = torch.full_like(msg["own_prompt_logp"], claim)
         mask = msg["own_response_mask"]
