@@ -1095,21 +1095,30 @@ def test_claim_sums_group_equal_prompts_only_and_count_an_answer_once():
     assert float(claim_sums([t], ask_once, torch.ones_like(mask))[0]) == float("-inf")
 
 
-def test_an_overclaiming_teacher_is_barred_and_shown():
-    """What the step records (selection_stats) and lineage shows of a teacher the claim-sum
-    check barred: claim_sum.<id>, overclaimed.<id> and the line's reason."""
+@pytest.mark.parametrize(
+    ("kw", "sum_key", "barred_key", "total", "reason"),
+    [
+        ({"sums": [math.log(0.9), math.log(3.0)], "overclaimed": [False, True]},
+         "claim_sum", "overclaimed", 3.0, "its claims on one prompt sum to 3.00"),
+        ({"prompt_sums": [math.log(0.02), math.log(412.0)],
+          "prompt_overclaimed": [False, True]},
+         "prompt_claim_sum", "overclaimed_prompts", 412.0,
+         "its claims on the round's prompts sum to 412.0"),
+    ],
+)  # fmt: skip
+def test_an_overclaiming_teacher_is_barred_and_shown(kw, sum_key, barred_key, total, reason):
+    """What the step records (selection_stats) and lineage shows of a teacher a claim-sum
+    check barred (on one prompt's answers, or on the round's prompts): the sum, the flag
+    and the line's reason."""
     from flminillm.lineage import selection_line
 
     n, a, t, s = 3, 6, 5, 9
     rollouts, teachings = _two_scoring_teachers(n, a, t, s, seed=3)
-    stats = selection_stats(
-        torch.tensor([0] * a), teachings, ["alice", "carol"], 0,
-        sums=[math.log(0.9), math.log(3.0)], overclaimed=[False, True],
-    )  # fmt: skip
-    assert stats["claim_sum.carol"] == pytest.approx(3.0)
-    assert stats["overclaimed.carol"] == 1.0 and stats["overclaimed.alice"] == 0.0
+    stats = selection_stats(torch.tensor([0] * a), teachings, ["alice", "carol"], 0, **kw)
+    assert stats[f"{sum_key}.carol"] == pytest.approx(total)
+    assert stats[f"{barred_key}.carol"] == 1.0 and stats[f"{barred_key}.alice"] == 0.0
     line = selection_line(stats)
-    assert "carol 0% [red](barred: its claims on one prompt sum to 3.00)[/]" in line
+    assert f"carol 0% [red](barred: {reason})[/]" in line
     assert "alice 100%" in line and "alice 100% [red]" not in line
 
 
@@ -1160,22 +1169,6 @@ def test_distinct_prompts_leave_out_a_prompt_that_begins_another():
     assert distinct_prompts(texts) == [[1], [2]]
     assert distinct_prompts(["Q: a\nA:"] * 3) == [[0, 1, 2]]
     assert distinct_prompts([]) == []
-
-
-def test_a_teacher_overclaiming_prompts_is_barred_and_shown():
-    from flminillm.lineage import selection_line
-
-    n, a, t, s = 3, 6, 5, 9
-    rollouts, teachings = _two_scoring_teachers(n, a, t, s, seed=3)
-    stats = selection_stats(
-        torch.tensor([0] * a), teachings, ["alice", "carol"], 0,
-        prompt_sums=[math.log(0.02), math.log(412.0)], prompt_overclaimed=[False, True],
-    )  # fmt: skip
-    assert stats["prompt_claim_sum.carol"] == pytest.approx(412.0)
-    assert stats["overclaimed_prompts.carol"] == 1.0 and stats["overclaimed_prompts.alice"] == 0
-    line = selection_line(stats)
-    assert "carol 0% [red](barred: its claims on the round's prompts sum to 412.0)[/]" in line
-    assert "alice 100%" in line and "alice 100% [red]" not in line
 
 
 def test_repeat_share_asks_some_teacher_share_prompts_twice(tiny_config):
