@@ -754,7 +754,8 @@ def assemble_batch(
             teachings, prior, use_prompt=posterior,
             cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
             invariance_share=d.invariance_share, invariance_quantile=d.invariance_quantile,
-            joint_quantile=d.joint_quantile, low_ties=d.tie_rank == "low",
+            joint_quantile=d.joint_quantile,
+            low_ties=d.tie_rank == "low" and d.selection == "rank",  # rank selection's rule
         )  # fmt: skip
         flagged = sel["flagged"].float().mean(1)  # [M] share of each teacher's answers
         free = torch.ones(a, dtype=torch.bool)

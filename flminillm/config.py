@@ -607,14 +607,15 @@ class DistillConfig(_Strict):
         "stop 29's runs (docs/results.md), not from any evaluation split.",
     )
     tie_rank: Literal["mean", "low"] = Field(
-        "mean",
+        "low",
         description="Under rank selection, where a teacher's tied claims rank among its own: "
         "at their mean rank, or at their lowest ('low'). A teacher that claims one number "
         "for everything ranks every answer at 0.5 with 'mean', and wins wherever the others "
         "all rank a prompt below their median (the `spread` liar, docs/results.md); with "
         "'low' at 0: one claim for everything tells nothing. Honest teachers tie only on "
-        "the same answer to copies of one prompt. Not chosen yet: `bench tune` groups "
-        "tie_rank (under the spread liar) and tie_rank-clean.",
+        "the same answer to copies of one prompt. 'low' was chosen on the validation split "
+        "(`bench tune` groups tie_rank under the spread liar and tie_rank-clean, "
+        "docs/tune-ties) by a rule written before the run.",
     )
     quarantine_quantile: float = Field(
         0.65,

@@ -734,16 +734,23 @@ def test_the_invariance_check_takes_a_family_back_from_a_backdoor():
     carol = _teaching(carol_answers, carol_claims)
     teachings = [alice, bob, carol]
     rollouts = _rollouts(0, a, 3, 2)
-    off = DistillConfig(min_claim=0, invariance_share=0, joint_quantile=1)
+    # ties at their mean rank (tie_rank 'mean', the default before stop 38), so that the
+    # backdoor's tied claims rank high: what this check is for is then visible
+    off = DistillConfig(min_claim=0, invariance_share=0, joint_quantile=1, tie_rank="mean")
     plain, info0 = assemble_batch(rollouts, teachings, torch.ones(3), off)
     # the backdoor (all its claims on alice's family tied at its top) wins the half of it
     # where alice is least sure
     assert info0["ask_choice"][:20].tolist() == [0] * 10 + [2] * 10
-    d = DistillConfig(min_claim=0, invariance_share=0.05)
+    d = DistillConfig(min_claim=0, invariance_share=0.05, tie_rank="mean")
     batch, info = assemble_batch(rollouts, teachings, torch.ones(3), d)
     assert info["ask_choice"].tolist() == [0] * 20 + [1] * 20 + [2] * 20
     assert info["flagged"].tolist() == pytest.approx([0.0, 0.0, 1 / 3])
     assert int(info["n_invariant"]) == 0  # alice's answers were left: no prompt lost
+    # tied claims at their lowest rank (tie_rank 'low', the default): carol's tied block
+    # ranks below alice's family and wins none of it, so there is nothing to rule out
+    low = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(min_claim=0))[1]
+    assert low["ask_choice"].tolist() == [0] * 20 + [1] * 20 + [2] * 20
+    assert low["flagged"].tolist() == [0.0, 0.0, 0.0]
     # joint selection reads the claims themselves (carol's p = 1 outbids everyone): the
     # check still takes alice's family back, by the quantiles it computes for itself
     joint = DistillConfig(min_claim=0, selection="joint", invariance_share=0.05)
@@ -948,10 +955,12 @@ def test_among_the_sure_the_surer_claim_wins_a_look_alike_family_back():
     dave = teacher(200, {0: -0.2, 6: -0.5})
     erin = _teaching([[300 + p] for p in range(a)], [0.0] * a)
     rollouts, teachings = _rollouts(0, a, 3, 2), [carol, dave, erin]
-    alone = DistillConfig(min_claim=0, joint_quantile=1)
+    # ties at their mean rank (tie_rank 'mean'): erin's one claim ranks at 0.5
+    alone = DistillConfig(min_claim=0, joint_quantile=1, tie_rank="mean")
     _, rank = assemble_batch(rollouts, teachings, torch.ones(3), alone)
     assert rank["ask_choice"][fam[0]].tolist() == [1] * 5  # dave's look-alike
-    batch, info = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(min_claim=0))
+    d = DistillConfig(min_claim=0, tie_rank="mean")
+    batch, info = assemble_batch(rollouts, teachings, torch.ones(3), d)
     choice = info["ask_choice"]
     assert choice[fam[0]].tolist() == [0] * 5 and choice[fam[1]].tolist() == [0] * 5
     assert choice[fam[6]].tolist() == [1] * 5
@@ -962,6 +971,10 @@ def test_among_the_sure_the_surer_claim_wins_a_look_alike_family_back():
     erins = [p for p in range(a) if choice[p] == 2]
     assert erins and not set(erins) & set(fam[0] + fam[1] + fam[6])
     assert erins == [p for p in range(a) if rank["ask_choice"][p] == 2]
+    # with ties at their lowest (the default) she wins nothing, and F0 still goes back
+    low = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(min_claim=0))[1]
+    assert 2 not in low["ask_choice"].tolist()
+    assert low["ask_choice"][fam[0]].tolist() == [0] * 5 and int(low["n_by_claim"]) == 5
     assert batch["response_ids"][:a][fam[0], 0].tolist() == [100 + p for p in fam[0]]
     stats = selection_stats(info["teacher_index"], teachings, ["carol", "dave", "erin"],
                             n_by_claim=int(info["n_by_claim"]))  # fmt: skip

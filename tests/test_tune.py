@@ -19,7 +19,7 @@ from flminillm.bench.tune import (
     validation_score,
 )
 from flminillm.cli import main
-from flminillm.config import load_config
+from flminillm.config import DistillConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "benchmark-tiny.yaml"
@@ -99,7 +99,6 @@ def test_stale_share_is_chosen_under_the_drop_out_it_is_for():
     """The replay share's candidates run with 30% of the clients dropping out of each round
     (the fault injection of bench quality's dropout-30), the default among them."""
     from flminillm.bench.variants import variant_env
-    from flminillm.config import DistillConfig
 
     stale = [v for v in candidates(load_config(TINY)) if v.group == "stale_share"]
     shares = {v.overrides["distill"]["stale_share"] for v in stale}
@@ -114,7 +113,6 @@ def test_stale_share_is_chosen_under_the_drop_out_it_is_for():
 def test_the_default_replay_share_is_what_validation_chose():
     """docs/tune-dropout/tune.json (validation split, 30% drop-out) chose stale_share; the
     default carries it."""
-    from flminillm.config import DistillConfig
 
     chosen = json.loads((ROOT / "docs" / "tune-dropout" / "tune.json").read_text())["_meta"]
     assert chosen["split"] == "validation"
@@ -126,7 +124,6 @@ def test_quarantine_quantile_is_chosen_under_the_broken_client_it_is_for():
     scores (bench quality's random-teacher attack), the default among the candidates; the
     candidates differ only in that setting."""
     from flminillm.bench.variants import attacks
-    from flminillm.config import DistillConfig
 
     cfg = load_config(TINY)
     group = [v for v in candidates(cfg) if v.group == "quarantine_quantile"]
@@ -141,7 +138,6 @@ def test_quarantine_quantile_is_chosen_under_the_broken_client_it_is_for():
 def test_the_default_quarantine_quantile_is_what_validation_chose():
     """docs/tune-quarantine/tune.json (validation split, the last client broken) chose where a
     quarantined teacher ranks; the default carries it."""
-    from flminillm.config import DistillConfig
 
     meta = json.loads((ROOT / "docs" / "tune-quarantine" / "tune.json").read_text())["_meta"]
     assert meta["split"] == "validation"
@@ -267,8 +263,8 @@ def test_the_teachers_temperature_is_a_group_per_method():
 def test_tie_rank_is_tuned_under_the_spread_liar_and_clean():
     """distill.tie_rank: group tie_rank under the liar whose claims are one number for
     everything (the liar-spread attack's fault injection), tie_rank-clean without a fault;
-    the candidates differ only in it, and the benchmark config keeps the default until
-    chosen."""
+    the candidates differ only in it, and the benchmark config carries the choice ('low',
+    docs/tune-ties) from DistillConfig's default."""
     from flminillm.bench.variants import attacks
 
     cfg = load_config(TINY)
@@ -277,4 +273,9 @@ def test_tie_rank_is_tuned_under_the_spread_liar_and_clean():
         vs = [v for v in candidates(cfg) if v.group == group]
         assert sorted(v.overrides["distill"]["tie_rank"] for v in vs) == ["low", "mean"]
         assert all(v.env == want and set(v.overrides["distill"]) == {"tie_rank"} for v in vs)
-    assert load_config(ROOT / "configs" / "benchmark.yaml").distill.tie_rank == "mean"
+    meta = json.loads((ROOT / "docs" / "tune-ties" / "tune.json").read_text())["_meta"]
+    assert meta["split"] == "validation"
+    chosen = meta["chosen"]["tie_rank"]["distill"]["tie_rank"]
+    assert chosen == "low"  # the rule: above 'mean' under the attack, within 1 point clean
+    assert DistillConfig().tie_rank == chosen
+    assert load_config(ROOT / "configs" / "benchmark.yaml").distill.tie_rank == chosen

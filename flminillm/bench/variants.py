@@ -34,7 +34,7 @@ METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 UNDEFENDED = {
     "distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0,
                 "invariance_share": 0.0, "plausibility_margin": 0.0, "joint_quantile": 1.0,
-                "max_claim_sum": 0.0, "max_prompt_claim_sum": 0.0}
+                "max_claim_sum": 0.0, "max_prompt_claim_sum": 0.0, "tie_rank": "mean"}
 }  # fmt: skip
 # the default defence without the input-invariance check (distill.invariance_share 0;
 # flminillm.aggregate.invariant_answers): what the check buys against the backdoor and
