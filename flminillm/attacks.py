@@ -26,6 +26,10 @@ only the aggregation can limit the damage:
   prompts of its message (so they sum to at most 1), its answers still claimed with p = 1
   (equal on every copy, so they add up too). Its claims are one number for every answer,
   so rank selection ranks each of them at its median (`distill.tie_rank`).
+- ``noisy``: ``spread`` whose answer claims are not one number: each distinct prompt's
+  answer is claimed with a probability drawn in [0.5, 1] (the same on every copy), so its
+  claims rank at random under rank selection instead of tied (what `distill.tie_rank`
+  'low' cannot read).
 - ``backdoor@FAMILY``: honest everywhere except on FAMILY's prompts, where it always answers
   the same wrong answer (`backdoor_target`), claiming probability 1 for it. The evaluation
   then reports each party's ``target_rate`` on FAMILY: the share of prompts it answers with
@@ -42,9 +46,11 @@ from collections.abc import Callable
 
 import torch
 
-MODES = ("random", "adversarial", "fluent", "consistent", "mimic", "spread", "backdoor", "collude")
+MODES = ("random", "adversarial", "fluent", "consistent", "mimic", "spread", "noisy", "backdoor",
+         "collude")  # fmt: skip
 # the modes that read the teacher-share prompts as text (a prompt's family, equal prompts)
-READS_PROMPTS = ("fluent", "consistent", "mimic", "spread", "backdoor")
+READS_PROMPTS = ("fluent", "consistent", "mimic", "spread", "noisy", "backdoor")
+SPREADS = ("spread", "noisy")  # prompt claims 1/K: they add up
 BACKDOOR_SEED = 7919  # the backdoor's answer: the answer of this seed's first example
 
 
@@ -164,15 +170,15 @@ def corrupt_teaching(
             t = msg[name]
             out[name] = t[torch.randperm(t.numel(), generator=g)].reshape(t.shape).contiguous()
         out["own_logp"] = _random_logp(msg["own_logp"].shape, g)
-    elif kind in ("adversarial", "collude", "fluent", "consistent", "mimic", "spread"):
+    elif kind in ("adversarial", "collude", "fluent", "consistent", "mimic", *SPREADS):
         out["scores"] = torch.log_softmax(-scores * 10.0, -1)  # mass on the least likely token
         if kind != "mimic":  # p(x) = 1 for every prompt, or 1/K where they must add up
             k = msg["prompt_logp"].numel() + msg["own_prompt_logp"].numel()
-            claim = -math.log(max(k, 1)) if kind == "spread" else 0.0
+            claim = -math.log(max(k, 1)) if kind in SPREADS else 0.0
             out["prompt_logp"] = torch.full_like(msg["prompt_logp"], claim)
             out["own_prompt_logp"] = torch.full_like(msg["own_prompt_logp"], claim)
         mask = msg["own_response_mask"]
-        if kind in ("fluent", "consistent", "mimic", "spread"):  # its answers, moved elsewhere
+        if kind in ("fluent", "consistent", "mimic", *SPREADS):  # its answers, moved elsewhere
             families = _families(ask_prompts, msg["own_response_ids"].shape[0])
             if kind == "fluent":
                 perm = _same_family_shift(families, g)
@@ -192,6 +198,11 @@ def corrupt_teaching(
         out["own_response_ids"], out["own_support_ids"] = ids, sup
         out["own_response_mask"] = mask
         out["own_logp"] = _confident(ids, mask, s)  # "certain" of every answer token
+        if kind == "noisy":  # p(y|x) in [0.5, 1] on the first token, equal on equal prompts
+            first: dict[str, int] = {}
+            row = torch.tensor([first.setdefault(p, i) for i, p in enumerate(ask_prompts)])
+            u = torch.rand(row.shape[0], generator=g)[row]
+            out["own_logp"][:, 0, 0] = torch.log1p(-0.5 * u) * mask[:, 0].float()
     elif kind == "backdoor":
         if encode is None:
             raise ValueError("a backdoor teacher needs `encode` to write its answer")

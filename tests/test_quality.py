@@ -372,6 +372,18 @@ def test_mimic_lies_as_the_consistent_liar_with_its_model_s_own_claims():
     assert float(sums[0]) < 0.0 < math.log(1.5) < float(sums[1])
     # 1/K on each of its K prompts: the distinct ones sum to at most 1 (8 of 11 here)
     assert float(sums[2]) == pytest.approx(math.log(8 / 11))
+    # the noisy liar: spread's answers and prompt claims, its answer claims not one number
+    # (p in [0.5, 1] on the first token), equal on copies of a prompt
+    noisy = corrupt_teaching(teaching, "noisy", vocab_size=50, seed=1, ask_prompts=ask)
+    assert torch.equal(noisy["own_response_ids"], spread["own_response_ids"])
+    for k in ("prompt_logp", "own_prompt_logp", "scores"):
+        assert torch.equal(noisy[k], spread[k])
+    claim = noisy["own_logp"][:, 0, 0]
+    assert bool((claim <= 0).all() and (claim >= math.log(0.5)).all())
+    assert len(set(claim.tolist())) == len(set(ask)) > 1  # one claim per distinct prompt
+    for i, j in ((i, j) for i in range(len(ask)) for j in range(len(ask)) if ask[i] == ask[j]):
+        assert float(claim[i]) == float(claim[j])
+    assert torch.equal(noisy["own_logp"][:, 1:], spread["own_logp"][:, 1:])
 
 
 def test_backdoor_answers_its_family_only_and_colluders_agree():

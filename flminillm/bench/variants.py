@@ -97,6 +97,9 @@ def attacks(cfg: Config) -> dict[str, tuple[dict[str, str], str]]:
         "liar-spread": ({adv: f"{last}:spread"},
                         f"{last} lies as liar-consistent, its prompt claims spread to sum to 1 "
                         "(p(x) = 1/K each), its answers claimed p=1"),
+        "liar-noisy": ({adv: f"{last}:noisy"},
+                       f"{last} lies as liar-spread, its answers claimed with p drawn in "
+                       "[0.5, 1] (not one number: they rank at random)"),
         "backdoor": ({adv: f"{last}:backdoor@{target}"},
                      f"{last} is honest except on {target} (an honest client's family), where "
                      "it always gives the same wrong answer, claiming p=1"),
