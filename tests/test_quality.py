@@ -169,6 +169,7 @@ def test_report_files_and_mlflow_runs(bench_out):
     # not, nor the liar that spreads its prompt claims to sum to 1; honest teachers' claims
     # on the round's prompts sum to at most 1
     for name, barred in (("liar-consistent", 1.0), ("liar-mimic", 0.0), ("liar-spread", 0.0)):
+        won = 0.0
         recs = sorted((bench_out / "work" / "store" / "records").glob(
             f"bench-tiny-{name}-s0-*/round-*/distill.server.json"))  # fmt: skip
         assert len(recs) == cfg.rounds
@@ -183,8 +184,9 @@ def test_report_files_and_mlflow_runs(bench_out):
                 assert m[f"prompt_claim_sum.{liar}"] >= 10.0 and m[f"selected.{liar}"] == 0.0
             else:
                 assert m[f"prompt_claim_sum.{liar}"] <= 1.0 + 1e-4
-            if name == "liar-mimic":
-                assert m[f"selected.{liar}"] > 0.0  # its answers compete as an honest one's
+            won += m[f"selected.{liar}"]
+        if name == "liar-mimic":  # its answers compete as an honest one's: it wins some
+            assert won > 0.0
 
 
 def test_memo_shares_setup_between_variants(tmp_path):
