@@ -24,8 +24,9 @@ only the aggregation can limit the damage:
   no claim it sends contradicts another: what a check of claims cannot see.
 - ``spread``: ``consistent`` with prompt claims that add up: p(x) = 1/K for each of the K
   prompts of its message (so they sum to at most 1), its answers still claimed with p = 1
-  (equal on every copy, so they add up too). Its claims are one number for every answer,
-  so rank selection ranks each of them at its median (`distill.tie_rank`).
+  (equal on every copy, so they add up too). Its claims are one number for every answer:
+  rank selection ranks each of them at 0 (ties at their lowest rank, `distill.tie_rank`
+  'low', the default) or at its median ('mean').
 - ``noisy``: ``spread`` whose answer claims are not one number: each distinct prompt's
   answer is claimed with a probability drawn in [0.5, 1] (the same on every copy), so its
   claims rank at random under rank selection instead of tied (what `distill.tie_rank`
