@@ -272,7 +272,7 @@ def select_teacher_rollouts(
     that quantile of their own claims, they compete on it by their joint claims
     (`selection: joint` among the sure), the rest by rank; `by_claim` marks the prompts
     where that changed the winner (`distill.joint_quantile`, docs/algorithm.md). `low_ties`:
-    tied claims rank at their lowest (`distill.tie_rank`)."""
+    under `rank`, tied claims rank at their lowest (`distill.tie_rank`)."""
     width = max(t["own_response_ids"].shape[1] for t in teachings)
     ids = torch.stack(
         [right_pad(t["own_response_ids"].long(), width, 0) for t in teachings]
@@ -284,7 +284,8 @@ def select_teacher_rollouts(
     raw = torch.stack([selection_claims(t, use_prompt) for t in teachings])  # [M, A]
     # what joint selection compares, and under rank the sure among themselves
     claims = raw + torch.log(prior)[:, None]
-    quantiles = [own_quantiles(t, use_prompt, low_ties) for t in teachings]
+    low_ties = low_ties and rank  # rank selection's rule: the invariance check under joint
+    quantiles = [own_quantiles(t, use_prompt, low_ties) for t in teachings]  # keeps mean ties
     joint = torch.stack(quantiles) if rank else claims
     flagged = torch.zeros(joint.shape, dtype=torch.bool)
     if invariance_share > 0:
@@ -755,7 +756,7 @@ def assemble_batch(
             cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
             invariance_share=d.invariance_share, invariance_quantile=d.invariance_quantile,
             joint_quantile=d.joint_quantile,
-            low_ties=d.tie_rank == "low" and d.selection == "rank",  # rank selection's rule
+            low_ties=d.tie_rank == "low",
         )  # fmt: skip
         flagged = sel["flagged"].float().mean(1)  # [M] share of each teacher's answers
         free = torch.ones(a, dtype=torch.bool)

@@ -133,15 +133,18 @@ def _same_family_shift(families: list[str | None], g: torch.Generator) -> torch.
     return perm
 
 
+def _first_copies(prompts: list[str]) -> list[int]:
+    """For each prompt, the index of its first copy in `prompts`."""
+    first: dict[str, int] = {}
+    return [first.setdefault(p, i) for i, p in enumerate(prompts)]
+
+
 def _same_family_shift_by_text(
     families: list[str | None], prompts: list[str], g: torch.Generator
 ) -> torch.Tensor:
     """`_same_family_shift` over a round's distinct prompts: every copy of a prompt is moved
     to the first copy of the same other prompt, so equal prompts get equal answers."""
-    first: dict[str, int] = {}
-    for i, p in enumerate(prompts):
-        first.setdefault(p, i)
-    distinct = list(first.values())
+    distinct = sorted(set(_first_copies(prompts)))
     moved = _same_family_shift([families[i] for i in distinct], g)
     target = {prompts[distinct[j]]: distinct[int(moved[j])] for j in range(len(distinct))}
     return torch.tensor([target[p] for p in prompts])
@@ -200,8 +203,7 @@ def corrupt_teaching(
         out["own_response_mask"] = mask
         out["own_logp"] = _confident(ids, mask, s)  # "certain" of every answer token
         if kind == "noisy":  # p(y|x) in [0.5, 1] on the first token, equal on equal prompts
-            first: dict[str, int] = {}
-            row = torch.tensor([first.setdefault(p, i) for i, p in enumerate(ask_prompts)])
+            row = torch.tensor(_first_copies(ask_prompts))
             u = torch.rand(row.shape[0], generator=g)[row]
             out["own_logp"][:, 0, 0] = torch.log1p(-0.5 * u) * mask[:, 0].float()
     elif kind == "backdoor":
