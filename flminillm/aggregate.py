@@ -248,6 +248,52 @@ def rank_in_play(
     return out
 
 
+def contests(
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    sup: torch.Tensor,
+    logp: torch.Tensor,
+    ranks: torch.Tensor,
+    best: torch.Tensor,
+    able: torch.Tensor,
+    quantile: float,
+    p: float,
+) -> torch.Tensor:
+    """Peer contest (`distill.contest_quantile`). ids/mask [M, A, T]: each teacher's answer
+    per teacher-share prompt; sup/logp [M, A, T, S]: its support there (its sampled token,
+    then its top-k others; -1 pads) with full-softmax log-probs; ranks [M, A]: where each
+    ranks each prompt among its own claims (`own_quantiles`); best [A]: whose answer is kept;
+    able [M, A]: who may contest (not barred, quarantined or ruled out). Returns [M, A]
+    bool: teacher j contests prompt a where it ranks a above `quantile`, its answer parts
+    from the kept one at a position d it has a support for, and its probability of the kept
+    answer through d is below `p`: its own log-probs on the common prefix (its sampled
+    tokens there), then the kept token at d from its support, or, where that token is not
+    in it, the support's tail mass 1 - sum(support) (an upper bound). The same answer, or a
+    kept answer that ends inside j's (truncated), is never contested."""
+    m, a, t = ids.shape
+    idx = torch.arange(a)
+    win, win_mask = ids[best, idx], mask[best, idx].bool()  # [A, T]
+    mine = mask.bool()
+    parts = win_mask[None] & (~mine | (ids != win[None]))  # [M, A, T]
+    found = parts.any(-1)
+    d = parts.long().argmax(-1)  # [M, A] the first position where they part
+    at = d[..., None]
+    has = mine.gather(-1, at)[..., 0]  # j has a support there
+    own = logp[..., 0].float() * mine.float()  # j's log-probs of its sampled tokens
+    before = torch.arange(t)[None, None] < at  # the common prefix
+    prefix = (own * before.float()).sum(-1)  # [M, A]
+    s_at = sup.gather(2, at[..., None].expand(m, a, 1, sup.shape[-1]))[:, :, 0]  # [M, A, S]
+    l_at = logp.float().gather(2, at[..., None].expand(m, a, 1, logp.shape[-1]))[:, :, 0]
+    token = win.gather(-1, d.T).T  # [M, A] the kept answer's token at d
+    valid = s_at >= 0
+    hit = valid & (s_at == token[..., None])
+    tail = (1.0 - (l_at.exp() * valid.float()).sum(-1)).clamp(min=0.0)
+    there = torch.where(hit.any(-1), (l_at * hit.float()).sum(-1), torch.log(tail))
+    unlikely = (prefix + there) < math.log(p)
+    j_is = torch.arange(m)[:, None] != best[None]
+    return able & j_is & found & has & (ranks > quantile) & unlikely
+
+
 def select_teacher_rollouts(
     teachings: list[dict[str, torch.Tensor]],
     prior: torch.Tensor,
@@ -258,6 +304,9 @@ def select_teacher_rollouts(
     invariance_quantile: float = 0.75,
     joint_quantile: float = 1.0,
     low_ties: bool = False,
+    contest_quantile: float = 1.0,
+    contest_p: float = 0.05,
+    can_contest: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per teacher-share prompt, keep the answer of the teacher with the highest joint
     log-likelihood log pi_i + log p_i(x) + log p_i(y_i | x): the teacher that knows the
@@ -272,7 +321,10 @@ def select_teacher_rollouts(
     that quantile of their own claims, they compete on it by their joint claims
     (`selection: joint` among the sure), the rest by rank; `by_claim` marks the prompts
     where that changed the winner (`distill.joint_quantile`, docs/algorithm.md). `low_ties`:
-    under `rank`, tied claims rank at their lowest (`distill.tie_rank`)."""
+    under `rank`, tied claims rank at their lowest (`distill.tie_rank`). `contest_quantile`
+    < 1 (under `rank`): `contests` [M, A] marks the teachers (of `can_contest` [M], default
+    all) that contest each kept answer (`contests`, `distill.contest_quantile`); a teacher
+    whose own answer the invariance check ruled out does not."""
     width = max(t["own_response_ids"].shape[1] for t in teachings)
     ids = torch.stack(
         [right_pad(t["own_response_ids"].long(), width, 0) for t in teachings]
@@ -304,6 +356,13 @@ def select_teacher_rollouts(
         best = chosen
     idx = torch.arange(best.shape[0])
     length = mask[best, idx].sum(-1).clamp(min=1)
+    contested = torch.zeros(joint.shape, dtype=torch.bool)
+    if rank and contest_quantile < 1.0:
+        able = ~flagged
+        if can_contest is not None:
+            able &= can_contest.bool()[:, None]
+        contested = contests(ids, mask, sup, logp, torch.stack(quantiles), best, able,
+                             contest_quantile, contest_p)  # fmt: skip
     return {
         # under rank selection, the kept answer's quantile among its teacher's claims
         "quantile": joint[best, idx] if rank else torch.full_like(answer[0], float("nan")),
@@ -318,6 +377,8 @@ def select_teacher_rollouts(
         "flagged": flagged,
         "invariant": flagged[best, idx],
         "by_claim": by_claim,
+        # [M, A] who contested each kept answer (`contests`); a contested prompt is left out
+        "contests": contested,
     }
 
 
@@ -410,7 +471,7 @@ def replay_rows(
 DOMAIN_NEIGHBOURS = 8
 # `ask_choice` of a prompt left out for a reason other than `min_claim` (-1): reserved for
 # an absent teacher (`imputed_quantile`, `unknown_domain`), every answer ruled out by the
-# invariance check, or won by a barred teacher. For the present teachers it is a prompt
+# invariance check, won by a barred teacher, or contested (`contests`). For the present teachers it is a prompt
 # they lost (`lost_prompts`), deliberately: where an absent teacher's domain was imputed,
 # it is not theirs. (Not `teacher_index`'s -2, a stale row, in another tensor.)
 LEFT_OUT = -2
@@ -745,7 +806,7 @@ def assemble_batch(
     a = rollouts["ask_prompt_ids"].shape[0]
     rejected, n_reserved, ask_choice = 0, 0, torch.zeros(0, dtype=torch.long)
     n_invariant, n_implausible, flagged = 0, 0, torch.zeros(len(teachings))
-    n_by_claim = 0
+    n_by_claim, n_contested, contesting = 0, 0, torch.zeros(len(teachings))
     if a:
         # a capped teacher's answers are selected with the same handicap, and (capped
         # mixture) no teacher supplies more than `cap` of the answers, also when the student
@@ -757,6 +818,8 @@ def assemble_batch(
             invariance_share=d.invariance_share, invariance_quantile=d.invariance_quantile,
             joint_quantile=d.joint_quantile,
             low_ties=d.tie_rank == "low",
+            contest_quantile=d.contest_quantile, contest_p=d.contest_p,
+            can_contest=torch.tensor(trusted, dtype=torch.bool) & ~barred_t,
         )  # fmt: skip
         flagged = sel["flagged"].float().mean(1)  # [M] share of each teacher's answers
         free = torch.ones(a, dtype=torch.bool)
@@ -768,20 +831,26 @@ def assemble_batch(
         out = free & sel["invariant"]  # every answer to it ruled out by the invariance check
         # won by a teacher the student's LM found implausible: left out, not re-assigned
         implausible = free & ~out & barred_t[sel["teacher_index"]]
-        keep = free & ~out & ~implausible
+        # a teacher sure of the prompt finds the kept answer unlikely: left out (`contests`)
+        contested = free & ~out & ~implausible & sel["contests"].any(0)
+        contesting = (sel["contests"] & contested[None]).float().mean(1)  # [M]
+        keep = free & ~out & ~implausible & ~contested
         # no teacher present knows the prompt well enough to claim `min_claim`: learn nothing
         if d.min_claim > 0 and bool(keep.any()):
             floor = claim_floor(sel["claim"][keep], d.min_claim, d.max_rejected)
             keep &= sel["claim"] >= floor
-        rejected = int((free & ~out & ~implausible & ~keep).sum())
-        n_reserved, n_invariant, n_implausible = (
+        rejected = int((free & ~out & ~implausible & ~contested & ~keep).sum())
+        n_reserved, n_invariant, n_implausible, n_contested = (
             int((~free).sum()),
             int(out.sum()),
             int(implausible.sum()),
+            int(contested.sum()),
         )
         n_by_claim = int((keep & sel["by_claim"]).sum())
         ask_choice = torch.where(
-            keep, sel["teacher_index"], torch.where(free & ~out & ~implausible, -1, LEFT_OUT)
+            keep,
+            sel["teacher_index"],
+            torch.where(free & ~out & ~implausible & ~contested, -1, LEFT_OUT),
         )
         parts.append(
             {
@@ -820,6 +889,8 @@ def assemble_batch(
         "n_invariant": torch.tensor(n_invariant),
         "n_implausible": torch.tensor(n_implausible),
         "n_by_claim": torch.tensor(n_by_claim),
+        "n_contested": torch.tensor(n_contested),
+        "contesting": contesting,
         "flagged": flagged,
         "ask_choice": ask_choice,
     }
@@ -839,6 +910,8 @@ def selection_stats(
     gaps: list[float] | None = None,
     barred: list[bool] | None = None,
     n_by_claim: int = 0,
+    n_contested: int = 0,
+    contesting: list[float] | None = None,
     sums: list[float] | None = None,
     overclaimed: list[bool] | None = None,
     prompt_sums: list[float] | None = None,
@@ -866,9 +939,12 @@ def selection_stats(
     `prompt_claim_sum.<id>` and `overclaimed_prompts.<id>` (given `prompt_sums`) the same
     for its claims on the round's distinct prompts (`prompt_claim_sums`); `by_claim`,
     the share of prompts whose kept answer the teachers' claims chose among the sure where
-    their ranks would have chosen another (`distill.joint_quantile`)."""
+    their ranks would have chosen another (`distill.joint_quantile`); `contested`, the
+    share left out because a teacher sure of the prompt found the kept answer unlikely
+    (`distill.contest_quantile`), and `contested_by.<id>` (given `contesting`) the share of
+    prompts each teacher contested so."""
     kept = teacher_index[teacher_index >= 0]
-    total = kept.numel() + n_rejected + n_reserved + n_invariant + n_implausible
+    total = kept.numel() + n_rejected + n_reserved + n_invariant + n_implausible + n_contested
     out: dict[str, float] = {"rejected": n_rejected / total} if total else {}
     if n_reserved:
         out["reserved"] = n_reserved / total
@@ -878,6 +954,8 @@ def selection_stats(
         out["implausible"] = n_implausible / total
     if n_by_claim and total:
         out["by_claim"] = n_by_claim / total
+    if n_contested:
+        out["contested"] = n_contested / total
     stale = int((teacher_index == -2).sum())
     if stale:  # replayed from an absent teacher's earlier answers (`stale_part`)
         out["stale_rows"] = float(stale)
@@ -891,6 +969,8 @@ def selection_stats(
             out[f"coherent.{name}"] = float(coherent[i])
         if flagged is not None:
             out[f"invariant.{name}"] = float(flagged[i])
+        if contesting is not None:
+            out[f"contested_by.{name}"] = float(contesting[i])
         if gaps is not None:
             out[f"plausibility.{name}"] = float(gaps[i])
             out[f"implausible.{name}"] = float(bool(barred[i])) if barred is not None else 0.0

@@ -425,6 +425,16 @@ class DistillConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _contest_needs_rank(self) -> DistillConfig:
+        if self.contest_quantile < 1.0 and self.selection != "rank":
+            raise ValueError(
+                f"contest_quantile {self.contest_quantile} needs `selection: rank` (a "
+                "contester must be sure of the prompt by its own ranks); set selection: "
+                "rank or contest_quantile: 1 (off)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sure_band(self) -> DistillConfig:
         if self.selection != "rank" or self.joint_quantile == 1.0:
             return self
@@ -616,6 +626,27 @@ class DistillConfig(_Strict):
         "the same answer to copies of one prompt. 'low' was chosen on the validation split "
         "(`bench tune` groups tie_rank under the spread liar and tie_rank-clean, "
         "docs/tune-ties) by a rule written before the run.",
+    )
+    contest_quantile: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Under rank selection, peer contest: where another teacher ranks a "
+        "prompt above this quantile of its own claims (it is sure of it, by its own "
+        "standard) and finds the kept answer unlikely (its probability of that answer "
+        "through the first token where their answers part, below `contest_p`: read from "
+        "its own support there, or bounded by its support's tail mass), the prompt is left "
+        "out (`contested`): neither answer is learned. Evidence a liar does not write: the "
+        "honest teachers' own distributions on its answers. Barred and quarantined "
+        "teachers cannot contest; a liar that contests removes at most the prompts it "
+        "ranks above this quantile (data lost, not poisoned). 1: off.",
+    )
+    contest_p: float = Field(
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        description="The probability below which a sure teacher contests the kept answer "
+        "(`contest_quantile`).",
     )
     quarantine_quantile: float = Field(
         0.65,
@@ -827,6 +858,8 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "max_prompt_claim_sum": 0.0,
         "tie_rank": "mean",
         "repeat_share": 0.0,
+        "contest_quantile": 1.0,
+        "contest_p": 0.05,
     }
 }
 

@@ -126,6 +126,9 @@ def selection_line(metrics: dict[str, float]) -> str:
         if metrics.get(f"overclaimed_prompts.{n}", 0.0) > 0:  # distill.max_prompt_claim_sum
             total = metrics.get(f"prompt_claim_sum.{n}", 0.0)
             text += f" [red](barred: its claims on the round's prompts sum to {total:.1f})[/]"
+        contested = metrics.get(f"contested_by.{n}", 0.0)
+        if contested > 0:  # distill.contest_quantile: it found kept answers unlikely
+            text += f" (contested {contested:.0%})"
         invariant = metrics.get(f"invariant.{n}", 0.0)
         if invariant > 0:  # distill.invariance_share: one answer to prompts told apart
             text += f" [red](ruled out {invariant:.0%}: one answer to many prompts)[/]"
@@ -139,6 +142,9 @@ def selection_line(metrics: dict[str, float]) -> str:
     implausible = metrics.get("implausible", 0.0)
     if implausible > 0:  # won by a teacher the student's LM barred
         parts.append(f"[yellow]left out {implausible:.0%} (a barred teacher's)[/]")
+    contested = metrics.get("contested", 0.0)
+    if contested > 0:  # a teacher sure of the prompt found the kept answer unlikely
+        parts.append(f"[yellow]left out {contested:.0%} (contested)[/]")
     by_claim = metrics.get("by_claim", 0.0)
     if by_claim > 0:  # distill.joint_quantile: among the sure, the surer claim won
         parts.append(f"{by_claim:.0%} by claim among the sure")

@@ -930,7 +930,9 @@ def _distill(
         n_invariant=int(info["n_invariant"]),
         flagged=info["flagged"].tolist() if d.invariance_share > 0 else None,
         n_implausible=int(info["n_implausible"]), gaps=gaps, barred=implausible,
-        n_by_claim=int(info["n_by_claim"]), sums=sums, overclaimed=overclaimed,
+        n_by_claim=int(info["n_by_claim"]), n_contested=int(info["n_contested"]),
+        contesting=info["contesting"].tolist() if d.contest_quantile < 1.0 else None,
+        sums=sums, overclaimed=overclaimed,
         prompt_sums=psums, prompt_overclaimed=poverclaimed,
     )  # fmt: skip
 

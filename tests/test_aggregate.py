@@ -1212,3 +1212,167 @@ def test_repeat_share_asks_some_teacher_share_prompts_twice(tiny_config):
     assert _round_prompts(rep, store, state, 1, client) == _round_prompts(
         base, store, state, 1, client
     )
+
+
+# -- peer contest (distill.contest_quantile) ------------------------------------------------
+
+
+def _contest_oracle(ids, mask, sup, logp, best, j, a) -> float | None:
+    """Teacher j's probability of the kept answer to prompt a through the first position
+    where they part, by loops (None: same answer, kept one ends inside j's, or j has no
+    support there)."""
+    w = int(best[a])
+    for t in range(ids.shape[2]):
+        if not mask[w, a, t]:
+            return None  # the kept answer ended without parting from j's
+        if not mask[j, a, t]:
+            return None  # j's ended first: no support of j's at t
+        if ids[j, a, t] != ids[w, a, t]:
+            total, there = 0.0, None
+            for c in range(sup.shape[3]):
+                if sup[j, a, t, c] >= 0:
+                    total += math.exp(float(logp[j, a, t, c]))
+                    if sup[j, a, t, c] == ids[w, a, t]:
+                        there = math.exp(float(logp[j, a, t, c]))
+            prefix = math.exp(sum(float(logp[j, a, u, 0]) for u in range(t)))
+            return prefix * (there if there is not None else max(1.0 - total, 0.0))
+    return None
+
+
+def test_contests_read_a_peer_s_probability_of_the_kept_answer_where_they_part():
+    """On honest teachers' messages (one softmax each, small vocabularies so that answers
+    share prefixes and kept tokens fall outside supports), `contests` agrees with a loop
+    over positions: a sure peer (rank above the quantile) contests where its probability of
+    the kept answer through the parting token (from its support, else its tail mass) is
+    below p; never its own answer, a peer not sure of the prompt, or one not able."""
+    from flminillm.aggregate import contests
+
+    m, a, t, k = 3, 40, 4, 2
+    ts = [_honest_teaching(a=a, t=t, k=k, vocab=5, seed=s) for s in range(m)]
+    ids = torch.stack([x["own_response_ids"] for x in ts])
+    ids[1, :10] = ids[0, :10]  # some answers agree word for word
+    ids[2, 10:20, :2] = ids[0, 10:20, :2]  # some share a prefix
+    for x, i in zip(ts, ids, strict=True):  # keep each support's column 0 its answer
+        x["own_support_ids"][..., 0] = i
+    mask = torch.stack([x["own_response_mask"] for x in ts])
+    sup = torch.stack([x["own_support_ids"] for x in ts])
+    logp = torch.stack([x["own_logp"] for x in ts])
+    g = torch.Generator().manual_seed(7)
+    ranks = torch.rand(m, a, generator=g)
+    best = torch.randint(0, m, (a,), generator=g)
+    able = torch.ones(m, a, dtype=torch.bool)
+    able[2, ::3] = False
+    p, q = 0.2, 0.3
+    got = contests(ids, mask, sup, logp, ranks, best, able, q, p)
+    n_checked = 0
+    for j in range(m):
+        for i in range(a):
+            prob = _contest_oracle(ids, mask, sup, logp, best, j, i)
+            want = bool(j != best[i] and able[j, i] and ranks[j, i] > q
+                        and prob is not None and prob < p)  # fmt: skip
+            assert bool(got[j, i]) == want, (j, i, prob)
+            n_checked += prob is not None and j != best[i]
+    assert 0 < int(got.sum()) < n_checked  # some contested, not all
+    same = ids[1, :10].eq(ids[0, :10]).all()
+    assert same and not bool(got[1, :10][best[:10] == 0].any())  # agreeing: never
+    assert not bool(got[torch.arange(m)[:, None] == best[None]].any())  # not its own
+
+
+def _expert(a: int, t: int, right: torch.Tensor, sure: torch.Tensor, vocab: int = 50) -> dict:
+    """A teacher that writes `right` [A, T] with probability 0.9 per token where `sure` [A]
+    (prompt claim high), and a flat guess over the vocabulary elsewhere; its support: its
+    answer and two others, full-softmax log-probs."""
+    ids = right.clone()
+    sup = torch.stack([ids, (ids + 1) % vocab, (ids + 2) % vocab], -1)
+    p_ans = torch.where(sure, 0.9, 1.0 / vocab)[:, None].expand(a, t)
+    p_other = torch.where(sure, 0.04, 1.0 / vocab)[:, None].expand(a, t)
+    logp = torch.stack([p_ans.log(), p_other.log(), p_other.log()], -1)
+    plogp = torch.where(sure, -1.0, -8.0) + torch.linspace(0, -0.5, a)  # distinct claims
+    return {"own_response_ids": ids, "own_response_mask": torch.ones(a, t, dtype=torch.long),
+            "own_support_ids": sup, "own_logp": logp, "own_prompt_logp": plogp,
+            "scores": torch.zeros(0, t, 3), "prompt_logp": torch.zeros(0)}  # fmt: skip
+
+
+def test_a_liar_s_random_answers_that_a_sure_expert_finds_unlikely_leave_the_batch():
+    """Alice knows prompts 0-9, bob 10-19; a liar answers all 20 with random tokens and
+    random claims that rank some of each expert's prompts above the expert's own rank (its
+    answer claimed p = 0.6 per token, the rest of its mass in its tail, as the `noisy`
+    liar's claims). With the contest off the liar's answer is kept where it ranks higher;
+    with it on, a sure expert contests it and the prompt is left out (`n_contested`,
+    `contested`, `contested_by.<id>`, LEFT_OUT), never handed to the contester; the
+    experts' answers are not contested (the liar's tail mass bounds nothing below p). A
+    barred expert cannot contest."""
+    from flminillm.config import DistillConfig
+    from flminillm.lineage import selection_line
+
+    a, t, vocab = 20, 3, 50
+    g = torch.Generator().manual_seed(0)
+    right = torch.randint(4, vocab, (a, t), generator=g)
+    alice = _expert(a, t, right, torch.arange(a) < 10)
+    bob = _expert(a, t, right, torch.arange(a) >= 10)
+    lies = torch.randint(4, vocab, (a, t), generator=g)
+    liar = {**_expert(a, t, lies, torch.ones(a, dtype=torch.bool)),
+            "own_prompt_logp": -torch.rand(a, generator=g) * 2.0}  # fmt: skip
+    liar["own_logp"][..., 0] = math.log(0.6)
+    liar["own_logp"][..., 1:] = -30.0
+    teachings = [alice, bob, liar]
+    rollouts = _rollouts(0, a, t, 3)
+    base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0)
+    off = DistillConfig(**base)
+    on = DistillConfig(**base, contest_quantile=0.3, contest_p=0.05)
+    _, free = assemble_batch(rollouts, teachings, torch.ones(3), off)
+    won = free["ask_choice"] == 2
+    assert 0 < int(won.sum()) < a  # the liar wins some prompts with the contest off
+    batch, info = assemble_batch(rollouts, teachings, torch.ones(3), on)
+    assert torch.equal(info["ask_choice"][won], torch.full((int(won.sum()),), LEFT_OUT))
+    assert torch.equal(info["ask_choice"][~won], free["ask_choice"][~won])
+    assert int(info["n_contested"]) == int(won.sum())
+    assert batch["response_ids"].shape[0] == a - int(won.sum())
+    stats = selection_stats(
+        info["teacher_index"], teachings, ["alice", "bob", "carol"], int(info["n_rejected"]),
+        n_contested=int(info["n_contested"]), contesting=info["contesting"].tolist(),
+    )  # fmt: skip
+    assert stats["contested"] == pytest.approx(int(won.sum()) / a)
+    by_expert = stats["contested_by.alice"] + stats["contested_by.bob"]
+    assert by_expert >= stats["contested"] and stats["contested_by.carol"] == 0.0
+    assert f"left out {stats['contested']:.0%} (contested)" in selection_line(stats)
+    # a barred expert does not contest: its prompts the liar won are kept (alice's side)
+    _, barred = assemble_batch(rollouts, teachings, torch.ones(3), on, barred=[True, False, False])
+    hers = won & (torch.arange(a) < 10)
+    assert bool(hers.any()) and bool((barred["ask_choice"][hers] == 2).all())
+
+
+def test_a_liar_that_claims_no_tail_contests_only_where_it_ranks_above_the_quantile():
+    """What the contest costs against a liar that claims p = 1 for its answers (no tail:
+    every other answer is "unlikely" to it): it contests the experts' answers, but only on
+    the prompts it ranks above `contest_quantile` of its own claims, and those are left out
+    (data lost), not handed to it."""
+    from flminillm.config import DistillConfig
+
+    a, t, vocab, q = 40, 3, 50, 0.5
+    g = torch.Generator().manual_seed(1)
+    right = torch.randint(4, vocab, (a, t), generator=g)
+    alice = _expert(a, t, right, torch.arange(a) < 20)
+    bob = _expert(a, t, right, torch.arange(a) >= 20)
+    lies = torch.randint(4, vocab, (a, t), generator=g)
+    liar = {
+        **_expert(a, t, lies, torch.ones(a, dtype=torch.bool)),
+        "own_prompt_logp": -20.0 - torch.rand(a, generator=g),
+    }  # ranks, never wins
+    liar["own_logp"][..., 0] = 0.0
+    liar["own_logp"][..., 1:] = -30.0
+    teachings = [alice, bob, liar]
+    base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_p=0.05)
+    _, info = assemble_batch(_rollouts(0, a, t, 3), teachings, torch.ones(3),
+                             DistillConfig(**base, contest_quantile=q))  # fmt: skip
+    mine = own_quantiles(liar, True, True) > q
+    assert bool(mine.any()) and not bool((info["ask_choice"] == 2).any())
+    assert torch.equal(info["ask_choice"] == LEFT_OUT, mine)  # exactly where it is "sure"
+    assert int(info["n_contested"]) == int(mine.sum()) <= (1 - q) * a
+
+
+def test_contest_needs_rank_selection():
+    from flminillm.config import DistillConfig
+
+    with pytest.raises(ValueError, match="contest_quantile 0.5 needs `selection: rank`"):
+        DistillConfig(selection="joint", contest_quantile=0.5, joint_quantile=1.0)

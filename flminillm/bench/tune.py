@@ -104,6 +104,19 @@ TIE_GRID = [
 ]
 
 
+# Peer contest (distill.contest_quantile; contest_p at its default 0.05, set before any run):
+# group `contest_quantile` under the liar whose random answer claims add up and rank
+# anywhere (the `liar-noisy` attack of bench quality), and `contest_quantile-clean` without
+# a fault (its price). Decided before any run: the quantile with the best score under the
+# attack is adopted if it scores above 'off' (1) there and within 1 point of 'off' clean;
+# else the next best that does; else the contest stays off.
+CONTEST_GRID = [
+    ("contest-off", {"contest_quantile": 1.0}),
+    ("contest-0.5", {"contest_quantile": 0.5}),
+    ("contest-0.75", {"contest_quantile": 0.75}),
+]
+
+
 def _note(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "as configured"
 
@@ -113,6 +126,7 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
     `stale_share` or `quarantine_quantile`), optionally only the named ones."""
     broken, what = attacks(base)["random-teacher"]
     spread, liar = attacks(base)["liar-spread"]
+    noisy, noisy_liar = attacks(base)["liar-noisy"]
     out = [
         Variant(name, group=method, overrides={"distill": {"method": method, **d}}, note=_note(d))
         for method, grid in GRID.items()
@@ -147,6 +161,14 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
         Variant(f"clean-{name}", group="tie_rank-clean", overrides={"distill": d},
                 note=_note(d))
         for name, d in TIE_GRID
+    ] + [
+        Variant(f"noisy-{name}", group="contest_quantile", env=noisy, overrides={"distill": d},
+                note=f"{_note(d)}; {noisy_liar}")
+        for name, d in CONTEST_GRID
+    ] + [
+        Variant(f"clean-{name}", group="contest_quantile-clean", overrides={"distill": d},
+                note=_note(d))
+        for name, d in CONTEST_GRID
     ] + [
         Variant(f"fkl-{name}", group="lr_schedule-forward_kl",
                 overrides={"distill": {**FORWARD_KL, **d}}, note=f"forward-kl, {_note(d)}")
