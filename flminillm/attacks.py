@@ -31,6 +31,11 @@ only the aggregation can limit the damage:
   answer is claimed with a probability drawn in [0.5, 1] (the same on every copy), so its
   claims rank at random under rank selection instead of tied (what `distill.tie_rank`
   'low' cannot read).
+- ``contest``: ``noisy`` whose first-token support holds all its mass (its other support
+  tokens share 1 - p, no tail): every answer of another teacher that parts from its own at
+  the first token is "unlikely" to it, so it contests every kept answer on the prompts it
+  ranks above `distill.contest_quantile` (the liar built against the peer contest: data
+  lost, as much as that quantile lets it).
 - ``backdoor@FAMILY``: honest everywhere except on FAMILY's prompts, where it always answers
   the same wrong answer (`backdoor_target`), claiming probability 1 for it. The evaluation
   then reports each party's ``target_rate`` on FAMILY: the share of prompts it answers with
@@ -47,11 +52,12 @@ from collections.abc import Callable
 
 import torch
 
-MODES = ("random", "adversarial", "fluent", "consistent", "mimic", "spread", "noisy", "backdoor",
-         "collude")  # fmt: skip
+MODES = ("random", "adversarial", "fluent", "consistent", "mimic", "spread", "noisy", "contest",
+         "backdoor", "collude")  # fmt: skip
 # the modes that read the teacher-share prompts as text (a prompt's family, equal prompts)
-READS_PROMPTS = ("fluent", "consistent", "mimic", "spread", "noisy", "backdoor")
-SPREADS = ("spread", "noisy")  # prompt claims 1/K: they add up
+READS_PROMPTS = ("fluent", "consistent", "mimic", "spread", "noisy", "contest", "backdoor")
+NOISY = ("noisy", "contest")  # answer claims drawn per distinct prompt
+SPREADS = ("spread", *NOISY)  # prompt claims 1/K: they add up
 BACKDOOR_SEED = 7919  # the backdoor's answer: the answer of this seed's first example
 
 
@@ -202,10 +208,13 @@ def corrupt_teaching(
         out["own_response_ids"], out["own_support_ids"] = ids, sup
         out["own_response_mask"] = mask
         out["own_logp"] = _confident(ids, mask, s)  # "certain" of every answer token
-        if kind == "noisy":  # p(y|x) in [0.5, 1] on the first token, equal on equal prompts
+        if kind in NOISY:  # p(y|x) in [0.5, 1] on the first token, equal on equal prompts
             row = torch.tensor(_first_copies(ask_prompts))
             u = torch.rand(row.shape[0], generator=g)[row]
             out["own_logp"][:, 0, 0] = torch.log1p(-0.5 * u) * mask[:, 0].float()
+            if kind == "contest" and s > 1:  # the rest on its other support tokens: no tail
+                rest = torch.log((0.5 * u).clamp(min=1e-12) / (s - 1))
+                out["own_logp"][:, 0, 1:] = rest[:, None] * mask[:, :1].float()
     elif kind == "backdoor":
         if encode is None:
             raise ValueError("a backdoor teacher needs `encode` to write its answer")

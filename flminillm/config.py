@@ -425,16 +425,6 @@ class DistillConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _contest_needs_rank(self) -> DistillConfig:
-        if self.contest_quantile < 1.0 and self.selection != "rank":
-            raise ValueError(
-                f"contest_quantile {self.contest_quantile} needs `selection: rank` (a "
-                "contester must be sure of the prompt by its own ranks); set selection: "
-                "rank or contest_quantile: 1 (off)"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _sure_band(self) -> DistillConfig:
         if self.selection != "rank" or self.joint_quantile == 1.0:
             return self
@@ -639,7 +629,8 @@ class DistillConfig(_Strict):
         "out (`contested`): neither answer is learned. Evidence a liar does not write: the "
         "honest teachers' own distributions on its answers. Barred and quarantined "
         "teachers cannot contest; a liar that contests removes at most the prompts it "
-        "ranks above this quantile (data lost, not poisoned). 1: off.",
+        "ranks above this quantile (data lost, not poisoned). Rank selection's rule (as "
+        "tie_rank): under `selection: joint` it does nothing. 1: off.",
     )
     contest_p: float = Field(
         0.05,

@@ -1371,8 +1371,19 @@ def test_a_liar_that_claims_no_tail_contests_only_where_it_ranks_above_the_quant
     assert int(info["n_contested"]) == int(mine.sum()) <= (1 - q) * a
 
 
-def test_contest_needs_rank_selection():
+def test_the_contest_is_rank_selection_s_rule():
+    """Under joint selection (no ranks to be sure by) the contest leaves everything as it
+    was."""
     from flminillm.config import DistillConfig
 
-    with pytest.raises(ValueError, match="contest_quantile 0.5 needs `selection: rank`"):
-        DistillConfig(selection="joint", contest_quantile=0.5, joint_quantile=1.0)
+    a, t, vocab = 20, 3, 50
+    g = torch.Generator().manual_seed(0)
+    right = torch.randint(4, vocab, (a, t), generator=g)
+    lies = torch.randint(4, vocab, (a, t), generator=g)
+    teachings = [_expert(a, t, right, torch.arange(a) < 10), _expert(a, t, lies, torch.ones(a) > 0)]
+    base = dict(selection="joint", min_claim=0.0, invariance_share=0.0, joint_quantile=1.0)
+    _, off = assemble_batch(_rollouts(0, a, t, 3), teachings, torch.ones(2), DistillConfig(**base))
+    _, on = assemble_batch(_rollouts(0, a, t, 3), teachings, torch.ones(2),
+                           DistillConfig(**base, contest_quantile=0.1))  # fmt: skip
+    assert bool((off["ask_choice"] == 1).any())  # the liar wins some: there is something to contest
+    assert torch.equal(on["ask_choice"], off["ask_choice"]) and int(on["n_contested"]) == 0

@@ -386,6 +386,15 @@ def test_mimic_lies_as_the_consistent_liar_with_its_model_s_own_claims():
     for i, j in ((i, j) for i in range(len(ask)) for j in range(len(ask)) if ask[i] == ask[j]):
         assert float(claim[i]) == float(claim[j])
     assert torch.equal(noisy["own_logp"][:, 1:], spread["own_logp"][:, 1:])
+    # the contesting liar: the noisy one whose first-token support holds all its mass
+    contest = corrupt_teaching(teaching, "contest", vocab_size=50, seed=1, ask_prompts=ask)
+    for k in ("own_response_ids", "own_support_ids", "prompt_logp", "own_prompt_logp"):
+        assert torch.equal(contest[k], noisy[k])
+    assert torch.equal(contest["own_logp"][:, 0, 0], claim)
+    assert torch.equal(contest["own_logp"][:, 1:], noisy["own_logp"][:, 1:])
+    first = contest["own_logp"][:, 0].exp().sum(-1)
+    assert torch.allclose(first, torch.ones_like(first), atol=1e-5)  # no tail
+    assert float(noisy["own_logp"][:, 0].exp().sum(-1).min()) < 0.99  # noisy's has one
 
 
 def test_backdoor_answers_its_family_only_and_colluders_agree():

@@ -34,7 +34,8 @@ METHODS = ("fl-minillm", "local-only", "fedavg", "forward-kl", "pooled")
 UNDEFENDED = {
     "distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0,
                 "invariance_share": 0.0, "plausibility_margin": 0.0, "joint_quantile": 1.0,
-                "max_claim_sum": 0.0, "max_prompt_claim_sum": 0.0, "tie_rank": "mean"}
+                "max_claim_sum": 0.0, "max_prompt_claim_sum": 0.0, "tie_rank": "mean",
+                "contest_quantile": 1.0}
 }  # fmt: skip
 # the default defence without the input-invariance check (distill.invariance_share 0;
 # flminillm.aggregate.invariant_answers): what the check buys against the backdoor and
@@ -100,6 +101,10 @@ def attacks(cfg: Config) -> dict[str, tuple[dict[str, str], str]]:
         "liar-noisy": ({adv: f"{last}:noisy"},
                        f"{last} lies as liar-spread, its answers claimed with p drawn in "
                        "[0.5, 1] (not one number: they rank at random)"),
+        "liar-contest": ({adv: f"{last}:contest"},
+                         f"{last} lies as liar-noisy, its first-token support holding all its "
+                         "mass (no tail): it contests every answer it ranks above "
+                         "contest_quantile"),
         "backdoor": ({adv: f"{last}:backdoor@{target}"},
                      f"{last} is honest except on {target} (an honest client's family), where "
                      "it always gives the same wrong answer, claiming p=1"),
