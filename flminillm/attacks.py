@@ -69,18 +69,25 @@ def adversaries(spec: str | None = None) -> dict[str, str]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         party, _, mode = item.partition(":")
         kind, _, family = mode.partition("@")
-        if kind not in MODES or bool(family) != (kind == "backdoor"):
+        if kind not in MODES or (kind == "backdoor" and not family):
             raise ValueError(
                 f"FLMINILLM_ADVERSARY entry {item!r}: mode must be one of {MODES}, a backdoor "
                 "with its family (e.g. FLMINILLM_ADVERSARY=carol:adversarial or "
                 "carol:backdoor@currency)"
             )
+        if family and (kind not in READS_PROMPTS or (kind == "backdoor" and "+" in family)):
+            raise ValueError(
+                f"FLMINILLM_ADVERSARY entry {item!r}: only a backdoor (one family) or a mode "
+                f"that reads prompts {READS_PROMPTS} (families joined by '+', e.g. "
+                "carol:noisy@first_letter+repeat: it lies on those only) names families"
+            )
         if family:
             from flminillm.data import FAMILIES
 
-            if family not in FAMILIES:
+            unknown = sorted(set(family.split("+")) - set(FAMILIES))
+            if unknown:
                 raise ValueError(
-                    f"FLMINILLM_ADVERSARY entry {item!r}: unknown family {family!r}; "
+                    f"FLMINILLM_ADVERSARY entry {item!r}: unknown family {unknown}; "
                     f"use one of {sorted(FAMILIES)}"
                 )
         out[party] = mode
@@ -156,6 +163,11 @@ def _same_family_shift_by_text(
     return torch.tensor([target[p] for p in prompts])
 
 
+# a message's tensors with one row per teacher-share prompt
+ROW_KEYS = ("own_response_ids", "own_response_mask", "own_support_ids", "own_logp",
+            "own_prompt_logp")  # fmt: skip
+
+
 def corrupt_teaching(
     msg: dict[str, torch.Tensor],
     mode: str,
@@ -168,7 +180,33 @@ def corrupt_teaching(
     """The message a faulty or malicious teacher sends instead of the honest `msg`.
     `ask_prompts` (the teacher-share prompts as text) and `encode` (answer text -> the
     student's token ids, EOS included) are what ``fluent`` and ``backdoor@F`` need to find
-    a prompt's family and to write the backdoor's answer."""
+    a prompt's family and to write the backdoor's answer. A mode other than the backdoor
+    that names families (``noisy@first_letter+repeat``) lies on those families' prompts
+    only: every other row, and its scores of the student's rollouts, are the honest
+    message's (a client that poisons the domain only it holds, where no peer can check)."""
+    kind, _, family = mode.partition("@")
+    if not family or kind == "backdoor":
+        return _corrupt(msg, mode, vocab_size, seed, ask_prompts=ask_prompts, encode=encode)
+    out = _corrupt(msg, kind, vocab_size, seed, ask_prompts=ask_prompts, encode=encode)
+    wanted = set(family.split("+"))
+    honest = torch.tensor([f not in wanted for f in _families(ask_prompts, len(ask_prompts))])
+    for k in ROW_KEYS:
+        out[k] = torch.where(honest.view(-1, *[1] * (msg[k].dim() - 1)), msg[k], out[k])
+    for k in ("scores", "prompt_logp"):
+        out[k] = msg[k]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _corrupt(
+    msg: dict[str, torch.Tensor],
+    mode: str,
+    vocab_size: int,
+    seed: int,
+    *,
+    ask_prompts: list[str] | None = None,
+    encode: Callable[[str], list[int]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """`corrupt_teaching` on every row."""
     g = torch.Generator().manual_seed(seed)
     out = dict(msg)
     scores = msg["scores"].float()

@@ -282,9 +282,12 @@ def test_corrupted_teachings_pass_validation(mode):
 def test_adversary_spec_errors_name_the_fix():
     assert adversaries("carol:adversarial, bob:random") == {"carol": "adversarial", "bob": "random"}
     assert adversaries("carol:backdoor@currency") == {"carol": "backdoor@currency"}
+    assert adversaries("carol:noisy@currency+successor") == {"carol": "noisy@currency+successor"}
     for bad, match in (("carol:evil", "mode must be"), ("carol:backdoor", "with its family"),
-                       ("carol:fluent@currency", "mode must be"),
-                       ("carol:backdoor@nope", "unknown family 'nope'")):  # fmt: skip
+                       ("carol:random@currency", "names families"),
+                       ("carol:backdoor@currency+successor", "names families"),
+                       ("carol:noisy@currency+nope", r"unknown family \['nope'\]"),
+                       ("carol:backdoor@nope", r"unknown family \['nope'\]")):  # fmt: skip
         with pytest.raises(ValueError, match=f"FLMINILLM_ADVERSARY entry .*{match}"):
             adversaries(bad)
 
@@ -395,6 +398,22 @@ def test_mimic_lies_as_the_consistent_liar_with_its_model_s_own_claims():
     first = contest["own_logp"][:, 0].exp().sum(-1)
     assert torch.allclose(first, torch.ones_like(first), atol=1e-5)  # no tail
     assert float(noisy["own_logp"][:, 0].exp().sum(-1).min()) < 0.99  # noisy's has one
+
+
+def test_a_liar_that_names_families_lies_on_those_only():
+    """`noisy@currency`: the noisy liar's rows on the currency prompts, the honest message's
+    everywhere else (its answers, claims, supports, prompt claims and its scores)."""
+    _, teaching = _teaching(a=len(ASK), t=3)
+    noisy = corrupt_teaching(teaching, "noisy", vocab_size=50, seed=1, ask_prompts=ASK)
+    own = corrupt_teaching(teaching, "noisy@currency", vocab_size=50, seed=1, ask_prompts=ASK)
+    lied = torch.tensor([True, True, False, False])  # the two currency prompts
+    for k in ("own_response_ids", "own_response_mask", "own_support_ids", "own_logp",
+              "own_prompt_logp"):  # fmt: skip
+        assert torch.equal(own[k][lied], noisy[k][lied]), k
+        assert torch.equal(own[k][~lied], teaching[k][~lied]), k
+    assert not torch.equal(noisy["own_logp"][lied], teaching["own_logp"][lied])
+    for k in ("scores", "prompt_logp"):
+        assert torch.equal(own[k], teaching[k])
 
 
 def test_backdoor_answers_its_family_only_and_colluders_agree():

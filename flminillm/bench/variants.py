@@ -101,6 +101,10 @@ def attacks(cfg: Config) -> dict[str, tuple[dict[str, str], str]]:
         "liar-noisy": ({adv: f"{last}:noisy"},
                        f"{last} lies as liar-spread, its answers claimed with p drawn in "
                        "[0.5, 1] (not one number: they rank at random)"),
+        "liar-noisy-own": ({adv: f"{last}:noisy@{'+'.join(fbc[last])}"},
+                           f"{last} lies as liar-noisy on its own families' prompts only "
+                           f"({', '.join(fbc[last])}: where no peer knows the answer), "
+                           "honest elsewhere"),
         "liar-contest": ({adv: f"{last}:contest"},
                          f"{last} lies as liar-noisy, its first-token support holding all its "
                          "mass (no tail): it contests every answer it ranks above "
