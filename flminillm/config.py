@@ -630,7 +630,10 @@ class DistillConfig(_Strict):
         "honest teachers' own distributions on its answers. Barred and quarantined "
         "teachers cannot contest; a liar that contests removes at most the prompts it "
         "ranks above this quantile (data lost, not poisoned). Rank selection's rule (as "
-        "tie_rank): under `selection: joint` it does nothing. 1: off.",
+        "tie_rank): under `selection: joint` it does nothing. 1: off, the default: tried "
+        "on the validation split under the noisy liar (`bench tune` groups contest_quantile "
+        "and contest_quantile-clean, docs/tune-contest), 0.75 did not beat off and 0.5 cost "
+        "3.8 clean.",
     )
     contest_p: float = Field(
         0.05,
