@@ -617,6 +617,16 @@ class DistillConfig(_Strict):
         "(`bench tune` groups tie_rank under the spread liar and tie_rank-clean, "
         "docs/tune-ties) by a rule written before the run.",
     )
+    barred_as_absent: bool = Field(
+        False,
+        description="Count a teacher barred for the round (implausible or overclaiming) as "
+        "an absent client with no past: its share of the clients (1 / number of clients) "
+        "of the prompts, where the present teachers are least sure, is left out "
+        "(`unknown_domain`), as for a client that never took part. Without it only the "
+        "prompts it would have won leave the batch, and with ties at their lowest rank a "
+        "liar with one claim for everything would win none: the honest teachers' guesses "
+        "at its families are learned (docs/results.md, stop 38). False: off.",
+    )
     contest_quantile: float = Field(
         1.0,
         gt=0.0,
@@ -853,6 +863,7 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "tie_rank": "mean",
         "repeat_share": 0.0,
         "contest_quantile": 1.0,
+        "barred_as_absent": False,
         "contest_p": 0.05,
     }
 }

@@ -919,10 +919,12 @@ def _distill(
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
     # drop-out without loss, for the absent clients with no past: their domain's size, as
     # their share of the clients, is left out where the present teachers are least sure
-    # (flminillm.aggregate.unknown_domain)
+    # (flminillm.aggregate.unknown_domain); a barred teacher counts as one where
+    # distill.barred_as_absent says so
+    n_barred = sum(map(bool, barred or [])) if d.barred_as_absent else 0
     batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra, trusted=trusted,
                                  rivals=rivals, barred=barred,
-                                 unknown_share=unknown / len(cfg.clients))  # fmt: skip
+                                 unknown_share=(unknown + n_barred) / len(cfg.clients))  # fmt: skip
     choice = store.scoped(student_id).put_tensors({"choice": info["ask_choice"].int()})
     chosen = selection_stats(
         info["teacher_index"], sent, [t["teacher"] for t in teachings_manifests],

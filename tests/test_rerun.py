@@ -250,3 +250,30 @@ def test_a_client_that_misses_round_1_gets_its_full_fine_tuning_later(
     assert server[2]["coherent.bob"] < MIN_COHERENCE and server[2]["coherent.alice"] == 1.0
     assert server[2]["n_student_rollouts"] > 0  # alice scores them
     assert server[2]["selected.bob"] > 0  # his answers still count (hard labels)
+
+
+def test_a_barred_teacher_counts_as_an_absent_client_with_no_past(tiny_config, tmp_path,
+                                                                   monkeypatch):  # fmt: skip
+    """distill.barred_as_absent: bob claims p(x) = 1 everywhere and is barred (prompt
+    claims), and his share of the clients (1/2) of the prompts, where alice is least sure,
+    is reserved (`reserved`); without it nothing is reserved. What is kept is alice's,
+    either way."""
+    from flminillm.artifacts import open_store_for
+
+    monkeypatch.setenv("FLMINILLM_ADVERSARY", "bob:adversarial")
+    metrics = {}
+    for on in (False, True):
+        distill = tiny_config.distill.model_copy(update={"barred_as_absent": on})
+        cfg, _ = isolated_config(tiny_config, tmp_path / str(on), "barred", distill=distill,
+                                 rounds=1)  # fmt: skip
+        inprocess_states(cfg)
+        (rec,) = open_store_for(cfg).list_records(
+            f"{cfg.federation_id()}/round-0001/distill.server.json"
+        )
+        metrics[on] = rec["metrics"]
+    off, on = metrics[False], metrics[True]
+    for m in (off, on):
+        assert m["overclaimed_prompts.bob"] == 1.0 and m["selected.bob"] == 0.0
+    assert "reserved" not in off
+    assert on["reserved"] == pytest.approx(0.5, abs=0.02)
+    assert on["selected.alice"] < off["selected.alice"]

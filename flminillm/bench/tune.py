@@ -117,6 +117,17 @@ CONTEST_GRID = [
 ]
 
 
+# A barred teacher counted as an absent client with no past (distill.barred_as_absent):
+# group `barred_as_absent` under the consistent liar (p = 1 claims: barred every round, the
+# `liar-consistent` attack of bench quality), and `barred_as_absent-clean` (its price).
+# Decided before any run: adopted if it scores above off under the liar and within 1
+# point of off clean.
+BARRED_GRID = [
+    ("barred-kept", {"barred_as_absent": False}),
+    ("barred-absent", {"barred_as_absent": True}),
+]
+
+
 def _note(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "as configured"
 
@@ -127,6 +138,7 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
     broken, what = attacks(base)["random-teacher"]
     spread, liar = attacks(base)["liar-spread"]
     noisy, noisy_liar = attacks(base)["liar-noisy"]
+    steady, steady_liar = attacks(base)["liar-consistent"]
     out = [
         Variant(name, group=method, overrides={"distill": {"method": method, **d}}, note=_note(d))
         for method, grid in GRID.items()
@@ -169,6 +181,14 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
         Variant(f"clean-{name}", group="contest_quantile-clean", overrides={"distill": d},
                 note=_note(d))
         for name, d in CONTEST_GRID
+    ] + [
+        Variant(f"consistent-{name}", group="barred_as_absent", env=steady,
+                overrides={"distill": d}, note=f"{_note(d)}; {steady_liar}")
+        for name, d in BARRED_GRID
+    ] + [
+        Variant(f"clean-{name}", group="barred_as_absent-clean", overrides={"distill": d},
+                note=_note(d))
+        for name, d in BARRED_GRID
     ] + [
         Variant(f"fkl-{name}", group="lr_schedule-forward_kl",
                 overrides={"distill": {**FORWARD_KL, **d}}, note=f"forward-kl, {_note(d)}")
