@@ -128,6 +128,29 @@ BARRED_GRID = [
 ]
 
 
+# The settings chosen under the attack they are for, each with its price clean: {group:
+# (the bench quality attack, its candidates' name prefix, the grid)}; candidates
+# `<prefix>-<name>` in `group` and `clean-<name>` in `<group>-clean`.
+UNDER_ATTACK = {
+    "tie_rank": ("liar-spread", "spread", TIE_GRID),
+    "contest_quantile": ("liar-noisy", "noisy", CONTEST_GRID),
+    "barred_as_absent": ("liar-consistent", "consistent", BARRED_GRID),
+}
+
+
+def _under_attack(base: Config, group: str, attack: str, prefix: str, grid) -> list[Variant]:
+    """A grid's candidates under `attack` (group `group`), then clean (`<group>-clean`)."""
+    env, what = attacks(base)[attack]
+    return [
+        Variant(f"{prefix}-{name}", group=group, env=env, overrides={"distill": d},
+                note=f"{_note(d)}; {what}")
+        for name, d in grid
+    ] + [
+        Variant(f"clean-{name}", group=f"{group}-clean", overrides={"distill": d}, note=_note(d))
+        for name, d in grid
+    ]  # fmt: skip
+
+
 def _note(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "as configured"
 
@@ -136,9 +159,6 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
     """The grid as variants for the federation of `base` (group = the method,
     `stale_share` or `quarantine_quantile`), optionally only the named ones."""
     broken, what = attacks(base)["random-teacher"]
-    spread, liar = attacks(base)["liar-spread"]
-    noisy, noisy_liar = attacks(base)["liar-noisy"]
-    steady, steady_liar = attacks(base)["liar-consistent"]
     out = [
         Variant(name, group=method, overrides={"distill": {"method": method, **d}}, note=_note(d))
         for method, grid in GRID.items()
@@ -166,29 +186,9 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
                 overrides={"distill": FORWARD_KL, "generation": d}, note=f"forward-kl, {_note(d)}")
         for name, d in TEMPERATURE_GRID
     ] + [
-        Variant(f"spread-{name}", group="tie_rank", env=spread, overrides={"distill": d},
-                note=f"{_note(d)}; {liar}")
-        for name, d in TIE_GRID
-    ] + [
-        Variant(f"clean-{name}", group="tie_rank-clean", overrides={"distill": d},
-                note=_note(d))
-        for name, d in TIE_GRID
-    ] + [
-        Variant(f"noisy-{name}", group="contest_quantile", env=noisy, overrides={"distill": d},
-                note=f"{_note(d)}; {noisy_liar}")
-        for name, d in CONTEST_GRID
-    ] + [
-        Variant(f"clean-{name}", group="contest_quantile-clean", overrides={"distill": d},
-                note=_note(d))
-        for name, d in CONTEST_GRID
-    ] + [
-        Variant(f"consistent-{name}", group="barred_as_absent", env=steady,
-                overrides={"distill": d}, note=f"{_note(d)}; {steady_liar}")
-        for name, d in BARRED_GRID
-    ] + [
-        Variant(f"clean-{name}", group="barred_as_absent-clean", overrides={"distill": d},
-                note=_note(d))
-        for name, d in BARRED_GRID
+        v
+        for group, (attack, prefix, grid) in UNDER_ATTACK.items()
+        for v in _under_attack(base, group, attack, prefix, grid)
     ] + [
         Variant(f"fkl-{name}", group="lr_schedule-forward_kl",
                 overrides={"distill": {**FORWARD_KL, **d}}, note=f"forward-kl, {_note(d)}")
