@@ -279,3 +279,36 @@ def test_tie_rank_is_tuned_under_the_spread_liar_and_clean():
     assert chosen == "low"  # the rule: above 'mean' under the attack, within 1 point clean
     assert DistillConfig().tie_rank == chosen
     assert load_config(ROOT / "configs" / "benchmark.yaml").distill.tie_rank == chosen
+
+
+def _adopted_under_attack(results: dict, attacked: str, clean: str, off: str, cands: list):
+    """The rule written before the runs of the settings chosen under an attack: the
+    candidate with the best validation score under it that beats `off` there and is within
+    1 point of `off` clean; else `off` (scores are fractions: 1 point is 0.01)."""
+    score = {n: validation_score(r) for n, r in results.items() if not n.startswith("_")}
+    ok = [c for c in cands
+          if score[f"{attacked}-{c}"] > score[f"{attacked}-{off}"]
+          and score[f"clean-{c}"] >= score[f"clean-{off}"] - 0.01]  # 1 point  # fmt: skip
+    return max(ok, key=lambda c: score[f"{attacked}-{c}"]) if ok else off
+
+
+def test_the_peer_contest_is_tuned_under_the_noisy_liar_and_stays_off():
+    """distill.contest_quantile: group contest_quantile under the noisy liar, its price in
+    contest_quantile-clean; by the rule (docs/tune-contest: 0.5 scores above off under the
+    liar but costs 3.8 clean, 0.75 does not beat off) the default stays off (1)."""
+    from flminillm.bench.variants import attacks
+
+    cfg = load_config(TINY)
+    env = attacks(cfg)["liar-noisy"][0]
+    for group, want in (("contest_quantile", env), ("contest_quantile-clean", {})):
+        vs = [v for v in candidates(cfg) if v.group == group]
+        assert sorted(v.overrides["distill"]["contest_quantile"] for v in vs) == [0.5, 0.75, 1.0]
+        assert all(v.env == want and set(v.overrides["distill"]) == {"contest_quantile"}
+                   for v in vs)  # fmt: skip
+    results = json.loads((ROOT / "docs" / "tune-contest" / "tune.json").read_text())
+    assert results["_meta"]["split"] == "validation"
+    got = _adopted_under_attack(results, "noisy", "clean", "contest-off",
+                                ["contest-0.5", "contest-0.75"])  # fmt: skip
+    assert got == "contest-off"
+    assert DistillConfig().contest_quantile == 1.0
+    assert load_config(ROOT / "configs" / "benchmark.yaml").distill.contest_quantile == 1.0
