@@ -281,7 +281,7 @@ def test_tie_rank_is_tuned_under_the_spread_liar_and_clean():
     assert load_config(ROOT / "configs" / "benchmark.yaml").distill.tie_rank == chosen
 
 
-def _adopted_under_attack(results: dict, attacked: str, clean: str, off: str, cands: list):
+def _adopted_under_attack(results: dict, attacked: str, off: str, cands: list):
     """The rule written before the runs of the settings chosen under an attack: the
     candidate with the best validation score under it that beats `off` there and is within
     1 point of `off` clean; else `off` (scores are fractions: 1 point is 0.01)."""
@@ -307,8 +307,28 @@ def test_the_peer_contest_is_tuned_under_the_noisy_liar_and_stays_off():
                    for v in vs)  # fmt: skip
     results = json.loads((ROOT / "docs" / "tune-contest" / "tune.json").read_text())
     assert results["_meta"]["split"] == "validation"
-    got = _adopted_under_attack(results, "noisy", "clean", "contest-off",
-                                ["contest-0.5", "contest-0.75"])  # fmt: skip
+    got = _adopted_under_attack(results, "noisy", "contest-off", ["contest-0.5", "contest-0.75"])
     assert got == "contest-off"
     assert DistillConfig().contest_quantile == 1.0
     assert load_config(ROOT / "configs" / "benchmark.yaml").distill.contest_quantile == 1.0
+
+
+def test_barred_as_absent_is_tuned_under_the_consistent_liar_and_stays_off():
+    """distill.barred_as_absent: group barred_as_absent under the consistent liar (barred
+    every round), its price in barred_as_absent-clean; by the rule (docs/tune-barred: it
+    scores below off under the liar) the default stays off."""
+    from flminillm.bench.variants import attacks
+
+    cfg = load_config(TINY)
+    env = attacks(cfg)["liar-consistent"][0]
+    for group, want in (("barred_as_absent", env), ("barred_as_absent-clean", {})):
+        vs = [v for v in candidates(cfg) if v.group == group]
+        assert sorted(v.overrides["distill"]["barred_as_absent"] for v in vs) == [False, True]
+        assert all(v.env == want and set(v.overrides["distill"]) == {"barred_as_absent"}
+                   for v in vs)  # fmt: skip
+    results = json.loads((ROOT / "docs" / "tune-barred" / "tune.json").read_text())
+    assert results["_meta"]["split"] == "validation"
+    got = _adopted_under_attack(results, "consistent", "barred-kept", ["barred-absent"])
+    assert got == "barred-kept"
+    assert DistillConfig().barred_as_absent is False
+    assert load_config(ROOT / "configs" / "benchmark.yaml").distill.barred_as_absent is False
