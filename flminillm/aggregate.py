@@ -288,7 +288,8 @@ def contests(
     valid = s_at >= 0
     hit = valid & (s_at == token[..., None])
     tail = (1.0 - (l_at.exp() * valid.float()).sum(-1)).clamp(min=0.0)
-    there = torch.where(hit.any(-1), (l_at * hit.float()).sum(-1), torch.log(tail))
+    at_hit = torch.logsumexp(l_at.masked_fill(~hit, float("-inf")), -1)
+    there = torch.where(hit.any(-1), at_hit, torch.log(tail))
     unlikely = (prefix + there) < math.log(p)
     j_is = torch.arange(m)[:, None] != best[None]
     return able & j_is & found & has & (ranks > quantile) & unlikely
@@ -361,8 +362,8 @@ def select_teacher_rollouts(
         able = ~flagged
         if can_contest is not None:
             able &= can_contest.bool()[:, None]
-        contested = contests(ids, mask, sup, logp, torch.stack(quantiles), best, able,
-                             contest_quantile, contest_p)  # fmt: skip
+        contested = contests(ids, mask, sup, logp, joint, best, able, contest_quantile,
+                             contest_p)  # ranks among the answers in play  # fmt: skip
     return {
         # under rank selection, the kept answer's quantile among its teacher's claims
         "quantile": joint[best, idx] if rank else torch.full_like(answer[0], float("nan")),
@@ -739,6 +740,7 @@ def assemble_batch(
     rivals: torch.Tensor | None = None,
     barred: list[bool] | None = None,
     unknown_share: float = 0.0,
+    foreign: list[bool] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The student's training batch: its rollouts scored by the aggregated teachers, then
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
@@ -763,7 +765,10 @@ def assemble_batch(
     `barred` [M] (default: none): teachers barred for the round, implausible to the student's
     LM (`implausible_teachers`) or overclaiming (`claim_sums`): their scores leave the
     mixture as a quarantined teacher's do, and a prompt they would win leaves the batch
-    (`n_implausible`) rather than going to the next teacher's guess."""
+    (`n_implausible`) rather than going to the next teacher's guess. `foreign` [M]
+    (default: none): teachers whose messages came across tokenizers (`teach_across`: a
+    support of the sampled token alone, its log-probs spread over a segment's tokens), which
+    cannot contest (`contests` reads a support's tail mass as a bound)."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     trusted = [True] * len(teachings) if trusted is None else list(trusted)
@@ -819,7 +824,8 @@ def assemble_batch(
             joint_quantile=d.joint_quantile,
             low_ties=d.tie_rank == "low",
             contest_quantile=d.contest_quantile, contest_p=d.contest_p,
-            can_contest=torch.tensor(trusted, dtype=torch.bool) & ~barred_t,
+            can_contest=torch.tensor(trusted, dtype=torch.bool) & ~barred_t
+            & ~torch.tensor(foreign or [False] * len(teachings), dtype=torch.bool),
         )  # fmt: skip
         flagged = sel["flagged"].float().mean(1)  # [M] share of each teacher's answers
         free = torch.ones(a, dtype=torch.bool)
@@ -834,12 +840,13 @@ def assemble_batch(
         # a teacher sure of the prompt finds the kept answer unlikely: left out (`contests`)
         contested = free & ~out & ~implausible & sel["contests"].any(0)
         contesting = (sel["contests"] & contested[None]).float().mean(1)  # [M]
-        keep = free & ~out & ~implausible & ~contested
+        judged = free & ~out & ~implausible & ~contested  # what min_claim judges
+        keep = judged.clone()
         # no teacher present knows the prompt well enough to claim `min_claim`: learn nothing
         if d.min_claim > 0 and bool(keep.any()):
             floor = claim_floor(sel["claim"][keep], d.min_claim, d.max_rejected)
             keep &= sel["claim"] >= floor
-        rejected = int((free & ~out & ~implausible & ~contested & ~keep).sum())
+        rejected = int((judged & ~keep).sum())
         n_reserved, n_invariant, n_implausible, n_contested = (
             int((~free).sum()),
             int(out.sum()),
@@ -850,7 +857,7 @@ def assemble_batch(
         ask_choice = torch.where(
             keep,
             sel["teacher_index"],
-            torch.where(free & ~out & ~implausible & ~contested, -1, LEFT_OUT),
+            torch.where(judged, -1, LEFT_OUT),
         )
         parts.append(
             {

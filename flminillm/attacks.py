@@ -32,9 +32,10 @@ only the aggregation can limit the damage:
   claims rank at random under rank selection instead of tied (what `distill.tie_rank`
   'low' cannot read).
 - ``contest``: ``noisy`` whose first-token support holds all its mass (its other support
-  tokens share 1 - p, no tail): every answer of another teacher that parts from its own at
-  the first token is "unlikely" to it, so it contests every kept answer on the prompts it
-  ranks above `distill.contest_quantile` (the liar built against the peer contest: data
+  tokens share 1 - p, no tail): an answer of another teacher that parts from its own at
+  the first token is "unlikely" to it unless that token is in its support with (1 - p) / k
+  of at least `contest_p`, so it contests nearly every kept answer on the prompts it ranks
+  above `distill.contest_quantile` (the liar built against the peer contest: data
   lost, as much as that quantile lets it).
 - ``backdoor@FAMILY``: honest everywhere except on FAMILY's prompts, where it always answers
   the same wrong answer (`backdoor_target`), claiming probability 1 for it. The evaluation
@@ -189,7 +190,8 @@ def corrupt_teaching(
         return _corrupt(msg, mode, vocab_size, seed, ask_prompts=ask_prompts, encode=encode)
     out = _corrupt(msg, kind, vocab_size, seed, ask_prompts=ask_prompts, encode=encode)
     wanted = set(family.split("+"))
-    honest = torch.tensor([f not in wanted for f in _families(ask_prompts, len(ask_prompts))])
+    families = _families(ask_prompts, msg["own_response_ids"].shape[0])
+    honest = torch.tensor([f not in wanted for f in families], dtype=torch.bool)
     for k in ROW_KEYS:
         out[k] = torch.where(honest.view(-1, *[1] * (msg[k].dim() - 1)), msg[k], out[k])
     for k in ("scores", "prompt_logp"):

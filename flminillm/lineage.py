@@ -128,7 +128,7 @@ def selection_line(metrics: dict[str, float]) -> str:
             text += f" [red](barred: its claims on the round's prompts sum to {total:.1f})[/]"
         contested = metrics.get(f"contested_by.{n}", 0.0)
         if contested > 0:  # distill.contest_quantile: it found kept answers unlikely
-            text += f" (contested {contested:.0%})"
+            text += f" (contests {contested:.0%})"
         invariant = metrics.get(f"invariant.{n}", 0.0)
         if invariant > 0:  # distill.invariance_share: one answer to prompts told apart
             text += f" [red](ruled out {invariant:.0%}: one answer to many prompts)[/]"

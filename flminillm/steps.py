@@ -798,12 +798,13 @@ def _distill(
     exchange = store.scoped(EXCHANGE)
     rollouts = exchange.get_tensors(rollouts_digest)
     validate_rollouts(rollouts, vocab)
-    teachings, across = [], 0
+    teachings, foreign = [], []
     for t in teachings_manifests:
         msg, x = _teaching_for(exchange, state, student_id, t["teacher"], t["teaching"], rollouts,
                                tok, vocab)  # fmt: skip
         teachings.append(msg)
-        across += x
+        foreign.append(bool(x))
+    across = sum(foreign)
     # a teacher whose claims contradict its own support (a broken one) counts by its answers
     # alone, as hard labels; its scores and claims are dropped (flminillm.aggregate.quarantine)
     coherent = [coherence(t) for t in teachings]
@@ -924,7 +925,8 @@ def _distill(
     n_barred = sum(map(bool, barred or [])) if d.barred_as_absent else 0
     batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra, trusted=trusted,
                                  rivals=rivals, barred=barred,
-                                 unknown_share=(unknown + n_barred) / len(cfg.clients))  # fmt: skip
+                                 unknown_share=(unknown + n_barred) / len(cfg.clients),
+                                 foreign=foreign)  # fmt: skip
     choice = store.scoped(student_id).put_tensors({"choice": info["ask_choice"].int()})
     chosen = selection_stats(
         info["teacher_index"], sent, [t["teacher"] for t in teachings_manifests],

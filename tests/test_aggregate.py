@@ -1358,7 +1358,7 @@ def test_a_liar_that_claims_no_tail_contests_only_where_it_ranks_above_the_quant
     liar = {
         **_expert(a, t, lies, torch.ones(a, dtype=torch.bool)),
         "own_prompt_logp": -20.0 - torch.rand(a, generator=g),
-    }  # ranks, never wins
+    }  # random ranks
     liar["own_logp"][..., 0] = 0.0
     liar["own_logp"][..., 1:] = -30.0
     teachings = [alice, bob, liar]

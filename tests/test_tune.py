@@ -277,19 +277,31 @@ def test_tie_rank_is_tuned_under_the_spread_liar_and_clean():
     assert meta["split"] == "validation"
     chosen = meta["chosen"]["tie_rank"]["distill"]["tie_rank"]
     assert chosen == "low"  # the rule: above 'mean' under the attack, within 1 point clean
+    assert meta["chosen"]["tie_rank-clean"]["candidate"] == "clean-ties-low"  # its price
     assert DistillConfig().tie_rank == chosen
     assert load_config(ROOT / "configs" / "benchmark.yaml").distill.tie_rank == chosen
 
 
-def _adopted_under_attack(results: dict, attacked: str, off: str, cands: list):
-    """The rule written before the runs of the settings chosen under an attack: the
-    candidate with the best validation score under it that beats `off` there and is within
-    1 point of `off` clean; else `off` (scores are fractions: 1 point is 0.01)."""
-    score = {n: validation_score(r) for n, r in results.items() if not n.startswith("_")}
-    ok = [c for c in cands
-          if score[f"{attacked}-{c}"] > score[f"{attacked}-{off}"]
-          and score[f"clean-{c}"] >= score[f"clean-{off}"] - 0.01]  # 1 point  # fmt: skip
-    return max(ok, key=lambda c: score[f"{attacked}-{c}"]) if ok else off
+def test_a_setting_chosen_under_an_attack_must_beat_the_old_one_there_and_cost_little_clean():
+    """choose_under_attack, the rule written before the runs: the best candidate under the
+    attack that scores above the grid's first (the setting as it was) there and within 1
+    point of it clean; else the first."""
+    from flminillm.bench.tune import choose_under_attack
+
+    def res(scores: dict[str, float]) -> dict:
+        return {n: {"group": "g", "server": {"em_all": {"mean": v}},
+                    "clients": {"em_unseen": {"mean": v}}} for n, v in scores.items()}  # fmt: skip
+
+    base = {"noisy-contest-off": 0.40, "clean-contest-off": 0.67}
+    adopt = res({**base, "noisy-contest-0.5": 0.45, "clean-contest-0.5": 0.665,
+                 "noisy-contest-0.75": 0.42, "clean-contest-0.75": 0.67})  # fmt: skip
+    assert choose_under_attack(adopt, "contest_quantile") == "noisy-contest-0.5"
+    costly = res({**base, "noisy-contest-0.5": 0.45, "clean-contest-0.5": 0.65,
+                  "noisy-contest-0.75": 0.42, "clean-contest-0.75": 0.67})  # fmt: skip
+    assert choose_under_attack(costly, "contest_quantile") == "noisy-contest-0.75"
+    none = res({**base, "noisy-contest-0.5": 0.40, "clean-contest-0.5": 0.67})
+    assert choose_under_attack(none, "contest_quantile") == "noisy-contest-off"
+    assert choose_under_attack(res({"clean-contest-off": 0.6}), "contest_quantile") is None
 
 
 def test_the_peer_contest_is_tuned_under_the_noisy_liar_and_stays_off():
@@ -305,10 +317,11 @@ def test_the_peer_contest_is_tuned_under_the_noisy_liar_and_stays_off():
         assert sorted(v.overrides["distill"]["contest_quantile"] for v in vs) == [0.5, 0.75, 1.0]
         assert all(v.env == want and set(v.overrides["distill"]) == {"contest_quantile"}
                    for v in vs)  # fmt: skip
-    results = json.loads((ROOT / "docs" / "tune-contest" / "tune.json").read_text())
-    assert results["_meta"]["split"] == "validation"
-    got = _adopted_under_attack(results, "noisy", "contest-off", ["contest-0.5", "contest-0.75"])
-    assert got == "contest-off"
+    meta = json.loads((ROOT / "docs" / "tune-contest" / "tune.json").read_text())["_meta"]
+    assert meta["split"] == "validation"
+    assert meta["chosen"]["contest_quantile"]["candidate"] == "noisy-contest-off"
+    assert meta["chosen"]["contest_quantile-clean"]["candidate"] == "clean-contest-off"
+    assert meta["chosen"]["contest_quantile"]["distill"] == {"contest_quantile": 1.0}
     assert DistillConfig().contest_quantile == 1.0
     assert load_config(ROOT / "configs" / "benchmark.yaml").distill.contest_quantile == 1.0
 
@@ -326,9 +339,9 @@ def test_barred_as_absent_is_tuned_under_the_consistent_liar_and_stays_off():
         assert sorted(v.overrides["distill"]["barred_as_absent"] for v in vs) == [False, True]
         assert all(v.env == want and set(v.overrides["distill"]) == {"barred_as_absent"}
                    for v in vs)  # fmt: skip
-    results = json.loads((ROOT / "docs" / "tune-barred" / "tune.json").read_text())
-    assert results["_meta"]["split"] == "validation"
-    got = _adopted_under_attack(results, "consistent", "barred-kept", ["barred-absent"])
-    assert got == "barred-kept"
+    meta = json.loads((ROOT / "docs" / "tune-barred" / "tune.json").read_text())["_meta"]
+    assert meta["split"] == "validation"
+    assert meta["chosen"]["barred_as_absent"]["candidate"] == "consistent-barred-kept"
+    assert meta["chosen"]["barred_as_absent"]["distill"] == {"barred_as_absent": False}
     assert DistillConfig().barred_as_absent is False
     assert load_config(ROOT / "configs" / "benchmark.yaml").distill.barred_as_absent is False

@@ -231,6 +231,29 @@ def choose(results: dict[str, dict], group: str) -> str | None:
     return max(scored, key=lambda x: x[0])[1] if scored else None
 
 
+def choose_under_attack(results: dict[str, dict], group: str) -> str | None:
+    """The rule written before the runs of a setting chosen under an attack (`UNDER_ATTACK`):
+    the candidate of `group` with the best validation score under the attack that scores
+    above the first of its grid (the setting as it was) there and within 1 point of it
+    clean (`clean-<name>` in `<group>-clean`); else that first one. None where the first
+    is not in `results`."""
+    _, prefix, grid = UNDER_ATTACK[group]
+    score = {n: validation_score(r) for n, r in results.items() if not n.startswith("_")}
+    first = grid[0][0]
+    if score.get(f"{prefix}-{first}") is None:
+        return None
+    ok = [
+        name
+        for name, _ in grid[1:]
+        if score.get(f"{prefix}-{name}") is not None
+        and score.get(f"clean-{name}") is not None
+        and score.get(f"clean-{first}") is not None
+        and score[f"{prefix}-{name}"] > score[f"{prefix}-{first}"]
+        and score[f"clean-{name}"] >= score[f"clean-{first}"] - 0.01  # scores are fractions
+    ]
+    return f"{prefix}-{max(ok, key=lambda n: score[f'{prefix}-{n}']) if ok else first}"
+
+
 AVERAGED_CURVE = (
     "the runs average the server over its last {k} rounds (distill.server_average), so the "
     "per-round curve would compare an averaged last round with unaveraged earlier ones; "
@@ -306,6 +329,13 @@ def run_tune(
     chosen = {}
     for method in dict.fromkeys(v.group for v in vs):
         name = choose(results, method)
+        attacked = method.removesuffix("-clean")
+        if attacked in UNDER_ATTACK:  # the rule, and the chosen setting's price clean
+            under = choose_under_attack(results, attacked)
+            if under is not None:
+                setting = under.removeprefix(UNDER_ATTACK[attacked][1] + "-")
+                name = under if method == attacked else f"clean-{setting}"
+                name = name if name in results else None
         if name:
             v = next(v for v in vs if v.name == name)
             chosen[method] = {"candidate": name, "score": validation_score(results[name]),
@@ -369,7 +399,11 @@ def _write_markdown(results: dict, path: Path) -> None:
         "",
         "Chosen (the benchmark config carries these, DistillConfig's defaults the `stale_share` "
         "and the `quarantine_quantile`; "
-        "tests/test_quality.py and tests/test_tune.py check it):",
+        "tests/test_quality.py and tests/test_tune.py check it). A setting chosen under an "
+        "attack (tie_rank, contest_quantile, barred_as_absent) is the best under it that "
+        "scores above the first of its grid (the setting as it was) there and within 1 point "
+        "of it clean, else that first one (`choose_under_attack`, written before the runs); "
+        "its `-clean` group shows the chosen setting's price:",
         "",
     ]
     for method, c in meta["chosen"].items():

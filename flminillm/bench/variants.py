@@ -107,8 +107,8 @@ def attacks(cfg: Config) -> dict[str, tuple[dict[str, str], str]]:
                            "honest elsewhere"),
         "liar-contest": ({adv: f"{last}:contest"},
                          f"{last} lies as liar-noisy, its first-token support holding all its "
-                         "mass (no tail): it contests every answer it ranks above "
-                         "contest_quantile"),
+                         "mass (no tail): it contests nearly every answer it ranks "
+                         "above contest_quantile"),
         "backdoor": ({adv: f"{last}:backdoor@{target}"},
                      f"{last} is honest except on {target} (an honest client's family), where "
                      "it always gives the same wrong answer, claiming p=1"),
