@@ -1340,6 +1340,9 @@ def test_a_liar_s_random_answers_that_a_sure_expert_finds_unlikely_leave_the_bat
     _, barred = assemble_batch(rollouts, teachings, torch.ones(3), on, barred=[True, False, False])
     hers = won & (torch.arange(a) < 10)
     assert bool(hers.any()) and bool((barred["ask_choice"][hers] == 2).all())
+    # teachers of another tokenizer (a support of the sampled token alone) do not contest
+    _, across = assemble_batch(rollouts, teachings, torch.ones(3), on, foreign=[True, True, False])
+    assert torch.equal(across["ask_choice"], free["ask_choice"]) and int(across["n_contested"]) == 0
 
 
 def test_a_liar_that_claims_no_tail_contests_only_where_it_ranks_above_the_quantile():
