@@ -295,6 +295,24 @@ def contests(
     return able & j_is & found & has & (ranks > quantile) & unlikely
 
 
+def contest_bar(contested: torch.Tensor, best: torch.Tensor, share: float) -> torch.Tensor:
+    """`distill.contest_bar`: [M] bool, the teachers at least two of whose peers each contest
+    (`contests`: [M, A], who contests each kept answer; best [A]: whose it is) more than
+    `share` of the prompts it won. Evidence the teacher does not write, from two sources: in
+    the benchmarks honest teachers at contest_quantile 0.75 never contest each other, and a
+    liar that contests is one peer, so it cannot bar an honest teacher alone (two colluding
+    contesters could)."""
+    m = contested.shape[0]
+    out = torch.zeros(m, dtype=torch.bool)
+    for i in range(m):
+        won = best == i
+        if bool(won.any()):
+            rates = contested[:, won].float().mean(1)
+            rates[i] = 0.0
+            out[i] = int((rates > share).sum()) >= 2
+    return out
+
+
 def select_teacher_rollouts(
     teachings: list[dict[str, torch.Tensor]],
     prior: torch.Tensor,
@@ -775,6 +793,26 @@ def assemble_batch(
     barred_t = torch.zeros(len(teachings), dtype=torch.bool)
     if barred is not None:
         barred_t = torch.tensor([bool(b) for b in barred], dtype=torch.bool)
+    home = ~torch.tensor(foreign or [False] * len(teachings), dtype=torch.bool)
+
+    def select(prior: torch.Tensor) -> dict[str, torch.Tensor]:
+        return select_teacher_rollouts(
+            teachings, prior, use_prompt=posterior,
+            cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
+            invariance_share=d.invariance_share, invariance_quantile=d.invariance_quantile,
+            joint_quantile=d.joint_quantile,
+            low_ties=d.tie_rank == "low",
+            contest_quantile=d.contest_quantile, contest_p=d.contest_p,
+            can_contest=torch.tensor(trusted, dtype=torch.bool) & ~barred_t & home,
+        )  # fmt: skip
+
+    # contested by two peers: barred for the round before its scores count (`contest_bar`;
+    # the selection's prior without the capped mixture's handicap, not known yet)
+    contest_barred = torch.zeros(len(teachings), dtype=torch.bool)
+    if d.contest_bar > 0 and rollouts["ask_prompt_ids"].shape[0]:
+        first = select(weights / weights.sum())
+        contest_barred = contest_bar(first["contests"], first["teacher_index"], d.contest_bar)
+        barred_t = barred_t | contest_barred
     scorers = [i for i, ok in enumerate(trusted) if ok and not barred_t[i]]
     delta = torch.zeros(len(teachings))
     n = rollouts["prompt_ids"].shape[0] if scorers else 0
@@ -816,17 +854,7 @@ def assemble_batch(
         # a capped teacher's answers are selected with the same handicap, and (capped
         # mixture) no teacher supplies more than `cap` of the answers, also when the student
         # has no rollouts of its own to measure the mixture weights on (alpha = 1)
-        prior = weights / weights.sum() * torch.exp(-delta)
-        sel = select_teacher_rollouts(
-            teachings, prior, use_prompt=posterior,
-            cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
-            invariance_share=d.invariance_share, invariance_quantile=d.invariance_quantile,
-            joint_quantile=d.joint_quantile,
-            low_ties=d.tie_rank == "low",
-            contest_quantile=d.contest_quantile, contest_p=d.contest_p,
-            can_contest=torch.tensor(trusted, dtype=torch.bool) & ~barred_t
-            & ~torch.tensor(foreign or [False] * len(teachings), dtype=torch.bool),
-        )  # fmt: skip
+        sel = select(weights / weights.sum() * torch.exp(-delta))
         flagged = sel["flagged"].float().mean(1)  # [M] share of each teacher's answers
         free = torch.ones(a, dtype=torch.bool)
         if d.selection == "rank":  # left out for absent teachers (`n_reserved`)
@@ -897,6 +925,7 @@ def assemble_batch(
         "n_implausible": torch.tensor(n_implausible),
         "n_by_claim": torch.tensor(n_by_claim),
         "n_contested": torch.tensor(n_contested),
+        "contest_barred": contest_barred,
         "contesting": contesting,
         "flagged": flagged,
         "ask_choice": ask_choice,
@@ -919,6 +948,7 @@ def selection_stats(
     n_by_claim: int = 0,
     n_contested: int = 0,
     contesting: list[float] | None = None,
+    contest_barred: list[bool] | None = None,
     sums: list[float] | None = None,
     overclaimed: list[bool] | None = None,
     prompt_sums: list[float] | None = None,
@@ -949,7 +979,8 @@ def selection_stats(
     their ranks would have chosen another (`distill.joint_quantile`); `contested`, the
     share left out because a teacher sure of the prompt found the kept answer unlikely
     (`distill.contest_quantile`), and `contested_by.<id>` (given `contesting`) the share of
-    prompts each teacher contested so."""
+    prompts each teacher contested so; `contest_barred.<id>` (given `contest_barred`) 1
+    where two peers' contests barred it (`distill.contest_bar`)."""
     kept = teacher_index[teacher_index >= 0]
     total = kept.numel() + n_rejected + n_reserved + n_invariant + n_implausible + n_contested
     out: dict[str, float] = {"rejected": n_rejected / total} if total else {}
@@ -978,6 +1009,8 @@ def selection_stats(
             out[f"invariant.{name}"] = float(flagged[i])
         if contesting is not None:
             out[f"contested_by.{name}"] = float(contesting[i])
+        if contest_barred is not None:
+            out[f"contest_barred.{name}"] = float(bool(contest_barred[i]))
         if gaps is not None:
             out[f"plausibility.{name}"] = float(gaps[i])
             out[f"implausible.{name}"] = float(bool(barred[i])) if barred is not None else 0.0

@@ -425,6 +425,16 @@ class DistillConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _bar_needs_contests(self) -> DistillConfig:
+        if self.contest_bar > 0 and self.contest_quantile >= 1.0:
+            raise ValueError(
+                f"contest_bar {self.contest_bar} reads the peer contest, which is off "
+                "(contest_quantile 1); set contest_quantile below 1 (e.g. 0.75) or "
+                "contest_bar: 0"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sure_band(self) -> DistillConfig:
         if self.selection != "rank" or self.joint_quantile == 1.0:
             return self
@@ -651,6 +661,16 @@ class DistillConfig(_Strict):
         "and contest_quantile-clean, docs/tune-contest), 0.75 did not beat off and 0.5 cost "
         "3.8 clean.",
     )
+    contest_bar: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Bar for the round a teacher at least two of whose peers each contest "
+        "more than this share of the prompts it won (`contest_quantile`'s contests, read "
+        "before its scores count: `contest_bar` in flminillm/aggregate.py). A liar that "
+        "contests is one peer and cannot bar an honest teacher alone (two colluding ones "
+        "could). Needs contest_quantile < 1. 0: off.",
+    )
     contest_p: float = Field(
         0.05,
         gt=0.0,
@@ -869,6 +889,7 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "tie_rank": "mean",
         "repeat_share": 0.0,
         "contest_quantile": 1.0,
+        "contest_bar": 0.0,
         "barred_as_absent": False,
         "contest_p": 0.05,
     }

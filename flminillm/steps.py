@@ -936,6 +936,7 @@ def _distill(
         n_implausible=int(info["n_implausible"]), gaps=gaps, barred=implausible,
         n_by_claim=int(info["n_by_claim"]), n_contested=int(info["n_contested"]),
         contesting=info["contesting"].tolist() if d.contest_quantile < 1.0 else None,
+        contest_barred=info["contest_barred"].tolist() if d.contest_bar > 0 else None,
         sums=sums, overclaimed=overclaimed,
         prompt_sums=psums, prompt_overclaimed=poverclaimed,
     )  # fmt: skip

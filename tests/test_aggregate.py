@@ -1390,3 +1390,52 @@ def test_the_contest_is_rank_selection_s_rule():
                            DistillConfig(**base, contest_quantile=0.1))  # fmt: skip
     assert bool((off["ask_choice"] == 1).any())  # the liar wins some: there is something to contest
     assert torch.equal(on["ask_choice"], off["ask_choice"]) and int(on["n_contested"]) == 0
+
+
+def test_contest_bar_needs_two_peers_each_contesting_a_share_of_its_wins():
+    from flminillm.aggregate import contest_bar
+
+    best = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
+    c = torch.zeros(3, 8, dtype=torch.bool)
+    c[0, 4] = c[1, 5] = True  # teacher 2's wins: one of four contested by each of 0 and 1
+    c[2, 0] = c[2, 1] = c[2, 2] = True  # 2 contests every win of 0 and one of 1's: one peer
+    assert contest_bar(c, best, 0.2).tolist() == [False, False, True]
+    assert contest_bar(c, best, 0.25).tolist() == [False, False, False]  # not above the share
+    assert not bool(contest_bar(c[:2, :4], best[:4], 0.0).any())  # two teachers: never
+
+
+def test_a_liar_two_experts_contest_is_barred_for_the_round():
+    """distill.contest_bar: the noisy-claiming liar of the contest test wins prompts of both
+    experts' domains, and each expert contests a share of its wins: it is barred (every
+    prompt it won leaves the batch as a barred teacher's, `contest_barred.<id>`, the
+    lineage in red); without the bar only the contested prompts leave. The validator names
+    the fix where the contest is off."""
+    from flminillm.config import DistillConfig
+    from flminillm.lineage import selection_line
+
+    a, t, vocab = 20, 3, 50
+    g = torch.Generator().manual_seed(1)
+    right = torch.randint(4, vocab, (a, t), generator=g)
+    alice = _expert(a, t, right, torch.arange(a) < 10)
+    bob = _expert(a, t, right, torch.arange(a) >= 10)
+    lies = torch.randint(4, vocab, (a, t), generator=g)
+    liar = {**_expert(a, t, lies, torch.ones(a, dtype=torch.bool)),
+            "own_prompt_logp": -torch.rand(a, generator=g) * 2.0}  # fmt: skip
+    liar["own_logp"][..., 0] = math.log(0.6)
+    liar["own_logp"][..., 1:] = -30.0
+    teachings, rollouts = [alice, bob, liar], _rollouts(0, a, t, 3)
+    base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_quantile=0.3)
+    _, free = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(**base))
+    won = free["ask_choice"] == LEFT_OUT  # the liar's contested wins, left out
+    assert bool(won[:10].any()) and bool(won[10:].any())  # in both experts' domains
+    _, info = assemble_batch(rollouts, teachings, torch.ones(3),
+                             DistillConfig(**base, contest_bar=0.05))  # fmt: skip
+    assert info["contest_barred"].tolist() == [False, False, True]
+    assert int(info["n_implausible"]) >= int(won.sum()) and int(info["n_contested"]) == 0
+    assert not bool((info["ask_choice"] == 2).any())
+    stats = selection_stats(info["teacher_index"], teachings, ["alice", "bob", "carol"],
+                            contest_barred=info["contest_barred"].tolist())  # fmt: skip
+    assert stats["contest_barred.carol"] == 1.0 and stats["contest_barred.alice"] == 0.0
+    assert "carol 0% [red](barred: two peers contest its answers)[/]" in selection_line(stats)
+    with pytest.raises(ValueError, match="contest_bar 0.05 reads the peer contest"):
+        DistillConfig(contest_bar=0.05)

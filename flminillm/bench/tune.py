@@ -117,6 +117,18 @@ CONTEST_GRID = [
 ]
 
 
+# Two peers' contests bar a teacher for the round (distill.contest_bar, with the contest at
+# contest_quantile 0.75): group `contest_bar` under the noisy liar and `contest_bar-clean`.
+# The share 0.05 was read, before any run with the bar, from the contests recomputed on the
+# training rounds' messages of docs/tune-contest's off runs (validation federations): honest
+# teachers contested each other on 0% of their wins, the experts the liar on 6-12% each.
+# Decided before any run: the rule of `choose_under_attack`.
+BAR_GRID = [
+    ("bar-off", {"contest_bar": 0.0}),
+    ("bar-0.05", {"contest_quantile": 0.75, "contest_bar": 0.05}),
+]
+
+
 # A barred teacher counted as an absent client with no past (distill.barred_as_absent):
 # group `barred_as_absent` under the consistent liar (p = 1 claims: barred every round, the
 # `liar-consistent` attack of bench quality), and `barred_as_absent-clean` (its price).
@@ -135,6 +147,7 @@ UNDER_ATTACK = {
     "tie_rank": ("liar-spread", "spread", TIE_GRID),
     "contest_quantile": ("liar-noisy", "noisy", CONTEST_GRID),
     "barred_as_absent": ("liar-consistent", "consistent", BARRED_GRID),
+    "contest_bar": ("liar-noisy", "noisy", BAR_GRID),
 }
 
 
