@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flminillm.bench.quality import _workdir, grid_meta, run_grid, summarise_grid, write_json
-from flminillm.bench.variants import FORWARD_KL, Variant, attacks
+from flminillm.bench.variants import CONTEST_BAR, FORWARD_KL, Variant, attacks
 from flminillm.config import Config, load_config
 
 # The corrections of docs/algorithm.md ("Corrections under review"), all on.
@@ -125,7 +125,7 @@ CONTEST_GRID = [
 # Decided before any run: the rule of `choose_under_attack`.
 BAR_GRID = [
     ("bar-off", {"contest_bar": 0.0}),
-    ("bar-0.05", {"contest_quantile": 0.75, "contest_bar": 0.05}),
+    ("bar-0.05", CONTEST_BAR["distill"]),
 ]
 
 

@@ -41,6 +41,10 @@ UNDEFENDED = {
 # flminillm.aggregate.invariant_answers): what the check buys against the backdoor and
 # what it costs a clean federation; claims among the sure need the check (joint_quantile 1)
 NO_INVARIANCE = {"distill": {"invariance_share": 0.0, "joint_quantile": 1.0}}
+# the default defence plus two peers' contests barring a teacher for the round
+# (distill.contest_bar with the peer contest at 0.75; docs/tune-contest-bar, stop 39): its
+# evaluation before it becomes the default
+CONTEST_BAR = {"distill": {"contest_quantile": 0.75, "contest_bar": 0.05}}
 # The other defences the faults run under, as `<fault><suffix>` beside `<fault>` (the
 # default defence): {suffix: (overrides, what it is)}. Each comes with `clean<suffix>`, the
 # same without a fault, which flminillm.bench.quality_report measures them against.
@@ -49,6 +53,8 @@ DEFENCES = {
                                 "no stale replay, no invariance, plausibility or claim-sum check)"),
     "-no-invariance": (NO_INVARIANCE, "the default defence without the invariance check "
                                       "(and so rank alone among the sure)"),
+    "-contest-bar": (CONTEST_BAR, "the default defence plus the peer contest at 0.75 and "
+                                  "its bar (two peers contesting over 5% of a teacher's wins)"),
 }  # fmt: skip
 DEFENCE_SUFFIXES = tuple(DEFENCES)
 # what `dropout-30` changes besides the drop-out itself: rounds go on with one client
