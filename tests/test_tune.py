@@ -345,3 +345,18 @@ def test_barred_as_absent_is_tuned_under_the_consistent_liar_and_stays_off():
     assert meta["chosen"]["barred_as_absent"]["distill"] == {"barred_as_absent": False}
     assert DistillConfig().barred_as_absent is False
     assert load_config(ROOT / "configs" / "benchmark.yaml").distill.barred_as_absent is False
+
+
+def test_the_contest_bar_is_chosen_under_the_noisy_liar_on_validation():
+    """distill.contest_bar: group contest_bar under the noisy liar, its price clean; by the
+    rule it is chosen (docs/tune-contest-bar: 42.6 against 39.0 under the liar, the same
+    runs clean), with the settings the `-contest-bar` defence of bench quality runs
+    (CONTEST_BAR, one place). The default stays off until the defence table is re-run with
+    it (docs/results.md, stop 39)."""
+    from flminillm.bench.variants import CONTEST_BAR
+
+    meta = json.loads((ROOT / "docs" / "tune-contest-bar" / "tune.json").read_text())["_meta"]
+    assert meta["split"] == "validation"
+    assert meta["chosen"]["contest_bar"]["candidate"] == "noisy-bar-0.05"
+    assert meta["chosen"]["contest_bar"]["distill"] == CONTEST_BAR["distill"]
+    assert DistillConfig().contest_bar == 0.0

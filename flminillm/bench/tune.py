@@ -413,7 +413,7 @@ def _write_markdown(results: dict, path: Path) -> None:
         "Chosen (the benchmark config carries these, DistillConfig's defaults the `stale_share` "
         "and the `quarantine_quantile`; "
         "tests/test_quality.py and tests/test_tune.py check it). A setting chosen under an "
-        "attack (tie_rank, contest_quantile, barred_as_absent) is the best under it that "
+        f"attack ({', '.join(UNDER_ATTACK)}) is the best under it that "
         "scores above the first of its grid (the setting as it was) there and within 1 point "
         "of it clean, else that first one (`choose_under_attack`, written before the runs); "
         "its `-clean` group shows the chosen setting's price:",
