@@ -490,9 +490,9 @@ def replay_rows(
 DOMAIN_NEIGHBOURS = 8
 # `ask_choice` of a prompt left out for a reason other than `min_claim` (-1): reserved for
 # an absent teacher (`imputed_quantile`, `unknown_domain`), every answer ruled out by the
-# invariance check, won by a barred teacher, or contested (`contests`). For the present teachers it is a prompt
-# they lost (`lost_prompts`), deliberately: where an absent teacher's domain was imputed,
-# it is not theirs. (Not `teacher_index`'s -2, a stale row, in another tensor.)
+# invariance check, won by a barred teacher, or contested (`contests`). For the present
+# teachers it is a prompt they lost (`lost_prompts`), deliberately: where an absent
+# teacher's domain was imputed, it is not theirs. (Not `teacher_index`'s -2, a stale row, in another tensor.)
 LEFT_OUT = -2
 
 

@@ -186,9 +186,11 @@ def corrupt_teaching(
     only: every other row, and its scores of the student's rollouts, are the honest
     message's (a client that poisons the domain only it holds, where no peer can check)."""
     kind, _, family = mode.partition("@")
-    if not family or kind == "backdoor":
-        return _corrupt(msg, mode, vocab_size, seed, ask_prompts=ask_prompts, encode=encode)
-    out = _corrupt(msg, kind, vocab_size, seed, ask_prompts=ask_prompts, encode=encode)
+    restricted = bool(family) and kind != "backdoor"  # (a backdoor's family is its target)
+    out = _corrupt(msg, kind if restricted else mode, vocab_size, seed,
+                   ask_prompts=ask_prompts, encode=encode)  # fmt: skip
+    if not restricted:
+        return out
     wanted = set(family.split("+"))
     families = _families(ask_prompts, msg["own_response_ids"].shape[0])
     honest = torch.tensor([f not in wanted for f in families], dtype=torch.bool)

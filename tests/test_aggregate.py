@@ -1293,6 +1293,23 @@ def _expert(a: int, t: int, right: torch.Tensor, sure: torch.Tensor, vocab: int 
             "scores": torch.zeros(0, t, 3), "prompt_logp": torch.zeros(0)}  # fmt: skip
 
 
+def _experts_and_a_noisy_liar(seed: int, a: int, t: int, vocab: int = 50) -> list[dict]:
+    """Alice (sure of prompts 0 .. a/2 - 1) and bob (the rest) write the right answers
+    (`_expert`); a liar answers every prompt with random tokens and random prompt claims,
+    its answers claimed p = 0.6 per token with the rest of its mass in its tail (as the
+    `noisy` liar's claims)."""
+    g = torch.Generator().manual_seed(seed)
+    right = torch.randint(4, vocab, (a, t), generator=g)
+    alice = _expert(a, t, right, torch.arange(a) < a // 2)
+    bob = _expert(a, t, right, torch.arange(a) >= a // 2)
+    lies = torch.randint(4, vocab, (a, t), generator=g)
+    liar = {**_expert(a, t, lies, torch.ones(a, dtype=torch.bool)),
+            "own_prompt_logp": -torch.rand(a, generator=g) * 2.0}  # fmt: skip
+    liar["own_logp"][..., 0] = math.log(0.6)
+    liar["own_logp"][..., 1:] = -30.0
+    return [alice, bob, liar]
+
+
 def test_a_liar_s_random_answers_that_a_sure_expert_finds_unlikely_leave_the_batch():
     """Alice knows prompts 0-9, bob 10-19; a liar answers all 20 with random tokens and
     random claims that rank some of each expert's prompts above the expert's own rank (its
@@ -1305,18 +1322,8 @@ def test_a_liar_s_random_answers_that_a_sure_expert_finds_unlikely_leave_the_bat
     from flminillm.config import DistillConfig
     from flminillm.lineage import selection_line
 
-    a, t, vocab = 20, 3, 50
-    g = torch.Generator().manual_seed(0)
-    right = torch.randint(4, vocab, (a, t), generator=g)
-    alice = _expert(a, t, right, torch.arange(a) < 10)
-    bob = _expert(a, t, right, torch.arange(a) >= 10)
-    lies = torch.randint(4, vocab, (a, t), generator=g)
-    liar = {**_expert(a, t, lies, torch.ones(a, dtype=torch.bool)),
-            "own_prompt_logp": -torch.rand(a, generator=g) * 2.0}  # fmt: skip
-    liar["own_logp"][..., 0] = math.log(0.6)
-    liar["own_logp"][..., 1:] = -30.0
-    teachings = [alice, bob, liar]
-    rollouts = _rollouts(0, a, t, 3)
+    a, t = 20, 3
+    teachings, rollouts = _experts_and_a_noisy_liar(seed=0, a=a, t=t), _rollouts(0, a, t, 3)
     base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0)
     off = DistillConfig(**base)
     on = DistillConfig(**base, contest_quantile=0.3, contest_p=0.05)
@@ -1413,17 +1420,8 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     from flminillm.config import DistillConfig
     from flminillm.lineage import selection_line
 
-    a, t, vocab = 20, 3, 50
-    g = torch.Generator().manual_seed(1)
-    right = torch.randint(4, vocab, (a, t), generator=g)
-    alice = _expert(a, t, right, torch.arange(a) < 10)
-    bob = _expert(a, t, right, torch.arange(a) >= 10)
-    lies = torch.randint(4, vocab, (a, t), generator=g)
-    liar = {**_expert(a, t, lies, torch.ones(a, dtype=torch.bool)),
-            "own_prompt_logp": -torch.rand(a, generator=g) * 2.0}  # fmt: skip
-    liar["own_logp"][..., 0] = math.log(0.6)
-    liar["own_logp"][..., 1:] = -30.0
-    teachings, rollouts = [alice, bob, liar], _rollouts(0, a, t, 3)
+    a, t = 20, 3
+    teachings, rollouts = _experts_and_a_noisy_liar(seed=1, a=a, t=t), _rollouts(0, a, t, 3)
     base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_quantile=0.3)
     _, free = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(**base))
     won = free["ask_choice"] == LEFT_OUT  # the liar's contested wins, left out

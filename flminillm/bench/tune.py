@@ -255,14 +255,15 @@ def choose_under_attack(results: dict[str, dict], group: str) -> str | None:
     first = grid[0][0]
     if score.get(f"{prefix}-{first}") is None:
         return None
+    clean_first = score.get(f"clean-{first}")
     ok = [
         name
         for name, _ in grid[1:]
-        if score.get(f"{prefix}-{name}") is not None
+        if clean_first is not None
+        and score.get(f"{prefix}-{name}") is not None
         and score.get(f"clean-{name}") is not None
-        and score.get(f"clean-{first}") is not None
         and score[f"{prefix}-{name}"] > score[f"{prefix}-{first}"]
-        and score[f"clean-{name}"] >= score[f"clean-{first}"] - 0.01  # scores are fractions
+        and score[f"clean-{name}"] >= clean_first - 0.01  # scores are fractions
     ]
     return f"{prefix}-{max(ok, key=lambda n: score[f'{prefix}-{n}']) if ok else first}"
 
