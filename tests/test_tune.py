@@ -11,6 +11,7 @@ import yaml
 
 from flminillm.bench.quality import finished_result
 from flminillm.bench.tune import (
+    BAR_GRID,
     GRID,
     candidates,
     choose,
@@ -306,8 +307,10 @@ def test_a_setting_chosen_under_an_attack_must_beat_the_old_one_there_and_cost_l
 
 def test_the_peer_contest_is_tuned_under_the_noisy_liar_and_stays_off():
     """distill.contest_quantile: group contest_quantile under the noisy liar, its price in
-    contest_quantile-clean; by the rule (docs/tune-contest: 0.5 scores above off under the
-    liar but costs 3.8 clean, 0.75 does not beat off) the default stays off (1)."""
+    contest_quantile-clean, as a filter alone (contest_bar 0); by the rule (docs/tune-contest:
+    0.5 scores above off under the liar but costs 3.8 clean, 0.75 does not beat off) the
+    filter alone stays off: the default's 0.75 comes with the bar, which reads its contests
+    (chosen on its own grid: the next test)."""
     from flminillm.bench.variants import attacks
 
     cfg = load_config(TINY)
@@ -315,15 +318,14 @@ def test_the_peer_contest_is_tuned_under_the_noisy_liar_and_stays_off():
     for group, want in (("contest_quantile", env), ("contest_quantile-clean", {})):
         vs = [v for v in candidates(cfg) if v.group == group]
         assert sorted(v.overrides["distill"]["contest_quantile"] for v in vs) == [0.5, 0.75, 1.0]
-        assert all(v.env == want and set(v.overrides["distill"]) == {"contest_quantile"}
+        assert all(v.env == want and v.overrides["distill"]["contest_bar"] == 0.0
+                   and set(v.overrides["distill"]) == {"contest_quantile", "contest_bar"}
                    for v in vs)  # fmt: skip
     meta = json.loads((ROOT / "docs" / "tune-contest" / "tune.json").read_text())["_meta"]
     assert meta["split"] == "validation"
     assert meta["chosen"]["contest_quantile"]["candidate"] == "noisy-contest-off"
     assert meta["chosen"]["contest_quantile-clean"]["candidate"] == "clean-contest-off"
     assert meta["chosen"]["contest_quantile"]["distill"] == {"contest_quantile": 1.0}
-    assert DistillConfig().contest_quantile == 1.0
-    assert load_config(ROOT / "configs" / "benchmark.yaml").distill.contest_quantile == 1.0
 
 
 def test_barred_as_absent_is_tuned_under_the_consistent_liar_and_stays_off():
@@ -351,12 +353,15 @@ def test_the_contest_bar_is_chosen_under_the_noisy_liar_on_validation():
     """distill.contest_bar: group contest_bar under the noisy liar, its price clean; by the
     rule it is chosen (docs/tune-contest-bar: 42.6 against 39.0 under the liar, the same
     runs clean), with the settings the `-contest-bar` defence of bench quality runs
-    (CONTEST_BAR, one place). The default stays off until the defence table is re-run with
-    it (docs/results.md, stop 39)."""
+    (CONTEST_BAR, one place): the default since stop 40, in the benchmark's config too;
+    'off' is the contest and its bar off, as the runs before them."""
     from flminillm.bench.variants import CONTEST_BAR
 
     meta = json.loads((ROOT / "docs" / "tune-contest-bar" / "tune.json").read_text())["_meta"]
     assert meta["split"] == "validation"
     assert meta["chosen"]["contest_bar"]["candidate"] == "noisy-bar-0.05"
     assert meta["chosen"]["contest_bar"]["distill"] == CONTEST_BAR["distill"]
-    assert DistillConfig().contest_bar == 0.0
+    for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill):
+        assert {k: getattr(distill, k) for k in CONTEST_BAR["distill"]} == CONTEST_BAR["distill"]
+    off = dict(BAR_GRID)["bar-off"]
+    assert DistillConfig(**off).contest_quantile == 1.0 and DistillConfig(**off).contest_bar == 0

@@ -109,11 +109,12 @@ TIE_GRID = [
 # anywhere (the `liar-noisy` attack of bench quality), and `contest_quantile-clean` without
 # a fault (its price). Decided before any run: the quantile with the best score under the
 # attack is adopted if it scores above 'off' (1) there and within 1 point of 'off' clean;
-# else the next best that does; else the contest stays off.
+# else the next best that does; else the contest stays off. The contest alone, as a filter:
+# without its bar (contest_bar 0, the default when these ran; the bar needs the contest).
 CONTEST_GRID = [
-    ("contest-off", {"contest_quantile": 1.0}),
-    ("contest-0.5", {"contest_quantile": 0.5}),
-    ("contest-0.75", {"contest_quantile": 0.75}),
+    ("contest-off", {"contest_quantile": 1.0, "contest_bar": 0.0}),
+    ("contest-0.5", {"contest_quantile": 0.5, "contest_bar": 0.0}),
+    ("contest-0.75", {"contest_quantile": 0.75, "contest_bar": 0.0}),
 ]
 
 
@@ -122,9 +123,10 @@ CONTEST_GRID = [
 # The share 0.05 was read, before any run with the bar, from the contests recomputed on the
 # training rounds' messages of docs/tune-contest's off runs (validation federations): honest
 # teachers contested each other on 0% of their wins, the experts the liar on 6-12% each.
-# Decided before any run: the rule of `choose_under_attack`.
+# Decided before any run: the rule of `choose_under_attack`. Chosen, the default since stop 40;
+# 'off' is the contest and its bar off, as the runs were before.
 BAR_GRID = [
-    ("bar-off", {"contest_bar": 0.0}),
+    ("bar-off", {"contest_quantile": 1.0, "contest_bar": 0.0}),
     ("bar-0.05", CONTEST_BAR["distill"]),
 ]
 

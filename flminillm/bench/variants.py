@@ -35,15 +35,16 @@ UNDEFENDED = {
     "distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0,
                 "invariance_share": 0.0, "plausibility_margin": 0.0, "joint_quantile": 1.0,
                 "max_claim_sum": 0.0, "max_prompt_claim_sum": 0.0, "tie_rank": "mean",
-                "contest_quantile": 1.0}
+                "contest_quantile": 1.0, "contest_bar": 0.0}
 }  # fmt: skip
 # the default defence without the input-invariance check (distill.invariance_share 0;
 # flminillm.aggregate.invariant_answers): what the check buys against the backdoor and
 # what it costs a clean federation; claims among the sure need the check (joint_quantile 1)
 NO_INVARIANCE = {"distill": {"invariance_share": 0.0, "joint_quantile": 1.0}}
-# the default defence plus two peers' contests barring a teacher for the round
-# (distill.contest_bar with the peer contest at 0.75; docs/tune-contest-bar, stop 39): its
-# evaluation before it becomes the default
+# two peers' contests barring a teacher for the round (distill.contest_bar with the peer
+# contest at 0.75; docs/tune-contest-bar, stop 39): evaluated as this suffix before it
+# became the default (stop 40); now the same settings as the default, kept so that
+# docs/defence-contest-bar's command runs as it did (same ids)
 CONTEST_BAR = {"distill": {"contest_quantile": 0.75, "contest_bar": 0.05}}
 # The other defences the faults run under, as `<fault><suffix>` beside `<fault>` (the
 # default defence): {suffix: (overrides, what it is)}. Each comes with `clean<suffix>`, the
