@@ -35,6 +35,11 @@ from tests.tensors import log_probs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# the peer contest and its bar off (on by default since stop 40), for the tests of what came
+# before them: their hand-made supports are not what a model writes, so an expert would
+# contest where no real one does
+NO_CONTEST = {"contest_quantile": 1.0, "contest_bar": 0.0}
+
 
 # -- aggregate_teachers ---------------------------------------------------------------------
 
@@ -736,19 +741,21 @@ def test_the_invariance_check_takes_a_family_back_from_a_backdoor():
     rollouts = _rollouts(0, a, 3, 2)
     # ties at their mean rank (tie_rank 'mean', the default before stop 38), so that the
     # backdoor's tied claims rank high: what this check is for is then visible
-    off = DistillConfig(min_claim=0, invariance_share=0, joint_quantile=1, tie_rank="mean")
+    off = DistillConfig(min_claim=0, invariance_share=0, joint_quantile=1, tie_rank="mean",
+                        **NO_CONTEST)
     plain, info0 = assemble_batch(rollouts, teachings, torch.ones(3), off)
     # the backdoor (all its claims on alice's family tied at its top) wins the half of it
     # where alice is least sure
     assert info0["ask_choice"][:20].tolist() == [0] * 10 + [2] * 10
-    d = DistillConfig(min_claim=0, invariance_share=0.05, tie_rank="mean")
+    d = DistillConfig(min_claim=0, invariance_share=0.05, tie_rank="mean", **NO_CONTEST)
     batch, info = assemble_batch(rollouts, teachings, torch.ones(3), d)
     assert info["ask_choice"].tolist() == [0] * 20 + [1] * 20 + [2] * 20
     assert info["flagged"].tolist() == pytest.approx([0.0, 0.0, 1 / 3])
     assert int(info["n_invariant"]) == 0  # alice's answers were left: no prompt lost
     # tied claims at their lowest rank (tie_rank 'low', the default): carol's tied block
     # ranks below alice's family and wins none of it, so there is nothing to rule out
-    low = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(min_claim=0))[1]
+    low = assemble_batch(rollouts, teachings, torch.ones(3),
+                         DistillConfig(min_claim=0, **NO_CONTEST))[1]  # fmt: skip
     assert low["ask_choice"].tolist() == [0] * 20 + [1] * 20 + [2] * 20
     assert low["flagged"].tolist() == [0.0, 0.0, 0.0]
     # joint selection reads the claims themselves (carol's p = 1 outbids everyone): the
@@ -852,7 +859,7 @@ def test_a_barred_teacher_s_prompts_leave_the_batch_and_its_scores_the_mixture()
 
     n, a, t, s = 3, 6, 5, 9
     rollouts, teachings = _two_scoring_teachers(n, a, t, s, seed=3)
-    d = DistillConfig(min_claim=0.0)  # every answer kept but the barred teacher's
+    d = DistillConfig(min_claim=0.0, **NO_CONTEST)  # every answer kept but the barred one's
     _, free = assemble_batch(rollouts, teachings, torch.ones(2), d)
     won = free["ask_choice"] == 1
     assert bool(won.any()) and bool((free["ask_choice"] == 0).any())
@@ -956,10 +963,10 @@ def test_among_the_sure_the_surer_claim_wins_a_look_alike_family_back():
     erin = _teaching([[300 + p] for p in range(a)], [0.0] * a)
     rollouts, teachings = _rollouts(0, a, 3, 2), [carol, dave, erin]
     # ties at their mean rank (tie_rank 'mean'): erin's one claim ranks at 0.5
-    alone = DistillConfig(min_claim=0, joint_quantile=1, tie_rank="mean")
+    alone = DistillConfig(min_claim=0, joint_quantile=1, tie_rank="mean", **NO_CONTEST)
     _, rank = assemble_batch(rollouts, teachings, torch.ones(3), alone)
     assert rank["ask_choice"][fam[0]].tolist() == [1] * 5  # dave's look-alike
-    d = DistillConfig(min_claim=0, tie_rank="mean")
+    d = DistillConfig(min_claim=0, tie_rank="mean", **NO_CONTEST)
     batch, info = assemble_batch(rollouts, teachings, torch.ones(3), d)
     choice = info["ask_choice"]
     assert choice[fam[0]].tolist() == [0] * 5 and choice[fam[1]].tolist() == [0] * 5
@@ -972,7 +979,8 @@ def test_among_the_sure_the_surer_claim_wins_a_look_alike_family_back():
     assert erins and not set(erins) & set(fam[0] + fam[1] + fam[6])
     assert erins == [p for p in range(a) if rank["ask_choice"][p] == 2]
     # with ties at their lowest (the default) she wins nothing, and F0 still goes back
-    low = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(min_claim=0))[1]
+    low = assemble_batch(rollouts, teachings, torch.ones(3),
+                         DistillConfig(min_claim=0, **NO_CONTEST))[1]  # fmt: skip
     assert 2 not in low["ask_choice"].tolist()
     assert low["ask_choice"][fam[0]].tolist() == [0] * 5 and int(low["n_by_claim"]) == 5
     assert batch["response_ids"][:a][fam[0], 0].tolist() == [100 + p for p in fam[0]]
@@ -1324,8 +1332,8 @@ def test_a_liar_s_random_answers_that_a_sure_expert_finds_unlikely_leave_the_bat
 
     a, t = 20, 3
     teachings, rollouts = _experts_and_a_noisy_liar(seed=0, a=a, t=t), _rollouts(0, a, t, 3)
-    base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0)
-    off = DistillConfig(**base)
+    base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_bar=0.0)
+    off = DistillConfig(**base, contest_quantile=1.0)
     on = DistillConfig(**base, contest_quantile=0.3, contest_p=0.05)
     _, free = assemble_batch(rollouts, teachings, torch.ones(3), off)
     won = free["ask_choice"] == 2
@@ -1372,7 +1380,8 @@ def test_a_liar_that_claims_no_tail_contests_only_where_it_ranks_above_the_quant
     liar["own_logp"][..., 0] = 0.0
     liar["own_logp"][..., 1:] = -30.0
     teachings = [alice, bob, liar]
-    base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_p=0.05)
+    base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_p=0.05,
+                contest_bar=0.0)
     _, info = assemble_batch(_rollouts(0, a, t, 3), teachings, torch.ones(3),
                              DistillConfig(**base, contest_quantile=q))  # fmt: skip
     mine = own_quantiles(liar, True, True) > q
@@ -1391,8 +1400,10 @@ def test_the_contest_is_rank_selection_s_rule():
     right = torch.randint(4, vocab, (a, t), generator=g)
     lies = torch.randint(4, vocab, (a, t), generator=g)
     teachings = [_expert(a, t, right, torch.arange(a) < 10), _expert(a, t, lies, torch.ones(a) > 0)]
-    base = dict(selection="joint", min_claim=0.0, invariance_share=0.0, joint_quantile=1.0)
-    _, off = assemble_batch(_rollouts(0, a, t, 3), teachings, torch.ones(2), DistillConfig(**base))
+    base = dict(selection="joint", min_claim=0.0, invariance_share=0.0, joint_quantile=1.0,
+                contest_bar=0.0)
+    _, off = assemble_batch(_rollouts(0, a, t, 3), teachings, torch.ones(2),
+                            DistillConfig(**base, contest_quantile=1.0))  # fmt: skip
     _, on = assemble_batch(_rollouts(0, a, t, 3), teachings, torch.ones(2),
                            DistillConfig(**base, contest_quantile=0.1))  # fmt: skip
     assert bool((off["ask_choice"] == 1).any())  # the liar wins some: there is something to contest
@@ -1416,14 +1427,15 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     experts' domains, and each expert contests a share of its wins: it is barred (every
     prompt it won leaves the batch as a barred teacher's, `contest_barred.<id>`, the
     lineage in red); without the bar only the contested prompts leave. The validator names
-    the fix where the contest is off."""
+    the fix where the contest is turned off and its bar (on by default) is not."""
     from flminillm.config import DistillConfig
     from flminillm.lineage import selection_line
 
     a, t = 20, 3
     teachings, rollouts = _experts_and_a_noisy_liar(seed=1, a=a, t=t), _rollouts(0, a, t, 3)
     base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_quantile=0.3)
-    _, free = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(**base))
+    _, free = assemble_batch(rollouts, teachings, torch.ones(3),
+                             DistillConfig(**base, contest_bar=0.0))  # fmt: skip
     won = free["ask_choice"] == LEFT_OUT  # the liar's contested wins, left out
     assert bool(won[:10].any()) and bool(won[10:].any())  # in both experts' domains
     _, info = assemble_batch(rollouts, teachings, torch.ones(3),
@@ -1436,4 +1448,5 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     assert stats["contest_barred.carol"] == 1.0 and stats["contest_barred.alice"] == 0.0
     assert "carol 0% [red](barred: two peers contest its answers)[/]" in selection_line(stats)
     with pytest.raises(ValueError, match="contest_bar 0.05 reads the peer contest"):
-        DistillConfig(contest_bar=0.05)
+        DistillConfig(contest_quantile=1.0)
+    assert DistillConfig(**NO_CONTEST).contest_bar == 0.0
