@@ -35,9 +35,9 @@ from tests.tensors import log_probs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# the peer contest and its bar off (on by default since stop 40), for the tests of what came
-# before them: their hand-made supports are not what a model writes, so an expert would
-# contest where no real one does
+# the peer contest and its bar off (the default; explicit so that these tests keep testing
+# what came before them whatever the default): their hand-made supports are not what a
+# model writes, so an expert would contest where no real one does
 NO_CONTEST = {"contest_quantile": 1.0, "contest_bar": 0.0}
 
 
@@ -1427,7 +1427,7 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     experts' domains, and each expert contests a share of its wins: it is barred (every
     prompt it won leaves the batch as a barred teacher's, `contest_barred.<id>`, the
     lineage in red); without the bar only the contested prompts leave. The validator names
-    the fix where the contest is turned off and its bar (on by default) is not."""
+    the fix where the contest is off."""
     from flminillm.config import DistillConfig
     from flminillm.lineage import selection_line
 
@@ -1448,5 +1448,6 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     assert stats["contest_barred.carol"] == 1.0 and stats["contest_barred.alice"] == 0.0
     assert "carol 0% [red](barred: two peers contest its answers)[/]" in selection_line(stats)
     with pytest.raises(ValueError, match="contest_bar 0.05 reads the peer contest"):
-        DistillConfig(contest_quantile=1.0)
-    assert DistillConfig(**NO_CONTEST).contest_bar == 0.0
+        DistillConfig(contest_bar=0.05)
+    with pytest.raises(ValueError, match="contest_bar 0.05 reads the peer contest"):
+        DistillConfig(contest_quantile=1.0, contest_bar=0.05)

@@ -309,8 +309,7 @@ def test_the_peer_contest_is_tuned_under_the_noisy_liar_and_stays_off():
     """distill.contest_quantile: group contest_quantile under the noisy liar, its price in
     contest_quantile-clean, as a filter alone (contest_bar 0); by the rule (docs/tune-contest:
     0.5 scores above off under the liar but costs 3.8 clean, 0.75 does not beat off) the
-    filter alone stays off: the default's 0.75 comes with the bar, which reads its contests
-    (chosen on its own grid: the next test)."""
+    default stays off (1)."""
     from flminillm.bench.variants import attacks
 
     cfg = load_config(TINY)
@@ -326,6 +325,8 @@ def test_the_peer_contest_is_tuned_under_the_noisy_liar_and_stays_off():
     assert meta["chosen"]["contest_quantile"]["candidate"] == "noisy-contest-off"
     assert meta["chosen"]["contest_quantile-clean"]["candidate"] == "clean-contest-off"
     assert meta["chosen"]["contest_quantile"]["distill"] == {"contest_quantile": 1.0}
+    assert DistillConfig().contest_quantile == 1.0
+    assert load_config(ROOT / "configs" / "benchmark.yaml").distill.contest_quantile == 1.0
 
 
 def test_barred_as_absent_is_tuned_under_the_consistent_liar_and_stays_off():
@@ -353,8 +354,9 @@ def test_the_contest_bar_is_chosen_under_the_noisy_liar_on_validation():
     """distill.contest_bar: group contest_bar under the noisy liar, its price clean; by the
     rule it is chosen (docs/tune-contest-bar: 42.6 against 39.0 under the liar, the same
     runs clean), with the settings the `-contest-bar` defence of bench quality runs
-    (CONTEST_BAR, one place): the default since stop 40, in the benchmark's config too;
-    'off' is the contest and its bar off, as the runs before them."""
+    (CONTEST_BAR, one place); 'off' is the contest and its bar off, as the runs before
+    them. Not the default: on the 5-client benchmark honest teachers whose families look
+    alike contest each other and one was barred (docs/results.md, stop 40)."""
     from flminillm.bench.variants import CONTEST_BAR
 
     meta = json.loads((ROOT / "docs" / "tune-contest-bar" / "tune.json").read_text())["_meta"]
@@ -362,6 +364,6 @@ def test_the_contest_bar_is_chosen_under_the_noisy_liar_on_validation():
     assert meta["chosen"]["contest_bar"]["candidate"] == "noisy-bar-0.05"
     assert meta["chosen"]["contest_bar"]["distill"] == CONTEST_BAR["distill"]
     for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill):
-        assert {k: getattr(distill, k) for k in CONTEST_BAR["distill"]} == CONTEST_BAR["distill"]
+        assert distill.contest_bar == 0.0 and distill.contest_quantile == 1.0
     off = dict(BAR_GRID)["bar-off"]
     assert DistillConfig(**off).contest_quantile == 1.0 and DistillConfig(**off).contest_bar == 0

@@ -123,8 +123,9 @@ CONTEST_GRID = [
 # The share 0.05 was read, before any run with the bar, from the contests recomputed on the
 # training rounds' messages of docs/tune-contest's off runs (validation federations): honest
 # teachers contested each other on 0% of their wins, the experts the liar on 6-12% each.
-# Decided before any run: the rule of `choose_under_attack`. Chosen, the default since stop 40;
-# 'off' is the contest and its bar off, as the runs were before.
+# Decided before any run: the rule of `choose_under_attack` (chosen; not the default: the
+# 5-client shape, docs/results.md stop 40). 'off' is the contest and its bar off, as the runs
+# were before.
 BAR_GRID = [
     ("bar-off", {"contest_quantile": 1.0, "contest_bar": 0.0}),
     ("bar-0.05", CONTEST_BAR["distill"]),

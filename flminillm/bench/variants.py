@@ -41,10 +41,10 @@ UNDEFENDED = {
 # flminillm.aggregate.invariant_answers): what the check buys against the backdoor and
 # what it costs a clean federation; claims among the sure need the check (joint_quantile 1)
 NO_INVARIANCE = {"distill": {"invariance_share": 0.0, "joint_quantile": 1.0}}
-# two peers' contests barring a teacher for the round (distill.contest_bar with the peer
-# contest at 0.75; docs/tune-contest-bar, stop 39): evaluated as this suffix before it
-# became the default (stop 40); now the same settings as the default, kept so that
-# docs/defence-contest-bar's command runs as it did (same ids)
+# the default defence plus two peers' contests barring a teacher for the round
+# (distill.contest_bar with the peer contest at 0.75; chosen on the 3-client validation
+# split, docs/tune-contest-bar, stop 39; not the default: on the 5-client benchmark honest
+# teachers whose families look alike contest each other, docs/results.md, stop 40)
 CONTEST_BAR = {"distill": {"contest_quantile": 0.75, "contest_bar": 0.05}}
 # The other defences the faults run under, as `<fault><suffix>` beside `<fault>` (the
 # default defence): {suffix: (overrides, what it is)}. Each comes with `clean<suffix>`, the
