@@ -295,21 +295,37 @@ def contests(
     return able & j_is & found & has & (ranks > quantile) & unlikely
 
 
-def contest_bar(contested: torch.Tensor, best: torch.Tensor, share: float) -> torch.Tensor:
+def contest_bar(
+    contested: torch.Tensor,
+    best: torch.Tensor,
+    share: float,
+    able: torch.Tensor | None = None,
+    peers: str = "two",
+) -> torch.Tensor:
     """`distill.contest_bar`: [M] bool, the teachers at least two of whose peers each contest
     (`contests`: [M, A], who contests each kept answer; best [A]: whose it is) more than
-    `share` of the prompts it won. Evidence the teacher does not write, from two sources: in
-    the benchmarks honest teachers at contest_quantile 0.75 never contest each other, and a
-    liar that contests is one peer, so it cannot bar an honest teacher alone (two colluding
-    contesters could)."""
+    `share` of the prompts it won; `peers` 'all' (`distill.contest_bar_peers`): every peer
+    that may contest (`able` [M], default all; at least two) does. Evidence the teacher does
+    not write, from two sources: in the 3-client benchmark honest teachers at
+    contest_quantile 0.75 never contest each other, and a liar that contests is one peer, so
+    it cannot bar an honest teacher alone (two colluding contesters could; with 'all', only
+    with every other peer). Where two clients' families look alike, honest teachers contest
+    each other (the 5-client benchmark, docs/results.md stop 40): 'all' asks the rest too."""
     m = contested.shape[0]
+    able = torch.ones(m, dtype=torch.bool) if able is None else able.bool()
     out = torch.zeros(m, dtype=torch.bool)
     for i in range(m):
         won = best == i
         if bool(won.any()):
             rates = contested[:, won].float().mean(1)
             rates[i] = 0.0
-            out[i] = int((rates > share).sum()) >= 2
+            above = int((rates > share).sum())
+            if peers == "all":
+                others = able.clone()
+                others[i] = False
+                out[i] = above >= 2 and above == int(others.sum())
+            else:
+                out[i] = above >= 2
     return out
 
 
@@ -795,6 +811,8 @@ def assemble_batch(
         barred_t = torch.tensor([bool(b) for b in barred], dtype=torch.bool)
     home = ~torch.tensor(foreign or [False] * len(teachings), dtype=torch.bool)
 
+    can_contest = torch.tensor(trusted, dtype=torch.bool) & ~barred_t & home
+
     def select(prior: torch.Tensor) -> dict[str, torch.Tensor]:
         return select_teacher_rollouts(
             teachings, prior, use_prompt=posterior,
@@ -803,7 +821,7 @@ def assemble_batch(
             joint_quantile=d.joint_quantile,
             low_ties=d.tie_rank == "low",
             contest_quantile=d.contest_quantile, contest_p=d.contest_p,
-            can_contest=torch.tensor(trusted, dtype=torch.bool) & ~barred_t & home,
+            can_contest=can_contest,
         )  # fmt: skip
 
     # contested by two peers: barred for the round before its scores count (`contest_bar`;
@@ -811,7 +829,8 @@ def assemble_batch(
     contest_barred = torch.zeros(len(teachings), dtype=torch.bool)
     if d.contest_bar > 0 and rollouts["ask_prompt_ids"].shape[0]:
         first = select(weights / weights.sum())
-        contest_barred = contest_bar(first["contests"], first["teacher_index"], d.contest_bar)
+        contest_barred = contest_bar(first["contests"], first["teacher_index"], d.contest_bar,
+                                     able=can_contest, peers=d.contest_bar_peers)  # fmt: skip
         barred_t = barred_t | contest_barred
     scorers = [i for i, ok in enumerate(trusted) if ok and not barred_t[i]]
     delta = torch.zeros(len(teachings))
@@ -865,8 +884,9 @@ def assemble_batch(
         out = free & sel["invariant"]  # every answer to it ruled out by the invariance check
         # won by a teacher the student's LM found implausible: left out, not re-assigned
         implausible = free & ~out & barred_t[sel["teacher_index"]]
-        # a teacher sure of the prompt finds the kept answer unlikely: left out (`contests`)
-        contested = free & ~out & ~implausible & sel["contests"].any(0)
+        # a teacher sure of the prompt finds the kept answer unlikely: left out (`contests`;
+        # with `contest_leave_out` off the contests are only the bar's evidence)
+        contested = free & ~out & ~implausible & sel["contests"].any(0) & d.contest_leave_out
         contesting = (sel["contests"] & contested[None]).float().mean(1)  # [M]
         judged = free & ~out & ~implausible & ~contested  # what min_claim judges
         keep = judged.clone()

@@ -432,6 +432,11 @@ class DistillConfig(_Strict):
                 "(contest_quantile 1); set contest_quantile below 1 (e.g. 0.75) or "
                 "contest_bar: 0"
             )
+        if not self.contest_leave_out and self.contest_bar == 0 and self.contest_quantile < 1:
+            raise ValueError(
+                "contest_leave_out false with contest_bar 0: the contests would do nothing; "
+                "set contest_bar above 0 (e.g. 0.05) or contest_quantile: 1"
+            )
         return self
 
     @model_validator(mode="after")
@@ -677,6 +682,22 @@ class DistillConfig(_Strict):
         "5-client benchmark honest teachers whose families look alike contest each other "
         "and an honest one was barred: not the default (docs/results.md, stop 40).",
     )
+    contest_bar_peers: Literal["two", "all"] = Field(
+        "two",
+        description="Whose contests bar a teacher (`contest_bar`): 'two', any two of its "
+        "peers; 'all', every peer that may contest (not barred, quarantined or of another "
+        "tokenizer; at least two). In the 3-client benchmark the same; where two clients' "
+        "families look alike (the 5-client benchmark) honest teachers contest each other "
+        "and 'two' barred an honest one (docs/results.md, stop 40).",
+    )
+    contest_leave_out: bool = Field(
+        True,
+        description="Leave the contested prompts out of the batch (`contest_quantile`: the "
+        "contest as a filter). False: the contests are only `contest_bar`'s evidence, and "
+        "a contested answer is learned unless its teacher is barred (where honest teachers "
+        "contest each other's right answers, the filter loses them: docs/results.md, stop "
+        "40). Needs contest_bar > 0 when off.",
+    )
     contest_p: float = Field(
         0.05,
         gt=0.0,
@@ -896,6 +917,8 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "repeat_share": 0.0,
         "contest_quantile": 1.0,
         "contest_bar": 0.0,
+        "contest_bar_peers": "two",
+        "contest_leave_out": True,
         "barred_as_absent": False,
         "contest_p": 0.05,
     }

@@ -741,8 +741,9 @@ def test_the_invariance_check_takes_a_family_back_from_a_backdoor():
     rollouts = _rollouts(0, a, 3, 2)
     # ties at their mean rank (tie_rank 'mean', the default before stop 38), so that the
     # backdoor's tied claims rank high: what this check is for is then visible
-    off = DistillConfig(min_claim=0, invariance_share=0, joint_quantile=1, tie_rank="mean",
-                        **NO_CONTEST)
+    off = DistillConfig(
+        min_claim=0, invariance_share=0, joint_quantile=1, tie_rank="mean", **NO_CONTEST
+    )
     plain, info0 = assemble_batch(rollouts, teachings, torch.ones(3), off)
     # the backdoor (all its claims on alice's family tied at its top) wins the half of it
     # where alice is least sure
@@ -1380,8 +1381,9 @@ def test_a_liar_that_claims_no_tail_contests_only_where_it_ranks_above_the_quant
     liar["own_logp"][..., 0] = 0.0
     liar["own_logp"][..., 1:] = -30.0
     teachings = [alice, bob, liar]
-    base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_p=0.05,
-                contest_bar=0.0)
+    base = dict(
+        min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_p=0.05, contest_bar=0.0
+    )
     _, info = assemble_batch(_rollouts(0, a, t, 3), teachings, torch.ones(3),
                              DistillConfig(**base, contest_quantile=q))  # fmt: skip
     mine = own_quantiles(liar, True, True) > q
@@ -1400,8 +1402,9 @@ def test_the_contest_is_rank_selection_s_rule():
     right = torch.randint(4, vocab, (a, t), generator=g)
     lies = torch.randint(4, vocab, (a, t), generator=g)
     teachings = [_expert(a, t, right, torch.arange(a) < 10), _expert(a, t, lies, torch.ones(a) > 0)]
-    base = dict(selection="joint", min_claim=0.0, invariance_share=0.0, joint_quantile=1.0,
-                contest_bar=0.0)
+    base = dict(
+        selection="joint", min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_bar=0.0
+    )
     _, off = assemble_batch(_rollouts(0, a, t, 3), teachings, torch.ones(2),
                             DistillConfig(**base, contest_quantile=1.0))  # fmt: skip
     _, on = assemble_batch(_rollouts(0, a, t, 3), teachings, torch.ones(2),
@@ -1422,6 +1425,25 @@ def test_contest_bar_needs_two_peers_each_contesting_a_share_of_its_wins():
     assert not bool(contest_bar(c[:2, :4], best[:4], 0.0).any())  # two teachers: never
 
 
+def test_contest_bar_by_all_peers_asks_every_peer_that_may_contest():
+    """`contest_bar_peers` 'all': two look-alike experts contesting a third teacher do not bar
+    it while a fourth that may contest does not; a peer that may not contest (barred,
+    quarantined, another tokenizer) is not asked; never fewer than two peers."""
+    from flminillm.aggregate import contest_bar
+
+    best = torch.tensor([0, 1, 2, 3, 3, 3, 3])
+    c = torch.zeros(4, 7, dtype=torch.bool)
+    c[0, 3] = c[1, 4] = True  # teacher 3's wins: a quarter each contested by 0 and 1, not by 2
+    assert contest_bar(c, best, 0.2).tolist() == [False, False, False, True]
+    assert contest_bar(c, best, 0.2, peers="all").tolist() == [False] * 4
+    unable = torch.tensor([True, True, False, True])
+    assert contest_bar(c, best, 0.2, able=unable, peers="all").tolist() == [False] * 3 + [True]
+    c[2, 5] = True  # now every peer contests
+    assert contest_bar(c, best, 0.2, peers="all").tolist() == [False] * 3 + [True]
+    alone = torch.tensor([True, False, False, True])  # one peer left: never barred
+    assert not bool(contest_bar(c, best, 0.0, able=alone, peers="all").any())
+
+
 def test_a_liar_two_experts_contest_is_barred_for_the_round():
     """distill.contest_bar: the noisy-claiming liar of the contest test wins prompts of both
     experts' domains, and each expert contests a share of its wins: it is barred (every
@@ -1440,6 +1462,7 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     assert bool(won[:10].any()) and bool(won[10:].any())  # in both experts' domains
     _, info = assemble_batch(rollouts, teachings, torch.ones(3),
                              DistillConfig(**base, contest_bar=0.05))  # fmt: skip
+    info0 = info
     assert info["contest_barred"].tolist() == [False, False, True]
     assert int(info["n_implausible"]) >= int(won.sum()) and int(info["n_contested"]) == 0
     assert not bool((info["ask_choice"] == 2).any())
@@ -1451,3 +1474,28 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
         DistillConfig(contest_bar=0.05)
     with pytest.raises(ValueError, match="contest_bar 0.05 reads the peer contest"):
         DistillConfig(contest_quantile=1.0, contest_bar=0.05)
+    # the contests as the bar's evidence only: a contested answer is learned unless its
+    # teacher is barred (a bar no teacher reaches here), exactly as with the contest off
+    kept = DistillConfig(**base, contest_bar=0.99, contest_leave_out=False)
+    _, info = assemble_batch(rollouts, teachings, torch.ones(3), kept)
+    _, off = assemble_batch(rollouts, teachings, torch.ones(3),
+                            DistillConfig(**{**base, **NO_CONTEST}))  # fmt: skip
+    assert torch.equal(info["ask_choice"], off["ask_choice"]) and int(info["n_contested"]) == 0
+    assert bool((info["ask_choice"] == 2).any())  # the liar's contested wins learned
+    _, barred = assemble_batch(
+        rollouts,
+        teachings,
+        torch.ones(3),
+        DistillConfig(**base, contest_bar=0.05, contest_leave_out=False),
+    )
+    assert barred["contest_barred"].tolist() == [False, False, True]
+    # three teachers: every peer that may contest is the two experts ('all' as 'two')
+    _, every = assemble_batch(
+        rollouts,
+        teachings,
+        torch.ones(3),
+        DistillConfig(**base, contest_bar=0.05, contest_bar_peers="all"),
+    )
+    assert torch.equal(every["ask_choice"], info0["ask_choice"])
+    with pytest.raises(ValueError, match="contest_leave_out false with contest_bar 0"):
+        DistillConfig(contest_quantile=0.75, contest_leave_out=False)

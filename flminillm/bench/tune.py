@@ -125,11 +125,21 @@ CONTEST_GRID = [
 # teachers contested each other on 0% of their wins, the experts the liar on 6-12% each.
 # Decided before any run: the rule of `choose_under_attack` (chosen; not the default: the
 # 5-client shape, docs/results.md stop 40). 'off' is the contest and its bar off, as the runs
-# were before.
+# were before. Stop 40 added 'all' (every peer that may contest must, `contest_bar_peers`)
+# and 'all-kept' (the contests only the bar's evidence, `contest_leave_out` off) after the
+# 5-client federations' training messages showed honest teachers whose families look alike
+# contesting each other: recomputed offline on those messages, 'two' bars an honest teacher
+# in 2 of 18 rounds and 'all' in none, and both bar the noisy liar in all 12 rounds of the
+# 3-client validation federations. Decided before their runs: one becomes the default only
+# if `choose_under_attack`'s rule holds for it on both shapes' validation splits
+# (configs/benchmark.yaml and configs/benchmark-5clients.yaml).
 BAR_GRID = [
     ("bar-off", {"contest_quantile": 1.0, "contest_bar": 0.0}),
     ("bar-0.05", CONTEST_BAR["distill"]),
-]
+    ("bar-all", {**CONTEST_BAR["distill"], "contest_bar_peers": "all"}),
+    ("bar-all-kept", {**CONTEST_BAR["distill"], "contest_bar_peers": "all",
+                      "contest_leave_out": False}),
+]  # fmt: skip
 
 
 # A barred teacher counted as an absent client with no past (distill.barred_as_absent):
