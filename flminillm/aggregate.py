@@ -886,8 +886,9 @@ def assemble_batch(
         implausible = free & ~out & barred_t[sel["teacher_index"]]
         # a teacher sure of the prompt finds the kept answer unlikely: left out (`contests`;
         # with `contest_leave_out` off the contests are only the bar's evidence)
-        contested = free & ~out & ~implausible & sel["contests"].any(0) & d.contest_leave_out
-        contesting = (sel["contests"] & contested[None]).float().mean(1)  # [M]
+        disputed = free & ~out & ~implausible & sel["contests"].any(0)
+        contesting = (sel["contests"] & disputed[None]).float().mean(1)  # [M], shown either way
+        contested = disputed & d.contest_leave_out
         judged = free & ~out & ~implausible & ~contested  # what min_claim judges
         keep = judged.clone()
         # no teacher present knows the prompt well enough to claim `min_claim`: learn nothing

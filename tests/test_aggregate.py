@@ -1482,6 +1482,7 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
                             DistillConfig(**{**base, **NO_CONTEST}))  # fmt: skip
     assert torch.equal(info["ask_choice"], off["ask_choice"]) and int(info["n_contested"]) == 0
     assert bool((info["ask_choice"] == 2).any())  # the liar's contested wins learned
+    assert float(info["contesting"][:2].sum()) > 0  # who contested is still shown
     _, barred = assemble_batch(
         rollouts,
         teachings,
