@@ -827,7 +827,7 @@ def assemble_batch(
     # contested by two peers: barred for the round before its scores count (`contest_bar`;
     # the selection's prior without the capped mixture's handicap, not known yet)
     contest_barred = torch.zeros(len(teachings), dtype=torch.bool)
-    if d.contest_bar > 0 and rollouts["ask_prompt_ids"].shape[0]:
+    if d.contest_bar > 0 and d.contest_quantile < 1 and rollouts["ask_prompt_ids"].shape[0]:
         first = select(weights / weights.sum())
         contest_barred = contest_bar(first["contests"], first["teacher_index"], d.contest_bar,
                                      able=can_contest, peers=d.contest_bar_peers)  # fmt: skip

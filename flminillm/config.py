@@ -426,16 +426,19 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _bar_needs_contests(self) -> DistillConfig:
-        if self.contest_bar > 0 and self.contest_quantile >= 1.0:
-            raise ValueError(
-                f"contest_bar {self.contest_bar} reads the peer contest, which is off "
-                "(contest_quantile 1); set contest_quantile below 1 (e.g. 0.75) or "
-                "contest_bar: 0"
-            )
+        # a bar set with the contest off is a mistake; the default bar is inert then
+        if "contest_bar" in self.model_fields_set and self.contest_bar > 0:
+            if self.contest_quantile >= 1.0:
+                raise ValueError(
+                    f"contest_bar {self.contest_bar} reads the peer contest, which is off "
+                    "(contest_quantile 1); set contest_quantile below 1 (e.g. 0.75) or "
+                    "contest_bar: 0"
+                )
         if not self.contest_leave_out and self.contest_bar == 0 and self.contest_quantile < 1:
             raise ValueError(
-                "contest_leave_out false with contest_bar 0: the contests would do nothing; "
-                "set contest_bar above 0 (e.g. 0.05) or contest_quantile: 1"
+                "contest_bar 0 with contest_leave_out false: the contests would do nothing; "
+                "set contest_leave_out: true (the contest as a filter), contest_bar above 0 "
+                "(e.g. 0.05), or contest_quantile: 1 (the contest off)"
             )
         return self
 
@@ -923,6 +926,19 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "contest_p": 0.05,
     }
 }
+# Options that change nothing while another is at a value: left out of the experiment then,
+# whatever their defaults (the peer contest's own options while the contest is off), so that
+# a federation run with the contest off keeps its id when they change.
+INERT_OPTIONS: dict[str, dict[tuple[str, Any], tuple[str, ...]]] = {
+    "distill": {
+        ("contest_quantile", 1.0): (
+            "contest_p",
+            "contest_bar",
+            "contest_bar_peers",
+            "contest_leave_out",
+        )
+    }
+}
 
 
 class ExperimentConfig(_Strict):
@@ -1048,6 +1064,11 @@ class ExperimentConfig(_Strict):
             for name, default in fields.items():
                 if data[section].get(name) == default:
                     del data[section][name]
+        for section, rules in INERT_OPTIONS.items():
+            for (name, value), inert in rules.items():
+                if getattr(getattr(self, section), name) == value:
+                    for other in inert:
+                        data[section].pop(other, None)
         return data
 
     def experiment_json(self) -> str:

@@ -1498,5 +1498,5 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
         DistillConfig(**base, contest_bar=0.05, contest_bar_peers="all"),
     )
     assert torch.equal(every["ask_choice"], info0["ask_choice"])
-    with pytest.raises(ValueError, match="contest_leave_out false with contest_bar 0"):
+    with pytest.raises(ValueError, match="contest_bar 0 with contest_leave_out false"):
         DistillConfig(contest_quantile=0.75, contest_leave_out=False)

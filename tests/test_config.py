@@ -264,6 +264,41 @@ def test_config_is_frozen_and_digest_changes():
     assert parse_config(_tiny()).digest() == cfg.digest()
 
 
+def test_the_contest_s_own_options_are_left_out_while_the_contest_is_off():
+    """config.INERT_OPTIONS: with distill.contest_quantile 1 the contest's own options
+    change nothing, so they are not hashed: a federation run with the contest off keeps its
+    id whatever their values or defaults; on, they are hashed. A bar set with the contest
+    off is an error that names the fix; the default bar is inert then."""
+    import json
+
+    off = copy.deepcopy(_tiny())
+    off.setdefault("distill", {})["contest_quantile"] = 1.0
+    plain = parse_config(off)
+    for extra in ({"contest_bar_peers": "all"}, {"contest_leave_out": False},
+                  {"contest_p": 0.2}, {"contest_bar": 0.0}):  # fmt: skip
+        other = copy.deepcopy(off)
+        other["distill"].update(extra)
+        assert parse_config(other).digest() == plain.digest(), extra
+    sent = json.loads(plain.experiment_json())["distill"]
+    assert not {"contest_p", "contest_bar", "contest_bar_peers", "contest_leave_out"} & set(sent)
+    on = copy.deepcopy(_tiny())
+    on.setdefault("distill", {}).update(contest_quantile=0.75, contest_bar=0.05,
+                                        contest_bar_peers="all", contest_leave_out=False)  # fmt: skip
+    sent_on = json.loads(parse_config(on).experiment_json())["distill"]
+    assert sent_on["contest_bar_peers"] == "all" and sent_on["contest_leave_out"] is False
+    # what a step receives parses again, the left-out options at their defaults
+    assert (
+        ExperimentConfig.model_validate(
+            json.loads(plain.experiment_json())
+        ).distill.contest_quantile
+        == 1.0
+    )
+    bad = copy.deepcopy(off)
+    bad["distill"]["contest_bar"] = 0.05
+    with pytest.raises(ConfigError, match="contest_bar 0.05 reads the peer contest"):
+        parse_config(bad)
+
+
 def test_a_late_option_at_its_default_keeps_the_federation_id():
     """An option added after federations had run (config.LATE_OPTIONS) is left out of the
     hashed experiment while at the value that behaves as before, so existing federation
