@@ -649,7 +649,7 @@ class DistillConfig(_Strict):
         "off there (the same clean).",
     )
     contest_quantile: float = Field(
-        1.0,
+        0.75,
         gt=0.0,
         le=1.0,
         description="Under rank selection, peer contest: where another teacher ranks a "
@@ -664,42 +664,46 @@ class DistillConfig(_Strict):
         "lost for every teacher, so a liar's contests also shrink an absent expert's imputed "
         "domain, `imputed_quantile`). Teachers of another tokenizer cannot contest (their "
         "supports are the sampled token alone). Rank selection's rule (as "
-        "tie_rank): under `selection: joint` it does nothing. 1: off, the default: as a "
-        "filter it did not beat off on the validation split under the noisy liar (`bench "
-        "tune` groups contest_quantile and contest_quantile-clean, docs/tune-contest: 0.75 "
-        "38.2 against 39.0, 0.5 cost 3.8 clean), and where two clients' families look alike "
-        "(the 5-client benchmark) honest teachers contest each other on 8-20% of a round's "
-        "prompts (docs/results.md, stop 40).",
+        "tie_rank): under `selection: joint` it does nothing. 1: off. 0.75, the default "
+        "since stop 40, for `contest_bar`'s evidence (with `contest_leave_out` off: as a "
+        "filter it did not beat off on the validation split under the noisy liar, "
+        "docs/tune-contest, and where two clients' families look alike, the 5-client "
+        "benchmark, honest teachers contest each other on 8-20% of a round's prompts).",
     )
     contest_bar: float = Field(
-        0.0,
+        0.05,
         ge=0.0,
         lt=1.0,
         description="Bar for the round a teacher at least two of whose peers each contest "
         "more than this share of the prompts it won (`contest_quantile`'s contests, read "
         "before its scores count: `contest_bar` in flminillm/aggregate.py). A liar that "
         "contests is one peer and cannot bar an honest teacher alone (two colluding ones "
-        "could). Needs contest_quantile < 1. 0: off, the default. At 0.05 (with the contest at "
-        "0.75) it was chosen on the 3-client validation split under the noisy liar "
-        "(docs/tune-contest-bar: 42.6 against 39.0, clean the same runs), but on the "
-        "5-client benchmark honest teachers whose families look alike contest each other "
-        "and an honest one was barred: not the default (docs/results.md, stop 40).",
+        "could). Needs contest_quantile < 1. 0: off. 0.05 (read from validation federations' "
+        "training messages before any run with the bar) with `contest_bar_peers` 'all' and "
+        "`contest_leave_out` off is the default since stop 40: the one setting that passed "
+        "the rule written before the runs on both shapes' validation splits under the noisy "
+        "liar (docs/tune-contest-bar-kept: 41.5 against off's 39.0; "
+        "docs/tune-contest-bar-5clients: 39.2 against 32.8; clean the same runs as off on "
+        "both). With 'two' and the filter it bars honest look-alike teachers on the "
+        "5-client shape (clean 36.7 against 41.3).",
     )
     contest_bar_peers: Literal["two", "all"] = Field(
-        "two",
+        "all",
         description="Whose contests bar a teacher (`contest_bar`): 'two', any two of its "
         "peers; 'all', every peer that may contest (not barred, quarantined or of another "
         "tokenizer; at least two). In the 3-client benchmark the same; where two clients' "
         "families look alike (the 5-client benchmark) honest teachers contest each other "
-        "and 'two' barred an honest one (docs/results.md, stop 40).",
+        "and 'two' barred an honest one (docs/results.md, stop 40). 'all': the default "
+        "since stop 40 (`contest_bar`).",
     )
     contest_leave_out: bool = Field(
-        True,
+        False,
         description="Leave the contested prompts out of the batch (`contest_quantile`: the "
         "contest as a filter). False: the contests are only `contest_bar`'s evidence, and "
         "a contested answer is learned unless its teacher is barred (where honest teachers "
         "contest each other's right answers, the filter loses them: docs/results.md, stop "
-        "40). Needs contest_bar > 0 when off.",
+        "40). Needs contest_bar > 0 when off. Off: the default since stop 40 "
+        "(`contest_bar`).",
     )
     contest_p: float = Field(
         0.05,
@@ -936,7 +940,8 @@ INERT_OPTIONS: dict[str, dict[tuple[str, Any], tuple[str, ...]]] = {
             "contest_bar",
             "contest_bar_peers",
             "contest_leave_out",
-        )
+        ),
+        ("contest_bar", 0.0): ("contest_bar_peers",),
     }
 }
 
@@ -1056,7 +1061,7 @@ class ExperimentConfig(_Strict):
     @property
     def experiment(self) -> ExperimentConfig:
         """The experiment alone (a Config also carries its deployment)."""
-        return ExperimentConfig.model_validate(self.experiment_dict())
+        return ExperimentConfig.model_validate(restore_late_options(self.experiment_dict()))
 
     def experiment_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", include=set(ExperimentConfig.model_fields))
@@ -1208,10 +1213,24 @@ def config_from_json(text: str) -> Config:
     return parse_config(json.loads(text), "<json>")
 
 
+def restore_late_options(data: dict[str, Any]) -> dict[str, Any]:
+    """`experiment_dict`'s inverse: an option it left out (LATE_OPTIONS at the value that
+    behaves as before, INERT_OPTIONS while inert) comes back at that value, not at a default
+    changed since. Without this a config that pins an old value (the as-measured configs,
+    the `-undefended` variants) would run its steps, which parse the experiment JSON, with
+    the new default."""
+    out = json.loads(json.dumps(data))
+    for section, fields in LATE_OPTIONS.items():
+        part = out.setdefault(section, {})
+        for name, old in fields.items():
+            part.setdefault(name, old)
+    return out
+
+
 def experiment_from_json(text: str) -> ExperimentConfig:
     """An experiment from `experiment_json()` (what a step receives)."""
     try:
-        return ExperimentConfig.model_validate_json(text)
+        return ExperimentConfig.model_validate(restore_late_options(json.loads(text)))
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "<experiment json>")) from None
 

@@ -15,6 +15,8 @@ from flminillm.config import LATE_OPTIONS, ConfigError, ExperimentConfig, load_c
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _tiny() -> dict:
     return yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
@@ -287,16 +289,48 @@ def test_the_contest_s_own_options_are_left_out_while_the_contest_is_off():
     sent_on = json.loads(parse_config(on).experiment_json())["distill"]
     assert sent_on["contest_bar_peers"] == "all" and sent_on["contest_leave_out"] is False
     # what a step receives parses again, the left-out options at their defaults
-    assert (
-        ExperimentConfig.model_validate(
-            json.loads(plain.experiment_json())
-        ).distill.contest_quantile
-        == 1.0
-    )
+    from flminillm.config import experiment_from_json
+
+    assert experiment_from_json(plain.experiment_json()).distill.contest_quantile == 1.0
+    # the contest as a filter alone (no bar): whose contests would bar is inert
+    filt = copy.deepcopy(_tiny())
+    filt.setdefault("distill", {}).update(contest_quantile=0.75, contest_bar=0.0,
+                                          contest_leave_out=True)  # fmt: skip
+    two = copy.deepcopy(filt)
+    two["distill"]["contest_bar_peers"] = "two"
+    assert parse_config(two).digest() == parse_config(filt).digest()
     bad = copy.deepcopy(off)
     bad["distill"]["contest_bar"] = 0.05
     with pytest.raises(ConfigError, match="contest_bar 0.05 reads the peer contest"):
         parse_config(bad)
+
+
+def test_a_step_runs_the_pinned_old_value_of_a_late_option_not_the_new_default():
+    """A step parses the experiment JSON, which leaves out a late option at its old value
+    (the id kept); parsing restores that value (`restore_late_options`), so a config that
+    pins it (the as-measured configs, the `-undefended` variants) runs its steps with it,
+    not with a default changed since (tie_rank 'low', the contest on: stops 38 and 40).
+    Every config in configs/ and UNDEFENDED round-trip to the same settings, but for the
+    contest's own options while the contest is off (inert, INERT_OPTIONS)."""
+    from flminillm.bench.variants import UNDEFENDED
+    from flminillm.config import INERT_OPTIONS, deep_merge, experiment_from_json
+
+    bench = load_config(ROOT / "configs" / "benchmark.yaml")
+    cfgs = [load_config(p) for p in sorted((ROOT / "configs").glob("*.yaml"))]
+    cfgs.append(parse_config(deep_merge(bench.model_dump(mode="json"), UNDEFENDED)))
+    pinned = 0
+    for cfg in cfgs:
+        sent = experiment_from_json(cfg.experiment_json())
+        assert sent.model_dump(exclude={"distill"}) == cfg.experiment.model_dump(
+            exclude={"distill"}
+        )
+        for name in type(cfg.distill).model_fields:
+            rules = INERT_OPTIONS["distill"].items()
+            if any(getattr(cfg.distill, k) == v and name in o for (k, v), o in rules):
+                continue
+            assert getattr(sent.distill, name) == getattr(cfg.distill, name), (cfg.name, name)
+        pinned += cfg.distill.tie_rank == "mean"
+    assert pinned >= 6  # five as-measured configs and UNDEFENDED pin an old value
 
 
 def test_a_late_option_at_its_default_keeps_the_federation_id():
@@ -320,7 +354,9 @@ def test_a_late_option_at_its_default_keeps_the_federation_id():
             else:
                 assert sent[section][name] == default
             before = copy.deepcopy(_tiny())
-            before.setdefault(section, {})[name] = old
+            # the bar off with the contest on needs the contest's filter (or nothing is done)
+            with_it = {"contest_bar": {"contest_leave_out": True}}.get(name, {})
+            before.setdefault(section, {}).update({name: old, **with_it})
             assert name not in json.loads(parse_config(before).experiment_json())[section]
     assert sent["distill"]["plausibility_margin"] == 1.0
     explicit = copy.deepcopy(_tiny())

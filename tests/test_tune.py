@@ -17,6 +17,7 @@ from flminillm.bench.tune import (
     choose,
     choose_rounds,
     on_validation,
+    passes_under_attack,
     validation_score,
 )
 from flminillm.cli import main
@@ -309,7 +310,8 @@ def test_the_peer_contest_is_tuned_under_the_noisy_liar_and_stays_off():
     """distill.contest_quantile: group contest_quantile under the noisy liar, its price in
     contest_quantile-clean, as a filter alone (contest_bar 0); by the rule (docs/tune-contest:
     0.5 scores above off under the liar but costs 3.8 clean, 0.75 does not beat off) the
-    default stays off (1)."""
+    contest as a filter stays off: the default's contests are the bar's evidence only
+    (contest_leave_out off; the next tests)."""
     from flminillm.bench.variants import attacks
 
     cfg = load_config(TINY)
@@ -317,16 +319,18 @@ def test_the_peer_contest_is_tuned_under_the_noisy_liar_and_stays_off():
     for group, want in (("contest_quantile", env), ("contest_quantile-clean", {})):
         vs = [v for v in candidates(cfg) if v.group == group]
         assert sorted(v.overrides["distill"]["contest_quantile"] for v in vs) == [0.5, 0.75, 1.0]
+        # the contest as a filter alone, as it ran at stop 39 (no bar; ids kept)
         assert all(v.env == want and v.overrides["distill"]["contest_bar"] == 0.0
-                   and set(v.overrides["distill"]) == {"contest_quantile", "contest_bar"}
+                   and (DistillConfig(**v.overrides["distill"]).contest_leave_out
+                        or v.overrides["distill"]["contest_quantile"] == 1.0)
                    for v in vs)  # fmt: skip
     meta = json.loads((ROOT / "docs" / "tune-contest" / "tune.json").read_text())["_meta"]
     assert meta["split"] == "validation"
     assert meta["chosen"]["contest_quantile"]["candidate"] == "noisy-contest-off"
     assert meta["chosen"]["contest_quantile-clean"]["candidate"] == "clean-contest-off"
     assert meta["chosen"]["contest_quantile"]["distill"] == {"contest_quantile": 1.0}
-    assert DistillConfig().contest_quantile == 1.0
-    assert load_config(ROOT / "configs" / "benchmark.yaml").distill.contest_quantile == 1.0
+    assert DistillConfig().contest_leave_out is False
+    assert load_config(ROOT / "configs" / "benchmark.yaml").distill.contest_leave_out is False
 
 
 def test_barred_as_absent_is_tuned_under_the_consistent_liar_and_stays_off():
@@ -355,15 +359,41 @@ def test_the_contest_bar_is_chosen_under_the_noisy_liar_on_validation():
     rule it is chosen (docs/tune-contest-bar: 42.6 against 39.0 under the liar, the same
     runs clean), with the settings the `-contest-bar` defence of bench quality runs
     (CONTEST_BAR, one place); 'off' is the contest and its bar off, as the runs before
-    them. Not the default: on the 5-client benchmark honest teachers whose families look
-    alike contest each other and one was barred (docs/results.md, stop 40)."""
+    them. Not the default: on the 5-client shape it fails the clean criterion (the next
+    test)."""
     from flminillm.bench.variants import CONTEST_BAR
 
     meta = json.loads((ROOT / "docs" / "tune-contest-bar" / "tune.json").read_text())["_meta"]
     assert meta["split"] == "validation"
     assert meta["chosen"]["contest_bar"]["candidate"] == "noisy-bar-0.05"
-    assert meta["chosen"]["contest_bar"]["distill"] == CONTEST_BAR["distill"]
-    for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill):
-        assert distill.contest_bar == 0.0 and distill.contest_quantile == 1.0
+    assert meta["chosen"]["contest_bar"]["distill"].items() <= CONTEST_BAR["distill"].items()
+    assert dict(BAR_GRID)["bar-0.05"] == CONTEST_BAR["distill"]
     off = dict(BAR_GRID)["bar-off"]
     assert DistillConfig(**off).contest_quantile == 1.0 and DistillConfig(**off).contest_bar == 0
+
+
+def test_the_contest_bar_by_every_peer_as_evidence_alone_passes_on_both_shapes():
+    """Stop 40's rule, written before the runs (BAR_GRID's comment): a contest-bar setting
+    becomes the default only if it passes `passes_under_attack` on both shapes' validation
+    splits. 'all-kept' (every peer that may contest must; the contests only the bar's
+    evidence) passes on both and is the default; 'two' with the filter (stop 39's) fails
+    the 5-client clean criterion (honest look-alike teachers contest each other), as does
+    'all' with the filter."""
+    shapes = {
+        "tune-contest-bar-kept": ("configs/benchmark.yaml", ["bar-0.05", "bar-all-kept"]),
+        "tune-contest-bar-5clients": ("configs/benchmark-5clients.yaml",
+                                      ["bar-all", "bar-all-kept"]),
+    }  # fmt: skip
+    passing = []
+    for doc, (config, names) in shapes.items():
+        results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
+        assert results["_meta"]["split"] == "validation" and config in results["_meta"]["command"]
+        passing.append({n for n in names if passes_under_attack(results, "contest_bar", n)})
+    assert passing == [{"bar-0.05", "bar-all-kept"}, {"bar-all-kept"}]
+    five = json.loads((ROOT / "docs" / "tune-contest-bar-5clients" / "tune.json").read_text())
+    em = {n: five[n]["server"]["em_all"]["mean"] for n in ("clean-bar-off", "clean-bar-0.05")}
+    assert em["clean-bar-0.05"] < em["clean-bar-off"] - 0.05  # 50.8 against 58.4
+    chosen = dict(BAR_GRID)["bar-all-kept"]
+    for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill,
+                    load_config(ROOT / "configs" / "benchmark-5clients.yaml").distill):  # fmt: skip
+        assert {k: getattr(distill, k) for k in chosen} == chosen

@@ -113,8 +113,8 @@ TIE_GRID = [
 # without its bar (contest_bar 0, the default when these ran; the bar needs the contest).
 CONTEST_GRID = [
     ("contest-off", {"contest_quantile": 1.0, "contest_bar": 0.0}),
-    ("contest-0.5", {"contest_quantile": 0.5, "contest_bar": 0.0}),
-    ("contest-0.75", {"contest_quantile": 0.75, "contest_bar": 0.0}),
+    ("contest-0.5", {"contest_quantile": 0.5, "contest_bar": 0.0, "contest_leave_out": True}),
+    ("contest-0.75", {"contest_quantile": 0.75, "contest_bar": 0.0, "contest_leave_out": True}),
 ]
 
 
@@ -132,7 +132,9 @@ CONTEST_GRID = [
 # in 2 of 18 rounds and 'all' in none, and both bar the noisy liar in all 12 rounds of the
 # 3-client validation federations. Decided before their runs: one becomes the default only
 # if `choose_under_attack`'s rule holds for it on both shapes' validation splits
-# (configs/benchmark.yaml and configs/benchmark-5clients.yaml).
+# (configs/benchmark.yaml and configs/benchmark-5clients.yaml). Its criteria are
+# `passes_under_attack`'s; 'all-kept' alone met them on both (the default since stop 40:
+# docs/tune-contest-bar-kept, docs/tune-contest-bar-5clients).
 BAR_GRID = [
     ("bar-off", {"contest_quantile": 1.0, "contest_bar": 0.0}),
     ("bar-0.05", CONTEST_BAR["distill"]),
@@ -257,27 +259,34 @@ def choose(results: dict[str, dict], group: str) -> str | None:
     return max(scored, key=lambda x: x[0])[1] if scored else None
 
 
+def passes_under_attack(results: dict[str, dict], group: str, name: str) -> bool:
+    """The criteria of the rule written before the runs of a setting chosen under an attack
+    (`UNDER_ATTACK`), for candidate `name` of `group`'s grid: its validation score under the
+    attack above the first of its grid (the setting as it was) there, and clean within 1
+    point of the first's clean score."""
+    _, prefix, grid = UNDER_ATTACK[group]
+    score = {n: validation_score(r) for n, r in results.items() if not n.startswith("_")}
+    first = grid[0][0]
+    need = (f"{prefix}-{first}", f"clean-{first}", f"{prefix}-{name}", f"clean-{name}")
+    if any(score.get(n) is None for n in need):
+        return False
+    return (
+        score[f"{prefix}-{name}"] > score[f"{prefix}-{first}"]
+        and score[f"clean-{name}"] >= score[f"clean-{first}"] - 0.01  # scores are fractions
+    )
+
+
 def choose_under_attack(results: dict[str, dict], group: str) -> str | None:
     """The rule written before the runs of a setting chosen under an attack (`UNDER_ATTACK`):
-    the candidate of `group` with the best validation score under the attack that scores
-    above the first of its grid (the setting as it was) there and within 1 point of it
-    clean (`clean-<name>` in `<group>-clean`); else that first one. None where the first
-    is not in `results`."""
+    the candidate of `group` with the best validation score under the attack among those
+    that pass (`passes_under_attack`); else the first of its grid (the setting as it was).
+    None where the first is not in `results`."""
     _, prefix, grid = UNDER_ATTACK[group]
     score = {n: validation_score(r) for n, r in results.items() if not n.startswith("_")}
     first = grid[0][0]
     if score.get(f"{prefix}-{first}") is None:
         return None
-    clean_first = score.get(f"clean-{first}")
-    ok = [
-        name
-        for name, _ in grid[1:]
-        if clean_first is not None
-        and score.get(f"{prefix}-{name}") is not None
-        and score.get(f"clean-{name}") is not None
-        and score[f"{prefix}-{name}"] > score[f"{prefix}-{first}"]
-        and score[f"clean-{name}"] >= clean_first - 0.01  # scores are fractions
-    ]
+    ok = [name for name, _ in grid[1:] if passes_under_attack(results, group, name)]
     return f"{prefix}-{max(ok, key=lambda n: score[f'{prefix}-{n}']) if ok else first}"
 
 

@@ -44,8 +44,12 @@ NO_INVARIANCE = {"distill": {"invariance_share": 0.0, "joint_quantile": 1.0}}
 # the default defence plus two peers' contests barring a teacher for the round
 # (distill.contest_bar with the peer contest at 0.75; chosen on the 3-client validation
 # split, docs/tune-contest-bar, stop 39; not the default: on the 5-client benchmark honest
-# teachers whose families look alike contest each other, docs/results.md, stop 40)
-CONTEST_BAR = {"distill": {"contest_quantile": 0.75, "contest_bar": 0.05}}
+# teachers whose families look alike contest each other, docs/results.md, stop 40; the
+# default since is its refinement, contest_bar_peers 'all' and contest_leave_out off)
+CONTEST_BAR = {
+    "distill": {"contest_quantile": 0.75, "contest_bar": 0.05, "contest_bar_peers": "two",
+                "contest_leave_out": True}
+}  # fmt: skip
 # The other defences the faults run under, as `<fault><suffix>` beside `<fault>` (the
 # default defence): {suffix: (overrides, what it is)}. Each comes with `clean<suffix>`, the
 # same without a fault, which flminillm.bench.quality_report measures them against.
