@@ -320,12 +320,8 @@ def contest_bar(
             rates = contested[:, won].float().mean(1)
             rates[i] = 0.0
             above = int((rates > share).sum())
-            if peers == "all":
-                others = able.clone()
-                others[i] = False
-                out[i] = above >= 2 and above == int(others.sum())
-            else:
-                out[i] = above >= 2
+            peers_able = int(able.sum()) - int(able[i])
+            out[i] = above >= 2 and (peers != "all" or above == peers_able)
     return out
 
 

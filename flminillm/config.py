@@ -427,13 +427,13 @@ class DistillConfig(_Strict):
     @model_validator(mode="after")
     def _bar_needs_contests(self) -> DistillConfig:
         # a bar set with the contest off is a mistake; the default bar is inert then
-        if "contest_bar" in self.model_fields_set and self.contest_bar > 0:
-            if self.contest_quantile >= 1.0:
-                raise ValueError(
-                    f"contest_bar {self.contest_bar} reads the peer contest, which is off "
-                    "(contest_quantile 1); set contest_quantile below 1 (e.g. 0.75) or "
-                    "contest_bar: 0"
-                )
+        set_bar = "contest_bar" in self.model_fields_set and self.contest_bar > 0
+        if set_bar and self.contest_quantile >= 1.0:
+            raise ValueError(
+                f"contest_bar {self.contest_bar} reads the peer contest, which is off "
+                "(contest_quantile 1); set contest_quantile below 1 (e.g. 0.75) or "
+                "contest_bar: 0"
+            )
         if not self.contest_leave_out and self.contest_bar == 0 and self.contest_quantile < 1:
             raise ValueError(
                 "contest_bar 0 with contest_leave_out false: the contests would do nothing; "

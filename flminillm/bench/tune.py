@@ -259,14 +259,11 @@ def choose(results: dict[str, dict], group: str) -> str | None:
     return max(scored, key=lambda x: x[0])[1] if scored else None
 
 
-def passes_under_attack(results: dict[str, dict], group: str, name: str) -> bool:
-    """The criteria of the rule written before the runs of a setting chosen under an attack
-    (`UNDER_ATTACK`), for candidate `name` of `group`'s grid: its validation score under the
-    attack above the first of its grid (the setting as it was) there, and clean within 1
-    point of the first's clean score."""
-    _, prefix, grid = UNDER_ATTACK[group]
-    score = {n: validation_score(r) for n, r in results.items() if not n.startswith("_")}
-    first = grid[0][0]
+def _scores(results: dict[str, dict]) -> dict[str, float | None]:
+    return {n: validation_score(r) for n, r in results.items() if not n.startswith("_")}
+
+
+def _passes(score: dict[str, float | None], prefix: str, first: str, name: str) -> bool:
     need = (f"{prefix}-{first}", f"clean-{first}", f"{prefix}-{name}", f"clean-{name}")
     if any(score.get(n) is None for n in need):
         return False
@@ -276,17 +273,26 @@ def passes_under_attack(results: dict[str, dict], group: str, name: str) -> bool
     )
 
 
+def passes_under_attack(results: dict[str, dict], group: str, name: str) -> bool:
+    """The criteria of the rule written before the runs of a setting chosen under an attack
+    (`UNDER_ATTACK`), for candidate `name` of `group`'s grid: its validation score under the
+    attack above the first of its grid (the setting as it was) there, and clean within 1
+    point of the first's clean score."""
+    _, prefix, grid = UNDER_ATTACK[group]
+    return _passes(_scores(results), prefix, grid[0][0], name)
+
+
 def choose_under_attack(results: dict[str, dict], group: str) -> str | None:
     """The rule written before the runs of a setting chosen under an attack (`UNDER_ATTACK`):
     the candidate of `group` with the best validation score under the attack among those
     that pass (`passes_under_attack`); else the first of its grid (the setting as it was).
     None where the first is not in `results`."""
     _, prefix, grid = UNDER_ATTACK[group]
-    score = {n: validation_score(r) for n, r in results.items() if not n.startswith("_")}
+    score = _scores(results)  # once: every candidate is judged against the same scores
     first = grid[0][0]
     if score.get(f"{prefix}-{first}") is None:
         return None
-    ok = [name for name, _ in grid[1:] if passes_under_attack(results, group, name)]
+    ok = [name for name, _ in grid[1:] if _passes(score, prefix, first, name)]
     return f"{prefix}-{max(ok, key=lambda n: score[f'{prefix}-{n}']) if ok else first}"
 
 
