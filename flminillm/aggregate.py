@@ -295,33 +295,51 @@ def contests(
     return able & j_is & found & has & (ranks > quantile) & unlikely
 
 
+def contest_counts(contested: torch.Tensor, best: torch.Tensor, able: torch.Tensor) -> torch.Tensor:
+    """One round's evidence for `contest_bar`: [2, M, M] counts, [0, j, i] the prompts
+    teacher i won (best [A]) while j may contest (`able` [M]), [1, j, i] those j contested
+    (`contests`: [M, A]); 0 on the diagonal. Rounds add up: `distill.contest_bar_rounds`
+    pools them per pair of teachers (what the server carries across rounds)."""
+    m = contested.shape[0]
+    won = torch.stack([best == i for i in range(m)]).long()  # [M, A]
+    n = won.sum(1)[None].expand(m, m) * able.long()[:, None]
+    c = (contested.long() & able.long()[:, None]) @ won.T  # [j, i]
+    out = torch.stack([n, c]).clone()
+    out[:, torch.arange(m), torch.arange(m)] = 0
+    return out
+
+
 def contest_bar(
     contested: torch.Tensor,
     best: torch.Tensor,
     share: float,
     able: torch.Tensor | None = None,
     peers: str = "two",
+    earlier: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`distill.contest_bar`: [M] bool, the teachers at least two of whose peers each contest
     (`contests`: [M, A], who contests each kept answer; best [A]: whose it is) more than
     `share` of the prompts it won; `peers` 'all' (`distill.contest_bar_peers`): every peer
-    that may contest (`able` [M], default all; at least two) does. Evidence the teacher does
-    not write, from two sources: in the 3-client benchmark honest teachers at
+    that may contest (`able` [M], default all; at least two) does. `earlier` [2, M, M]
+    (`contest_counts` of earlier rounds, summed per pair: `distill.contest_bar_rounds`): a
+    peer's share is of the wins it could contest in those rounds and this one. Evidence the
+    teacher does not write, from two sources: in the 3-client benchmark honest teachers at
     contest_quantile 0.75 never contest each other, and a liar that contests is one peer, so
     it cannot bar an honest teacher alone (two colluding contesters could; with 'all', only
     with every other peer). Where two clients' families look alike, honest teachers contest
     each other (the 5-client benchmark, docs/results.md stop 40): 'all' asks the rest too."""
     m = contested.shape[0]
     able = torch.ones(m, dtype=torch.bool) if able is None else able.bool()
+    counts = contest_counts(contested, best, able)
+    if earlier is not None:
+        counts = counts + earlier.long()
+    n, c = counts[0], counts[1]
+    above = (n > 0) & (c.float() / n.clamp(min=1).float() > share)  # [j, i], as a mean
     out = torch.zeros(m, dtype=torch.bool)
     for i in range(m):
-        won = best == i
-        if bool(won.any()):
-            rates = contested[:, won].float().mean(1)
-            rates[i] = 0.0
-            above = int((rates > share).sum())
-            peers_able = int(able.sum()) - int(able[i])
-            out[i] = above >= 2 and (peers != "all" or above == peers_able)
+        k = int(above[:, i].sum())
+        peers_able = int(able.sum()) - int(able[i])
+        out[i] = k >= 2 and (peers != "all" or k == peers_able)
     return out
 
 
@@ -771,6 +789,7 @@ def assemble_batch(
     barred: list[bool] | None = None,
     unknown_share: float = 0.0,
     foreign: list[bool] | None = None,
+    contest_earlier: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The student's training batch: its rollouts scored by the aggregated teachers, then
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
@@ -798,7 +817,10 @@ def assemble_batch(
     (`n_implausible`) rather than going to the next teacher's guess. `foreign` [M]
     (default: none): teachers whose messages came across tokenizers (`teach_across`: a
     support of the sampled token alone, its log-probs spread over a segment's tokens), which
-    cannot contest (`contests` reads a support's tail mass as a bound)."""
+    cannot contest (`contests` reads a support's tail mass as a bound). `contest_earlier`
+    [2, M, M] (default: none): earlier rounds' `contest_counts` for these teachers, pooled
+    into `contest_bar`'s evidence (`distill.contest_bar_rounds`); info's `contest_evidence`
+    is this round's."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     trusted = [True] * len(teachings) if trusted is None else list(trusted)
@@ -823,10 +845,13 @@ def assemble_batch(
     # contested by two peers: barred for the round before its scores count (`contest_bar`;
     # the selection's prior without the capped mixture's handicap, not known yet)
     contest_barred = torch.zeros(len(teachings), dtype=torch.bool)
-    if d.contest_bar > 0 and d.contest_quantile < 1 and rollouts["ask_prompt_ids"].shape[0]:
+    evidence = torch.zeros(2, len(teachings), len(teachings), dtype=torch.long)
+    if d.contest_bar_on and rollouts["ask_prompt_ids"].shape[0]:
         first = select(weights / weights.sum())
+        evidence = contest_counts(first["contests"], first["teacher_index"], can_contest)
         contest_barred = contest_bar(first["contests"], first["teacher_index"], d.contest_bar,
-                                     able=can_contest, peers=d.contest_bar_peers)  # fmt: skip
+                                     able=can_contest, peers=d.contest_bar_peers,
+                                     earlier=contest_earlier)  # fmt: skip
         barred_t = barred_t | contest_barred
     scorers = [i for i, ok in enumerate(trusted) if ok and not barred_t[i]]
     delta = torch.zeros(len(teachings))
@@ -943,6 +968,7 @@ def assemble_batch(
         "n_by_claim": torch.tensor(n_by_claim),
         "n_contested": torch.tensor(n_contested),
         "contest_barred": contest_barred,
+        "contest_evidence": evidence,
         "contesting": contesting,
         "flagged": flagged,
         "ask_choice": ask_choice,

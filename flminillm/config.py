@@ -424,6 +424,11 @@ class DistillConfig(_Strict):
                 )
         return self
 
+    @property
+    def contest_bar_on(self) -> bool:
+        """Whether `contest_bar` bars anyone: a share above 0 and the contest on."""
+        return self.contest_bar > 0 and self.contest_quantile < 1
+
     @model_validator(mode="after")
     def _bar_needs_contests(self) -> DistillConfig:
         # a bar set with the contest off is a mistake; the default bar is inert then
@@ -697,6 +702,16 @@ class DistillConfig(_Strict):
         "and 'two' barred an honest one (docs/results.md, stop 40). 'all': the default "
         "since stop 40 (`contest_bar`).",
     )
+    contest_bar_rounds: int = Field(
+        1,
+        ge=1,
+        description="The rounds whose contests `contest_bar` pools: this one and up to n - 1 "
+        "before it, per pair of teachers over the rounds where the peer could contest the "
+        "teacher's wins (the server carries each round's counts in the round manifest, "
+        "`contest_evidence`). 1: this round only. A liar whose contests sit just under the "
+        "share in one round and above it in the next is barred in both once they are "
+        "pooled; an honest teacher's rare contested round is diluted by its clean ones.",
+    )
     contest_leave_out: bool = Field(
         False,
         description="Leave the contested prompts out of the batch (`contest_quantile`: the "
@@ -927,6 +942,7 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "contest_bar": 0.0,
         "contest_bar_peers": "two",
         "contest_leave_out": True,
+        "contest_bar_rounds": 1,
         "barred_as_absent": False,
         "contest_p": 0.05,
     }
@@ -941,8 +957,9 @@ INERT_OPTIONS: dict[str, dict[tuple[str, Any], tuple[str, ...]]] = {
             "contest_bar",
             "contest_bar_peers",
             "contest_leave_out",
+            "contest_bar_rounds",
         ),
-        ("contest_bar", 0.0): ("contest_bar_peers",),
+        ("contest_bar", 0.0): ("contest_bar_peers", "contest_bar_rounds"),
     }
 }
 

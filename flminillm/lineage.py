@@ -127,7 +127,9 @@ def selection_line(metrics: dict[str, float]) -> str:
             total = metrics.get(f"prompt_claim_sum.{n}", 0.0)
             text += f" [red](barred: its claims on the round's prompts sum to {total:.1f})[/]"
         if metrics.get(f"contest_barred.{n}", 0.0) > 0:  # distill.contest_bar
-            text += " [red](barred: its peers contest its answers)[/]"
+            pooled = metrics.get(f"contest_pooled.{n}")  # distill.contest_bar_rounds
+            since = f", at least {pooled:.0%} of its wins over the pooled rounds" if pooled else ""
+            text += f" [red](barred: its peers contest its answers{since})[/]"
         contested = metrics.get(f"contested_by.{n}", 0.0)
         if contested > 0:  # distill.contest_quantile: it found kept answers unlikely
             text += f" (contests {contested:.0%})"

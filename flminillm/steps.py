@@ -712,6 +712,11 @@ def distill(
             "teachers": [t["teacher"] for t in live],
             "dropped": dropped,
             **({} if _is_client(cfg, student_id) else {"stale": latest}),
+            **(
+                {"contest_evidence": {str(round_index): taught["contest_evidence"]}}
+                if "contest_evidence" in taught
+                else {}
+            ),  # fmt: skip
         }
 
     if _is_client(cfg, student_id):
@@ -727,6 +732,53 @@ def stale_buffer(cache: dict, latest: dict | None = None) -> dict[str, list[dict
     out = {c: list(v) if isinstance(v, list) else [v] for c, v in cache.items()}
     for c, e in (latest or {}).items():
         out[c] = [*(x for x in out.get(c, []) if x["round"] != e["round"]), e]
+    return out
+
+
+def pooled_evidence(evidence: dict, names: list[str], round_index: int, rounds: int):
+    """The contest counts (`flminillm.aggregate.contest_counts`) of the `rounds` - 1 rounds
+    before `round_index`, summed per pair of this round's teachers `names`: [2, M, M] long
+    (`distill.contest_bar_rounds`). `evidence`: the round manifest's `contest_evidence`,
+    {round: {"teachers": [...], "counts": [2, M', M']}}; a pair counts in the rounds where
+    both took part. Counts that are not a [2, M', M'] table of non-negative integers, or
+    contests above the wins they contest, are an error."""
+    import torch
+
+    m = len(names)
+    out = torch.zeros(2, m, m, dtype=torch.long)
+    for r in range(max(1, round_index - rounds + 1), round_index):
+        entry = evidence.get(str(r))
+        if entry is None:
+            continue
+        there = list(entry["teachers"])
+        counts = torch.tensor(entry["counts"], dtype=torch.long)
+        k = len(there)
+        if (
+            counts.shape != (2, k, k)
+            or bool((counts < 0).any())
+            or bool((counts[1] > counts[0]).any())
+        ):
+            raise ValueError(
+                f"round {r}'s contest_evidence: counts of shape {tuple(counts.shape)} for "
+                f"{k} teachers, or contests above the wins they contest; expected [2, {k}, "
+                f"{k}] non-negative counts. The round manifest is corrupt: rerun round {r}"
+            )
+        at = [there.index(n) if n in there else -1 for n in names]
+        for j, a in enumerate(at):
+            for i, b in enumerate(at):
+                if a >= 0 and b >= 0 and i != j:
+                    out[:, j, i] += counts[:, a, b]
+    return out
+
+
+def pooled_rates(counts, names: list[str]) -> dict[str, float]:
+    """`contest_pooled.<id>`: the lowest share of a teacher's pooled wins any peer that
+    could contest them contested (`contest_bar`'s evidence under 'all'); 0 without any."""
+    n, c = counts[0].float(), counts[1].float()
+    out = {}
+    for i, name in enumerate(names):
+        peers = [j for j in range(len(names)) if j != i and n[j, i] > 0]
+        out[f"contest_pooled.{name}"] = min((float(c[j, i] / n[j, i]) for j in peers), default=0.0)
     return out
 
 
@@ -923,10 +975,15 @@ def _distill(
     # (flminillm.aggregate.unknown_domain); a barred teacher counts as one where
     # distill.barred_as_absent says so
     n_barred = sum(map(bool, barred or [])) if d.barred_as_absent else 0
+    names = [t["teacher"] for t in teachings_manifests]
+    earlier = None
+    if d.contest_bar_on and d.contest_bar_rounds > 1:
+        earlier = pooled_evidence(state.get("contest_evidence", {}), names, round_index,
+                                  d.contest_bar_rounds)  # fmt: skip
     batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra, trusted=trusted,
                                  rivals=rivals, barred=barred,
                                  unknown_share=(unknown + n_barred) / len(cfg.clients),
-                                 foreign=foreign)  # fmt: skip
+                                 foreign=foreign, contest_earlier=earlier)  # fmt: skip
     choice = store.scoped(student_id).put_tensors({"choice": info["ask_choice"].int()})
     chosen = selection_stats(
         info["teacher_index"], sent, [t["teacher"] for t in teachings_manifests],
@@ -936,7 +993,7 @@ def _distill(
         n_implausible=int(info["n_implausible"]), gaps=gaps, barred=implausible,
         n_by_claim=int(info["n_by_claim"]), n_contested=int(info["n_contested"]),
         contesting=info["contesting"].tolist() if d.contest_quantile < 1.0 else None,
-        contest_barred=info["contest_barred"].tolist() if d.contest_bar > 0 else None,
+        contest_barred=info["contest_barred"].tolist() if d.contest_bar_on else None,
         sums=sums, overclaimed=overclaimed,
         prompt_sums=psums, prompt_overclaimed=poverclaimed,
     )  # fmt: skip
@@ -974,6 +1031,13 @@ def _distill(
     metrics["bytes_received"] = float(sum(t["bytes"] for t in teachings_manifests))
     metrics.update(chosen)
     taught = {"rollouts": rollouts_digest, "choice": choice, "judge": judge_digest}
+    if d.contest_bar_on and d.contest_bar_rounds > 1:
+        # this round's contest counts, for a later round's bar (`pooled_evidence`)
+        taught["contest_evidence"] = {
+            "teachers": names, "counts": info["contest_evidence"].tolist()
+        }  # fmt: skip
+        if earlier is not None:
+            metrics.update(pooled_rates(earlier + info["contest_evidence"], names))
     return save_model(store, student_id, engine.hf_model), metrics, engine.hf_model, taught
 
 
@@ -1010,6 +1074,10 @@ def evaluate(
     state["stale"] = stale_buffer(
         prev.get("stale", {}), _loads(update).get("stale", {}) if update else {}
     )
+    # the server's contest counts per round (distill.contest_bar_rounds)
+    evidence = _loads(update).get("contest_evidence", {}) if update else {}
+    if evidence or prev.get("contest_evidence"):
+        state["contest_evidence"] = {**prev.get("contest_evidence", {}), **evidence}
     for u in [_loads(x) for x in ([update] if update else []) + list(updates)]:
         if u.get("dropped") and isinstance(u["dropped"], str):
             dropped.setdefault(u["dropped"], u["reason"])  # keeps its previous model

@@ -1447,6 +1447,41 @@ def test_contest_bar_by_all_peers_asks_every_peer_that_may_contest():
     assert not bool(contest_bar(c, best, 0.0, able=alone, peers="all").any())
 
 
+def test_contest_bar_pools_earlier_rounds_per_pair():
+    """`distill.contest_bar_rounds`: a liar whose contests sit just under the share this
+    round (one of its 25 wins, 4%, by each expert) is barred once an earlier round where
+    they were above is pooled; an honest teacher's one contested round is diluted by its
+    clean ones. The counts are per pair: a peer that could not contest adds no wins."""
+    from flminillm.aggregate import contest_bar, contest_counts
+
+    best = torch.tensor([0] * 10 + [1] * 10 + [2] * 25)
+    c = torch.zeros(3, 45, dtype=torch.bool)
+    c[0, 20] = c[1, 21] = True  # 1 of teacher 2's 25 wins each: 4%
+    assert contest_bar(c, best, 0.05, peers="all").tolist() == [False, False, False]
+    counts = contest_counts(c, best, torch.ones(3, dtype=torch.bool))
+    assert counts[0].tolist() == [[0, 10, 25], [10, 0, 25], [10, 10, 0]]
+    assert counts[1].tolist() == [[0, 0, 1], [0, 0, 1], [0, 0, 0]]
+    earlier = torch.zeros(2, 3, 3, dtype=torch.long)
+    earlier[0, :2, 2], earlier[1, :2, 2] = 25, 3  # 12% of its wins the round before
+    assert contest_bar(c, best, 0.05, peers="all", earlier=earlier).tolist() == [
+        False, False, True]  # fmt: skip
+    # the honest: teacher 0 contested on 2 of 10 wins by both peers this round (20%) ...
+    h = torch.zeros(3, 45, dtype=torch.bool)
+    h[1, 0] = h[1, 1] = h[2, 0] = h[2, 1] = True
+    assert contest_bar(h, best, 0.05, peers="all").tolist() == [True, False, False]
+    clean = torch.zeros(2, 3, 3, dtype=torch.long)
+    clean[0, 1:, 0] = 50  # ... and on none of its 50 wins before: 2 of 60, 3.3%
+    assert contest_bar(h, best, 0.05, peers="all", earlier=clean).tolist() == [False] * 3
+    # a peer that could not contest this round: no wins counted for it
+    unable = contest_counts(c, best, torch.tensor([True, False, True]))
+    assert unable[0, 1].tolist() == [0, 0, 0] and unable[1, 1].tolist() == [0, 0, 0]
+    from flminillm.lineage import selection_line
+
+    line = selection_line({"selected.carol": 0.0, "contest_barred.carol": 1.0,
+                           "contest_pooled.carol": 0.07})  # fmt: skip
+    assert "(barred: its peers contest its answers, at least 7% of its wins over the" in line
+
+
 def test_a_liar_two_experts_contest_is_barred_for_the_round():
     """distill.contest_bar: the noisy-claiming liar of the contest test wins prompts of both
     experts' domains, and each expert contests a share of its wins: it is barred (every

@@ -277,3 +277,39 @@ def test_a_barred_teacher_counts_as_an_absent_client_with_no_past(tiny_config, t
     assert "reserved" not in off
     assert on["reserved"] == pytest.approx(0.5, abs=0.02)
     assert on["selected.alice"] < off["selected.alice"]
+
+
+def test_the_server_pools_contest_counts_across_rounds(tiny_config, tmp_path):
+    """distill.contest_bar_rounds: the server's distill step hands its round's contest
+    counts to evaluate, which keeps them in the round manifest (`contest_evidence`, per
+    round); the next round's bar reads them back, summed per pair
+    (`steps.pooled_evidence`), and `contest_pooled.<id>` is the share over both rounds.
+    Corrupt counts in a manifest are an error naming the round to rerun."""
+    import torch
+
+    from flminillm.artifacts import open_store_for
+    from flminillm.steps import pooled_evidence, pooled_rates
+
+    distill = tiny_config.distill.model_copy(update={"contest_bar_rounds": 2})
+    cfg, _ = isolated_config(tiny_config, tmp_path, "pooled", distill=distill, rounds=2)
+    states = inprocess_states(cfg)
+    first, second = states[1]["contest_evidence"], states[2]["contest_evidence"]
+    assert set(first) == {"1"} and set(second) == {"1", "2"}
+    assert first["1"]["teachers"] == ["alice", "bob"]
+    counts = [torch.tensor(second[r]["counts"]) for r in ("1", "2")]
+    for t in counts:
+        assert t.shape == (2, 2, 2) and int(t[0].sum()) > 0  # each won prompts the other saw
+    (rec,) = open_store_for(cfg).list_records(
+        f"{cfg.federation_id()}/round-0002/distill.server.json"
+    )
+    both = pooled_evidence(second, ["alice", "bob"], 3, 2) + counts[0]  # rounds 1 and 2
+    assert torch.equal(pooled_evidence(second, ["alice", "bob"], 2, 2), counts[0])
+    for k, v in pooled_rates(both, ["alice", "bob"]).items():
+        assert rec["metrics"][k] == pytest.approx(v)
+    # teachers matched by name; one absent from an earlier round adds nothing
+    only_bob = pooled_evidence(second, ["bob", "carol"], 2, 2)
+    assert only_bob.tolist() == [[[0, 0], [0, 0]], [[0, 0], [0, 0]]]
+    assert pooled_evidence(second, ["alice", "bob"], 2, 1).sum() == 0  # this round only
+    bad = {"1": {"teachers": ["alice", "bob"], "counts": [[[0, 1], [1, 0]], [[0, 2], [0, 0]]]}}
+    with pytest.raises(ValueError, match="round 1's contest_evidence.*rerun round 1"):
+        pooled_evidence(bad, ["alice", "bob"], 2, 2)
