@@ -141,10 +141,12 @@ CONTEST_GRID = [
 # half its rounds and above it in the others, and honest teachers' lowest peer share at
 # most 1.5% in any round; pooled offline (the recorded rounds replayed, exact for
 # all-kept), the noisy and contesting liars are barred in 39 of their 48 3-client rounds
-# (all-kept: 28), the 5-client liar as before, no honest teacher in any round. Decided before its runs: 'pooled'
-# becomes the default only if `choose_under_attack` chooses it on both shapes' validation
-# splits (it passes against 'off' and scores above every other passing candidate there,
-# 'all-kept' among them).
+# (all-kept: 28), the 5-client liar as before, no honest teacher in any round. Decided
+# before its runs: 'pooled' becomes the default only if, on both shapes' validation
+# splits, it passes `passes_under_attack` (against 'off'), scores at least 'all-kept''s
+# score under the attack and within 1 point of 'all-kept''s clean score, and on at least
+# one shape scores above 'all-kept' under the attack (where the liar's contests are as
+# before it may change nothing: level is allowed, a loss is not).
 BAR_GRID = [
     ("bar-off", {"contest_quantile": 1.0, "contest_bar": 0.0}),
     ("bar-0.05", CONTEST_BAR["distill"]),
