@@ -322,7 +322,8 @@ def contest_bar(
     `share` of the prompts it won; `peers` 'all' (`distill.contest_bar_peers`): every peer
     that may contest (`able` [M], default all; at least two) does. `earlier` [2, M, M]
     (`contest_counts` of earlier rounds, summed per pair: `distill.contest_bar_rounds`): a
-    peer's share is of the wins it could contest in those rounds and this one. Evidence the
+    teacher is also barred where the shares over those rounds and this one are above (this
+    round's evidence bars as before; the pooled adds to it). Evidence the
     teacher does not write, from two sources: in the 3-client benchmark honest teachers at
     contest_quantile 0.75 never contest each other, and a liar that contests is one peer, so
     it cannot bar an honest teacher alone (two colluding contesters could; with 'all', only
@@ -331,12 +332,17 @@ def contest_bar(
     m = contested.shape[0]
     able = torch.ones(m, dtype=torch.bool) if able is None else able.bool()
     counts = contest_counts(contested, best, able)
-    if earlier is not None:
-        counts = counts + earlier.long()
+    out = _barred_by(counts, share, able, peers)
+    if earlier is not None:  # pooled: more evidence can bar, never unbar
+        out = out | _barred_by(counts + earlier.long(), share, able, peers)
+    return out
+
+
+def _barred_by(counts: torch.Tensor, share: float, able: torch.Tensor, peers: str) -> torch.Tensor:
     n, c = counts[0], counts[1]
     above = (n > 0) & (c.float() / n.clamp(min=1).float() > share)  # [j, i], as a mean
-    out = torch.zeros(m, dtype=torch.bool)
-    for i in range(m):
+    out = torch.zeros(n.shape[0], dtype=torch.bool)
+    for i in range(n.shape[0]):
         k = int(above[:, i].sum())
         peers_able = int(able.sum()) - int(able[i])
         out[i] = k >= 2 and (peers != "all" or k == peers_able)

@@ -705,12 +705,14 @@ class DistillConfig(_Strict):
     contest_bar_rounds: int = Field(
         1,
         ge=1,
-        description="The rounds whose contests `contest_bar` pools: this one and up to n - 1 "
-        "before it, per pair of teachers over the rounds where the peer could contest the "
-        "teacher's wins (the server carries each round's counts in the round manifest, "
-        "`contest_evidence`). 1: this round only. A liar whose contests sit just under the "
-        "share in one round and above it in the next is barred in both once they are "
-        "pooled; an honest teacher's rare contested round is diluted by its clean ones.",
+        description="The rounds whose contests `contest_bar` also reads pooled: this one and "
+        "up to n - 1 before it, per pair of teachers over the rounds where the peer could "
+        "contest the teacher's wins (the server carries each round's counts in the round "
+        "manifest, `contest_evidence`). A teacher is barred where this round's shares are "
+        "above `contest_bar`, as with 1, or where the pooled ones are: a liar whose "
+        "contests sit just under the share in one round and above it in others is barred in "
+        "both, and one that behaved in earlier rounds is still barred by this round's. "
+        "1: this round only.",
     )
     contest_leave_out: bool = Field(
         False,

@@ -1450,8 +1450,9 @@ def test_contest_bar_by_all_peers_asks_every_peer_that_may_contest():
 def test_contest_bar_pools_earlier_rounds_per_pair():
     """`distill.contest_bar_rounds`: a liar whose contests sit just under the share this
     round (one of its 25 wins, 4%, by each expert) is barred once an earlier round where
-    they were above is pooled; an honest teacher's one contested round is diluted by its
-    clean ones. The counts are per pair: a peer that could not contest adds no wins."""
+    they were above is pooled. The pooled evidence adds bars, never removes one: a teacher
+    whose earlier rounds were clean is still barred by this round's contests. The counts
+    are per pair: a peer that could not contest adds no wins."""
     from flminillm.aggregate import contest_bar, contest_counts
 
     best = torch.tensor([0] * 10 + [1] * 10 + [2] * 25)
@@ -1465,13 +1466,14 @@ def test_contest_bar_pools_earlier_rounds_per_pair():
     earlier[0, :2, 2], earlier[1, :2, 2] = 25, 3  # 12% of its wins the round before
     assert contest_bar(c, best, 0.05, peers="all", earlier=earlier).tolist() == [
         False, False, True]  # fmt: skip
-    # the honest: teacher 0 contested on 2 of 10 wins by both peers this round (20%) ...
+    # teacher 0 contested on 2 of 10 wins by both peers this round (20%), on none of its 50
+    # wins before (2 of 60 pooled, 3.3%): barred by this round's evidence all the same
     h = torch.zeros(3, 45, dtype=torch.bool)
     h[1, 0] = h[1, 1] = h[2, 0] = h[2, 1] = True
-    assert contest_bar(h, best, 0.05, peers="all").tolist() == [True, False, False]
     clean = torch.zeros(2, 3, 3, dtype=torch.long)
-    clean[0, 1:, 0] = 50  # ... and on none of its 50 wins before: 2 of 60, 3.3%
-    assert contest_bar(h, best, 0.05, peers="all", earlier=clean).tolist() == [False] * 3
+    clean[0, 1:, 0] = 50
+    for e in (None, clean):
+        assert contest_bar(h, best, 0.05, peers="all", earlier=e).tolist() == [True, False, False]
     # a peer that could not contest this round: no wins counted for it
     unable = contest_counts(c, best, torch.tensor([True, False, True]))
     assert unable[0, 1].tolist() == [0, 0, 0] and unable[1, 1].tolist() == [0, 0, 0]

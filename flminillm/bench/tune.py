@@ -134,26 +134,29 @@ CONTEST_GRID = [
 # if `choose_under_attack`'s rule holds for it on both shapes' validation splits
 # (configs/benchmark.yaml and configs/benchmark-5clients.yaml). Its criteria are
 # `passes_under_attack`'s; 'all-kept' alone met them on both (the default since stop 40:
-# docs/tune-contest-bar-kept, docs/tune-contest-bar-5clients). Stop 41 added 'pooled'
+# docs/tune-contest-bar-kept, docs/tune-contest-bar-5clients). Stop 41 added 'either'
 # ('all-kept' with `contest_bar_rounds` 6: the counts of every round so far in these 6-round
-# federations) after the contests recomputed on the stop-40 federations' training messages
+# federations; a teacher is barred where this round's shares or the pooled ones are above
+# the share) after the contests recomputed on the stop-40 federations' training messages
 # (validation and evaluation, both shapes) showed the noisy liar's contests under 5% in
 # half its rounds and above it in the others, and honest teachers' lowest peer share at
-# most 1.5% in any round; pooled offline (the recorded rounds replayed, exact for
-# all-kept), the noisy and contesting liars are barred in 39 of their 48 3-client rounds
-# (all-kept: 28), the 5-client liar as before, no honest teacher in any round. Decided
-# before its runs: 'pooled' becomes the default only if, on both shapes' validation
-# splits, it passes `passes_under_attack` (against 'off'), scores at least 'all-kept''s
-# score under the attack and within 1 point of 'all-kept''s clean score, and on at least
-# one shape scores above 'all-kept' under the attack (where the liar's contests are as
-# before it may change nothing: level is allowed, a loss is not).
+# most 1.5% in any round; replayed offline on the recorded rounds (exact for all-kept), the
+# noisy and contesting liars are barred in 41 of their 48 3-client rounds (all-kept: 28),
+# the 5-client liar as before, no honest teacher in any round. Decided before its runs:
+# 'either' becomes the default only if, on both shapes' validation splits, it passes
+# `passes_under_attack` (against 'off'), scores at least 'all-kept''s score under the
+# attack and within 1 point of 'all-kept''s clean score, and on at least one shape scores
+# above 'all-kept' under the attack (where the liar's contests are as before it may change
+# nothing: level is allowed, a loss is not). (A first form, stopped within minutes of its
+# first runs and not compared: the pooled shares alone, which a liar honest in its first
+# rounds would dilute.)
 BAR_GRID = [
     ("bar-off", {"contest_quantile": 1.0, "contest_bar": 0.0}),
     ("bar-0.05", CONTEST_BAR["distill"]),
     ("bar-all", {**CONTEST_BAR["distill"], "contest_bar_peers": "all"}),
     ("bar-all-kept", {**CONTEST_BAR["distill"], "contest_bar_peers": "all",
                       "contest_leave_out": False}),
-    ("bar-pooled", {**CONTEST_BAR["distill"], "contest_bar_peers": "all",
+    ("bar-either", {**CONTEST_BAR["distill"], "contest_bar_peers": "all",
                     "contest_leave_out": False, "contest_bar_rounds": 6}),
 ]  # fmt: skip
 
