@@ -16,6 +16,7 @@ from flminillm.bench.tune import (
     candidates,
     choose,
     choose_rounds,
+    holds_against,
     on_validation,
     passes_under_attack,
     validation_score,
@@ -393,7 +394,34 @@ def test_the_contest_bar_by_every_peer_as_evidence_alone_passes_on_both_shapes()
     five = json.loads((ROOT / "docs" / "tune-contest-bar-5clients" / "tune.json").read_text())
     em = {n: five[n]["server"]["em_all"]["mean"] for n in ("clean-bar-off", "clean-bar-0.05")}
     assert em["clean-bar-0.05"] < em["clean-bar-off"] - 0.05  # 50.8 against 58.4
-    chosen = dict(BAR_GRID)["bar-all-kept"]
+    chosen = dict(BAR_GRID)["bar-all-kept"]  # the default since, pooled over rounds (stop 41)
+    assert chosen["contest_bar_rounds"] == 1 and dict(BAR_GRID)["bar-either"] == {
+        **chosen, "contest_bar_rounds": 6}  # fmt: skip
+
+
+def test_the_contest_bar_pooled_over_rounds_holds_against_stop_40s_on_both_shapes():
+    """Stop 41's rule, written before the runs (BAR_GRID's comment): 'either' (the contest
+    bar reading this round's shares and those pooled over the rounds so far) becomes the
+    default only if on both shapes' validation splits it passes against 'off', is level
+    with or above 'all-kept' (stop 40's default) under the noisy liar and within 1 point of
+    it clean, and above it on one shape. It is the default (DistillConfig, and so the
+    benchmark configs)."""
+    shapes = {
+        "tune-contest-bar-either": "configs/benchmark.yaml",
+        "tune-contest-bar-either-5clients": "configs/benchmark-5clients.yaml",
+    }
+    above = []
+    for doc, config in shapes.items():
+        results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
+        assert results["_meta"]["split"] == "validation" and config in results["_meta"]["command"]
+        assert passes_under_attack(results, "contest_bar", "bar-either")
+        assert holds_against(results, "contest_bar", "bar-either", "bar-all-kept")
+        score = {
+            n: validation_score(results[n]) for n in ("noisy-bar-either", "noisy-bar-all-kept")
+        }
+        above.append(score["noisy-bar-either"] > score["noisy-bar-all-kept"])
+    assert any(above)
+    chosen = dict(BAR_GRID)["bar-either"]
     for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill,
                     load_config(ROOT / "configs" / "benchmark-5clients.yaml").distill):  # fmt: skip
         assert {k: getattr(distill, k) for k in chosen} == chosen

@@ -299,6 +299,21 @@ def passes_under_attack(results: dict[str, dict], group: str, name: str) -> bool
     return _passes(_scores(results), prefix, grid[0][0], name)
 
 
+def holds_against(results: dict[str, dict], group: str, name: str, incumbent: str) -> bool:
+    """A challenger to a setting already chosen (stop 41's rule, BAR_GRID's comment): for
+    candidate `name` of `group`'s grid, its validation score under the attack at least
+    `incumbent`'s there, and clean within 1 point of `incumbent`'s clean score."""
+    _, prefix, _ = UNDER_ATTACK[group]
+    score = _scores(results)
+    need = (f"{prefix}-{name}", f"{prefix}-{incumbent}", f"clean-{name}", f"clean-{incumbent}")
+    if any(score.get(n) is None for n in need):
+        return False
+    return (
+        score[f"{prefix}-{name}"] >= score[f"{prefix}-{incumbent}"]
+        and score[f"clean-{name}"] >= score[f"clean-{incumbent}"] - 0.01
+    )
+
+
 def choose_under_attack(results: dict[str, dict], group: str) -> str | None:
     """The rule written before the runs of a setting chosen under an attack (`UNDER_ATTACK`):
     the candidate of `group` with the best validation score under the attack among those

@@ -48,7 +48,7 @@ NO_INVARIANCE = {"distill": {"invariance_share": 0.0, "joint_quantile": 1.0}}
 # default since is its refinement, contest_bar_peers 'all' and contest_leave_out off)
 CONTEST_BAR = {
     "distill": {"contest_quantile": 0.75, "contest_bar": 0.05, "contest_bar_peers": "two",
-                "contest_leave_out": True}
+                "contest_leave_out": True, "contest_bar_rounds": 1}
 }  # fmt: skip
 # The other defences the faults run under, as `<fault><suffix>` beside `<fault>` (the
 # default defence): {suffix: (overrides, what it is)}. Each comes with `clean<suffix>`, the
