@@ -976,8 +976,10 @@ def _distill(
     # distill.barred_as_absent says so
     n_barred = sum(map(bool, barred or [])) if d.barred_as_absent else 0
     names = [t["teacher"] for t in teachings_manifests]
+    # the contest bar's evidence pooled over rounds: the server's, whose teachers contest
+    pooled = d.contest_bar_on and d.contest_bar_rounds > 1 and not _is_client(cfg, student_id)
     earlier = None
-    if d.contest_bar_on and d.contest_bar_rounds > 1:
+    if pooled:
         earlier = pooled_evidence(state.get("contest_evidence", {}), names, round_index,
                                   d.contest_bar_rounds)  # fmt: skip
     batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra, trusted=trusted,
@@ -1031,13 +1033,11 @@ def _distill(
     metrics["bytes_received"] = float(sum(t["bytes"] for t in teachings_manifests))
     metrics.update(chosen)
     taught = {"rollouts": rollouts_digest, "choice": choice, "judge": judge_digest}
-    if d.contest_bar_on and d.contest_bar_rounds > 1:
-        # this round's contest counts, for a later round's bar (`pooled_evidence`)
+    if pooled:  # this round's contest counts, for a later round's bar (`pooled_evidence`)
         taught["contest_evidence"] = {
             "teachers": names, "counts": info["contest_evidence"].tolist()
         }  # fmt: skip
-        if earlier is not None:
-            metrics.update(pooled_rates(earlier + info["contest_evidence"], names))
+        metrics.update(pooled_rates(earlier + info["contest_evidence"], names))
     return save_model(store, student_id, engine.hf_model), metrics, engine.hf_model, taught
 
 
