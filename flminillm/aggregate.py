@@ -309,29 +309,34 @@ def contest_counts(contested: torch.Tensor, best: torch.Tensor, able: torch.Tens
     return out
 
 
+def contest_shares(counts: torch.Tensor, able: torch.Tensor) -> torch.Tensor:
+    """[M, M] float: the share of teacher i's wins peer j contested (`contest_counts`, one
+    round or pooled), computed as a mean; -1 where j has none of i's wins to contest or may
+    not contest now (`able` [M]): its earlier contests count only while it may."""
+    n, c = counts[0], counts[1]
+    share = c.float() / n.clamp(min=1).float()
+    return share.masked_fill((n == 0) | ~able.bool()[:, None], -1.0)
+
+
 def contest_bar(
-    contested: torch.Tensor,
-    best: torch.Tensor,
+    counts: torch.Tensor,
     share: float,
-    able: torch.Tensor | None = None,
+    able: torch.Tensor,
     peers: str = "two",
     earlier: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`distill.contest_bar`: [M] bool, the teachers at least two of whose peers each contest
-    (`contests`: [M, A], who contests each kept answer; best [A]: whose it is) more than
-    `share` of the prompts it won; `peers` 'all' (`distill.contest_bar_peers`): every peer
-    that may contest (`able` [M], default all; at least two) does. `earlier` [2, M, M]
-    (`contest_counts` of earlier rounds, summed per pair: `distill.contest_bar_rounds`): a
-    teacher is also barred where the shares over those rounds and this one are above (this
-    round's evidence bars as before; the pooled adds to it). Evidence the
-    teacher does not write, from two sources: in the 3-client benchmark honest teachers at
-    contest_quantile 0.75 never contest each other, and a liar that contests is one peer, so
-    it cannot bar an honest teacher alone (two colluding contesters could; with 'all', only
-    with every other peer). Where two clients' families look alike, honest teachers contest
-    each other (the 5-client benchmark, docs/results.md stop 40): 'all' asks the rest too."""
-    m = contested.shape[0]
-    able = torch.ones(m, dtype=torch.bool) if able is None else able.bool()
-    counts = contest_counts(contested, best, able)
+    more than `share` of the prompts it won (`contest_counts` [2, M, M] of this round);
+    `peers` 'all' (`distill.contest_bar_peers`): every peer that may contest (`able` [M]; at
+    least two) does. `earlier` [2, M, M] (`contest_counts` of earlier rounds, summed per
+    pair: `distill.contest_bar_rounds`): a teacher is also barred where the shares over those
+    rounds and this one are above, counting the peers that may contest now (this round's
+    evidence bars as before; the pooled adds to it). Evidence the teacher does not write,
+    from two sources: in the 3-client benchmark honest teachers at contest_quantile 0.75
+    never contest each other, and a liar that contests is one peer, so it cannot bar an
+    honest teacher alone (two colluding contesters could; with 'all', only with every other
+    peer). Where two clients' families look alike, honest teachers contest each other (the
+    5-client benchmark, docs/results.md stop 40): 'all' asks the rest too."""
     out = _barred_by(counts, share, able, peers)
     if earlier is not None:  # pooled: more evidence can bar, never unbar
         out = out | _barred_by(counts + earlier.long(), share, able, peers)
@@ -339,14 +344,21 @@ def contest_bar(
 
 
 def _barred_by(counts: torch.Tensor, share: float, able: torch.Tensor, peers: str) -> torch.Tensor:
-    n, c = counts[0], counts[1]
-    above = (n > 0) & (c.float() / n.clamp(min=1).float() > share)  # [j, i], as a mean
-    out = torch.zeros(n.shape[0], dtype=torch.bool)
-    for i in range(n.shape[0]):
+    above = contest_shares(counts, able) > share  # [j, i]
+    out = torch.zeros(counts.shape[1], dtype=torch.bool)
+    for i in range(counts.shape[1]):
         k = int(above[:, i].sum())
         peers_able = int(able.sum()) - int(able[i])
         out[i] = k >= 2 and (peers != "all" or k == peers_able)
     return out
+
+
+def lowest_pooled_share(counts: torch.Tensor, able: torch.Tensor) -> torch.Tensor:
+    """[M]: per teacher, the lowest share of its (pooled) wins any peer that may contest now
+    contested (`contest_shares`; `contest_bar`'s evidence under 'all'); 0 with none."""
+    s = contest_shares(counts, able)
+    low = s.masked_fill(s < 0, float("inf")).min(0).values
+    return torch.where(torch.isinf(low), torch.zeros_like(low), low)
 
 
 def select_teacher_rollouts(
@@ -826,7 +838,7 @@ def assemble_batch(
     cannot contest (`contests` reads a support's tail mass as a bound). `contest_earlier`
     [2, M, M] (default: none): earlier rounds' `contest_counts` for these teachers, pooled
     into `contest_bar`'s evidence (`distill.contest_bar_rounds`); info's `contest_evidence`
-    is this round's."""
+    is this round's counts, `contest_pooled` [M] each teacher's `lowest_pooled_share`."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     trusted = [True] * len(teachings) if trusted is None else list(trusted)
@@ -852,12 +864,14 @@ def assemble_batch(
     # the selection's prior without the capped mixture's handicap, not known yet)
     contest_barred = torch.zeros(len(teachings), dtype=torch.bool)
     evidence = torch.zeros(2, len(teachings), len(teachings), dtype=torch.long)
+    pooled_share = torch.zeros(len(teachings))
     if d.contest_bar_on and rollouts["ask_prompt_ids"].shape[0]:
         first = select(weights / weights.sum())
         evidence = contest_counts(first["contests"], first["teacher_index"], can_contest)
-        contest_barred = contest_bar(first["contests"], first["teacher_index"], d.contest_bar,
-                                     able=can_contest, peers=d.contest_bar_peers,
+        contest_barred = contest_bar(evidence, d.contest_bar, can_contest, d.contest_bar_peers,
                                      earlier=contest_earlier)  # fmt: skip
+        if contest_earlier is not None:
+            pooled_share = lowest_pooled_share(evidence + contest_earlier, can_contest)
         barred_t = barred_t | contest_barred
     scorers = [i for i, ok in enumerate(trusted) if ok and not barred_t[i]]
     delta = torch.zeros(len(teachings))
@@ -975,6 +989,7 @@ def assemble_batch(
         "n_contested": torch.tensor(n_contested),
         "contest_barred": contest_barred,
         "contest_evidence": evidence,
+        "contest_pooled": pooled_share,
         "contesting": contesting,
         "flagged": flagged,
         "ask_choice": ask_choice,

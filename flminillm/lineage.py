@@ -128,7 +128,7 @@ def selection_line(metrics: dict[str, float]) -> str:
             text += f" [red](barred: its claims on the round's prompts sum to {total:.1f})[/]"
         if metrics.get(f"contest_barred.{n}", 0.0) > 0:  # distill.contest_bar
             pooled = metrics.get(f"contest_pooled.{n}")  # distill.contest_bar_rounds
-            since = f", at least {pooled:.0%} of its wins over the pooled rounds" if pooled else ""
+            since = f"; pooled over rounds: {pooled:.0%} of its wins" if pooled else ""
             text += f" [red](barred: its peers contest its answers{since})[/]"
         contested = metrics.get(f"contested_by.{n}", 0.0)
         if contested > 0:  # distill.contest_quantile: it found kept answers unlikely

@@ -740,8 +740,8 @@ def pooled_evidence(evidence: dict, names: list[str], round_index: int, rounds: 
     before `round_index`, summed per pair of this round's teachers `names`: [2, M, M] long
     (`distill.contest_bar_rounds`). `evidence`: the round manifest's `contest_evidence`,
     {round: {"teachers": [...], "counts": [2, M', M']}}; a pair counts in the rounds where
-    both took part. Counts that are not a [2, M', M'] table of non-negative integers, or
-    contests above the wins they contest, are an error."""
+    both took part. Counts that are not a [2, M', M'] table of non-negative integers for
+    distinct teachers, or contests above the wins they contest, are an error."""
     import torch
 
     m = len(names)
@@ -754,31 +754,22 @@ def pooled_evidence(evidence: dict, names: list[str], round_index: int, rounds: 
         counts = torch.tensor(entry["counts"], dtype=torch.long)
         k = len(there)
         if (
-            counts.shape != (2, k, k)
+            len(set(there)) != k
+            or counts.shape != (2, k, k)
             or bool((counts < 0).any())
             or bool((counts[1] > counts[0]).any())
         ):
             raise ValueError(
                 f"round {r}'s contest_evidence: counts of shape {tuple(counts.shape)} for "
-                f"{k} teachers, or contests above the wins they contest; expected [2, {k}, "
-                f"{k}] non-negative counts. The round manifest is corrupt: rerun round {r}"
+                f"teachers {there}, a teacher twice, or contests above the wins they contest; "
+                f"expected [2, {k}, {k}] non-negative counts for distinct teachers. The "
+                f"round manifest is corrupt: rerun round {r}"
             )
         at = [there.index(n) if n in there else -1 for n in names]
         for j, a in enumerate(at):
             for i, b in enumerate(at):
                 if a >= 0 and b >= 0 and i != j:
                     out[:, j, i] += counts[:, a, b]
-    return out
-
-
-def pooled_rates(counts, names: list[str]) -> dict[str, float]:
-    """`contest_pooled.<id>`: the lowest share of a teacher's pooled wins any peer that
-    could contest them contested (`contest_bar`'s evidence under 'all'); 0 without any."""
-    n, c = counts[0].float(), counts[1].float()
-    out = {}
-    for i, name in enumerate(names):
-        peers = [j for j in range(len(names)) if j != i and n[j, i] > 0]
-        out[f"contest_pooled.{name}"] = min((float(c[j, i] / n[j, i]) for j in peers), default=0.0)
     return out
 
 
@@ -988,7 +979,7 @@ def _distill(
                                  foreign=foreign, contest_earlier=earlier)  # fmt: skip
     choice = store.scoped(student_id).put_tensors({"choice": info["ask_choice"].int()})
     chosen = selection_stats(
-        info["teacher_index"], sent, [t["teacher"] for t in teachings_manifests],
+        info["teacher_index"], sent, names,
         int(info["n_rejected"]), coherent=coherent, n_reserved=int(info["n_reserved"]),
         n_invariant=int(info["n_invariant"]),
         flagged=info["flagged"].tolist() if d.invariance_share > 0 else None,
@@ -1037,7 +1028,8 @@ def _distill(
         taught["contest_evidence"] = {
             "teachers": names, "counts": info["contest_evidence"].tolist()
         }  # fmt: skip
-        metrics.update(pooled_rates(earlier + info["contest_evidence"], names))
+        for name, v in zip(names, info["contest_pooled"].tolist(), strict=True):
+            metrics[f"contest_pooled.{name}"] = v  # the lowest pooled share among its peers
     return save_model(store, student_id, engine.hf_model), metrics, engine.hf_model, taught
 
 

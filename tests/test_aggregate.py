@@ -1416,35 +1416,39 @@ def test_the_contest_is_rank_selection_s_rule():
     assert torch.equal(on["ask_choice"], off["ask_choice"]) and int(on["n_contested"]) == 0
 
 
-def test_contest_bar_needs_two_peers_each_contesting_a_share_of_its_wins():
-    from flminillm.aggregate import contest_bar
+def _bar(c, best, share, able=None, peers="two", earlier=None):
+    """`contest_bar` on a round's contests `c` [M, A] and winners `best` [A]."""
+    from flminillm.aggregate import contest_bar, contest_counts
 
+    able = torch.ones(c.shape[0], dtype=torch.bool) if able is None else able
+    return contest_bar(contest_counts(c, best, able), share, able, peers, earlier=earlier)
+
+
+def test_contest_bar_needs_two_peers_each_contesting_a_share_of_its_wins():
     best = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
     c = torch.zeros(3, 8, dtype=torch.bool)
     c[0, 4] = c[1, 5] = True  # teacher 2's wins: one of four contested by each of 0 and 1
     c[2, 0] = c[2, 1] = c[2, 2] = True  # 2 contests every win of 0 and one of 1's: one peer
-    assert contest_bar(c, best, 0.2).tolist() == [False, False, True]
-    assert contest_bar(c, best, 0.25).tolist() == [False, False, False]  # not above the share
-    assert not bool(contest_bar(c[:2, :4], best[:4], 0.0).any())  # two teachers: never
+    assert _bar(c, best, 0.2).tolist() == [False, False, True]
+    assert _bar(c, best, 0.25).tolist() == [False, False, False]  # not above the share
+    assert not bool(_bar(c[:2, :4], best[:4], 0.0).any())  # two teachers: never
 
 
 def test_contest_bar_by_all_peers_asks_every_peer_that_may_contest():
     """`contest_bar_peers` 'all': two look-alike experts contesting a third teacher do not bar
     it while a fourth that may contest does not; a peer that may not contest (barred,
     quarantined, another tokenizer) is not asked; never fewer than two peers."""
-    from flminillm.aggregate import contest_bar
-
     best = torch.tensor([0, 1, 2, 3, 3, 3, 3])
     c = torch.zeros(4, 7, dtype=torch.bool)
     c[0, 3] = c[1, 4] = True  # teacher 3's wins: a quarter each contested by 0 and 1, not by 2
-    assert contest_bar(c, best, 0.2).tolist() == [False, False, False, True]
-    assert contest_bar(c, best, 0.2, peers="all").tolist() == [False] * 4
+    assert _bar(c, best, 0.2).tolist() == [False, False, False, True]
+    assert _bar(c, best, 0.2, peers="all").tolist() == [False] * 4
     unable = torch.tensor([True, True, False, True])
-    assert contest_bar(c, best, 0.2, able=unable, peers="all").tolist() == [False] * 3 + [True]
+    assert _bar(c, best, 0.2, able=unable, peers="all").tolist() == [False] * 3 + [True]
     c[2, 5] = True  # now every peer contests
-    assert contest_bar(c, best, 0.2, peers="all").tolist() == [False] * 3 + [True]
+    assert _bar(c, best, 0.2, peers="all").tolist() == [False] * 3 + [True]
     alone = torch.tensor([True, False, False, True])  # one peer left: never barred
-    assert not bool(contest_bar(c, best, 0.0, able=alone, peers="all").any())
+    assert not bool(_bar(c, best, 0.0, able=alone, peers="all").any())
 
 
 def test_contest_bar_pools_earlier_rounds_per_pair():
@@ -1453,18 +1457,18 @@ def test_contest_bar_pools_earlier_rounds_per_pair():
     they were above is pooled. The pooled evidence adds bars, never removes one: a teacher
     whose earlier rounds were clean is still barred by this round's contests. The counts
     are per pair: a peer that could not contest adds no wins."""
-    from flminillm.aggregate import contest_bar, contest_counts
+    from flminillm.aggregate import contest_counts
 
     best = torch.tensor([0] * 10 + [1] * 10 + [2] * 25)
     c = torch.zeros(3, 45, dtype=torch.bool)
     c[0, 20] = c[1, 21] = True  # 1 of teacher 2's 25 wins each: 4%
-    assert contest_bar(c, best, 0.05, peers="all").tolist() == [False, False, False]
+    assert _bar(c, best, 0.05, peers="all").tolist() == [False, False, False]
     counts = contest_counts(c, best, torch.ones(3, dtype=torch.bool))
     assert counts[0].tolist() == [[0, 10, 25], [10, 0, 25], [10, 10, 0]]
     assert counts[1].tolist() == [[0, 0, 1], [0, 0, 1], [0, 0, 0]]
     earlier = torch.zeros(2, 3, 3, dtype=torch.long)
     earlier[0, :2, 2], earlier[1, :2, 2] = 25, 3  # 12% of its wins the round before
-    assert contest_bar(c, best, 0.05, peers="all", earlier=earlier).tolist() == [
+    assert _bar(c, best, 0.05, peers="all", earlier=earlier).tolist() == [
         False, False, True]  # fmt: skip
     # teacher 0 contested on 2 of 10 wins by both peers this round (20%), on none of its 50
     # wins before (2 of 60 pooled, 3.3%): barred by this round's evidence all the same
@@ -1473,15 +1477,25 @@ def test_contest_bar_pools_earlier_rounds_per_pair():
     clean = torch.zeros(2, 3, 3, dtype=torch.long)
     clean[0, 1:, 0] = 50
     for e in (None, clean):
-        assert contest_bar(h, best, 0.05, peers="all", earlier=e).tolist() == [True, False, False]
+        assert _bar(h, best, 0.05, peers="all", earlier=e).tolist() == [True, False, False]
     # a peer that could not contest this round: no wins counted for it
     unable = contest_counts(c, best, torch.tensor([True, False, True]))
     assert unable[0, 1].tolist() == [0, 0, 0] and unable[1, 1].tolist() == [0, 0, 0]
+    # pooled, a peer counts only while it may contest now: four teachers, teacher 3 barred
+    # this round; every peer contested teacher 2 above the share before
+    best4 = torch.tensor([0] * 10 + [1] * 10 + [2] * 25)
+    c4 = torch.zeros(4, 45, dtype=torch.bool)
+    now = torch.tensor([True, True, True, False])
+    before = torch.zeros(2, 4, 4, dtype=torch.long)
+    before[0, [0, 1, 3], 2], before[1, [0, 1, 3], 2] = 25, 5  # 20% each
+    assert _bar(c4, best4, 0.05, now, "all", before).tolist() == [False, False, True, False]
+    before[1, 1, 2] = 0  # teacher 1, who may contest now, never did: not barred by 0 and 3
+    assert _bar(c4, best4, 0.05, now, "all", before).tolist() == [False] * 4
     from flminillm.lineage import selection_line
 
     line = selection_line({"selected.carol": 0.0, "contest_barred.carol": 1.0,
                            "contest_pooled.carol": 0.07})  # fmt: skip
-    assert "(barred: its peers contest its answers, at least 7% of its wins over the" in line
+    assert "(barred: its peers contest its answers; pooled over rounds: 7% of its wins)" in line
 
 
 def test_a_liar_two_experts_contest_is_barred_for_the_round():

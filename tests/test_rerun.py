@@ -279,17 +279,26 @@ def test_a_barred_teacher_counts_as_an_absent_client_with_no_past(tiny_config, t
     assert on["selected.alice"] < off["selected.alice"]
 
 
-def test_the_server_pools_contest_counts_across_rounds(tiny_config, tmp_path):
+def test_the_server_pools_contest_counts_across_rounds(tiny_config, tmp_path, monkeypatch):
     """distill.contest_bar_rounds: the server's distill step hands its round's contest
     counts to evaluate, which keeps them in the round manifest (`contest_evidence`, per
-    round); the next round's bar reads them back, summed per pair
-    (`steps.pooled_evidence`), and `contest_pooled.<id>` is the share over both rounds.
-    Corrupt counts in a manifest are an error naming the round to rerun."""
+    round); the next round's bar is given them (`steps.pooled_evidence`: summed per pair,
+    matched by name) and `contest_pooled.<id>` is the share over both rounds. Corrupt
+    counts in a manifest are an error naming the round to rerun."""
     import torch
 
+    import flminillm.aggregate as aggregate
     from flminillm.artifacts import open_store_for
-    from flminillm.steps import pooled_evidence, pooled_rates
+    from flminillm.steps import pooled_evidence
 
+    given = []
+    bar = aggregate.contest_bar
+
+    def spy(counts, share, able, peers="two", earlier=None):
+        given.append((counts.clone(), None if earlier is None else earlier.clone()))
+        return bar(counts, share, able, peers, earlier=earlier)
+
+    monkeypatch.setattr(aggregate, "contest_bar", spy)
     distill = tiny_config.distill.model_copy(update={"contest_bar_rounds": 2})
     cfg, _ = isolated_config(tiny_config, tmp_path, "pooled", distill=distill, rounds=2)
     states = inprocess_states(cfg)
@@ -299,17 +308,30 @@ def test_the_server_pools_contest_counts_across_rounds(tiny_config, tmp_path):
     counts = [torch.tensor(second[r]["counts"]) for r in ("1", "2")]
     for t in counts:
         assert t.shape == (2, 2, 2) and int(t[0].sum()) > 0  # each won prompts the other saw
+    # the server's bar: round 1 with no earlier counts, round 2 with round 1's
+    server = [(c, e) for c, e in given if c.shape == (2, 2, 2) and e is not None]
+    assert len(server) == 2
+    assert torch.equal(server[0][0], counts[0]) and int(server[0][1].sum()) == 0
+    assert torch.equal(server[1][0], counts[1]) and torch.equal(server[1][1], counts[0])
     (rec,) = open_store_for(cfg).list_records(
         f"{cfg.federation_id()}/round-0002/distill.server.json"
     )
-    both = pooled_evidence(second, ["alice", "bob"], 3, 2) + counts[0]  # rounds 1 and 2
-    assert torch.equal(pooled_evidence(second, ["alice", "bob"], 2, 2), counts[0])
-    for k, v in pooled_rates(both, ["alice", "bob"]).items():
-        assert rec["metrics"][k] == pytest.approx(v)
-    # teachers matched by name; one absent from an earlier round adds nothing
-    only_bob = pooled_evidence(second, ["bob", "carol"], 2, 2)
-    assert only_bob.tolist() == [[[0, 0], [0, 0]], [[0, 0], [0, 0]]]
-    assert pooled_evidence(second, ["alice", "bob"], 2, 1).sum() == 0  # this round only
+    both = (counts[0] + counts[1]).float()
+    for i, name in enumerate(["alice", "bob"]):
+        j = 1 - i
+        share = float(both[1, j, i] / both[0, j, i]) if both[0, j, i] else 0.0  # no wins: 0
+        assert rec["metrics"][f"contest_pooled.{name}"] == pytest.approx(share)
+    # the window: round 3 of 2 pools round 2 only; 1 pools nothing
+    assert torch.equal(pooled_evidence(second, ["alice", "bob"], 3, 2), counts[1])
+    assert pooled_evidence(second, ["alice", "bob"], 2, 1).sum() == 0
+    # teachers matched by name, in any order; one absent from an earlier round adds nothing
+    swapped = pooled_evidence(second, ["bob", "carol", "alice"], 2, 2)
+    assert swapped[:, 0, 2].tolist() == counts[0][:, 1, 0].tolist()  # bob on alice's wins
+    assert swapped[:, 2, 0].tolist() == counts[0][:, 0, 1].tolist()
+    assert int(swapped[:, 1].sum()) == 0 and int(swapped[:, :, 1].sum()) == 0
     bad = {"1": {"teachers": ["alice", "bob"], "counts": [[[0, 1], [1, 0]], [[0, 2], [0, 0]]]}}
     with pytest.raises(ValueError, match="round 1's contest_evidence.*rerun round 1"):
         pooled_evidence(bad, ["alice", "bob"], 2, 2)
+    twice = {"1": {"teachers": ["bob", "bob"], "counts": [[[0, 1], [1, 0]], [[0, 0], [0, 0]]]}}
+    with pytest.raises(ValueError, match="a teacher twice"):
+        pooled_evidence(twice, ["alice", "bob"], 2, 2)

@@ -280,13 +280,16 @@ def _scores(results: dict[str, dict]) -> dict[str, float | None]:
     return {n: validation_score(r) for n, r in results.items() if not n.startswith("_")}
 
 
-def _passes(score: dict[str, float | None], prefix: str, first: str, name: str) -> bool:
+def _passes(score: dict[str, float | None], prefix: str, first: str, name: str,
+            level: bool = False) -> bool:  # fmt: skip
+    """`name` against `first`: above it under the attack (`level`: at least level with it)
+    and clean within 1 point of its clean score."""
     need = (f"{prefix}-{first}", f"clean-{first}", f"{prefix}-{name}", f"clean-{name}")
     if any(score.get(n) is None for n in need):
         return False
-    return (
-        score[f"{prefix}-{name}"] > score[f"{prefix}-{first}"]
-        and score[f"clean-{name}"] >= score[f"clean-{first}"] - 0.01  # scores are fractions
+    attacked, before = score[f"{prefix}-{name}"], score[f"{prefix}-{first}"]
+    return (attacked >= before if level else attacked > before) and (
+        score[f"clean-{name}"] >= score[f"clean-{first}"] - 0.01  # scores are fractions
     )
 
 
@@ -304,14 +307,7 @@ def holds_against(results: dict[str, dict], group: str, name: str, incumbent: st
     candidate `name` of `group`'s grid, its validation score under the attack at least
     `incumbent`'s there, and clean within 1 point of `incumbent`'s clean score."""
     _, prefix, _ = UNDER_ATTACK[group]
-    score = _scores(results)
-    need = (f"{prefix}-{name}", f"{prefix}-{incumbent}", f"clean-{name}", f"clean-{incumbent}")
-    if any(score.get(n) is None for n in need):
-        return False
-    return (
-        score[f"{prefix}-{name}"] >= score[f"{prefix}-{incumbent}"]
-        and score[f"clean-{name}"] >= score[f"clean-{incumbent}"] - 0.01
-    )
+    return _passes(_scores(results), prefix, incumbent, name, level=True)
 
 
 def choose_under_attack(results: dict[str, dict], group: str) -> str | None:
