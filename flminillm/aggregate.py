@@ -374,6 +374,7 @@ def select_teacher_rollouts(
     contest_quantile: float = 1.0,
     contest_p: float = 0.05,
     can_contest: torch.Tensor | None = None,
+    cannot_win: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per teacher-share prompt, keep the answer of the teacher with the highest joint
     log-likelihood log pi_i + log p_i(x) + log p_i(y_i | x): the teacher that knows the
@@ -391,7 +392,9 @@ def select_teacher_rollouts(
     under `rank`, tied claims rank at their lowest (`distill.tie_rank`). `contest_quantile`
     < 1 (under `rank`): `contests` [M, A] marks the teachers (of `can_contest` [M], default
     all) that contest each kept answer (`contests`, `distill.contest_quantile`); a teacher
-    whose own answer the invariance check ruled out does not."""
+    whose own answer the invariance check ruled out does not. `cannot_win` [M] (default:
+    none): teachers whose answers are out of the contest for every prompt (a barred
+    teacher's, under `distill.barred_wins` 'next'); they still contest."""
     width = max(t["own_response_ids"].shape[1] for t in teachings)
     ids = torch.stack(
         [right_pad(t["own_response_ids"].long(), width, 0) for t in teachings]
@@ -413,10 +416,13 @@ def select_teacher_rollouts(
         if rank and bool(flagged.any()):
             fixed = ["own_quantile" in t for t in teachings]
             joint = rank_in_play(joint, raw, flagged, fixed, low_ties)
-    best = cap_selection(joint, cap).masked_fill(flagged, float("-inf")).argmax(0)  # [A]
+    out = flagged
+    if cannot_win is not None:
+        out = flagged | cannot_win.bool()[:, None]
+    best = cap_selection(joint, cap).masked_fill(out, float("-inf")).argmax(0)  # [A]
     by_claim = torch.zeros(best.shape, dtype=torch.bool)
     if rank and cap >= 1.0 and joint_quantile < 1.0:
-        sure = (joint > joint_quantile) & ~flagged  # [M, A]
+        sure = (joint > joint_quantile) & ~out  # [M, A]
         among = claims.masked_fill(~sure, float("-inf")).argmax(0)
         chosen = torch.where(sure.any(0), among, best)
         by_claim = chosen != best
@@ -447,6 +453,19 @@ def select_teacher_rollouts(
         # [M, A] who contested each kept answer (`contests`); a contested prompt is left out
         "contests": contested,
     }
+
+
+# select_teacher_rollouts' fields per teacher and prompt ([M, A]); the rest are per prompt
+PER_TEACHER = ("flagged", "contests")
+
+
+def _where_prompts(at: torch.Tensor, new: dict, old: dict) -> dict[str, torch.Tensor]:
+    """Two selections merged: `new`'s fields where `at` [A], else `old`'s."""
+    out = {}
+    for k, v in old.items():
+        mask = at[None] if k in PER_TEACHER else at.view(-1, *([1] * (v.dim() - 1)))
+        out[k] = torch.where(mask, new[k], v)
+    return out
 
 
 def claim_floor(claims: torch.Tensor, min_claim: float, max_rejected: float) -> float:
@@ -849,7 +868,7 @@ def assemble_batch(
 
     can_contest = torch.tensor(trusted, dtype=torch.bool) & ~barred_t & home
 
-    def select(prior: torch.Tensor) -> dict[str, torch.Tensor]:
+    def select(prior: torch.Tensor, cannot_win=None) -> dict[str, torch.Tensor]:
         return select_teacher_rollouts(
             teachings, prior, use_prompt=posterior,
             cap=cap if method == "capped_mixture" else 1.0, rank=d.selection == "rank",
@@ -857,7 +876,7 @@ def assemble_batch(
             joint_quantile=d.joint_quantile,
             low_ties=d.tie_rank == "low",
             contest_quantile=d.contest_quantile, contest_p=d.contest_p,
-            can_contest=can_contest,
+            can_contest=can_contest, cannot_win=cannot_win,
         )  # fmt: skip
 
     # contested by two peers: barred for the round before its scores count (`contest_bar`;
@@ -914,7 +933,14 @@ def assemble_batch(
         # a capped teacher's answers are selected with the same handicap, and (capped
         # mixture) no teacher supplies more than `cap` of the answers, also when the student
         # has no rollouts of its own to measure the mixture weights on (alpha = 1)
-        sel = select(weights / weights.sum() * torch.exp(-delta))
+        prior = weights / weights.sum() * torch.exp(-delta)
+        sel = select(prior)
+        if d.barred_wins == "next" and bool(barred_t.any()) and not bool(barred_t.all()):
+            # a barred teacher's would-be wins go to the teacher that wins without it
+            # (distill.barred_wins); every other prompt keeps its selection, contests included
+            alt = select(prior, cannot_win=barred_t)
+            moved = barred_t[sel["teacher_index"]]
+            sel = _where_prompts(moved, alt, sel)
         flagged = sel["flagged"].float().mean(1)  # [M] share of each teacher's answers
         free = torch.ones(a, dtype=torch.bool)
         if d.selection == "rank":  # left out for absent teachers (`n_reserved`)

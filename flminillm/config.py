@@ -640,6 +640,19 @@ class DistillConfig(_Strict):
         "(`bench tune` groups tie_rank under the spread liar and tie_rank-clean, "
         "docs/tune-ties) by a rule written before the run.",
     )
+    barred_wins: Literal["leave", "next"] = Field(
+        "leave",
+        description="The prompts a teacher barred for the round (implausible, overclaiming "
+        "or contest-barred) would have won: 'leave', left out of the batch (`implausible`); "
+        "'next', kept with the answer of the teacher that wins without it (judged by "
+        "`min_claim` as any kept answer: where no teacher present knows the prompt it is "
+        "rejected). A liar whose claims rank at random would win about a third of the "
+        "prompts, the honest families' among them: left out, they cost the honest "
+        "families what the liar no longer can (the 3-client noisy liar barred in every "
+        "round still costs 4.5-6 points, docs/results.md stop 41); a liar with one claim "
+        "for everything wins none, and the honest teachers' answers are learned "
+        "everywhere (its cost 1.8). 'leave': the default, as measured before stop 41.",
+    )
     barred_as_absent: bool = Field(
         False,
         description="Count a teacher barred for the round (implausible or overclaiming) as "
@@ -950,6 +963,7 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "contest_leave_out": True,
         "contest_bar_rounds": 1,
         "barred_as_absent": False,
+        "barred_wins": "leave",
         "contest_p": 0.05,
     }
 }

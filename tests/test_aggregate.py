@@ -1498,6 +1498,41 @@ def test_contest_bar_pools_earlier_rounds_per_pair():
     assert "(barred: its peers contest its answers; pooled over rounds: 7% of its wins)" in line
 
 
+def test_a_barred_teacher_s_would_be_wins_go_to_the_next_teacher_under_next():
+    """distill.barred_wins: the noisy liar, barred by its peers' contests, would have won
+    prompts of both experts' domains. 'leave' (the default) leaves them out; 'next' keeps
+    each with the answer of the teacher that wins without the liar: the expert whose domain
+    it is, the right answer. Nothing else changes: the prompts the liar would not have won
+    keep their answers, and a barred teacher never wins."""
+    from flminillm.config import DistillConfig
+
+    a, t = 20, 3
+    teachings, rollouts = _experts_and_a_noisy_liar(seed=1, a=a, t=t), _rollouts(0, a, t, 3)
+    base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_quantile=0.3,
+                contest_bar=0.05, contest_bar_rounds=1)  # fmt: skip
+    leave_b, leave = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(**base))
+    next_b, moved = assemble_batch(rollouts, teachings, torch.ones(3),
+                                   DistillConfig(**base, barred_wins="next"))  # fmt: skip
+    assert leave["contest_barred"].tolist() == moved["contest_barred"].tolist() == [
+        False, False, True]  # fmt: skip
+    out = leave["ask_choice"] == LEFT_OUT
+    assert int(leave["n_implausible"]) == int(out.sum()) > 0 and int(moved["n_implausible"]) == 0
+    assert bool(out[:10].any()) and bool(out[10:].any())  # in both experts' domains
+    expert = (torch.arange(a) >= a // 2).long()  # alice 0-9, bob 10-19
+    assert torch.equal(moved["ask_choice"][out], expert[out])  # the domain's expert
+    assert torch.equal(moved["ask_choice"][~out], leave["ask_choice"][~out])
+    assert not bool((moved["ask_choice"] == 2).any())
+    # the kept answers are the experts' (right) ones: the batch grows by the moved prompts
+    ft = next_b["from_teacher"]
+    assert int(ft.sum()) == int(leave_b["from_teacher"].sum()) + int(out.sum())
+    kept = moved["ask_choice"] >= 0
+    rows = next_b["response_ids"][ft][:, :t]
+    right = torch.stack([teachings[i]["own_response_ids"][p] for p, i in
+                         zip(torch.arange(a)[kept].tolist(), moved["ask_choice"][kept].tolist(),
+                             strict=True)])  # fmt: skip
+    assert torch.equal(rows, right)
+
+
 def test_a_liar_two_experts_contest_is_barred_for_the_round():
     """distill.contest_bar: the noisy-claiming liar of the contest test wins prompts of both
     experts' domains, and each expert contests a share of its wins: it is barred (every

@@ -156,7 +156,12 @@ CONTEST_GRID = [
 # the 3-client liar's at least 2.7% in the rounds it escaped (seed 1's first three). Decided
 # before its runs: it becomes the default only if it passes against 'off' and holds against
 # 'either' (`holds_against`) on both shapes' validation splits, and scores above 'either'
-# under the attack on one.
+# under the attack on one. And 'either-next' ('either' with `barred_wins` 'next': a barred
+# teacher's would-be wins go to the teacher that wins without it), after a reading (not a
+# choice) of the evaluation split's stop-41 runs: the noisy liar barred in every round
+# still cost the honest families 4.5-6 points while 28-31% of each round's prompts, its
+# would-be wins, left the batch (a training statistic, the same in the validation runs);
+# the flat-claimed liars, which win nothing, cost 1.8. The same rule as 'either-0.025'.
 BAR_GRID = [
     ("bar-off", {"contest_quantile": 1.0, "contest_bar": 0.0}),
     ("bar-0.05", CONTEST_BAR["distill"]),
@@ -165,6 +170,9 @@ BAR_GRID = [
                       "contest_leave_out": False}),
     ("bar-either", {**CONTEST_BAR["distill"], "contest_bar_peers": "all",
                     "contest_leave_out": False, "contest_bar_rounds": 6}),
+    ("bar-either-next", {**CONTEST_BAR["distill"], "contest_bar_peers": "all",
+                         "contest_leave_out": False, "contest_bar_rounds": 6,
+                         "barred_wins": "next"}),
     ("bar-either-0.025", {**CONTEST_BAR["distill"], "contest_bar_peers": "all",
                           "contest_leave_out": False, "contest_bar_rounds": 6,
                           "contest_bar": 0.025}),
