@@ -50,6 +50,9 @@ CONTEST_BAR = {
     "distill": {"contest_quantile": 0.75, "contest_bar": 0.05, "contest_bar_peers": "two",
                 "contest_leave_out": True, "contest_bar_rounds": 1}
 }  # fmt: skip
+# the default defence with a barred teacher's would-be wins kept, the answer of the teacher
+# that wins without it (distill.barred_wins 'next'; tried on validation at stop 41)
+BARRED_NEXT = {"distill": {"barred_wins": "next"}}
 # The other defences the faults run under, as `<fault><suffix>` beside `<fault>` (the
 # default defence): {suffix: (overrides, what it is)}. Each comes with `clean<suffix>`, the
 # same without a fault, which flminillm.bench.quality_report measures them against.
@@ -60,6 +63,9 @@ DEFENCES = {
                                       "(and so rank alone among the sure)"),
     "-contest-bar": (CONTEST_BAR, "the default defence plus the peer contest at 0.75 and "
                                   "its bar (two peers contesting over 5% of a teacher's wins)"),
+    "-barred-next": (BARRED_NEXT, "the default defence with a barred teacher's would-be wins "
+                                  "going to the teacher that wins without it "
+                                  "(distill.barred_wins next)"),
 }  # fmt: skip
 DEFENCE_SUFFIXES = tuple(DEFENCES)
 # what `dropout-30` changes besides the drop-out itself: rounds go on with one client
