@@ -425,3 +425,23 @@ def test_the_contest_bar_pooled_over_rounds_holds_against_stop_40s_on_both_shape
     for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill,
                     load_config(ROOT / "configs" / "benchmark-5clients.yaml").distill):  # fmt: skip
         assert {k: getattr(distill, k) for k in chosen} == chosen
+
+
+def test_barred_wins_next_passes_stop_41s_rule_on_both_shapes_and_is_not_yet_the_default():
+    """Stop 41 (BAR_GRID's comment): 'either-next' (a barred teacher's would-be wins to the
+    teacher that wins without it) passes against 'off', holds against 'either' on both
+    shapes' validation splits and beats it on both; the lower share 'either-0.025' fails
+    on the first shape. 'next' is not the default yet (the barred attackers are not
+    re-measured under it): DistillConfig's barred_wins is 'leave'."""
+    for doc, config in (("tune-barred-next", "configs/benchmark.yaml"),
+                        ("tune-barred-next-5clients", "configs/benchmark-5clients.yaml")):  # fmt: skip
+        results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
+        assert results["_meta"]["split"] == "validation" and config in results["_meta"]["command"]
+        assert passes_under_attack(results, "contest_bar", "bar-either-next")
+        assert holds_against(results, "contest_bar", "bar-either-next", "bar-either")
+        assert validation_score(results["noisy-bar-either-next"]) > validation_score(
+            results["noisy-bar-either"]
+        )
+    lower = json.loads((ROOT / "docs" / "tune-contest-bar-0.025" / "tune.json").read_text())
+    assert not holds_against(lower, "contest_bar", "bar-either-0.025", "bar-either")
+    assert DistillConfig().barred_wins == "leave"
