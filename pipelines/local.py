@@ -4,9 +4,12 @@ import builtins
 import contextlib
 import functools
 import json
+import logging
 import os
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +68,113 @@ def patch_kfp_local_indented_print() -> None:
     indented_print._flminillm_patched = True
     logging_utils.indented_print = indented_print
     builtins.print = _ORIGINAL_PRINT
+
+
+def patch_kfp_local_logger_context() -> None:
+    """Work around a kfp.local 2.17.3 bug: `logging_utils.local_logger_context`, entered by
+    every task, saves the root logger's handlers, installs its own and restores the saved
+    ones on exit. Tasks that run in parallel threads save each other's handlers, so the root
+    logger can be left with a handler of a finished task (bound to the stdout of that
+    moment), and an error a thread logs while another task runs goes wherever that task's
+    handler points. Here the first task in installs the handler and the last one out
+    restores the root logger."""
+    from kfp.local import logging_utils
+
+    if getattr(logging_utils.local_logger_context, "_flminillm_patched", False):
+        return
+    lock, depth, saved = threading.Lock(), [0], {}
+
+    @contextlib.contextmanager
+    def local_logger_context():
+        root = logging.getLogger()
+        with lock:
+            if depth[0] == 0:
+                saved.update(level=root.level, handlers=root.handlers[:])
+                handler = logging.StreamHandler(sys.stdout)
+                handler.setFormatter(
+                    logging_utils.MillisecondFormatter(
+                        fmt="%(asctime)s - %(levelname)s - %(message)s", datefmt="%H:%M:%S.%f"
+                    )
+                )
+                root.handlers.clear()
+                root.addHandler(handler)
+                root.setLevel(logging.INFO)
+            depth[0] += 1
+        try:
+            yield
+        finally:
+            with lock:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    root.setLevel(saved["level"])
+                    root.handlers.clear()
+                    for h in saved["handlers"]:
+                        root.addHandler(h)
+
+    local_logger_context._flminillm_patched = True
+    logging_utils.local_logger_context = local_logger_context
+
+
+@dataclass(frozen=True)
+class TaskError:
+    """An exception raised inside kfp.local's orchestrator while it ran a task."""
+
+    task: str
+    error: str
+    traceback: str
+
+
+_TASK_ERRORS: list[TaskError] = []
+
+
+def patch_kfp_local_task_errors() -> None:
+    """Work around a kfp.local 2.17.3 gap: an exception raised while the orchestrator runs a
+    task (not the task's own failure: kfp.local's code around it, or ours that observes it)
+    inside a ParallelFor fails the pipeline with the iteration's name only ("Inner task
+    failed: 'for-loop-1-iteration-1'"), the exception itself logged from a worker thread.
+    Here the innermost task's exception is recorded, for `task_errors` to report."""
+    from kfp.local.orchestrator import enhanced_dag_orchestrator as dag
+
+    original = dag.execute_task
+    if getattr(original, "_flminillm_patched", False):
+        return
+
+    @functools.wraps(original)
+    def execute_task(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except Exception as e:
+            if not getattr(e, "_flminillm_recorded", False):  # the innermost task only
+                name = kwargs.get("task_name", args[0] if args else "?")
+                _TASK_ERRORS.append(
+                    TaskError(str(name), f"{type(e).__name__}: {e}", traceback.format_exc())
+                )
+                e._flminillm_recorded = True
+            raise
+
+    execute_task._flminillm_patched = True
+    dag.execute_task = execute_task
+
+
+@contextlib.contextmanager
+def task_errors() -> Iterator[None]:
+    """A pipeline that fails in the block with orchestrator exceptions (TaskError) recorded is
+    re-raised with them in its message, their tracebacks printed to stdout (the run's log):
+    kfp.local's own message names only the task around them."""
+    patch_kfp_local_task_errors()
+    start = len(_TASK_ERRORS)
+    try:
+        yield
+    except Exception as err:
+        seen = _TASK_ERRORS[start:]
+        if not seen:
+            raise
+        for e in seen:
+            print(f"kfp.local raised in task {e.task}:\n{e.traceback}")
+        what = "; ".join(f"{e.task} raised {e.error}" for e in seen)
+        raise RuntimeError(f"{err} ({what})") from err
+    finally:
+        del _TASK_ERRORS[start:]
 
 
 @dataclass(frozen=True)
@@ -152,7 +262,11 @@ def patch_kfp_local_task_events() -> None:
                 seconds=time.time() - started, cached=bool(getattr(_CACHE_HIT, "value", False)),
             )  # fmt: skip
             for observer in list(_OBSERVERS):
-                observer(event)
+                try:  # progress and MLflow lines: never the task's failure
+                    observer(event)
+                except Exception as e:  # noqa: BLE001
+                    print(f"warning: task observer {getattr(observer, '__name__', observer)} "
+                          f"failed on {event.step}: {type(e).__name__}: {e}", file=sys.stderr)  # fmt: skip
         return outputs, task_status
 
     execute._flminillm_patched = True
@@ -198,6 +312,8 @@ def init_local(pipeline_root: str | Path, cache: bool) -> None:
     root.mkdir(parents=True, exist_ok=True)
     patch_kfp_local_loop_inputs()
     patch_kfp_local_indented_print()
+    patch_kfp_local_logger_context()
+    patch_kfp_local_task_errors()
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(root),
@@ -224,7 +340,7 @@ def run_local(
     os.environ[THREADS_ENV] = str(max(1, (os.cpu_count() or 1) // par))
     pipeline = build_federation_pipeline(cfg, parallelism=par)
     # every task still runs in its own process; its step runs in a warm fork (stepserver.py)
-    with deployment_env(cfg), warm_steps(cfg.runner.warm_steps):
+    with deployment_env(cfg), warm_steps(cfg.runner.warm_steps), task_errors():
         task = pipeline(
             experiment_json=cfg.experiment_json(),
             run_label=run_label,

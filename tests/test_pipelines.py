@@ -51,6 +51,47 @@ def test_local_runner_resolves_upstream_outputs_inside_parallel_for(tmp_path):
     assert builtins.print is before
 
 
+def test_local_runner_reports_what_raised_inside_a_parallel_for(tmp_path, monkeypatch):
+    """kfp.local 2.17.3 fails a pipeline whose orchestrator raises around one loop iteration's
+    task with the iteration's name only ("Inner task failed: 'for-loop-2-iteration-1'"),
+    the exception logged from a worker thread (in a federation: to the run's log file).
+    `task_errors` puts the innermost task and its exception in the error; an observer of
+    tasks (the progress lines, MLflow) that raises never fails a task; and parallel tasks
+    leave the root logger's handlers as they found them."""
+    import logging
+
+    import pytest
+    from kfp.local import task_dispatcher
+
+    from pipelines.local import init_local, observing_tasks, task_errors
+
+    init_local(tmp_path, cache=False)
+    handlers = logging.getLogger().handlers[:]
+
+    def broken_observer(event):
+        raise ValueError("the progress line broke")
+
+    with observing_tasks(broken_observer):
+        assert _loop_pipeline().output == "[[hello|u]|hello],[[hello|v]|hello]"
+    assert logging.getLogger().handlers == handlers
+
+    original = task_dispatcher.run_single_task_implementation
+
+    def flaky(**kwargs):
+        if kwargs["arguments"].get("p") == "v":
+            raise OSError("executor output vanished")
+        return original(**kwargs)
+
+    monkeypatch.setattr(task_dispatcher, "run_single_task_implementation", flaky)
+    with pytest.raises(RuntimeError) as info, task_errors():
+        _loop_pipeline()
+    message = str(info.value)
+    assert "iteration-1" in message  # kfp.local's own words, kept
+    assert "raised OSError: executor output vanished" in message
+    assert message.count("raised") == 1  # the innermost task, not each DAG around it
+    assert logging.getLogger().handlers == handlers
+
+
 def test_federation_compiles_and_loads_back(tiny_config, tmp_path):
     from kfp import compiler, components
 
