@@ -62,11 +62,19 @@ def failure_summary(cfg: Config, since: float) -> str:
 QUIET_LOGGERS = ("mlflow", "alembic", "kfp", "urllib3", "botocore", "DeepSpeed")
 
 
+_REDIRECTED: set[Path] = set()  # the logs that output_to sends this process's output to now
+
+
 @contextlib.contextmanager
 def output_to(log_path: Path, verbose: bool) -> Iterator[None]:
     """Everything the run prints (the tasks' output through kfp.local, warnings, library
-    logs) goes to `log_path`, unless `verbose`."""
-    if verbose:
+    logs) goes to `log_path`, unless `verbose`. Inside a block that already sends it there
+    (a task observer logging to MLflow during the run), nothing changes: sys.stdout is the
+    whole process's, and kfp.local's threads print their tasks' output to it all along; a
+    second file put there and closed under them failed a task's thread with "write to
+    closed file" (the federation with it: CI at stop 41)."""
+    key = Path(log_path).resolve()
+    if verbose or key in _REDIRECTED:
         yield
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,10 +82,12 @@ def output_to(log_path: Path, verbose: bool) -> Iterator[None]:
     with open(log_path, "a", buffering=1) as log:
         for name in QUIET_LOGGERS:  # their handlers hold the terminal: quiet them instead
             logging.getLogger(name).setLevel(logging.WARNING)
+        _REDIRECTED.add(key)
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 yield
         finally:
+            _REDIRECTED.discard(key)
             for name, level in levels.items():
                 logging.getLogger(name).setLevel(level)
 

@@ -92,6 +92,34 @@ def test_local_runner_reports_what_raised_inside_a_parallel_for(tmp_path, monkey
     assert logging.getLogger().handlers == handlers
 
 
+@dsl.component
+def _half_a_character(p: str) -> str:
+    import sys
+
+    sys.stdout.flush()
+    sys.stdout.buffer.write(b"a progress bar cut in two: \xe2\x96\n")  # half of U+2588
+    sys.stdout.flush()
+    return p
+
+
+@dsl.pipeline
+def _cut_output_pipeline() -> str:
+    with dsl.ParallelFor(_items().output) as p:
+        t = _half_a_character(p=p)
+    return _join(xs=dsl.Collected(t.output)).output
+
+
+def test_a_task_whose_output_is_not_utf8_still_runs(tmp_path):
+    """kfp.local 2.17.3 decodes a task's output strictly in the orchestrator's thread: bytes
+    that are not UTF-8 (a character cut in two where a step's stdout and stderr interleave
+    on their pipe) failed the pipeline, in a ParallelFor with "Inner task failed:
+    'for-loop-1-iteration-1'" alone. The output is a log: its bad bytes are replaced."""
+    from pipelines.local import init_local
+
+    init_local(tmp_path, cache=False)
+    assert _cut_output_pipeline().output == "u,v"
+
+
 def test_federation_compiles_and_loads_back(tiny_config, tmp_path):
     from kfp import compiler, components
 
@@ -150,3 +178,51 @@ def test_kfp_round_and_in_process_round_give_the_same_models(tiny_config, tmp_pa
     assert under_kfp["eval"] == direct["eval"]
     assert set(under_kfp["models"]) == {p.id for p in cfg.parties}
     assert sent["server"]["sent"] > 0 and sent["alice"]["received"] > 0
+
+
+def test_logging_during_a_run_never_closes_the_output_under_the_tasks(tmp_path):
+    """`flminillm run` sends the process's output to the run's log while kfp.local's threads
+    print their tasks' output, and its task observer logs each finished step to MLflow inside
+    output_to again. That inner block used to put a second file on sys.stdout and close it
+    under the other threads: a task's thread failed with "write to closed file" and the
+    federation with it (CI at stop 41, "Inner task failed: 'for-loop-1-iteration-1'"). The
+    same threads here: two print as kfp.local's task readers do, one enters and leaves the
+    block as the observer does."""
+    import sys
+    import threading
+    import time
+
+    from flminillm.runs import output_to
+
+    log = tmp_path / "logs" / "run.log"
+    errors, done = [], []
+
+    def task_reader() -> None:
+        i = 0
+        while not done:
+            try:
+                print(f"a task's line {i} {'x' * 100}\n", end="")
+            except Exception as e:  # noqa: BLE001 - what the test looks for
+                errors.append(repr(e))
+                return
+            i += 1
+
+    def observer() -> None:
+        for _ in range(3000):
+            with output_to(log, verbose=False):
+                time.sleep(0.0002)
+        done.append(True)
+
+    before = sys.stdout
+    with output_to(log, verbose=False):
+        outer = sys.stdout
+        threads = [threading.Thread(target=task_reader) for _ in range(2)]
+        threads.append(threading.Thread(target=observer))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sys.stdout is outer and not outer.closed
+    assert sys.stdout is before
+    assert errors == []
+    assert "a task's line 0 " in log.read_text()
