@@ -101,6 +101,9 @@ def _run_call(conn: socket.socket, handler: Callable[[dict], Any]) -> None:
     for fd, target in zip(fds, (1, 2), strict=True):
         os.dup2(fd, target)
         os.close(fd)
+    # the task's stdout and stderr are one pipe: a line at a time, so that a block of one
+    # (over the pipe's atomic write size) is not cut by a line of the other
+    sys.stdout.reconfigure(line_buffering=True)
     try:
         reply = {"ok": True, "result": handler(request["payload"])}
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the task

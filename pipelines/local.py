@@ -115,6 +115,37 @@ def patch_kfp_local_logger_context() -> None:
     logging_utils.local_logger_context = local_logger_context
 
 
+def patch_kfp_local_task_output() -> None:
+    """Work around a kfp.local 2.17.3 bug: the SubprocessRunner reads a task's output (its
+    stdout and stderr, one pipe) as strict UTF-8 in the orchestrator's thread, so output it
+    cannot decode raises there and fails the pipeline, not the task (in a ParallelFor, as
+    "Inner task failed: 'for-loop-1-iteration-1'" and nothing else). A step's stdout and
+    stderr are two writers on that pipe: under load a block of one (over the pipe's atomic
+    write size) can be split by a line of the other, cutting a character such as a progress
+    bar's in two. The output is only a log; undecodable bytes become U+FFFD."""
+    import subprocess
+
+    from kfp.local import subprocess_task_handler
+
+    if getattr(subprocess_task_handler.run_local_subprocess, "_flminillm_patched", False):
+        return
+
+    def run_local_subprocess(full_command: list[str], env_vars: dict | None = None) -> int:
+        env = {**os.environ, **env_vars} if env_vars else None
+        with subprocess.Popen(
+            full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            encoding="utf-8", errors="replace", bufsize=1, env=env,
+        ) as process:  # fmt: skip
+            if process.stdout:
+                for line in iter(process.stdout.readline, ""):
+                    print(line, end="")
+                print("\n")
+            return process.wait()
+
+    run_local_subprocess._flminillm_patched = True
+    subprocess_task_handler.run_local_subprocess = run_local_subprocess
+
+
 @dataclass(frozen=True)
 class TaskError:
     """An exception raised inside kfp.local's orchestrator while it ran a task."""
@@ -314,6 +345,7 @@ def init_local(pipeline_root: str | Path, cache: bool) -> None:
     patch_kfp_local_indented_print()
     patch_kfp_local_logger_context()
     patch_kfp_local_task_errors()
+    patch_kfp_local_task_output()
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(root),
