@@ -641,7 +641,7 @@ class DistillConfig(_Strict):
         "docs/tune-ties) by a rule written before the run.",
     )
     barred_wins: Literal["leave", "next"] = Field(
-        "leave",
+        "next",
         description="The prompts a teacher barred for the round (implausible, overclaiming "
         "or contest-barred) would have won: 'leave', left out of the batch (`implausible`); "
         "'next', kept with the answer of the teacher that wins without it (judged by "
@@ -651,7 +651,11 @@ class DistillConfig(_Strict):
         "families what the liar no longer can (the 3-client noisy liar barred in every "
         "round still costs 4.5-6 points, docs/results.md stop 41); a liar with one claim "
         "for everything wins none, and the honest teachers' answers are learned "
-        "everywhere (its cost 1.8). 'leave': the default, as measured before stop 41.",
+        "everywhere (its cost 1.8). 'next' is the default since stop 42, chosen on both "
+        "shapes' validation splits by the rule written before its runs "
+        "(docs/tune-barred-next: 44.8 against 'leave''s 43.8 under the noisy liar; "
+        "docs/tune-barred-next-5clients: 43.4 against 39.2; clean the same runs on both); "
+        "'leave' is what every run before stop 42 measured.",
     )
     barred_as_absent: bool = Field(
         False,

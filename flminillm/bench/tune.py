@@ -163,7 +163,7 @@ CONTEST_GRID = [
 # would-be wins, left the batch (a training statistic, the same in the validation runs);
 # the flat-claimed liars, which win nothing, cost 1.8. The same rule as 'either-0.025'.
 BAR_GRID = [
-    ("bar-off", {"contest_quantile": 1.0, "contest_bar": 0.0}),
+    ("bar-off", {"contest_quantile": 1.0, "contest_bar": 0.0, "barred_wins": "leave"}),
     ("bar-0.05", CONTEST_BAR["distill"]),
     ("bar-all", {**CONTEST_BAR["distill"], "contest_bar_peers": "all"}),
     ("bar-all-kept", {**CONTEST_BAR["distill"], "contest_bar_peers": "all",

@@ -35,12 +35,14 @@ UNDEFENDED = {
     "distill": {"selection": "joint", "min_claim": 0.0, "stale_share": 0.0,
                 "invariance_share": 0.0, "plausibility_margin": 0.0, "joint_quantile": 1.0,
                 "max_claim_sum": 0.0, "max_prompt_claim_sum": 0.0, "tie_rank": "mean",
-                "contest_quantile": 1.0, "contest_bar": 0.0}
+                "contest_quantile": 1.0, "contest_bar": 0.0, "barred_wins": "leave"}
 }  # fmt: skip
 # the default defence without the input-invariance check (distill.invariance_share 0;
 # flminillm.aggregate.invariant_answers): what the check buys against the backdoor and
 # what it costs a clean federation; claims among the sure need the check (joint_quantile 1)
-NO_INVARIANCE = {"distill": {"invariance_share": 0.0, "joint_quantile": 1.0}}
+NO_INVARIANCE = {
+    "distill": {"invariance_share": 0.0, "joint_quantile": 1.0, "barred_wins": "leave"}
+}
 # the default defence plus two peers' contests barring a teacher for the round
 # (distill.contest_bar with the peer contest at 0.75; chosen on the 3-client validation
 # split, docs/tune-contest-bar, stop 39; not the default: on the 5-client benchmark honest
@@ -48,10 +50,12 @@ NO_INVARIANCE = {"distill": {"invariance_share": 0.0, "joint_quantile": 1.0}}
 # default since is its refinement, contest_bar_peers 'all' and contest_leave_out off)
 CONTEST_BAR = {
     "distill": {"contest_quantile": 0.75, "contest_bar": 0.05, "contest_bar_peers": "two",
-                "contest_leave_out": True, "contest_bar_rounds": 1}
+                "contest_leave_out": True, "contest_bar_rounds": 1, "barred_wins": "leave"}
 }  # fmt: skip
 # the default defence with a barred teacher's would-be wins kept, the answer of the teacher
-# that wins without it (distill.barred_wins 'next'; tried on validation at stop 41)
+# that wins without it (distill.barred_wins 'next'; tried on validation at stop 41, the
+# default since stop 42: these runs are the default's, under the names they were measured
+# with). UNDEFENDED, NO_INVARIANCE and CONTEST_BAR pin 'leave', as they were measured.
 BARRED_NEXT = {"distill": {"barred_wins": "next"}}
 # The other defences the faults run under, as `<fault><suffix>` beside `<fault>` (the
 # default defence): {suffix: (overrides, what it is)}. Each comes with `clean<suffix>`, the
