@@ -860,7 +860,8 @@ def test_a_barred_teacher_s_prompts_leave_the_batch_and_its_scores_the_mixture()
 
     n, a, t, s = 3, 6, 5, 9
     rollouts, teachings = _two_scoring_teachers(n, a, t, s, seed=3)
-    d = DistillConfig(min_claim=0.0, **NO_CONTEST)  # every answer kept but the barred one's
+    # every answer kept but the barred one's ('leave': the default before stop 42)
+    d = DistillConfig(min_claim=0.0, barred_wins="leave", **NO_CONTEST)
     _, free = assemble_batch(rollouts, teachings, torch.ones(2), d)
     won = free["ask_choice"] == 1
     assert bool(won.any()) and bool((free["ask_choice"] == 0).any())
@@ -1500,7 +1501,7 @@ def test_contest_bar_pools_earlier_rounds_per_pair():
 
 def test_a_barred_teacher_s_would_be_wins_go_to_the_next_teacher_under_next():
     """distill.barred_wins: the noisy liar, barred by its peers' contests, would have won
-    prompts of both experts' domains. 'leave' (the default) leaves them out; 'next' keeps
+    prompts of both experts' domains. 'leave' leaves them out; 'next' (the default) keeps
     each with the answer of the teacher that wins without the liar: the expert whose domain
     it is, the right answer. Nothing else changes: the prompts the liar would not have won
     keep their answers, and a barred teacher never wins."""
@@ -1510,7 +1511,8 @@ def test_a_barred_teacher_s_would_be_wins_go_to_the_next_teacher_under_next():
     teachings, rollouts = _experts_and_a_noisy_liar(seed=1, a=a, t=t), _rollouts(0, a, t, 3)
     base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_quantile=0.3,
                 contest_bar=0.05, contest_bar_rounds=1)  # fmt: skip
-    leave_b, leave = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(**base))
+    leave_b, leave = assemble_batch(rollouts, teachings, torch.ones(3),
+                                    DistillConfig(**base, barred_wins="leave"))  # fmt: skip
     next_b, moved = assemble_batch(rollouts, teachings, torch.ones(3),
                                    DistillConfig(**base, barred_wins="next"))  # fmt: skip
     assert leave["contest_barred"].tolist() == moved["contest_barred"].tolist() == [
@@ -1545,7 +1547,8 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     a, t = 20, 3
     teachings, rollouts = _experts_and_a_noisy_liar(seed=1, a=a, t=t), _rollouts(0, a, t, 3)
     base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_quantile=0.3,
-                contest_bar_peers="two", contest_leave_out=True)  # stop 39's  # fmt: skip
+                contest_bar_peers="two", contest_leave_out=True,
+                barred_wins="leave")  # stop 39's  # fmt: skip
     _, free = assemble_batch(rollouts, teachings, torch.ones(3),
                              DistillConfig(**base, contest_bar=0.0))  # fmt: skip
     won = free["ask_choice"] == LEFT_OUT  # the liar's contested wins, left out

@@ -176,10 +176,13 @@ def test_an_absent_client_s_domain_is_imputed_from_what_it_won(tiny_config, tmp_
     monkeypatch.setenv(FAULTS_ENV, "local_sft:alice:2")
     # bob claims the same for every prompt: with ties at their mean rank (tie_rank 'mean';
     # with 'low', the default, he would win nothing) his quantile is 0.5 and he wins where
-    # alice ranks lowest
+    # alice ranks lowest; barred (his claims overclaim), his would-be wins leave the batch
+    # (barred_wins 'leave'; with 'next', the default, they would be alice's: nothing lost)
     monkeypatch.setenv("FLMINILLM_ADVERSARY", "bob:adversarial")
     sampling = tiny_config.sampling.model_copy(update={"min_clients": 1})
-    distill = tiny_config.distill.model_copy(update={"stale_share": 1.0, "tie_rank": "mean"})
+    distill = tiny_config.distill.model_copy(
+        update={"stale_share": 1.0, "tie_rank": "mean", "barred_wins": "leave"}
+    )
     cfg, _ = isolated_config(
         tiny_config, tmp_path, "lost", sampling=sampling, distill=distill, rounds=2
     )
