@@ -101,8 +101,8 @@ def _run_call(conn: socket.socket, handler: Callable[[dict], Any]) -> None:
     for fd, target in zip(fds, (1, 2), strict=True):
         os.dup2(fd, target)
         os.close(fd)
-    # the task's stdout and stderr are one pipe: a line at a time, so that a block of one
-    # (over the pipe's atomic write size) is not cut by a line of the other
+    # the task's stdout and stderr are one pipe: stdout a line at a time, as stderr is, so
+    # that the task's log reads in the order the step wrote it
     sys.stdout.reconfigure(line_buffering=True)
     try:
         reply = {"ok": True, "result": handler(request["payload"])}

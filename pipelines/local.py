@@ -4,7 +4,6 @@ import builtins
 import contextlib
 import functools
 import json
-import logging
 import os
 import sys
 import threading
@@ -20,6 +19,17 @@ from flminillm.config import Config
 _ORIGINAL_PRINT = builtins.print
 
 
+def _replace(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+    """`owner.name = make(original)`, once per process: a replacement is marked, and a
+    marked one is left as it is (every patch below goes through here)."""
+    original = getattr(owner, name)
+    if getattr(original, "_flminillm_patched", False):
+        return
+    new = make(original)
+    new._flminillm_patched = True
+    setattr(owner, name, new)
+
+
 def patch_kfp_local_loop_inputs() -> None:
     """Work around a kfp.local 2.17.3 bug: inside a ParallelFor, every input that comes
     from an upstream task's output is replaced by the loop item (task_spec_utils,
@@ -28,23 +38,21 @@ def patch_kfp_local_loop_inputs() -> None:
     the local orchestrator. tests/test_pipelines.py checks the behaviour."""
     from kfp.local.orchestrator import task_spec_utils
 
-    original = task_spec_utils.create_parameter_loop_iteration_task_spec
-    if getattr(original, "_flminillm_patched", False):
-        return
+    def make(original):
+        @functools.wraps(original)
+        def patched(original_task_spec, loop_item, loop_task_name):
+            spec = original(original_task_spec, loop_item, loop_task_name)
+            items_param = None
+            if original_task_spec.WhichOneof("iterator") == "parameter_iterator":
+                items_param = original_task_spec.parameter_iterator.items.input_parameter
+            for name, inp in original_task_spec.inputs.parameters.items():
+                if inp.HasField("task_output_parameter") and name != items_param:
+                    spec.inputs.parameters[name].CopyFrom(inp)
+            return spec
 
-    @functools.wraps(original)
-    def patched(original_task_spec, loop_item, loop_task_name):
-        spec = original(original_task_spec, loop_item, loop_task_name)
-        items_param = None
-        if original_task_spec.WhichOneof("iterator") == "parameter_iterator":
-            items_param = original_task_spec.parameter_iterator.items.input_parameter
-        for name, inp in original_task_spec.inputs.parameters.items():
-            if inp.HasField("task_output_parameter") and name != items_param:
-                spec.inputs.parameters[name].CopyFrom(inp)
-        return spec
+        return patched
 
-    patched._flminillm_patched = True
-    task_spec_utils.create_parameter_loop_iteration_task_spec = patched
+    _replace(task_spec_utils, "create_parameter_loop_iteration_task_spec", make)
 
 
 def patch_kfp_local_indented_print() -> None:
@@ -65,8 +73,7 @@ def patch_kfp_local_indented_print() -> None:
     def indented_print(num_spaces: int = 4):
         yield
 
-    indented_print._flminillm_patched = True
-    logging_utils.indented_print = indented_print
+    _replace(logging_utils, "indented_print", lambda original: indented_print)
     builtins.print = _ORIGINAL_PRINT
 
 
@@ -76,59 +83,45 @@ def patch_kfp_local_logger_context() -> None:
     ones on exit. Tasks that run in parallel threads save each other's handlers, so the root
     logger can be left with a handler of a finished task (bound to the stdout of that
     moment), and an error a thread logs while another task runs goes wherever that task's
-    handler points. Here the first task in installs the handler and the last one out
-    restores the root logger."""
+    handler points. Here kfp.local's own context is entered by the first task in and left
+    by the last one out."""
     from kfp.local import logging_utils
 
-    if getattr(logging_utils.local_logger_context, "_flminillm_patched", False):
-        return
-    lock, depth, saved = threading.Lock(), [0], {}
+    def make(original):
+        lock, held = threading.Lock(), []  # held: [kfp.local's context, tasks inside it]
 
-    @contextlib.contextmanager
-    def local_logger_context():
-        root = logging.getLogger()
-        with lock:
-            if depth[0] == 0:
-                saved.update(level=root.level, handlers=root.handlers[:])
-                handler = logging.StreamHandler(sys.stdout)
-                handler.setFormatter(
-                    logging_utils.MillisecondFormatter(
-                        fmt="%(asctime)s - %(levelname)s - %(message)s", datefmt="%H:%M:%S.%f"
-                    )
-                )
-                root.handlers.clear()
-                root.addHandler(handler)
-                root.setLevel(logging.INFO)
-            depth[0] += 1
-        try:
-            yield
-        finally:
+        @contextlib.contextmanager
+        def local_logger_context():
             with lock:
-                depth[0] -= 1
-                if depth[0] == 0:
-                    root.setLevel(saved["level"])
-                    root.handlers.clear()
-                    for h in saved["handlers"]:
-                        root.addHandler(h)
+                if not held:
+                    context = original()
+                    context.__enter__()
+                    held[:] = [context, 0]
+                held[1] += 1
+            try:
+                yield
+            finally:
+                with lock:
+                    held[1] -= 1
+                    if held[1] == 0:
+                        context, held[:] = held[0], []
+                        context.__exit__(None, None, None)
 
-    local_logger_context._flminillm_patched = True
-    logging_utils.local_logger_context = local_logger_context
+        return local_logger_context
+
+    _replace(logging_utils, "local_logger_context", make)
 
 
 def patch_kfp_local_task_output() -> None:
     """Work around a kfp.local 2.17.3 bug: the SubprocessRunner reads a task's output (its
     stdout and stderr, one pipe) as strict UTF-8 in the orchestrator's thread, so output it
     cannot decode raises there and fails the pipeline, not the task (in a ParallelFor, as
-    "Inner task failed: 'for-loop-1-iteration-1'" and nothing else). A step's stdout and
-    stderr are two writers on that pipe: under load a block of one (over the pipe's atomic
-    write size) can be split by a line of the other, cutting a character such as a progress
-    bar's in two. The output is only a log; undecodable bytes become U+FFFD."""
+    "Inner task failed: 'for-loop-1-iteration-1'" and nothing else). Nothing of ours is
+    known to print such bytes (stop 41's red CI had another cause); a library or a model's
+    text might. The output is only a log; undecodable bytes become U+FFFD."""
     import subprocess
 
     from kfp.local import subprocess_task_handler
-
-    if getattr(subprocess_task_handler.run_local_subprocess, "_flminillm_patched", False):
-        return
 
     def run_local_subprocess(full_command: list[str], env_vars: dict | None = None) -> int:
         env = {**os.environ, **env_vars} if env_vars else None
@@ -142,8 +135,7 @@ def patch_kfp_local_task_output() -> None:
                 print("\n")
             return process.wait()
 
-    run_local_subprocess._flminillm_patched = True
-    subprocess_task_handler.run_local_subprocess = run_local_subprocess
+    _replace(subprocess_task_handler, "run_local_subprocess", lambda original: run_local_subprocess)
 
 
 @dataclass(frozen=True)
@@ -166,25 +158,23 @@ def patch_kfp_local_task_errors() -> None:
     Here the innermost task's exception is recorded, for `task_errors` to report."""
     from kfp.local.orchestrator import enhanced_dag_orchestrator as dag
 
-    original = dag.execute_task
-    if getattr(original, "_flminillm_patched", False):
-        return
+    def make(original):
+        @functools.wraps(original)
+        def execute_task(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            except Exception as e:
+                if not getattr(e, "_flminillm_recorded", False):  # the innermost task only
+                    name = kwargs.get("task_name", args[0] if args else "?")
+                    _TASK_ERRORS.append(
+                        TaskError(str(name), f"{type(e).__name__}: {e}", traceback.format_exc())
+                    )
+                    e._flminillm_recorded = True
+                raise
 
-    @functools.wraps(original)
-    def execute_task(*args, **kwargs):
-        try:
-            return original(*args, **kwargs)
-        except Exception as e:
-            if not getattr(e, "_flminillm_recorded", False):  # the innermost task only
-                name = kwargs.get("task_name", args[0] if args else "?")
-                _TASK_ERRORS.append(
-                    TaskError(str(name), f"{type(e).__name__}: {e}", traceback.format_exc())
-                )
-                e._flminillm_recorded = True
-            raise
+        return execute_task
 
-    execute_task._flminillm_patched = True
-    dag.execute_task = execute_task
+    _replace(dag, "execute_task", make)
 
 
 @contextlib.contextmanager
@@ -266,9 +256,9 @@ def patch_kfp_local_task_events() -> None:
     from kfp.local.orchestrator import task_executor
     from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
 
-    original = task_executor.execute_single_task
-    if getattr(original, "_flminillm_patched", False):
+    if getattr(task_executor.execute_single_task, "_flminillm_patched", False):
         return
+    original = task_executor.execute_single_task
     original_get = cache_module.LocalCache.get
 
     @functools.wraps(original_get)
@@ -300,9 +290,8 @@ def patch_kfp_local_task_events() -> None:
                           f"failed on {event.step}: {type(e).__name__}: {e}", file=sys.stderr)  # fmt: skip
         return outputs, task_status
 
-    execute._flminillm_patched = True
     cache_module.LocalCache.get = get
-    task_executor.execute_single_task = execute
+    _replace(task_executor, "execute_single_task", lambda original: execute)
 
 
 def cache_dir(pipeline_root: str | Path) -> Path:
