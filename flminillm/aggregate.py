@@ -353,6 +353,89 @@ def _barred_by(counts: torch.Tensor, share: float, able: torch.Tensor, peers: st
     return out
 
 
+def similar_prompts(ids: torch.Tensor, mask: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """[A]: for each prompt of a left-padded set (`ids`, `mask` [A, P]), the index of the most
+    similar other prompt: the one sharing the most tokens at its start and its end (a
+    template's fixed parts, whatever sits between), among those of a different text; ties to
+    the first; itself where every prompt has its text. What `distill.dependence_bar` moves
+    an answer to."""
+    a, p = ids.shape
+    mask = mask.bool()
+    lengths = mask.sum(1)
+    # left-padded rows end together: compare from the end for the suffix, and shifted to
+    # start together for the prefix (pad -1: never equal to a token)
+    right = torch.where(mask, ids.long(), torch.full_like(ids.long(), -1))
+    start = p - lengths
+    cols = (torch.arange(p)[None] + start[:, None]).clamp(max=p - 1)
+    left = torch.where(torch.arange(p)[None] < lengths[:, None], right.gather(1, cols), -1)
+    out = torch.arange(a)
+    flipped = right.flip(1)
+    for lo in range(0, a, chunk):
+        hi = min(lo + chunk, a)
+        pre = _common_run(left[lo:hi], left)
+        suf = _common_run(flipped[lo:hi], flipped)
+        both = torch.minimum(pre + suf, torch.minimum(lengths[lo:hi, None], lengths[None]))
+        same = (pre == lengths[lo:hi, None]) & (lengths[lo:hi, None] == lengths[None])
+        both = both.masked_fill(same, -1)
+        best = both.max(1)
+        out[lo:hi] = torch.where(best.values >= 0, best.indices, torch.arange(lo, hi))
+    return out
+
+
+def _common_run(rows: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
+    """[c, A]: how many leading tokens each of `rows` [c, P] shares with each of `against`
+    [A, P] (pad -1 never counts)."""
+    eq = (rows[:, None] == against[None]) & (rows[:, None] >= 0)
+    return eq.long().cumprod(-1).sum(-1)
+
+
+# a teacher with fewer wins than this is neither judged by `dependence_bar` nor a reference;
+# nor is one the student kept that many answers of in fewer earlier rounds than
+# DEPENDENCE_ROUNDS (`steps.kept_before`): after one round an honest teacher's answers can
+# still look independent of their prompts (the 5-client benchmark's look-alike families,
+# docs/results.md stop 43)
+MIN_DEPENDENCE_WINS = 8
+DEPENDENCE_ROUNDS = 2
+
+
+def dependence_bar(
+    dependence: torch.Tensor, best: torch.Tensor, share: float, floor: float, able: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`distill.dependence_bar`: ([M] bool, the barred teachers; [M], each teacher's mean
+    dependence over its wins, NaN where not judged). `dependence` [M, A]: per teacher and
+    teacher-share prompt, how much likelier the student finds the teacher's answer to it
+    after the prompt itself than after the most similar other prompt (`similar_prompts`;
+    nats per token, from the student as it is before the round); `best` [A], the teacher
+    whose answer selection kept (-1: none); `able` [M], who is judged and may be a reference
+    (not barred already); a row of NaN, a teacher neither judged nor a reference (the student
+    has not learned from it yet: `steps.kept_before`). A teacher is barred where its wins' mean is below `share` of the
+    median of the other judged teachers' means, and that median is at least `floor`: the
+    student has learned to tell prompts apart from its peers' answers but finds this
+    teacher's answers no likelier after their own prompts than after others. What an answer
+    moved from another prompt of the family looks like (the fluent, consistent and noisy
+    liars, on families only they hold: no peer can check those). Not judged in a first round
+    (the student has learned nothing: every teacher near 0, the median under `floor`), nor
+    with fewer than MIN_DEPENDENCE_WINS wins; a wrong answer that depends on its prompt
+    (a systematic error) passes."""
+    m = dependence.shape[0]
+    means = torch.full((m,), float("nan"))
+    for i in range(m):
+        won = best == i
+        if bool(able[i]) and int(won.sum()) >= MIN_DEPENDENCE_WINS:
+            means[i] = dependence[i, won].float().mean()  # NaN: a teacher not judged
+    out = torch.zeros(m, dtype=torch.bool)
+    for i in range(m):
+        if torch.isnan(means[i]):
+            continue
+        others = torch.cat([means[:i], means[i + 1 :]])
+        others = others[~torch.isnan(others)]
+        if not others.numel():
+            continue
+        ref = float(others.sort().values[[(others.numel() - 1) // 2, others.numel() // 2]].mean())
+        out[i] = ref >= floor and float(means[i]) < share * ref
+    return out, means
+
+
 def lowest_pooled_share(counts: torch.Tensor, able: torch.Tensor) -> torch.Tensor:
     """[M]: per teacher, the lowest share of its (pooled) wins any peer that may contest now
     contested (`contest_shares`; `contest_bar`'s evidence under 'all'); 0 with none."""
@@ -827,6 +910,7 @@ def assemble_batch(
     unknown_share: float = 0.0,
     foreign: list[bool] | None = None,
     contest_earlier: torch.Tensor | None = None,
+    dependence: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The student's training batch: its rollouts scored by the aggregated teachers, then
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
@@ -857,7 +941,11 @@ def assemble_batch(
     cannot contest (`contests` reads a support's tail mass as a bound). `contest_earlier`
     [2, M, M] (default: none): earlier rounds' `contest_counts` for these teachers, pooled
     into `contest_bar`'s evidence (`distill.contest_bar_rounds`); info's `contest_evidence`
-    is this round's counts, `contest_pooled` [M] each teacher's `lowest_pooled_share`."""
+    is this round's counts, `contest_pooled` [M] each teacher's `lowest_pooled_share`.
+    `dependence` [M, A] (default: none): the student's dependence of each teacher's answers
+    on their prompts (`dependence_bar`, `distill.dependence_bar`), judged on the wins of the
+    selection without the bars; info's `dependence_barred` [M] and `dependence` [M], each
+    teacher's mean over its wins (NaN where not judged)."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     trusted = [True] * len(teachings) if trusted is None else list(trusted)
@@ -884,6 +972,7 @@ def assemble_batch(
     contest_barred = torch.zeros(len(teachings), dtype=torch.bool)
     evidence = torch.zeros(2, len(teachings), len(teachings), dtype=torch.long)
     pooled_share = torch.zeros(len(teachings))
+    first = None
     if d.contest_bar_on and rollouts["ask_prompt_ids"].shape[0]:
         first = select(weights / weights.sum())
         evidence = contest_counts(first["contests"], first["teacher_index"], can_contest)
@@ -892,6 +981,17 @@ def assemble_batch(
         if contest_earlier is not None:
             pooled_share = lowest_pooled_share(evidence + contest_earlier, can_contest)
         barred_t = barred_t | contest_barred
+    # answers no likelier after their own prompts than after similar ones: barred for the
+    # round (`dependence_bar`), judged on the same first selection's wins
+    dependence_barred = torch.zeros(len(teachings), dtype=torch.bool)
+    dependence_means = torch.full((len(teachings),), float("nan"))
+    if dependence is not None and d.dependence_bar > 0 and rollouts["ask_prompt_ids"].shape[0]:
+        if first is None:
+            first = select(weights / weights.sum())
+        dependence_barred, dependence_means = dependence_bar(
+            dependence, first["teacher_index"], d.dependence_bar, d.dependence_min, ~barred_t
+        )
+        barred_t = barred_t | dependence_barred
     scorers = [i for i, ok in enumerate(trusted) if ok and not barred_t[i]]
     delta = torch.zeros(len(teachings))
     n = rollouts["prompt_ids"].shape[0] if scorers else 0
@@ -1016,6 +1116,8 @@ def assemble_batch(
         "contest_barred": contest_barred,
         "contest_evidence": evidence,
         "contest_pooled": pooled_share,
+        "dependence_barred": dependence_barred,
+        "dependence": dependence_means,
         "contesting": contesting,
         "flagged": flagged,
         "ask_choice": ask_choice,
@@ -1043,6 +1145,8 @@ def selection_stats(
     overclaimed: list[bool] | None = None,
     prompt_sums: list[float] | None = None,
     prompt_overclaimed: list[bool] | None = None,
+    dependence: list[float] | None = None,
+    dependence_barred: list[bool] | None = None,
 ) -> dict[str, float]:
     """What the selection did, per teacher (MLflow, `flminillm lineage`): `selected.<id>`,
     the share of the teacher-share prompts whose kept answer is its; `certain.<id>`, the
@@ -1070,7 +1174,10 @@ def selection_stats(
     share left out because a teacher sure of the prompt found the kept answer unlikely
     (`distill.contest_quantile`), and `contested_by.<id>` (given `contesting`) the share of
     prompts each teacher contested so; `contest_barred.<id>` (given `contest_barred`) 1
-    where two peers' contests barred it (`distill.contest_bar`)."""
+    where two peers' contests barred it (`distill.contest_bar`); `dependence.<id>` (given
+    `dependence`, where it was judged) how much likelier the student found its won answers
+    after their own prompts than after similar ones (nats per token), `dependence_barred.<id>`
+    1 where that barred it (`distill.dependence_bar`)."""
     kept = teacher_index[teacher_index >= 0]
     total = kept.numel() + n_rejected + n_reserved + n_invariant + n_implausible + n_contested
     out: dict[str, float] = {"rejected": n_rejected / total} if total else {}
@@ -1101,6 +1208,10 @@ def selection_stats(
             out[f"contested_by.{name}"] = float(contesting[i])
         if contest_barred is not None:
             out[f"contest_barred.{name}"] = float(bool(contest_barred[i]))
+        if dependence is not None and not math.isnan(dependence[i]):
+            out[f"dependence.{name}"] = float(dependence[i])
+        if dependence_barred is not None:
+            out[f"dependence_barred.{name}"] = float(bool(dependence_barred[i]))
         if gaps is not None:
             out[f"plausibility.{name}"] = float(gaps[i])
             out[f"implausible.{name}"] = float(bool(barred[i])) if barred is not None else 0.0

@@ -744,6 +744,29 @@ class DistillConfig(_Strict):
         "40). Needs contest_bar > 0 when off. Off: the default since stop 40 "
         "(`contest_bar`).",
     )
+    dependence_bar: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Bar for the round a teacher whose answers the student finds no likelier "
+        "after their own prompts than after similar other prompts: per teacher, the mean "
+        "over the prompts it won of the student's log q(y | x) - log q(y | x') (nats per "
+        "token; x' the most similar other prompt of the round, by the tokens it shares at "
+        "its start and end), barred where below this share of its peers' median, once that "
+        "median is at least `dependence_min` (the student, before the round, has learned "
+        "to tell prompts apart from its peers' answers). Catches answers moved from another "
+        "prompt of their family (the fluent, consistent and noisy liars), also on families "
+        "only the liar holds, where no peer can contest; not a wrong answer that depends on "
+        "its prompt. Needs two teachers or more (a client's one teacher is never judged). "
+        "0: off. `dependence_bar` in flminillm/aggregate.py.",
+    )
+    dependence_min: float = Field(
+        0.5,
+        gt=0.0,
+        description="The peers' median dependence (nats per token) below which "
+        "`dependence_bar` judges nobody: in a first round the student has learned nothing "
+        "and every teacher's answers are as likely after any prompt.",
+    )
     contest_p: float = Field(
         0.05,
         gt=0.0,
@@ -969,6 +992,8 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "barred_as_absent": False,
         "barred_wins": "leave",
         "contest_p": 0.05,
+        "dependence_bar": 0.0,
+        "dependence_min": 0.5,
     }
 }
 # Options that change nothing while another is at a value: left out of the experiment then,
@@ -984,6 +1009,7 @@ INERT_OPTIONS: dict[str, dict[tuple[str, Any], tuple[str, ...]]] = {
             "contest_bar_rounds",
         ),
         ("contest_bar", 0.0): ("contest_bar_peers", "contest_bar_rounds"),
+        ("dependence_bar", 0.0): ("dependence_min",),
     }
 }
 

@@ -130,6 +130,10 @@ def selection_line(metrics: dict[str, float]) -> str:
             pooled = metrics.get(f"contest_pooled.{n}")  # distill.contest_bar_rounds
             since = f"; pooled over rounds: {pooled:.0%} of its wins" if pooled else ""
             text += f" [red](barred: its peers contest its answers{since})[/]"
+        if metrics.get(f"dependence_barred.{n}", 0.0) > 0:  # distill.dependence_bar
+            dep = metrics.get(f"dependence.{n}", 0.0)
+            text += (f" [red](barred: its answers no likelier after their own prompts than "
+                     f"after others ({dep:+.2f} nats/token))[/]")  # fmt: skip
         contested = metrics.get(f"contested_by.{n}", 0.0)
         if contested > 0:  # distill.contest_quantile: it found kept answers unlikely
             text += f" (contests {contested:.0%})"

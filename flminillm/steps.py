@@ -735,6 +735,25 @@ def stale_buffer(cache: dict, latest: dict | None = None) -> dict[str, list[dict
     return out
 
 
+def kept_before(
+    store, student_id: str, cache: dict, names: list[str], round_index: int
+) -> list[list[int]]:
+    """Per teacher (`names`), how many of its answers the student kept in each round before
+    `round_index` it took part in, from the server's replay buffer (`stale_buffer`: the
+    round manifest's `stale`, each entry's `choice`): what `distill.dependence_bar` needs
+    before it judges a teacher (the student has learned from it)."""
+    buffer = stale_buffer(cache)
+    out = []
+    for name in names:
+        counts = []
+        for entry in buffer.get(name, []):
+            if int(entry["round"]) < round_index:
+                choice = store.scoped(student_id).get_tensors(entry["choice"])["choice"]
+                counts.append(int((choice == int(entry["index"])).sum()))
+        out.append(counts)
+    return out
+
+
 def pooled_evidence(evidence: dict, names: list[str], round_index: int, rounds: int):
     """The contest counts (`flminillm.aggregate.contest_counts`) of the `rounds` - 1 rounds
     before `round_index`, summed per pair of this round's teachers `names`: [2, M, M] long
@@ -807,7 +826,9 @@ def _distill(
     import torch
 
     from flminillm.aggregate import (
+        DEPENDENCE_ROUNDS,
         MIN_COHERENCE,
+        MIN_DEPENDENCE_WINS,
         assemble_batch,
         claim_sums,
         coherence,
@@ -821,6 +842,7 @@ def _distill(
         quarantine,
         replay_rows,
         selection_stats,
+        similar_prompts,
         stale_part,
     )  # fmt: skip
     from flminillm.engine import make_engine
@@ -961,12 +983,34 @@ def _distill(
     )  # fmt: skip
     device = next(model.parameters()).device
     weights = torch.tensor([cfg.party(t["teacher"]).weight for t in teachings_manifests])
+    # does each teacher's answer depend on its prompt, as far as the student has learned?
+    # its log q(y | x) against log q(y | x') for the most similar other prompt x'
+    # (aggregate.dependence_bar; a client's one teacher is never judged)
+    dependence = None
+    names = [t["teacher"] for t in teachings_manifests]
+    if d.dependence_bar > 0 and len(teachings) > 1 and rollouts["ask_prompt_ids"].shape[0]:
+        near = similar_prompts(rollouts["ask_prompt_ids"], rollouts["ask_prompt_mask"])
+        elsewhere = {**rollouts, "ask_prompt_ids": rollouts["ask_prompt_ids"][near],
+                     "ask_prompt_mask": rollouts["ask_prompt_mask"][near]}  # fmt: skip
+        bs = cfg.generation.batch_size
+        with autocast(cfg.engine, device):
+            dependence = torch.stack([
+                answer_logprob(model, rollouts, t, bs, device)
+                - answer_logprob(model, elsewhere, t, bs, device)
+                for t in teachings
+            ])  # fmt: skip
+        # judged only once the student has learned from it: a teacher absent so far (not
+        # sampled, dropped out), or kept in one round only, can look like one whose answers
+        # do not depend on their prompts (aggregate.DEPENDENCE_ROUNDS)
+        known = kept_before(store, student_id, state.get("stale", {}), names, round_index)
+        for i, counts in enumerate(known):
+            if sum(k >= MIN_DEPENDENCE_WINS for k in counts) < DEPENDENCE_ROUNDS:
+                dependence[i] = float("nan")
     # drop-out without loss, for the absent clients with no past: their domain's size, as
     # their share of the clients, is left out where the present teachers are least sure
     # (flminillm.aggregate.unknown_domain); a barred teacher counts as one where
     # distill.barred_as_absent says so
     n_barred = sum(map(bool, barred or [])) if d.barred_as_absent else 0
-    names = [t["teacher"] for t in teachings_manifests]
     # the contest bar's evidence pooled over rounds: the server's, whose teachers contest
     pooled = d.contest_bar_on and d.contest_bar_rounds > 1 and not _is_client(cfg, student_id)
     earlier = None
@@ -976,7 +1020,8 @@ def _distill(
     batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra, trusted=trusted,
                                  rivals=rivals, barred=barred,
                                  unknown_share=(unknown + n_barred) / len(cfg.clients),
-                                 foreign=foreign, contest_earlier=earlier)  # fmt: skip
+                                 foreign=foreign, contest_earlier=earlier,
+                                 dependence=dependence)  # fmt: skip
     choice = store.scoped(student_id).put_tensors({"choice": info["ask_choice"].int()})
     chosen = selection_stats(
         info["teacher_index"], sent, names,
@@ -989,6 +1034,8 @@ def _distill(
         contest_barred=info["contest_barred"].tolist() if d.contest_bar_on else None,
         sums=sums, overclaimed=overclaimed,
         prompt_sums=psums, prompt_overclaimed=poverclaimed,
+        dependence=info["dependence"].tolist() if dependence is not None else None,
+        dependence_barred=info["dependence_barred"].tolist() if dependence is not None else None,
     )  # fmt: skip
 
     from_teacher = batch["from_teacher"]

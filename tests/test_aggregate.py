@@ -1592,3 +1592,107 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     assert torch.equal(every["ask_choice"], info0["ask_choice"])
     with pytest.raises(ValueError, match="contest_bar 0 with contest_leave_out false"):
         DistillConfig(contest_quantile=0.75, contest_bar=0.0, contest_leave_out=False)
+
+
+def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def test_similar_prompts_pairs_each_prompt_with_another_of_its_template():
+    """`similar_prompts`: the other prompt sharing the most tokens at its start and end (a
+    template's fixed parts, whatever length the middle has, padding ignored), never a copy
+    of the same text; itself only where every prompt has its text."""
+    from flminillm.aggregate import similar_prompts
+
+    say = lambda *w: [11, 12, *w, 13]  # "say <w> twice"  # noqa: E731
+    first = lambda *w: [21, *w, 22, 23]  # "<w>: first letter?"  # noqa: E731
+    rows = [say(5), first(6, 7), say(8, 9, 10), first(6, 7), say(5), first(30)]
+    got = similar_prompts(*_left_padded(rows)).tolist()
+    assert got == [2, 5, 0, 5, 2, 1]  # the copies (0 and 4, 1 and 3) never paired
+    assert similar_prompts(*_left_padded([say(5)] * 3)).tolist() == [0, 1, 2]
+    # chunked the same as whole
+    many = [say(i % 7, i) if i % 2 else first(i) for i in range(40)]
+    assert torch.equal(similar_prompts(*_left_padded(many), chunk=7),
+                       similar_prompts(*_left_padded(many)))  # fmt: skip
+
+
+def test_dependence_bar_bars_answers_no_likelier_after_their_own_prompts():
+    """`dependence_bar`: a teacher whose won answers the student finds as likely after a
+    similar prompt as after their own (a mean of 0.05 nats per token, against its peers' 1.2
+    and 1.4) is barred; nobody where the peers' median is under the floor (a first round:
+    the student has learned nothing); a teacher with fewer than MIN_DEPENDENCE_WINS wins is
+    neither judged nor a reference; one barred already is not judged."""
+    from flminillm.aggregate import MIN_DEPENDENCE_WINS, dependence_bar
+
+    best = torch.tensor([0] * 10 + [1] * 10 + [2] * 10 + [-1] * 2)
+    dep = torch.zeros(3, 32)
+    dep[0, :10], dep[1, 10:20], dep[2, 20:30] = 1.2, 1.4, 0.05
+    dep[2, :20] = 2.0  # its answers to prompts it did not win do not count
+    able = torch.ones(3, dtype=torch.bool)
+    barred, means = dependence_bar(dep, best, 0.25, 0.5, able)
+    assert barred.tolist() == [False, False, True]
+    assert means.tolist() == pytest.approx([1.2, 1.4, 0.05])
+    assert not bool(dependence_bar(dep * 0.3, best, 0.25, 0.5, able)[0].any())  # median 0.39
+    # the bar is a share of the median: 0.05 is above 0.03 of 1.3
+    assert not bool(dependence_bar(dep, best, 0.03, 0.5, able)[0].any())
+    few = best.clone()
+    few[20 + MIN_DEPENDENCE_WINS - 1 :] = -1  # teacher 2 wins 7
+    barred, means = dependence_bar(dep, few, 0.25, 0.5, able)
+    assert not bool(barred.any()) and math.isnan(means[2])
+    barred, means = dependence_bar(dep, best, 0.25, 0.5, torch.tensor([True, True, False]))
+    assert not bool(barred.any()) and math.isnan(means[2])
+    # two teachers: each is the other's reference
+    assert dependence_bar(dep[1:, 10:], best[10:] - 1, 0.25, 0.5, able[1:])[0].tolist() == [
+        False, True]  # fmt: skip
+
+
+def test_assemble_batch_bars_a_teacher_whose_answers_do_not_depend_on_their_prompts():
+    """distill.dependence_bar in assemble_batch: the teacher whose wins show no dependence
+    is barred for the round, its would-be wins going to the teacher that wins without it
+    (barred_wins 'next'); `dependence.<id>` and `dependence_barred.<id>` in the stats, the
+    lineage in red; off (0, the default) or without the student's dependence, nothing
+    changes."""
+    from flminillm.config import DistillConfig
+    from flminillm.lineage import selection_line
+
+    a, t = 30, 3
+    g = torch.Generator().manual_seed(3)
+    right = torch.randint(4, 50, (a, t), generator=g)
+    alice = _expert(a, t, right, torch.arange(a) < 10)
+    bob = _expert(a, t, right, (torch.arange(a) >= 10) & (torch.arange(a) < 20))
+    carol = _expert(a, t, right.roll(1, 0), torch.arange(a) >= 20)  # moved answers, sure
+    teachings, rollouts = [alice, bob, carol], _rollouts(0, a, t, 3)
+    base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, **NO_CONTEST)
+    dep = torch.stack([torch.full((a,), 1.3), torch.full((a,), 1.1), torch.full((a,), 0.02)])
+    _, off = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(**base))
+    assert bool((off["ask_choice"][20:] == 2).all())  # carol wins her domain
+    _, same = assemble_batch(rollouts, teachings, torch.ones(3), DistillConfig(**base),
+                             dependence=dep)  # fmt: skip
+    assert torch.equal(same["ask_choice"], off["ask_choice"])  # off: not read
+    on = DistillConfig(**base, dependence_bar=0.25)
+    _, info = assemble_batch(rollouts, teachings, torch.ones(3), on, dependence=dep)
+    assert info["dependence_barred"].tolist() == [False, False, True]
+    assert info["dependence"].tolist() == pytest.approx([1.3, 1.1, 0.02])
+    assert not bool((info["ask_choice"] == 2).any())
+    assert bool((info["ask_choice"][20:] >= 0).all())  # to the next teacher: a guess
+    assert torch.equal(info["ask_choice"][:20], off["ask_choice"][:20])
+    _, leave = assemble_batch(
+        rollouts,
+        teachings,
+        torch.ones(3),
+        on.model_copy(update={"barred_wins": "leave"}),
+        dependence=dep,
+    )
+    assert bool((leave["ask_choice"][20:] == LEFT_OUT).all())
+    stats = selection_stats(info["teacher_index"], teachings, ["alice", "bob", "carol"],
+                            dependence=info["dependence"].tolist(),
+                            dependence_barred=info["dependence_barred"].tolist())  # fmt: skip
+    assert stats["dependence_barred.carol"] == 1.0 and stats["dependence_barred.bob"] == 0.0
+    assert stats["dependence.carol"] == pytest.approx(0.02)
+    assert (
+        "(barred: its answers no likelier after their own prompts than after others "
+        "(+0.02 nats/token))" in selection_line(stats)
+    )

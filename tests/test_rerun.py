@@ -338,3 +338,63 @@ def test_the_server_pools_contest_counts_across_rounds(tiny_config, tmp_path, mo
     twice = {"1": {"teachers": ["bob", "bob"], "counts": [[[0, 1], [1, 0]], [[0, 0], [0, 0]]]}}
     with pytest.raises(ValueError, match="a teacher twice"):
         pooled_evidence(twice, ["alice", "bob"], 2, 2)
+
+
+def test_the_server_judges_each_teacher_s_answers_by_the_student_s_own_lm(
+    tiny_config, tmp_path, monkeypatch
+):
+    """distill.dependence_bar in the server's distill step: the student (as it is before the
+    round) scores every teacher's answers after their own prompts and after the most similar
+    other prompt; a teacher is judged only once the student has kept enough of its answers
+    in two earlier rounds (rounds 1 and 2: no one, `steps.kept_before`), and its mean over its wins is
+    in the step's metrics (`dependence.<id>`, `dependence_barred.<id>`). The tensor handed to
+    the bar is the student's own difference of log-likelihoods, recomputed here."""
+    import torch
+
+    import flminillm.aggregate as aggregate
+    from flminillm.artifacts import load_model, open_store_for
+    from flminillm.update import answer_logprob
+
+    given = []
+    bar = aggregate.dependence_bar
+
+    def spy(dependence, best, share, floor, able):
+        given.append(dependence.clone())
+        return bar(dependence, best, share, floor, able)
+
+    monkeypatch.setattr(aggregate, "dependence_bar", spy)
+    distill = tiny_config.distill.model_copy(update={"dependence_bar": 0.25})
+    distill = distill.model_copy(update={"alpha": 1.0})  # every prompt a teacher's (A = 96)
+    generation = tiny_config.generation.model_copy(update={"prompts_per_round": 96})
+    data = tiny_config.data.model_copy(update={"n_public_per_family": 40})
+    cfg, _ = isolated_config(tiny_config, tmp_path, "dependence", distill=distill, rounds=3,
+                             generation=generation, data=data)  # fmt: skip
+    inprocess_states(cfg)
+    server = [g for g in given if g.shape[0] == 2]  # the server's two teachers
+    assert len(server) == 3
+    assert bool(server[0].isnan().all())  # round 1: it has learned from nobody
+    assert bool(server[1].isnan().all())  # round 2: from one round each (DEPENDENCE_ROUNDS)
+    assert not bool(server[2].isnan().any())  # round 3: both kept in two rounds
+    store = open_store_for(cfg)
+    (rec,) = store.list_records(f"{cfg.federation_id()}/round-0003/distill.server.json")
+    for name in ("alice", "bob"):
+        assert rec["metrics"][f"dependence_barred.{name}"] in (0.0, 1.0)
+    judged = [n for n in ("alice", "bob") if f"dependence.{n}" in rec["metrics"]]
+    assert judged  # at least one teacher won enough prompts to be judged
+    # recompute the student's dependence of alice's answers
+    from safetensors.torch import load_file
+
+    def tensors(key):
+        return load_file(rec["inputs"][key]["uri"].replace("file://", ""))
+
+    rollouts = tensors("rollouts")
+    student = load_model(store, "server", rec["inputs"]["model"]["digest"])
+    near = aggregate.similar_prompts(rollouts["ask_prompt_ids"], rollouts["ask_prompt_mask"])
+    moved = {**rollouts, "ask_prompt_ids": rollouts["ask_prompt_ids"][near],
+             "ask_prompt_mask": rollouts["ask_prompt_mask"][near]}  # fmt: skip
+    teaching = tensors("teaching.alice")
+    bs = cfg.generation.batch_size
+    mine = answer_logprob(student, rollouts, teaching, bs, "cpu") - answer_logprob(
+        student, moved, teaching, bs, "cpu"
+    )
+    assert torch.allclose(server[2][0], mine, atol=1e-4)

@@ -190,6 +190,22 @@ BARRED_GRID = [
 ]
 
 
+# The student's own LM judging whether a teacher's answers depend on their prompts
+# (distill.dependence_bar): group `dependence_bar` under the liar that lies on its own
+# families only (the `liar-noisy-own` attack of bench quality: answers moved from another
+# prompt of the family, where no peer can contest), and `dependence_bar-clean`. The share
+# 0.25 (with dependence_min 0.5 and two earlier rounds kept, DEPENDENCE_ROUNDS) was set
+# before any run with the bar, from the statistic recomputed on recorded training rounds
+# (docs/results.md stop 43). Decided before its runs: it becomes the default only if
+# `passes_under_attack` holds for it on both shapes' validation splits (configs/benchmark.yaml
+# and configs/benchmark-5clients.yaml), and then only once every attack of the defence table
+# is measured under it on the evaluation split with nothing past its bar that was within it.
+DEPENDENCE_GRID = [
+    ("dep-off", {"dependence_bar": 0.0}),
+    ("dep-0.25", {"dependence_bar": 0.25}),
+]
+
+
 # The settings chosen under the attack they are for, each with its price clean: {group:
 # (the bench quality attack, its candidates' name prefix, the grid)}; candidates
 # `<prefix>-<name>` in `group` and `clean-<name>` in `<group>-clean`.
@@ -198,6 +214,7 @@ UNDER_ATTACK = {
     "contest_quantile": ("liar-noisy", "noisy", CONTEST_GRID),
     "barred_as_absent": ("liar-consistent", "consistent", BARRED_GRID),
     "contest_bar": ("liar-noisy", "noisy", BAR_GRID),
+    "dependence_bar": ("liar-noisy-own", "noisy-own", DEPENDENCE_GRID),
 }
 
 

@@ -57,6 +57,9 @@ CONTEST_BAR = {
 # default since stop 42: these runs are the default's, under the names they were measured
 # with). UNDEFENDED, NO_INVARIANCE and CONTEST_BAR pin 'leave', as they were measured.
 BARRED_NEXT = {"distill": {"barred_wins": "next"}}
+# the default defence plus the student's own LM judging whether each teacher's answers
+# depend on their prompts (distill.dependence_bar at 0.25; tried on validation at stop 43)
+DEPENDENCE = {"distill": {"dependence_bar": 0.25}}
 # The other defences the faults run under, as `<fault><suffix>` beside `<fault>` (the
 # default defence): {suffix: (overrides, what it is)}. Each comes with `clean<suffix>`, the
 # same without a fault, which flminillm.bench.quality_report measures them against.
@@ -70,6 +73,10 @@ DEFENCES = {
     "-barred-next": (BARRED_NEXT, "the default defence with a barred teacher's would-be wins "
                                   "going to the teacher that wins without it "
                                   "(distill.barred_wins next)"),
+    "-dependence": (DEPENDENCE, "the default defence plus the dependence bar (a teacher whose "
+                                "answers the student finds no likelier after their own "
+                                "prompts than after similar ones, distill.dependence_bar "
+                                "0.25)"),
 }  # fmt: skip
 DEFENCE_SUFFIXES = tuple(DEFENCES)
 # what `dropout-30` changes besides the drop-out itself: rounds go on with one client
