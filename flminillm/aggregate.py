@@ -353,12 +353,13 @@ def _barred_by(counts: torch.Tensor, share: float, able: torch.Tensor, peers: st
     return out
 
 
-def similar_prompts(ids: torch.Tensor, mask: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def similar_prompts(ids: torch.Tensor, mask: torch.Tensor, chunk: int = 0) -> torch.Tensor:
     """[A]: for each prompt of a left-padded set (`ids`, `mask` [A, P]), the index of the most
     similar other prompt: the one sharing the most tokens at its start and its end (a
     template's fixed parts, whatever sits between), among those of a different text; ties to
     the first; itself where every prompt has its text. What `distill.dependence_bar` moves
-    an answer to."""
+    an answer to. `chunk` prompts are compared at a time (0: as many as keep the comparison
+    near 64 MiB: A x A x P bytes in all)."""
     a, p = ids.shape
     mask = mask.bool()
     lengths = mask.sum(1)
@@ -369,6 +370,7 @@ def similar_prompts(ids: torch.Tensor, mask: torch.Tensor, chunk: int = 256) -> 
     cols = (torch.arange(p)[None] + start[:, None]).clamp(max=p - 1)
     left = torch.where(torch.arange(p)[None] < lengths[:, None], right.gather(1, cols), -1)
     out = torch.arange(a)
+    chunk = chunk or max(1, 2**26 // max(a * p, 1))
     flipped = right.flip(1)
     for lo in range(0, a, chunk):
         hi = min(lo + chunk, a)
@@ -386,7 +388,7 @@ def _common_run(rows: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
     """[c, A]: how many leading tokens each of `rows` [c, P] shares with each of `against`
     [A, P] (pad -1 never counts)."""
     eq = (rows[:, None] == against[None]) & (rows[:, None] >= 0)
-    return eq.long().cumprod(-1).sum(-1)
+    return eq.to(torch.uint8).cummin(-1).values.sum(-1)
 
 
 # a teacher with fewer wins than this is neither judged by `dependence_bar` nor a reference;
