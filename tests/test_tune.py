@@ -458,14 +458,19 @@ def test_barred_wins_next_passes_stop_41s_rule_on_both_shapes_and_is_the_default
 def test_dependence_bar_fails_its_rule_on_the_3_client_validation_split_and_stays_off():
     """Stop 43 (DEPENDENCE_GRID's comment): under the liar on its own families the bar at
     0.25 does not score above off on the 3-client validation split (46.2 against 46.3: the
-    score counts the liar's families, lost either way), clean the same runs; by the rule
-    written before the runs it is not chosen, and `dependence_bar` stays 0 (off) in
-    DistillConfig and the benchmark configs."""
-    results = json.loads((ROOT / "docs" / "tune-dependence" / "tune.json").read_text())
-    meta = results["_meta"]
-    assert meta["split"] == "validation" and "configs/benchmark.yaml" in meta["command"]
-    assert not passes_under_attack(results, "dependence_bar", "dep-0.25")
-    assert validation_score(results["clean-dep-0.25"]) == validation_score(results["clean-dep-off"])
+    score counts the liar's families, lost either way); it does on the 5-client one (40.9
+    against 37.9); clean the same runs on both. The rule asks for both shapes, so it is not
+    chosen, and `dependence_bar` stays 0 (off) in DistillConfig and the benchmark configs."""
+    passed = []
+    for doc, config in (("tune-dependence", "configs/benchmark.yaml"),
+                        ("tune-dependence-5clients", "configs/benchmark-5clients.yaml")):  # fmt: skip
+        results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
+        meta = results["_meta"]
+        assert meta["split"] == "validation" and config in meta["command"]
+        passed.append(passes_under_attack(results, "dependence_bar", "dep-0.25"))
+        clean = [validation_score(results[f"clean-dep-{v}"]) for v in ("0.25", "off")]
+        assert clean[0] == clean[1]
+    assert passed == [False, True]
     for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill,
                     load_config(ROOT / "configs" / "benchmark-5clients.yaml").distill):  # fmt: skip
         assert distill.dependence_bar == 0.0
