@@ -410,8 +410,9 @@ def dependence_bar(
     nats per token, from the student as it is before the round); `best` [A], the teacher
     whose answer selection kept (-1: none); `able` [M], who is judged and may be a reference
     (not barred already); a row of NaN, a teacher neither judged nor a reference (the student
-    has not learned from it yet: `steps.kept_before`). A teacher is barred where its wins' mean is below `share` of the
-    median of the other judged teachers' means, and that median is at least `floor`: the
+    has not learned from it yet: `steps.kept_before`). A teacher is barred where its wins'
+    mean is below `share` of the median of the other judged teachers' means, and that
+    median is at least `floor`: the
     student has learned to tell prompts apart from its peers' answers but finds this
     teacher's answers no likelier after their own prompts than after others. What an answer
     moved from another prompt of the family looks like (the fluent, consistent and noisy
@@ -433,7 +434,7 @@ def dependence_bar(
         others = others[~torch.isnan(others)]
         if not others.numel():
             continue
-        ref = float(others.sort().values[[(others.numel() - 1) // 2, others.numel() // 2]].mean())
+        ref = float(others.quantile(0.5))  # an even count: the mean of the middle two
         out[i] = ref >= floor and float(means[i]) < share * ref
     return out, means
 

@@ -988,24 +988,25 @@ def _distill(
     # (aggregate.dependence_bar; a client's one teacher is never judged)
     dependence = None
     names = [t["teacher"] for t in teachings_manifests]
-    if d.dependence_bar > 0 and len(teachings) > 1 and rollouts["ask_prompt_ids"].shape[0]:
-        near = similar_prompts(rollouts["ask_prompt_ids"], rollouts["ask_prompt_mask"])
-        elsewhere = {**rollouts, "ask_prompt_ids": rollouts["ask_prompt_ids"][near],
-                     "ask_prompt_mask": rollouts["ask_prompt_mask"][near]}  # fmt: skip
-        bs = cfg.generation.batch_size
-        with autocast(cfg.engine, device):
-            dependence = torch.stack([
-                answer_logprob(model, rollouts, t, bs, device)
-                - answer_logprob(model, elsewhere, t, bs, device)
-                for t in teachings
-            ])  # fmt: skip
+    n_ask = rollouts["ask_prompt_ids"].shape[0]
+    if d.dependence_bar > 0 and len(teachings) > 1 and n_ask:
         # judged only once the student has learned from it: a teacher absent so far (not
         # sampled, dropped out), or kept in one round only, can look like one whose answers
-        # do not depend on their prompts (aggregate.DEPENDENCE_ROUNDS)
+        # do not depend on their prompts (aggregate.DEPENDENCE_ROUNDS); a teacher not judged
+        # is a row of NaN, and is not scored
         known = kept_before(store, student_id, state.get("stale", {}), names, round_index)
-        for i, counts in enumerate(known):
-            if sum(k >= MIN_DEPENDENCE_WINS for k in counts) < DEPENDENCE_ROUNDS:
-                dependence[i] = float("nan")
+        judged = [sum(k >= MIN_DEPENDENCE_WINS for k in c) >= DEPENDENCE_ROUNDS for c in known]
+        dependence = torch.full((len(teachings), n_ask), float("nan"))
+        if any(judged):
+            near = similar_prompts(rollouts["ask_prompt_ids"], rollouts["ask_prompt_mask"])
+            elsewhere = {**rollouts, "ask_prompt_ids": rollouts["ask_prompt_ids"][near],
+                         "ask_prompt_mask": rollouts["ask_prompt_mask"][near]}  # fmt: skip
+            bs = cfg.generation.batch_size
+            with autocast(cfg.engine, device):
+                for i in (i for i, ok in enumerate(judged) if ok):
+                    dependence[i] = answer_logprob(
+                        model, rollouts, teachings[i], bs, device
+                    ) - answer_logprob(model, elsewhere, teachings[i], bs, device)
     # drop-out without loss, for the absent clients with no past: their domain's size, as
     # their share of the clients, is left out where the present teachers are least sure
     # (flminillm.aggregate.unknown_domain); a barred teacher counts as one where
