@@ -249,6 +249,27 @@ def test_the_benchmark_s_single_step_weight_is_what_validation_chose():
     assert all(set(v.overrides["distill"]) == {"iw_single_step"} for v in vs)
 
 
+def test_the_benchmark_s_temperature_is_what_validation_chose():
+    """docs/tune-temperature (validation split, 2 seeds) chose the teachers' sampling
+    temperature for both methods alike; the benchmark configs of today's defaults carry it
+    (the forward-kl variant takes it from them), and the configs of the tables measured
+    before it was adopted pin the temperature those runs had."""
+    from flminillm.bench.variants import variant_config, variants
+
+    meta = json.loads((ROOT / "docs" / "tune-temperature" / "tune.json").read_text())["_meta"]
+    assert meta["split"] == "validation" and meta["seeds"] == [0, 1]
+    chosen = {g: c["generation"]["temperature"] for g, c in meta["chosen"].items()}
+    assert chosen == {"temperature": 0.7, "temperature-forward_kl": 0.7}
+    for name in ("benchmark", "benchmark-5clients", "benchmark-10rounds-default"):
+        bench = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert bench.generation.temperature == 0.7, name
+        fkl = next(v for v in variants(bench) if v.name == "forward-kl")
+        assert variant_config(bench, fkl, 0, Path("/tmp/w")).generation.temperature == 0.7
+        old = load_config(ROOT / "configs" / f"{name}-temperature-1.yaml")
+        assert old.generation.temperature == 1.0
+        assert old.model_copy(update={"generation": bench.generation}).digest() == bench.digest()
+
+
 def test_the_teachers_temperature_is_a_group_per_method():
     """generation.temperature (every rollout, the teachers' answers included) is a group per
     method: FL-MiniLLM as the config is written, forward-kl as bench quality runs it; the
