@@ -403,8 +403,8 @@ def test_the_contest_bar_by_every_peer_as_evidence_alone_passes_on_both_shapes()
     the 5-client clean criterion (honest look-alike teachers contest each other), as does
     'all' with the filter."""
     shapes = {
-        "tune-contest-bar-kept": ("configs/benchmark.yaml", ["bar-0.05", "bar-all-kept"]),
-        "tune-contest-bar-5clients": ("configs/benchmark-5clients.yaml",
+        "tune-contest-bar-kept": ("configs/benchmark-temperature-1.yaml", ["bar-0.05", "bar-all-kept"]),
+        "tune-contest-bar-5clients": ("configs/benchmark-5clients-temperature-1.yaml",
                                       ["bar-all", "bar-all-kept"]),
     }  # fmt: skip
     passing = []
@@ -429,8 +429,8 @@ def test_the_contest_bar_pooled_over_rounds_holds_against_stop_40s_on_both_shape
     it clean, and above it on one shape. It is the default (DistillConfig, and so the
     benchmark configs)."""
     shapes = {
-        "tune-contest-bar-either": "configs/benchmark.yaml",
-        "tune-contest-bar-either-5clients": "configs/benchmark-5clients.yaml",
+        "tune-contest-bar-either": "configs/benchmark-temperature-1.yaml",
+        "tune-contest-bar-either-5clients": "configs/benchmark-5clients-temperature-1.yaml",
     }
     above = []
     for doc, config in shapes.items():
@@ -456,8 +456,8 @@ def test_barred_wins_next_passes_stop_41s_rule_on_both_shapes_and_is_the_default
     shapes' validation splits and beats it on both; the lower share 'either-0.025' fails
     on the first shape. 'next' is the default since stop 42 (DistillConfig, and so the
     benchmark configs), the settings measured before it pinning 'leave'."""
-    for doc, config in (("tune-barred-next", "configs/benchmark.yaml"),
-                        ("tune-barred-next-5clients", "configs/benchmark-5clients.yaml")):  # fmt: skip
+    for doc, config in (("tune-barred-next", "configs/benchmark-temperature-1.yaml"),
+                        ("tune-barred-next-5clients", "configs/benchmark-5clients-temperature-1.yaml")):  # fmt: skip
         results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
         assert results["_meta"]["split"] == "validation" and config in results["_meta"]["command"]
         assert passes_under_attack(results, "contest_bar", "bar-either-next")
@@ -483,8 +483,8 @@ def test_dependence_bar_fails_its_rule_on_the_3_client_validation_split_and_stay
     against 37.9); clean the same runs on both. The rule asks for both shapes, so it is not
     chosen, and `dependence_bar` stays 0 (off) in DistillConfig and the benchmark configs."""
     passed = []
-    for doc, config in (("tune-dependence", "configs/benchmark.yaml"),
-                        ("tune-dependence-5clients", "configs/benchmark-5clients.yaml")):  # fmt: skip
+    for doc, config in (("tune-dependence", "configs/benchmark-temperature-1.yaml"),
+                        ("tune-dependence-5clients", "configs/benchmark-5clients-temperature-1.yaml")):  # fmt: skip
         results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
         meta = results["_meta"]
         assert meta["split"] == "validation" and config in meta["command"]

@@ -7,7 +7,7 @@ add up", has what it gave on stop 32's and stop 34's runs.
     .venv/bin/python docs/replay/claim_sums.py CONFIG WORKDIR VARIANT SEED
 
 CONFIG: the config the runs were made with (docs/replay/stop32.yaml for /work/def32; for
-stop 34's runs configs/benchmark.yaml with `distill: {max_claim_sum: 0}`), WORKDIR a
+stop 34's runs configs/benchmark-temperature-1.yaml with `distill: {max_claim_sum: 0}`), WORKDIR a
 `flminillm bench quality` workdir, VARIANT fl-minillm, liar-fluent, ..."""
 
 import math
