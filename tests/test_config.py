@@ -386,13 +386,14 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
     large = load_config(root / "configs" / "benchmark-large-server.yaml")
     assert large.server.id == bench.server.id and large.server.model.hidden_size == 256
     longer = load_config(root / "configs" / "benchmark-10rounds.yaml")
-    # ten rounds, the server's last round's model, no plausibility check and rank alone, as when its
-    # docs were measured
+    # ten rounds, the server's last round's model, no plausibility check and rank alone, the
+    # teachers at temperature 1, as when its docs were measured
     plain = bench.experiment_dict()
     assert longer.rounds == 10 and longer.experiment_dict() == {
         **plain,
         "rounds": 10,
         "name": "benchmark-10rounds",
+        "generation": {**plain["generation"], "temperature": 1.0},
         "distill": {
             k: v
             for k, v in plain["distill"].items()
