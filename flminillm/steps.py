@@ -1003,10 +1003,11 @@ def _distill(
                          "ask_prompt_mask": rollouts["ask_prompt_mask"][near]}  # fmt: skip
             bs = cfg.generation.batch_size
             with autocast(cfg.engine, device):
-                for i in (i for i, ok in enumerate(judged) if ok):
-                    dependence[i] = answer_logprob(
-                        model, rollouts, teachings[i], bs, device
-                    ) - answer_logprob(model, elsewhere, teachings[i], bs, device)
+                for i, ok in enumerate(judged):
+                    if ok:
+                        dependence[i] = answer_logprob(
+                            model, rollouts, teachings[i], bs, device
+                        ) - answer_logprob(model, elsewhere, teachings[i], bs, device)
     # drop-out without loss, for the absent clients with no past: their domain's size, as
     # their share of the clients, is left out where the present teachers are least sure
     # (flminillm.aggregate.unknown_domain); a barred teacher counts as one where
