@@ -81,6 +81,6 @@ bench: install
 	$(BIN)/flminillm bench perf
 
 # FL-MiniLLM vs local-only, FedAvg, forward-KL and pooled training, ablations and faults:
-# writes docs/results.{md,json,png} and logs every run to runs/quality/mlflow.db
+# writes runs/quality/report/results.{md,json,png} and logs every run to runs/quality/mlflow.db
 bench-quality: install
 	$(BIN)/flminillm bench quality --config configs/benchmark.yaml --seeds 3

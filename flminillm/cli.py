@@ -332,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument(
         "--methods", default="", help="comma-separated subset (default: all variants)"
     )
-    quality.add_argument("--out", default="docs", help="where results.{md,json,png} go")
+    quality.add_argument(
+        "--out", default="runs/quality/report",
+        help="where results.{md,json,png} go (replaced there; the published reports under "
+        "docs/ each name theirs: docs/results.md is written by hand and is not a default)",
+    )  # fmt: skip
     quality.add_argument("--workdir", default=None, help="store of the runs (default: a temp dir)")
     quality.add_argument("--jobs", type=int, default=0, help="worker processes (default: 2)")
     quality.add_argument(
@@ -342,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     quality.add_argument(
         "--tracking-uri", default=None,
-        help="MLflow tracking URI (default: sqlite:///<out>/../runs/quality/mlflow.db); "
+        help="MLflow tracking URI (default: sqlite:///runs/quality/mlflow.db); "
         "'none' to skip MLflow",
     )  # fmt: skip
     quality.add_argument(

@@ -189,6 +189,24 @@ def test_report_files_and_mlflow_runs(bench_out):
             assert won > 0.0
 
 
+def test_the_default_report_leaves_the_hand_written_docs_alone(bench_out, tmp_path, monkeypatch):
+    """`bench quality` without --out writes runs/quality/report/, never docs/: the
+    repository's docs/results.md collects the published reports by hand and a default
+    run must not replace it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    mine = "# Results\n\nwritten by hand\n"
+    (tmp_path / "docs" / "results.md").write_text(mine)
+    rc = main(["bench", "quality", "--config", str(TINY), "--seeds", "1", "--report-only",
+               "--workdir", str(bench_out / "work"), "--tracking-uri", "none"])  # fmt: skip
+    assert rc == 0
+    assert (tmp_path / "docs" / "results.md").read_text() == mine
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["results.md"]
+    report = tmp_path / "runs" / "quality" / "report"
+    assert (report / "results.md").read_text().startswith("# Results: FL-MiniLLM")
+    assert json.loads((report / "results.json").read_text())["_meta"]["seeds"] == [0]
+
+
 def test_memo_shares_setup_between_variants(tmp_path):
     """run_grid computes a seed's set-up once (shared_setup) and gives it to all its runs."""
     cfg = load_config(TINY)

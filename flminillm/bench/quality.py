@@ -1,5 +1,5 @@
 """`flminillm bench quality`: FL-MiniLLM against baselines, ablations and faults on one
-non-IID benchmark, over several seeds; writes docs/results.{md,json,png} and logs to MLflow.
+non-IID benchmark, over several seeds; writes results.{md,json,png} (`--out`) and logs to MLflow.
 
 Every variant (flminillm.bench.variants) runs the same rounds on the same data (per seed)
 through the same steps as `flminillm run` (flminillm.steps), called in-process
