@@ -358,7 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="choose distill hyper-parameters on the validation split (docs/tune.md)"
     )
     tune.add_argument("--config", default="configs/benchmark.yaml", help="the benchmark")
-    tune.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every candidate")
+    tune.add_argument("--seeds", type=int, default=1, help="N seeds for every candidate")
+    tune.add_argument(
+        "--first-seed", type=int, default=0,
+        help="the first of the N seeds (default 0): a validation run trains the same "
+        "federation as the evaluation run of its seed, so choose on seeds the reports never "
+        "used (e.g. 100) where a candidate came from what their runs did",
+    )  # fmt: skip
     tune.add_argument("--candidates", default="", help="comma-separated subset (default: all)")
     tune.add_argument("--out", default="docs", help="where tune.{md,json} go")
     tune.add_argument("--workdir", default=None, help="store of the runs (default: a temp dir)")
@@ -495,6 +501,9 @@ def cmd_bench_tune(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         print("error: --seeds must be >= 1", file=sys.stderr)
         return 2
+    if args.first_seed < 0:
+        print("error: --first-seed must be >= 0", file=sys.stderr)
+        return 2
     console = _console()
     command = "flminillm bench tune " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
     try:
@@ -503,6 +512,7 @@ def cmd_bench_tune(args: argparse.Namespace) -> int:
             names=[m for m in args.candidates.split(",") if m] or None,
             workdir=Path(args.workdir) if args.workdir else None, out_dir=Path(args.out),
             jobs=args.jobs, console=console, command=command.strip(), resume=args.resume,
+            first_seed=args.first_seed,
         )  # fmt: skip
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -63,6 +63,25 @@ def test_tune_scores_validation_and_chooses_the_best(tmp_path):
     assert again["_meta"]["chosen"] == meta["chosen"]
 
 
+def test_tune_chooses_on_seeds_the_reports_never_used(tmp_path, capsys):
+    """--first-seed: the validation runs of seeds 7.. train other federations than the
+    evaluation runs of seeds 0-2 (a validation run of seed s is the evaluation run's
+    federation, only the scored split differs)."""
+    work = tmp_path / "work"
+    args = ["bench", "tune", "--config", str(TINY), "--candidates", "rkl-as-configured",
+            "--out", str(tmp_path), "--workdir", str(work), "--jobs", "1"]  # fmt: skip
+    assert main([*args, "--first-seed", "7"]) == 0
+    res = json.loads((tmp_path / "tune.json").read_text())
+    assert res["_meta"]["seeds"] == [7] and res["rkl-as-configured"]["seeds"] == [7]
+    assert "seeds [7]" in (tmp_path / "tune.md").read_text()
+    base = on_validation(load_config(TINY))
+    (v,) = candidates(base, ["rkl-as-configured"])
+    assert finished_result(base, v, 7, work)["seed"] == 7
+    assert finished_result(base, v, 0, work) is None  # seed 0 never ran
+    assert main([*args, "--first-seed", "-1"]) == 2
+    assert "--first-seed must be >= 0" in capsys.readouterr().err
+
+
 def test_no_round_budget_is_chosen_from_a_curve_with_an_averaged_last_round(tmp_path):
     """With distill.server_average K > 1 the last round's point averages K servers and the
     others do not: the tune says so and chooses no budget from such a curve."""

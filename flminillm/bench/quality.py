@@ -168,10 +168,12 @@ def run_grid(
     resume: bool = False,
     report_only: bool = False,
     title: str = "bench quality",
+    first_seed: int = 0,
 ) -> dict[str, Any]:
-    """Run every (variant, seed) in worker processes (faults for `fault_seeds` seeds only),
-    reusing finished runs from `workdir` with `resume`. Returns {"runs": {name: [result]},
-    "failures", "resumed", "missing", "seconds", "jobs", "threads"}."""
+    """Run every (variant, seed) in worker processes, seeds `first_seed` to `first_seed` +
+    `seeds` - 1 (faults for the first `fault_seeds` of them only), reusing finished runs from
+    `workdir` with `resume`. Returns {"runs": {name: [result]}, "failures", "resumed",
+    "missing", "seconds", "jobs", "threads"}."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -188,7 +190,8 @@ def run_grid(
     failures: dict[str, list[dict]] = {}
     resumed: list[str] = []
     missing: list[str] = []
-    todo = [(v, s) for s in range(seeds) for v in vs if v.group != "fault" or s < fault_seeds]
+    todo = [(v, s) for s in range(first_seed, first_seed + seeds) for v in vs
+            if v.group != "fault" or s < first_seed + fault_seeds]  # fmt: skip
     first = next((v for v in vs if v.kind == "federated" and v.group == "method"), vs[0])
     ctx = mp.get_context("spawn")
     with Progress(
@@ -273,12 +276,13 @@ def summarise_grid(vs: list[Variant], grid: dict) -> dict[str, Any]:
     }
 
 
-def grid_meta(config: Path, base: Config, grid: dict, seeds: int, command: str) -> dict:
+def grid_meta(config: Path, base: Config, grid: dict, seeds: int, command: str,
+              first_seed: int = 0) -> dict:  # fmt: skip
     """What every report says about how it was produced."""
     return {
         "config": str(config),
         "config_json": json.loads(base.to_json()),
-        "seeds": list(range(seeds)),
+        "seeds": list(range(first_seed, first_seed + seeds)),
         "command": command,
         "jobs": grid["jobs"],
         "torch_threads_per_job": grid["threads"],

@@ -421,15 +421,20 @@ def run_tune(
     console=None,
     command: str = "",
     resume: bool = False,
+    first_seed: int = 0,
 ) -> dict[str, Any]:
-    """Run the grid on validation, choose per method, write tune.{json,md} into out_dir."""
+    """Run the grid on validation, choose per method, write tune.{json,md} into out_dir.
+    Seeds `first_seed` to `first_seed` + `seeds` - 1: a validation run of seed s trains the
+    same federation as the evaluation run of seed s (only the scored split differs), so a
+    setting suggested by what an evaluation report's runs did in training is chosen on seeds
+    the reports never used."""
     base = on_validation(load_config(config))
     vs = candidates(base, names)
     if resume and workdir is None:
         raise ValueError("--resume needs --workdir: the directory of the run to resume")
     with _workdir(workdir) as wd:
         grid = run_grid(base, vs, seeds, wd, jobs=jobs, console=console, resume=resume,
-                        title="bench tune")  # fmt: skip
+                        title="bench tune", first_seed=first_seed)  # fmt: skip
     results = summarise_grid(vs, grid)
     chosen = {}
     for method in dict.fromkeys(v.group for v in vs):
@@ -453,7 +458,7 @@ def run_tune(
         # the last round's point is the average of K rounds' servers, the others are not:
         # no budget is chosen from such a curve (docs/tune.md)
         budget = {"skipped": AVERAGED_CURVE.format(k=base.distill.server_average)}
-    results["_meta"] = {**grid_meta(config, base, grid, seeds, command), "chosen": chosen,
+    results["_meta"] = {**grid_meta(config, base, grid, seeds, command, first_seed), "chosen": chosen,
                         "split": "validation", "rounds": budget}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(results, out_dir / "tune.json")
