@@ -21,7 +21,7 @@ from flminillm.bench.tune import (
     passes_under_attack,
     validation_score,
 )
-from flminillm.bench.variants import CONTEST_BAR, NO_INVARIANCE, UNDEFENDED
+from flminillm.bench.variants import CONTEST_BAR, NO_INVARIANCE, UNDEFENDED, attacks
 from flminillm.cli import main
 from flminillm.config import DistillConfig, load_config
 
@@ -514,3 +514,30 @@ def test_dependence_bar_fails_its_rule_on_the_3_client_validation_split_and_stay
     for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill,
                     load_config(ROOT / "configs" / "benchmark-5clients.yaml").distill):  # fmt: skip
         assert distill.dependence_bar == 0.0
+
+
+def test_the_contest_bar_under_temperature_0_7_is_a_challenger_under_the_contesting_liar():
+    """Stop 45's candidate (CONTEST_BAR_T07_GRID's comment, written before its runs): the
+    share 0.025 against the default's, under the contesting liar and clean, on both shapes.
+    Until its validation runs pass the rule, the default keeps the share of 0.05, and the
+    grid's first candidate is the config as it stands (no override)."""
+    for config, liar in (("benchmark.yaml", "carol"), ("benchmark-5clients.yaml", "erin")):
+        base = on_validation(load_config(ROOT / "configs" / config))
+        vs = {v.name: v for v in candidates(base) if v.group.startswith("contest_bar_t07")}
+        assert sorted(vs) == ["clean-bar-0.025", "clean-bar-default", "contest-bar-0.025",
+                              "contest-bar-default"]  # fmt: skip
+        assert vs["contest-bar-default"].overrides == {"distill": {}}
+        assert vs["contest-bar-0.025"].overrides == {"distill": {"contest_bar": 0.025}}
+        attacked = vs["contest-bar-0.025"]
+        assert attacked.env == attacks(base)["liar-contest"][0] and liar in attacked.note
+        assert vs["clean-bar-0.025"].env == vs["clean-bar-default"].env
+        assert base.distill.contest_bar == 0.05
+    # the rule: above the default under the liar, clean within a point of it
+    score = {"contest-bar-default": 0.40, "contest-bar-0.025": 0.43,
+             "clean-bar-default": 0.60, "clean-bar-0.025": 0.595}  # fmt: skip
+    results = {n: {"group": "x", "server": {"em_all": {"mean": v}},
+                   "clients": {"em_unseen": {"mean": v}}} for n, v in score.items()}  # fmt: skip
+    assert passes_under_attack(results, "contest_bar_t07", "bar-0.025")
+    results["clean-bar-0.025"]["server"]["em_all"]["mean"] = 0.58  # 1 point of score lost
+    results["clean-bar-0.025"]["clients"]["em_unseen"]["mean"] = 0.58
+    assert not passes_under_attack(results, "contest_bar_t07", "bar-0.025")

@@ -206,6 +206,27 @@ DEPENDENCE_GRID = [
 ]
 
 
+# The contest bar's share under the teachers' temperature 0.7 (stop 45): group
+# `contest_bar_t07` under the contesting liar (the `liar-contest` attack of bench quality)
+# and `contest_bar_t07-clean`. The 3-client defence table under 0.7 (docs/defence-
+# temperature-0.7, evaluation split, seeds 0-2) has that liar past its bar (6.7 against 3).
+# Read from those runs' training metrics (`contest_pooled.<id>`; not their scores): its
+# lowest pooled peer share was 0.030-0.064 of its wins under 0.7 (0.043-0.075 at
+# temperature 1), so the share of 0.05 let it through in 1, 4 and 2 of its 6 rounds, each
+# time with a full teacher's share of the prompts; an honest teacher's was 0.000 in every
+# 3-client round and at most 0.016 on the 5-client shape (clean, 0.7, seeds 0-2). Decided
+# before its runs: validated on seeds the reports never used (`--first-seed 100 --seeds 2`:
+# the candidate came from seeds 0-2's federations, which the validation runs of seeds 0-2
+# would train again) on both shapes (configs/benchmark.yaml, configs/benchmark-5clients.yaml);
+# 'bar-0.025' becomes the default only if `passes_under_attack` holds for it on both, and
+# then only once every attack of the defence table is re-measured under it on the
+# evaluation split.
+CONTEST_BAR_T07_GRID = [
+    ("bar-default", {}),
+    ("bar-0.025", {"contest_bar": 0.025}),
+]
+
+
 # The settings chosen under the attack they are for, each with its price clean: {group:
 # (the bench quality attack, its candidates' name prefix, the grid)}; candidates
 # `<prefix>-<name>` in `group` and `clean-<name>` in `<group>-clean`.
@@ -215,6 +236,7 @@ UNDER_ATTACK = {
     "barred_as_absent": ("liar-consistent", "consistent", BARRED_GRID),
     "contest_bar": ("liar-noisy", "noisy", BAR_GRID),
     "dependence_bar": ("liar-noisy-own", "noisy-own", DEPENDENCE_GRID),
+    "contest_bar_t07": ("liar-contest", "contest", CONTEST_BAR_T07_GRID),
 }
 
 
