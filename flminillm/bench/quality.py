@@ -172,8 +172,8 @@ def run_grid(
 ) -> dict[str, Any]:
     """Run every (variant, seed) in worker processes, seeds `first_seed` to `first_seed` +
     `seeds` - 1 (faults for the first `fault_seeds` of them only), reusing finished runs from
-    `workdir` with `resume`. Returns {"runs": {name: [result]}, "failures", "resumed",
-    "missing", "seconds", "jobs", "threads"}."""
+    `workdir` with `resume`. Returns {"runs": {name: [result]}, "seeds", "fault_seeds",
+    "failures", "resumed", "missing", "seconds", "jobs", "threads"}."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -190,7 +190,8 @@ def run_grid(
     failures: dict[str, list[dict]] = {}
     resumed: list[str] = []
     missing: list[str] = []
-    todo = [(v, s) for s in range(first_seed, first_seed + seeds) for v in vs
+    seed_list = list(range(first_seed, first_seed + seeds))
+    todo = [(v, s) for s in seed_list for v in vs
             if v.group != "fault" or s < first_seed + fault_seeds]  # fmt: skip
     first = next((v for v in vs if v.kind == "federated" and v.group == "method"), vs[0])
     ctx = mp.get_context("spawn")
@@ -257,7 +258,8 @@ def run_grid(
                     progress.update(bar, description=f"seed {s}: {v.name} FAILED")
                 progress.advance(bar)
     return {
-        "runs": runs, "failures": failures, "resumed": resumed, "missing": missing,
+        "runs": runs, "seeds": seed_list, "fault_seeds": seed_list[:fault_seeds],
+        "failures": failures, "resumed": resumed, "missing": missing,
         "seconds": time.perf_counter() - t_start, "jobs": jobs, "threads": threads,
         # every run's own time, resumed ones included, and this invocation's shared
         # set-ups: what the report cost to compute
@@ -276,13 +278,12 @@ def summarise_grid(vs: list[Variant], grid: dict) -> dict[str, Any]:
     }
 
 
-def grid_meta(config: Path, base: Config, grid: dict, seeds: int, command: str,
-              first_seed: int = 0) -> dict:  # fmt: skip
-    """What every report says about how it was produced."""
+def grid_meta(config: Path, base: Config, grid: dict, command: str) -> dict:
+    """What every report says about how it was produced (`grid`: `run_grid`'s answer)."""
     return {
         "config": str(config),
         "config_json": json.loads(base.to_json()),
-        "seeds": list(range(first_seed, first_seed + seeds)),
+        "seeds": grid["seeds"],
         "command": command,
         "jobs": grid["jobs"],
         "torch_threads_per_job": grid["threads"],
@@ -328,8 +329,8 @@ def run_quality(
     results = summarise_grid(vs, grid)
     ours, pooled_em, _ = paired(results, "fl-minillm", "pooled")  # on the seeds both have
     results["_meta"] = {
-        **grid_meta(config, base, grid, seeds, command),
-        "fault_seeds": list(range(fault_seeds)),
+        **grid_meta(config, base, grid, command),
+        "fault_seeds": grid["fault_seeds"],
         "server_vs_pooled": (ours / pooled_em) if ours is not None and pooled_em else None,
         "workdir": str(workdir) if workdir is not None else None,
         "adversary": base.clients[-1].id,

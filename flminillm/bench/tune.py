@@ -480,8 +480,8 @@ def run_tune(
         # the last round's point is the average of K rounds' servers, the others are not:
         # no budget is chosen from such a curve (docs/tune.md)
         budget = {"skipped": AVERAGED_CURVE.format(k=base.distill.server_average)}
-    meta = grid_meta(config, base, grid, seeds, command, first_seed)
-    results["_meta"] = {**meta, "chosen": chosen, "split": "validation", "rounds": budget}
+    results["_meta"] = {**grid_meta(config, base, grid, command), "chosen": chosen,
+                        "split": "validation", "rounds": budget}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(results, out_dir / "tune.json")
     _write_markdown(results, out_dir / "tune.md")
