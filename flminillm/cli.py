@@ -411,6 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     avg.add_argument("--reference", default=None, help="compare every variant with this one")
     avg.add_argument("--out", default=None, help="write average.{md,json} into this folder")
     avg.set_defaults(func=cmd_bench_average)
+
+    rep = bench_sub.add_parser(
+        "reproduce", help="which reports in docs/ their own command reproduces at this "
+        "checkout, and which only at the commit that measured them",
+    )  # fmt: skip
+    rep.add_argument("--docs", default="docs", help="the folder of reports")
+    rep.add_argument("--out", default="docs/reproducing.md", help="the table")
+    rep.set_defaults(func=cmd_bench_reproduce)
     return parser
 
 
@@ -491,6 +499,28 @@ def cmd_bench_paired(args: argparse.Namespace) -> int:
             str(r["seed"]), str(r["n"]), f"{r['em_a']:.1f}", f"{r['em_b']:.1f}",
             f"{r['diff']:+.1f}", f"{r['se']:.1f}", str(r["discordant"]),
         )  # fmt: skip
+    _console().print(table)
+    return 0
+
+
+def cmd_bench_reproduce(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from flminillm.bench.reproduce import audit, write_markdown
+
+    rows = audit(Path(args.docs))
+    if not rows:
+        print(f"error: no reports (results.json or tune.json with _meta) under {args.docs}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    write_markdown(rows, Path(args.out), f"flminillm bench reproduce --docs {args.docs} "
+                   f"--out {args.out}")  # fmt: skip
+    table = Table(title=f"{len(rows)} reports: written to {args.out}")
+    for col in ("report", "same", "differ", "unknown", "reproduce"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["report"], str(len(r["same"])), str(len(r["differ"])),
+                      str(len(r["unknown"])), r["verdict"])  # fmt: skip
     _console().print(table)
     return 0
 
