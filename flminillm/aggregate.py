@@ -295,14 +295,25 @@ def contests(
     return able & j_is & found & has & (ranks > quantile) & unlikely
 
 
-def contest_counts(contested: torch.Tensor, best: torch.Tensor, able: torch.Tensor) -> torch.Tensor:
+def contest_counts(
+    contested: torch.Tensor,
+    best: torch.Tensor,
+    able: torch.Tensor,
+    judges: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One round's evidence for `contest_bar`: [2, M, M] counts, [0, j, i] the prompts
     teacher i won (best [A]) while j may contest (`able` [M]), [1, j, i] those j contested
-    (`contests`: [M, A]); 0 on the diagonal. Rounds add up: `distill.contest_bar_rounds`
-    pools them per pair of teachers (what the server carries across rounds)."""
+    (`contests`: [M, A]); 0 on the diagonal. With `judges` [M, A] (who could contest each
+    prompt: `select_teacher_rollouts`' "judges"; `distill.contest_bar_over` 'judged'),
+    [0, j, i] counts only i's wins that j could contest. Rounds add up:
+    `distill.contest_bar_rounds` pools them per pair of teachers (what the server carries
+    across rounds)."""
     m = contested.shape[0]
     won = torch.stack([best == i for i in range(m)]).long()  # [M, A]
-    n = won.sum(1)[None].expand(m, m) * able.long()[:, None]
+    if judges is None:
+        n = won.sum(1)[None].expand(m, m) * able.long()[:, None]
+    else:
+        n = (judges.long() & able.long()[:, None]) @ won.T  # [j, i]
     c = (contested.long() & able.long()[:, None]) @ won.T  # [j, i]
     out = torch.stack([n, c]).clone()
     out[:, torch.arange(m), torch.arange(m)] = 0
@@ -324,6 +335,7 @@ def contest_bar(
     able: torch.Tensor,
     peers: str = "two",
     earlier: torch.Tensor | None = None,
+    abstain: bool = False,
 ) -> torch.Tensor:
     """`distill.contest_bar`: [M] bool, the teachers at least two of whose peers each contest
     more than `share` of the prompts it won (`contest_counts` [2, M, M] of this round);
@@ -336,20 +348,28 @@ def contest_bar(
     never contest each other, and a liar that contests is one peer, so it cannot bar an
     honest teacher alone (two colluding contesters could; with 'all', only with every other
     peer). Where two clients' families look alike, honest teachers contest each other (the
-    5-client benchmark, docs/results.md stop 40): 'all' asks the rest too."""
-    out = _barred_by(counts, share, able, peers)
+    5-client benchmark, docs/results.md stop 40): 'all' asks the rest too. `abstain`
+    (`distill.contest_bar_over` 'judged', whose counts are of the wins a peer could
+    contest): under 'all', a peer with none of the teacher's wins to judge abstains."""
+    out = _barred_by(counts, share, able, peers, abstain)
     if earlier is not None:  # pooled: more evidence can bar, never unbar
-        out = out | _barred_by(counts + earlier.long(), share, able, peers)
+        out = out | _barred_by(counts + earlier.long(), share, able, peers, abstain)
     return out
 
 
-def _barred_by(counts: torch.Tensor, share: float, able: torch.Tensor, peers: str) -> torch.Tensor:
-    above = contest_shares(counts, able) > share  # [j, i]
+def _barred_by(
+    counts: torch.Tensor, share: float, able: torch.Tensor, peers: str, abstain: bool = False
+) -> torch.Tensor:
+    shares = contest_shares(counts, able)  # [j, i]; -1: no evidence, or j may not contest
+    above = shares > share
     out = torch.zeros(counts.shape[1], dtype=torch.bool)
     for i in range(counts.shape[1]):
         k = int(above[:, i].sum())
-        peers_able = int(able.sum()) - int(able[i])
-        out[i] = k >= 2 and (peers != "all" or k == peers_able)
+        if abstain:
+            voters = int((shares[:, i] >= 0).sum())
+        else:
+            voters = int(able.sum()) - int(able[i])
+        out[i] = k >= 2 and (peers != "all" or k == voters)
     return out
 
 
@@ -516,12 +536,16 @@ def select_teacher_rollouts(
     idx = torch.arange(best.shape[0])
     length = mask[best, idx].sum(-1).clamp(min=1)
     contested = torch.zeros(joint.shape, dtype=torch.bool)
+    judges = torch.zeros(joint.shape, dtype=torch.bool)
     if rank and contest_quantile < 1.0:
         able = ~flagged
         if can_contest is not None:
             able &= can_contest.bool()[:, None]
         contested = contests(ids, mask, sup, logp, joint, best, able, contest_quantile,
                              contest_p)  # ranks among the answers in play  # fmt: skip
+        # who could contest each kept answer: sure of its prompt, not its author
+        judges = able & (joint > contest_quantile) & (torch.arange(joint.shape[0])[:, None]
+                                                      != best[None])  # fmt: skip
     return {
         # under rank selection, the kept answer's quantile among its teacher's claims
         "quantile": joint[best, idx] if rank else torch.full_like(answer[0], float("nan")),
@@ -538,11 +562,13 @@ def select_teacher_rollouts(
         "by_claim": by_claim,
         # [M, A] who contested each kept answer (`contests`); a contested prompt is left out
         "contests": contested,
+        # [M, A] who could have contested it (`distill.contest_bar_over` 'judged')
+        "judges": judges,
     }
 
 
 # select_teacher_rollouts' fields per teacher and prompt ([M, A]); the rest are per prompt
-PER_TEACHER = ("flagged", "contests")
+PER_TEACHER = ("flagged", "contests", "judges")
 
 
 def _where_prompts(at: torch.Tensor, new: dict, old: dict) -> dict[str, torch.Tensor]:
@@ -978,9 +1004,11 @@ def assemble_batch(
     first = None
     if d.contest_bar_on and rollouts["ask_prompt_ids"].shape[0]:
         first = select(weights / weights.sum())
-        evidence = contest_counts(first["contests"], first["teacher_index"], can_contest)
+        judged = d.contest_bar_over == "judged"
+        evidence = contest_counts(first["contests"], first["teacher_index"], can_contest,
+                                  first["judges"] if judged else None)  # fmt: skip
         contest_barred = contest_bar(evidence, d.contest_bar, can_contest, d.contest_bar_peers,
-                                     earlier=contest_earlier)  # fmt: skip
+                                     earlier=contest_earlier, abstain=judged)  # fmt: skip
         if contest_earlier is not None:
             pooled_share = lowest_pooled_share(evidence + contest_earlier, can_contest)
         barred_t = barred_t | contest_barred

@@ -735,6 +735,16 @@ class DistillConfig(_Strict):
         "41.5 under the noisy liar; docs/tune-contest-bar-either-5clients: 39.2, level, the "
         "same runs; clean the same runs as this round only on both).",
     )
+    contest_bar_over: Literal["wins", "judged"] = Field(
+        "wins",
+        description="What a peer's contest share of a teacher is a share of (`contest_bar`): "
+        "'wins', every prompt the teacher won; 'judged', only the wins the peer ranked above "
+        "`contest_quantile` among its own claims (those it could contest: it was sure of "
+        "them), so that a liar's wins on families no peer knows do not dilute the share; "
+        "under 'all' (`contest_bar_peers`) a peer that judged none of the teacher's wins "
+        "then abstains (every other that judged some, at least two). 'wins' is the default "
+        "(what the bar read before stop 46).",
+    )
     contest_leave_out: bool = Field(
         False,
         description="Leave the contested prompts out of the batch (`contest_quantile`: the "
@@ -989,6 +999,7 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "contest_bar_peers": "two",
         "contest_leave_out": True,
         "contest_bar_rounds": 1,
+        "contest_bar_over": "wins",
         "barred_as_absent": False,
         "barred_wins": "leave",
         "contest_p": 0.05,
@@ -1007,8 +1018,9 @@ INERT_OPTIONS: dict[str, dict[tuple[str, Any], tuple[str, ...]]] = {
             "contest_bar_peers",
             "contest_leave_out",
             "contest_bar_rounds",
+            "contest_bar_over",
         ),
-        ("contest_bar", 0.0): ("contest_bar_peers", "contest_bar_rounds"),
+        ("contest_bar", 0.0): ("contest_bar_peers", "contest_bar_rounds", "contest_bar_over"),
         ("dependence_bar", 0.0): ("dependence_min",),
     }
 }

@@ -1452,6 +1452,43 @@ def test_contest_bar_by_all_peers_asks_every_peer_that_may_contest():
     assert not bool(_bar(c, best, 0.0, able=alone, peers="all").any())
 
 
+def test_contest_bar_over_judged_wins_reads_only_what_a_peer_could_contest():
+    """`distill.contest_bar_over` 'judged': a peer's share of a teacher's wins counts only
+    the wins it could contest (`judges`: it was sure of the prompt), so a liar's wins on
+    families no peer knows do not dilute it; under 'all' a peer that judged none abstains.
+    Counted over every win the same contests stay under the bar."""
+    from flminillm.aggregate import contest_bar, contest_counts
+
+    best = torch.tensor([0] * 4 + [1] * 4 + [2] * 20)
+    able = torch.ones(3, dtype=torch.bool)
+    c = torch.zeros(3, 28, dtype=torch.bool)
+    j = torch.zeros(3, 28, dtype=torch.bool)
+    j[0, 8:11] = j[1, 11:14] = True  # each expert sure of 3 of the liar's 20 wins
+    c[0, 8:10] = c[1, 11:13] = True  # and contests 2 of those 3: 10% of all its wins
+    plain = contest_counts(c, best, able)
+    judged = contest_counts(c, best, able, j)
+    assert plain[0, :2, 2].tolist() == [20, 20] and judged[0, :2, 2].tolist() == [3, 3]
+    assert judged[1].tolist() == plain[1].tolist()  # the contests are the same
+    assert contest_bar(plain, 0.25, able, "all").tolist() == [False] * 3
+    assert contest_bar(judged, 0.25, able, "all", abstain=True).tolist() == [False, False, True]
+    # the experts: nobody judged their wins, so nobody may bar them (no evidence, no bar)
+    assert judged[0, :, 0].tolist() == [0, 0, 0] and judged[0, :, 1].tolist() == [0, 0, 0]
+    # four teachers: a peer with none of the liar's wins to judge abstains under 'all' ...
+    best4 = torch.cat([best, torch.tensor([3])])
+    c4 = torch.cat([c, torch.zeros(1, 28, dtype=torch.bool)])
+    c4 = torch.cat([c4, torch.zeros(4, 1, dtype=torch.bool)], 1)
+    j4 = torch.cat([j, torch.zeros(1, 28, dtype=torch.bool)])
+    j4 = torch.cat([j4, torch.zeros(4, 1, dtype=torch.bool)], 1)
+    able4 = torch.ones(4, dtype=torch.bool)
+    counts4 = contest_counts(c4, best4, able4, j4)
+    assert contest_bar(counts4, 0.25, able4, "all", abstain=True)[2]
+    assert not contest_bar(counts4, 0.25, able4, "all", abstain=False)[2]  # it would veto
+    # ... and one that judged some and contested none vetoes, as under 'wins'
+    j4[3, 14] = True
+    assert not contest_bar(contest_counts(c4, best4, able4, j4), 0.25, able4, "all",
+                           abstain=True)[2]  # fmt: skip
+
+
 def test_contest_bar_pools_earlier_rounds_per_pair():
     """`distill.contest_bar_rounds`: a liar whose contests sit just under the share this
     round (one of its 25 wins, 4%, by each expert) is barred once an earlier round where
@@ -1592,6 +1629,17 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     assert torch.equal(every["ask_choice"], info0["ask_choice"])
     with pytest.raises(ValueError, match="contest_bar 0 with contest_leave_out false"):
         DistillConfig(contest_quantile=0.75, contest_bar=0.0, contest_leave_out=False)
+    # over the wins each expert could contest (`contest_bar_over` 'judged'): still barred,
+    # and the judged counts are at most the wins and at least the contests
+    _, judged = assemble_batch(
+        rollouts, teachings, torch.ones(3),
+        DistillConfig(**{**base, "contest_leave_out": False}, contest_bar=0.05,
+                      contest_bar_over="judged"),
+    )  # fmt: skip
+    assert judged["contest_barred"].tolist() == [False, False, True]
+    ev, ev_wins = judged["contest_evidence"], barred["contest_evidence"]
+    assert bool((ev[0] <= ev_wins[0]).all()) and bool((ev[1] <= ev[0]).all())
+    assert torch.equal(ev[1], ev_wins[1]) and int(ev[0, :2, 2].sum()) < int(ev_wins[0, :2, 2].sum())
 
 
 def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -277,7 +277,8 @@ def test_the_contest_s_own_options_are_left_out_while_the_contest_is_off():
     off.setdefault("distill", {})["contest_quantile"] = 1.0
     plain = parse_config(off)
     for extra in ({"contest_bar_peers": "all"}, {"contest_leave_out": False},
-                  {"contest_p": 0.2}, {"contest_bar": 0.0}):  # fmt: skip
+                  {"contest_p": 0.2}, {"contest_bar": 0.0},
+                  {"contest_bar_over": "judged"}):  # fmt: skip
         other = copy.deepcopy(off)
         other["distill"].update(extra)
         assert parse_config(other).digest() == plain.digest(), extra
@@ -288,6 +289,12 @@ def test_the_contest_s_own_options_are_left_out_while_the_contest_is_off():
                                         contest_bar_peers="all", contest_leave_out=False)  # fmt: skip
     sent_on = json.loads(parse_config(on).experiment_json())["distill"]
     assert sent_on["contest_bar_peers"] == "all" and sent_on["contest_leave_out"] is False
+    # a late option at its old value is left out (ids kept); set otherwise it is hashed
+    assert "contest_bar_over" not in sent_on
+    on["distill"]["contest_bar_over"] = "judged"
+    assert json.loads(parse_config(on).experiment_json())["distill"]["contest_bar_over"] == (
+        "judged"
+    )
     # what a step receives parses again, the left-out options at their defaults
     from flminillm.config import experiment_from_json
 

@@ -21,7 +21,7 @@ from flminillm.bench.tune import (
     passes_under_attack,
     validation_score,
 )
-from flminillm.bench.variants import CONTEST_BAR, NO_INVARIANCE, UNDEFENDED, attacks
+from flminillm.bench.variants import CONTEST_BAR, NO_INVARIANCE, UNDEFENDED, attacks, variant_config
 from flminillm.cli import main
 from flminillm.config import DistillConfig, load_config
 
@@ -524,10 +524,16 @@ def test_the_contest_bar_under_temperature_0_7_is_a_challenger_under_the_contest
     for config, liar in (("benchmark.yaml", "carol"), ("benchmark-5clients.yaml", "erin")):
         base = on_validation(load_config(ROOT / "configs" / config))
         vs = {v.name: v for v in candidates(base) if v.group.startswith("contest_bar_t07")}
-        assert sorted(vs) == ["clean-bar-0.025", "clean-bar-default", "contest-bar-0.025",
-                              "contest-bar-default"]  # fmt: skip
+        assert sorted(vs) == [
+            "clean-bar-0.025", "clean-bar-default", "clean-bar-judged-0.25",
+            "clean-bar-judged-0.5", "contest-bar-0.025", "contest-bar-default",
+            "contest-bar-judged-0.25", "contest-bar-judged-0.5",
+        ]  # fmt: skip
         assert vs["contest-bar-default"].overrides == {"distill": {}}
         assert vs["contest-bar-0.025"].overrides == {"distill": {"contest_bar": 0.025}}
+        judged = variant_config(base, vs["contest-bar-judged-0.25"], 100, Path("/w"))
+        assert judged.distill.contest_bar_over == "judged" and judged.distill.contest_bar == 0.25
+        assert base.distill.contest_bar_over == "wins"  # the default until the rule says
         attacked = vs["contest-bar-0.025"]
         assert attacked.env == attacks(base)["liar-contest"][0] and liar in attacked.note
         assert vs["clean-bar-0.025"].env == vs["clean-bar-default"].env

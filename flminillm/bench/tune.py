@@ -220,10 +220,24 @@ DEPENDENCE_GRID = [
 # would train again) on both shapes (configs/benchmark.yaml, configs/benchmark-5clients.yaml);
 # 'bar-0.025' becomes the default only if `passes_under_attack` holds for it on both, and
 # then only once every attack of the defence table is re-measured under it on the
-# evaluation split.
+# evaluation split. Added at stop 46, before any run of theirs and before the 0.025 runs
+# reported: 'bar-judged-0.25' and 'bar-judged-0.5', the share read over only the wins each
+# peer could contest (`distill.contest_bar_over` 'judged': the prompts it ranked above
+# contest_quantile). Why: the liar's wins on its own families, which no peer is sure of,
+# dilute its share over all its wins (seed 3's first rounds: 0.013-0.016, as low as an
+# honest 5-client teacher's), while a sure honest peer contests nearly every fluent wrong
+# answer it judges; an honest teacher's judged wins are rarely contested (never in a
+# 3-client round). The shares 0.25 and 0.5 are guesses, not read from any run (no run
+# recorded the judged counts). The same rule: a candidate becomes the default only if
+# `passes_under_attack` holds for it on both shapes' validation splits (seeds 100-101);
+# of several that do, the one with the higher mean validation score under the attack over
+# the two shapes; then every attack of the defence table is re-measured under it on the
+# evaluation split before it is called the default's.
 CONTEST_BAR_T07_GRID = [
     ("bar-default", {}),
     ("bar-0.025", {"contest_bar": 0.025}),
+    ("bar-judged-0.25", {"contest_bar_over": "judged", "contest_bar": 0.25}),
+    ("bar-judged-0.5", {"contest_bar_over": "judged", "contest_bar": 0.5}),
 ]
 
 
