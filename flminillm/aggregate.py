@@ -1004,11 +1004,12 @@ def assemble_batch(
     first = None
     if d.contest_bar_on and rollouts["ask_prompt_ids"].shape[0]:
         first = select(weights / weights.sum())
-        judged = d.contest_bar_over == "judged"
+        judged = d.contest_bar_over != "wins"
         evidence = contest_counts(first["contests"], first["teacher_index"], can_contest,
                                   first["judges"] if judged else None)  # fmt: skip
         contest_barred = contest_bar(evidence, d.contest_bar, can_contest, d.contest_bar_peers,
-                                     earlier=contest_earlier, abstain=judged)  # fmt: skip
+                                     earlier=contest_earlier,
+                                     abstain=d.contest_bar_over == "judged")  # fmt: skip
         if contest_earlier is not None:
             pooled_share = lowest_pooled_share(evidence + contest_earlier, can_contest)
         barred_t = barred_t | contest_barred

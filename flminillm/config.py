@@ -735,15 +735,18 @@ class DistillConfig(_Strict):
         "41.5 under the noisy liar; docs/tune-contest-bar-either-5clients: 39.2, level, the "
         "same runs; clean the same runs as this round only on both).",
     )
-    contest_bar_over: Literal["wins", "judged"] = Field(
+    contest_bar_over: Literal["wins", "judged", "judged-veto"] = Field(
         "wins",
         description="What a peer's contest share of a teacher is a share of (`contest_bar`): "
         "'wins', every prompt the teacher won; 'judged', only the wins the peer ranked above "
         "`contest_quantile` among its own claims (those it could contest: it was sure of "
         "them), so that a liar's wins on families no peer knows do not dilute the share; "
         "under 'all' (`contest_bar_peers`) a peer that judged none of the teacher's wins "
-        "then abstains (every other that judged some, at least two). 'wins' is the default "
-        "(what the bar read before stop 46).",
+        "then abstains (every other that judged some, at least two); 'judged-veto', the "
+        "same shares, but under 'all' a peer that judged none votes against the bar, as "
+        "every peer that may contest votes under 'wins' (two contesting colluders cannot "
+        "bar an honest teacher whose other peers had nothing of it to judge). 'wins' is "
+        "the default (what the bar read before stop 46).",
     )
     contest_leave_out: bool = Field(
         False,

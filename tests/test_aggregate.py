@@ -1640,6 +1640,15 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     ev, ev_wins = judged["contest_evidence"], barred["contest_evidence"]
     assert bool((ev[0] <= ev_wins[0]).all()) and bool((ev[1] <= ev[0]).all())
     assert torch.equal(ev[1], ev_wins[1]) and int(ev[0, :2, 2].sum()) < int(ev_wins[0, :2, 2].sum())
+    # 'judged-veto': the same counts; both experts judged some of the liar's wins, so both
+    # vote and it is barred as under 'judged'
+    _, veto = assemble_batch(
+        rollouts, teachings, torch.ones(3),
+        DistillConfig(**{**base, "contest_leave_out": False, "contest_bar_peers": "all"},
+                      contest_bar=0.05, contest_bar_over="judged-veto"),
+    )  # fmt: skip
+    assert torch.equal(veto["contest_evidence"], ev)
+    assert veto["contest_barred"].tolist() == [False, False, True]
 
 
 def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -526,8 +526,9 @@ def test_the_contest_bar_under_temperature_0_7_is_a_challenger_under_the_contest
         vs = {v.name: v for v in candidates(base) if v.group.startswith("contest_bar_t07")}
         assert sorted(vs) == [
             "clean-bar-0.025", "clean-bar-default", "clean-bar-judged-0.25",
-            "clean-bar-judged-0.5", "contest-bar-0.025", "contest-bar-default",
-            "contest-bar-judged-0.25", "contest-bar-judged-0.5",
+            "clean-bar-judged-0.5", "clean-bar-veto-0.25", "contest-bar-0.025",
+            "contest-bar-default", "contest-bar-judged-0.25", "contest-bar-judged-0.5",
+            "contest-bar-veto-0.25",
         ]  # fmt: skip
         assert vs["contest-bar-default"].overrides == {"distill": {}}
         assert vs["contest-bar-0.025"].overrides == {"distill": {"contest_bar": 0.025}}

@@ -232,12 +232,19 @@ DEPENDENCE_GRID = [
 # `passes_under_attack` holds for it on both shapes' validation splits (seeds 100-101);
 # of several that do, the one with the higher mean validation score under the attack over
 # the two shapes; then every attack of the defence table is re-measured under it on the
-# evaluation split before it is called the default's.
+# evaluation split before it is called the default's. Then, once the 3-client runs of
+# those had reported (all three passed there, the judged two alike) and before any 5-client
+# run had: 'bar-veto-0.25' (`contest_bar_over` 'judged-veto': a peer with none of a
+# teacher's wins to judge votes against its bar instead of abstaining). Why: in those runs
+# an honest teacher's wins were judged by the contesting liar alone (its honest peer was
+# never sure of them), so under 'judged' the bar on an honest teacher rests on whoever did
+# judge: two contesting colluders could bar it. The same rule.
 CONTEST_BAR_T07_GRID = [
     ("bar-default", {}),
     ("bar-0.025", {"contest_bar": 0.025}),
     ("bar-judged-0.25", {"contest_bar_over": "judged", "contest_bar": 0.25}),
     ("bar-judged-0.5", {"contest_bar_over": "judged", "contest_bar": 0.5}),
+    ("bar-veto-0.25", {"contest_bar_over": "judged-veto", "contest_bar": 0.25}),
 ]
 
 
