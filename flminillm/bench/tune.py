@@ -239,6 +239,16 @@ DEPENDENCE_GRID = [
 # an honest teacher's wins were judged by the contesting liar alone (its honest peer was
 # never sure of them), so under 'judged' the bar on an honest teacher rests on whoever did
 # judge: two contesting colluders could bar it. The same rule.
+# A flaw of that rule, seen in the first 5-client runs (seed 101): the default bars the
+# 5-client liar in every round it takes part in, so no candidate can score above it there
+# and 'bar-0.025' ran the default's federation exactly; strictly above on both shapes
+# cannot be met (stop 41's rule allowed level on one shape for this reason). Written before
+# the seed-100 5-client runs reported: the seeds 100-101 verdict stands as the rule says;
+# a candidate that passes on the 3-client shape and is level with the default under the
+# attack on the 5-client one (and within 1 point clean on both) is validated again on
+# fresh seeds (`--first-seed 102 --seeds 2`) by: above the default under the attack on
+# the 3-client shape, at least level on the 5-client one (`holds_against` against
+# 'bar-default'), clean within 1 point on both.
 CONTEST_BAR_T07_GRID = [
     ("bar-default", {}),
     ("bar-0.025", {"contest_bar": 0.025}),
