@@ -743,13 +743,16 @@ def kept_before(
     round manifest's `stale`, each entry's `choice`): what `distill.dependence_bar` needs
     before it judges a teacher (the student has learned from it)."""
     buffer = stale_buffer(cache)
+    read: dict[str, Any] = {}  # a round's choice tensor, read once for all its teachers
     out = []
     for name in names:
         counts = []
         for entry in buffer.get(name, []):
             if int(entry["round"]) < round_index:
-                choice = store.scoped(student_id).get_tensors(entry["choice"])["choice"]
-                counts.append(int((choice == int(entry["index"])).sum()))
+                key = entry["choice"]
+                if key not in read:
+                    read[key] = store.scoped(student_id).get_tensors(key)["choice"]
+                counts.append(int((read[key] == int(entry["index"])).sum()))
         out.append(counts)
     return out
 
