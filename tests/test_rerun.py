@@ -297,9 +297,10 @@ def test_the_server_pools_contest_counts_across_rounds(tiny_config, tmp_path, mo
     given = []
     bar = aggregate.contest_bar
 
-    def spy(counts, share, able, peers="two", earlier=None):
+    def spy(counts, share, able, peers="two", earlier=None, abstain=False):
         given.append((counts.clone(), None if earlier is None else earlier.clone()))
-        return bar(counts, share, able, peers, earlier=earlier)
+        assert not abstain  # 'wins' (the default): every peer that may contest votes
+        return bar(counts, share, able, peers, earlier=earlier, abstain=abstain)
 
     monkeypatch.setattr(aggregate, "contest_bar", spy)
     distill = tiny_config.distill.model_copy(update={"contest_bar_rounds": 2})
