@@ -12,6 +12,7 @@ import yaml
 from flminillm.bench.quality import finished_result
 from flminillm.bench.tune import (
     BAR_GRID,
+    CONTEST_BAR_T07_GRID,
     GRID,
     candidates,
     choose,
@@ -548,3 +549,36 @@ def test_the_contest_bar_under_temperature_0_7_is_a_challenger_under_the_contest
     results["clean-bar-0.025"]["server"]["em_all"]["mean"] = 0.58  # 1 point of score lost
     results["clean-bar-0.025"]["clients"]["em_unseen"]["mean"] = 0.58
     assert not passes_under_attack(results, "contest_bar_t07", "bar-0.025")
+
+
+def test_the_contest_bar_under_temperature_0_7_validated_on_both_shapes():
+    """Stop 46's validation of CONTEST_BAR_T07_GRID (seeds 100-101, the rule written before
+    the runs): the judged share with abstaining peers bars honest look-alike teachers on the
+    5-client shape and fails there; the share 0.025 passes on 3 clients and is level with
+    the default on 5 (the default already bars that liar in most of its rounds: the rule's
+    strictly-above is not met); 'judged-veto' at 0.25 passes on both. It is the candidate
+    re-measured on the evaluation split (configs/benchmark-contest-veto.yaml and its 5-client
+    twin carry exactly the grid's setting); the default keeps the share over every win."""
+    verdict = {}
+    for doc in ("tune-contest-bar-t07", "tune-contest-bar-t07-5clients"):
+        results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
+        meta = results["_meta"]
+        assert meta["split"] == "validation" and meta["seeds"] == [100, 101]
+        verdict[doc] = {n: passes_under_attack(results, "contest_bar_t07", n)
+                        for n in ("bar-0.025", "bar-judged-0.25", "bar-judged-0.5",
+                                  "bar-veto-0.25")}  # fmt: skip
+    assert verdict["tune-contest-bar-t07"] == dict.fromkeys(verdict["tune-contest-bar-t07"], True)
+    assert verdict["tune-contest-bar-t07-5clients"] == {
+        "bar-0.025": False, "bar-judged-0.25": False, "bar-judged-0.5": False,
+        "bar-veto-0.25": True,
+    }  # fmt: skip
+    five = json.loads((ROOT / "docs" / "tune-contest-bar-t07-5clients" / "tune.json").read_text())
+    assert validation_score(five["contest-bar-0.025"]) == validation_score(
+        five["contest-bar-default"]
+    )  # level: the rule's flaw, CONTEST_BAR_T07_GRID's comment
+    veto = dict(CONTEST_BAR_T07_GRID)["bar-veto-0.25"]
+    for name in ("benchmark-contest-veto.yaml", "benchmark-5clients-contest-veto.yaml"):
+        d = load_config(ROOT / "configs" / name).distill
+        assert {k: getattr(d, k) for k in veto} == veto
+    for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill):
+        assert distill.contest_bar_over == "wins" and distill.contest_bar == 0.05
