@@ -291,8 +291,17 @@ def contests(
     at_hit = torch.logsumexp(l_at.masked_fill(~hit, float("-inf")), -1)
     there = torch.where(hit.any(-1), at_hit, torch.log(tail))
     unlikely = (prefix + there) < math.log(p)
-    j_is = torch.arange(m)[:, None] != best[None]
-    return able & j_is & found & has & (ranks > quantile) & unlikely
+    return could_contest(ranks, best, able, quantile) & found & has & unlikely
+
+
+def could_contest(
+    ranks: torch.Tensor, best: torch.Tensor, able: torch.Tensor, quantile: float
+) -> torch.Tensor:
+    """[M, A] bool: who could contest each kept answer (`contests` asks the rest): a teacher
+    that may (`able` [M, A]), ranks the prompt above `quantile` among its own claims
+    (`ranks` [M, A]: it is sure of it) and is not the answer's author (`best` [A]). What
+    `distill.contest_bar_over` 'judged' divides by."""
+    return able & (ranks > quantile) & (torch.arange(ranks.shape[0])[:, None] != best[None])
 
 
 def contest_counts(
@@ -543,9 +552,7 @@ def select_teacher_rollouts(
             able &= can_contest.bool()[:, None]
         contested = contests(ids, mask, sup, logp, joint, best, able, contest_quantile,
                              contest_p)  # ranks among the answers in play  # fmt: skip
-        # who could contest each kept answer: sure of its prompt, not its author
-        judges = able & (joint > contest_quantile) & (torch.arange(joint.shape[0])[:, None]
-                                                      != best[None])  # fmt: skip
+        judges = could_contest(joint, best, able, contest_quantile)
     return {
         # under rank selection, the kept answer's quantile among its teacher's claims
         "quantile": joint[best, idx] if rank else torch.full_like(answer[0], float("nan")),
