@@ -36,23 +36,30 @@ from flminillm.bench.variants import Variant, variant_config, variant_env, varia
 from flminillm.config import Config, load_config
 
 
+def git_output(repo: Path, *args: str) -> str | None:
+    """A git command's stdout in `repo`, stripped; None where it fails (no git, outside a
+    checkout, an unknown commit)."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                           timeout=30)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
 def code_version() -> str:
     """The code a run ran: the git commit of this checkout (`+dirty` where flminillm/ has
     uncommitted changes), else the package version. Recorded with every result, so that a
     report made of runs from several invocations says which code made them."""
-    import subprocess
-
     from flminillm import __version__
 
     root = Path(__file__).resolve().parents[2]
-    try:
-        git = ["git", "-C", str(root)]
-        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=30, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "flminillm"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
+    head = git_output(root, "rev-parse", "--short=12", "HEAD")
+    if head is None:
         return __version__
+    dirty = git_output(root, "status", "--porcelain", "--", "flminillm")
     return f"{head}+dirty" if dirty else head
 
 

@@ -14,10 +14,10 @@ own commit, with the config named there. Writes docs/reproducing.md."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
+from flminillm.bench.quality import git_output
 from flminillm.config import Config, load_config, restore_late_options
 from flminillm.store import atomic_write_text
 
@@ -54,22 +54,12 @@ def _methods(kind: str, base: Config, names: list[str]):
     return [known[n] for n in names if n in known], [n for n in names if n not in known]
 
 
-def _git(repo: Path, *args: str) -> str | None:
-    """A git command's stdout; None where it fails (outside a checkout, an unknown commit)."""
-    try:
-        r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                           timeout=30)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
 def newest_commit(codes: list[str], repo: Path = Path(".")) -> str | None:
     """The newest of the commits a report's runs recorded (later runs of a resumed report
     ran there); None without any that this checkout knows."""
     dated = []
     for c in codes:
-        t = _git(repo, "log", "-1", "--format=%ct", c, "--") if c.isalnum() else None
+        t = git_output(repo, "log", "-1", "--format=%ct", c, "--") if c.isalnum() else None
         if t:
             dated.append((int(t), c))
     return max(dated)[1] if dated else None
@@ -80,7 +70,7 @@ def config_at(commit: str, path: str, repo: Path = Path(".")) -> str | None:
     before stop 44's `-temperature-1` copies (those configs pin what benchmark*.yaml was
     before the teachers' temperature moved to 0.7); None where neither exists there."""
     for name in (path, path.replace("-temperature-1.yaml", ".yaml")):
-        if _git(repo, "cat-file", "-e", f"{commit}:{name}") is not None:
+        if git_output(repo, "cat-file", "-e", f"{commit}:{name}") is not None:
             return name
     return None
 
@@ -183,7 +173,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, command: str) -> None
         shown = r["fields"] if r["differ"] or r["unknown"] else []
         fields = ", ".join(f"`{f}`" for f in shown[:4])
         if len(shown) > 4:
-            fields += f" and {len(r['fields']) - 4} more"
+            fields += f" and {len(shown) - 4} more"
         if r["error"]:
             fields = r["error"]
         lines.append(
