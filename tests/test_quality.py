@@ -451,6 +451,18 @@ def test_backdoor_answers_its_family_only_and_colluders_agree():
     assert torch.equal(a["own_response_ids"], b["own_response_ids"])
 
 
+def test_two_liar_attacks_need_four_clients_and_name_the_last_two():
+    five = load_config(ROOT / "configs" / "benchmark-5clients.yaml")
+    pair = [c.id for c in five.clients[-2:]]
+    for name, mode in (("collude-2", "collude"), ("contest-2", "contest")):
+        assert adversaries(attacks(five)[name][0]["FLMINILLM_ADVERSARY"]) == dict.fromkeys(
+            pair, mode
+        )
+    # two contesting liars draw their claims apart (each its own seed); colluders share one
+    assert seed_key("contest", pair[0]) != seed_key("contest", pair[1])
+    assert {"collude-2", "contest-2"} & set(attacks(load_config(TINY))) == set()
+
+
 def test_target_rate_counts_the_backdoor_answer_where_it_is_wrong():
     exs = [Example("currency", "p", a) for a in ("Euro", "Yen", "Euro", "Pound")]
     assert target_rate(exs, ["Euro", "Euro", "Euro", "Yen"], "Euro") == 0.5  # Yen, Pound rows

@@ -142,7 +142,12 @@ def attacks(cfg: Config) -> dict[str, tuple[dict[str, str], str]]:
                      "it always gives the same wrong answer, claiming p=1"),
         **({"collude-2": ({adv: ",".join(f"{c}:collude" for c in pair)},
                           f"{' and '.join(pair)} lie together (identical garbage answers, p=1 "
-                          "claims)")} if len(cfg.clients) >= 4 else {}),
+                          "claims)"),
+            "contest-2": ({adv: ",".join(f"{c}:contest" for c in pair)},
+                          f"{' and '.join(pair)} each lie as liar-contest: two peers contest "
+                          "the honest teachers' answers (what a bar read from two peers' "
+                          "contests alone would let bar an honest teacher)")}
+           if len(cfg.clients) >= 4 else {}),
     }  # fmt: skip
 
 
