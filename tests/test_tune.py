@@ -582,3 +582,25 @@ def test_the_contest_bar_under_temperature_0_7_validated_on_both_shapes():
         assert {k: getattr(d, k) for k in veto} == veto
     for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill):
         assert distill.contest_bar_over == "wins" and distill.contest_bar == 0.05
+
+
+def test_the_contest_bar_candidate_on_the_evaluation_split_bars_the_contesting_liar():
+    """Stop 47's re-measure of 'judged-veto' at 0.25 on the evaluation split (seeds 0-2,
+    docs/defence-contest-veto): the contesting and the noisy liar run, seed by seed, the
+    federation of the claim-barred liars (barred every round), which the default let the
+    contesting liar out of (docs/defence-temperature-0.7: its honest families 6.7 below the
+    clean run). Not the default until the default's rows are re-run on the same machine."""
+    results = json.loads((ROOT / "docs" / "defence-contest-veto" / "results.json").read_text())
+    meta = results["_meta"]
+    assert "configs/benchmark-contest-veto.yaml" in meta["command"]
+    assert meta["seeds"] == [0, 1, 2]
+    by_seed = {n: results[n]["server_families_em_by_seed"] for n in results if n != "_meta"}
+    barred = ("liar-contest", "liar-noisy", "liar-consistent", "liar-spread", "adversary")
+    assert all(by_seed[n] == by_seed["liar-fluent"] for n in barred)
+    assert by_seed["liar-mimic"] != by_seed["liar-fluent"]  # not barred outright
+    old = json.loads((ROOT / "docs" / "defence-temperature-0.7" / "results.json").read_text())
+    assert (
+        old["liar-contest"]["server_families_em_by_seed"]
+        != (old["liar-fluent"]["server_families_em_by_seed"])
+    )
+    assert DistillConfig().contest_bar_over == "wins"  # the default, until the re-run
