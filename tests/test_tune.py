@@ -589,7 +589,9 @@ def test_the_contest_bar_candidate_on_the_evaluation_split_bars_the_contesting_l
     docs/defence-contest-veto): the contesting and the noisy liar run, seed by seed, the
     federation of the claim-barred liars (barred every round), which the default let the
     contesting liar out of (docs/defence-temperature-0.7: its honest families 6.7 below the
-    clean run). Not the default until the default's rows are re-run on the same machine."""
+    clean run). The default's rows re-run on the same machine (docs/defence-default-same-
+    machine) run the very same clean and claim-barred federations, and under the
+    contesting liar a different one, per seed no better than the candidate's."""
     results = json.loads((ROOT / "docs" / "defence-contest-veto" / "results.json").read_text())
     meta = results["_meta"]
     assert "configs/benchmark-contest-veto.yaml" in meta["command"]
@@ -603,4 +605,12 @@ def test_the_contest_bar_candidate_on_the_evaluation_split_bars_the_contesting_l
         old["liar-contest"]["server_families_em_by_seed"]
         != (old["liar-fluent"]["server_families_em_by_seed"])
     )
-    assert DistillConfig().contest_bar_over == "wins"  # the default, until the re-run
+    same = json.loads((ROOT / "docs" / "defence-default-same-machine" / "results.json").read_text())
+    assert "configs/benchmark.yaml" in same["_meta"]["command"]
+    for name in ("fl-minillm", "liar-fluent"):
+        assert same[name]["server_families_em_by_seed"] == by_seed[name]
+    honest = sorted({f for c, fs in meta["families_by_client"].items() if c != "carol"
+                     for f in fs})  # fmt: skip
+    for seed, theirs in same["liar-contest"]["server_families_em_by_seed"].items():
+        ours = by_seed["liar-contest"][seed]
+        assert sum(theirs[f] for f in honest) <= sum(ours[f] for f in honest)
