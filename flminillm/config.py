@@ -694,21 +694,24 @@ class DistillConfig(_Strict):
         "benchmark, honest teachers contest each other on 8-20% of a round's prompts).",
     )
     contest_bar: float = Field(
-        0.05,
+        0.25,
         ge=0.0,
         lt=1.0,
         description="Bar for the round a teacher at least two of whose peers each contest "
         "more than this share of the prompts it won (`contest_quantile`'s contests, read "
         "before its scores count: `contest_bar` in flminillm/aggregate.py). A liar that "
         "contests is one peer and cannot bar an honest teacher alone (two colluding ones "
-        "could). Needs contest_quantile < 1. 0: off. 0.05 (read from validation federations' "
-        "training messages before any run with the bar) with `contest_bar_peers` 'all' and "
-        "`contest_leave_out` off is the default since stop 40: the one setting that passed "
-        "the rule written before the runs on both shapes' validation splits under the noisy "
-        "liar (docs/tune-contest-bar-kept: 41.5 against off's 39.0; "
+        "could). Needs contest_quantile < 1. 0: off. 0.25 of the wins each peer could judge "
+        "(`contest_bar_over` 'judged-veto') is the default since stop 48 (below). 0.05 of "
+        "all its wins (`contest_bar_over` 'wins'; read from validation federations' training "
+        "messages before any run with the bar) with `contest_bar_peers` 'all' and "
+        "`contest_leave_out` off was the default from stop 40 to 46: the one setting that "
+        "passed the rule written before the runs on both shapes' validation splits under "
+        "the noisy liar (docs/tune-contest-bar-kept: 41.5 against off's 39.0; "
         "docs/tune-contest-bar-5clients: 39.2 against 32.8; clean the same runs as off on "
-        "both). With 'two' and the filter it bars honest look-alike teachers on the "
-        "5-client shape (clean 36.7 against 41.3).",
+        "both); under the teachers' temperature 0.7 it let the contesting liar through "
+        "(docs/results.md, stop 45). With 'two' and the filter it bars honest look-alike "
+        "teachers on the 5-client shape (clean 36.7 against 41.3).",
     )
     contest_bar_peers: Literal["two", "all"] = Field(
         "all",
@@ -736,7 +739,7 @@ class DistillConfig(_Strict):
         "same runs; clean the same runs as this round only on both).",
     )
     contest_bar_over: Literal["wins", "judged", "judged-veto"] = Field(
-        "wins",
+        "judged-veto",
         description="What a peer's contest share of a teacher is a share of (`contest_bar`): "
         "'wins', every prompt the teacher won; 'judged', only the wins the peer ranked above "
         "`contest_quantile` among its own claims (those it could contest: it was sure of "
@@ -745,8 +748,13 @@ class DistillConfig(_Strict):
         "then abstains (every other that judged some, at least two); 'judged-veto', the "
         "same shares, but under 'all' a peer that judged none votes against the bar, as "
         "every peer that may contest votes under 'wins' (two contesting colluders cannot "
-        "bar an honest teacher whose other peers had nothing of it to judge). 'wins' is "
-        "the default (what the bar read before stop 46).",
+        "bar an honest teacher whose other peers had nothing of it to judge). "
+        "'judged-veto' at `contest_bar` 0.25 is the default since stop 48: the one candidate "
+        "that passed the rule written before its runs on both shapes' validation splits "
+        "under the contesting liar at temperature 0.7 (docs/tune-contest-bar-t07: 46.1 "
+        "against 'wins' at 0.05's 43.1; docs/tune-contest-bar-t07-5clients: 45.4 against "
+        "44.8; clean the same runs on both), then every attack of the defence table on the "
+        "evaluation split (docs/defence-contest-veto). 'wins': what the bar read before.",
     )
     contest_leave_out: bool = Field(
         False,

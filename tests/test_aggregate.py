@@ -1584,7 +1584,7 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     a, t = 20, 3
     teachings, rollouts = _experts_and_a_noisy_liar(seed=1, a=a, t=t), _rollouts(0, a, t, 3)
     base = dict(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0, contest_quantile=0.3,
-                contest_bar_peers="two", contest_leave_out=True,
+                contest_bar_peers="two", contest_leave_out=True, contest_bar_over="wins",
                 barred_wins="leave")  # stop 39's  # fmt: skip
     _, free = assemble_batch(rollouts, teachings, torch.ones(3),
                              DistillConfig(**base, contest_bar=0.0))  # fmt: skip
@@ -1633,8 +1633,8 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     # and the judged counts are at most the wins and at least the contests
     _, judged = assemble_batch(
         rollouts, teachings, torch.ones(3),
-        DistillConfig(**{**base, "contest_leave_out": False}, contest_bar=0.05,
-                      contest_bar_over="judged"),
+        DistillConfig(**{**base, "contest_leave_out": False, "contest_bar_over": "judged"},
+                      contest_bar=0.05),
     )  # fmt: skip
     assert judged["contest_barred"].tolist() == [False, False, True]
     ev, ev_wins = judged["contest_evidence"], barred["contest_evidence"]
@@ -1644,8 +1644,8 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     # vote and it is barred as under 'judged'
     _, veto = assemble_batch(
         rollouts, teachings, torch.ones(3),
-        DistillConfig(**{**base, "contest_leave_out": False, "contest_bar_peers": "all"},
-                      contest_bar=0.05, contest_bar_over="judged-veto"),
+        DistillConfig(**{**base, "contest_leave_out": False, "contest_bar_peers": "all",
+                         "contest_bar_over": "judged-veto"}, contest_bar=0.05),
     )  # fmt: skip
     assert torch.equal(veto["contest_evidence"], ev)
     assert veto["contest_barred"].tolist() == [False, False, True]

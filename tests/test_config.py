@@ -289,12 +289,11 @@ def test_the_contest_s_own_options_are_left_out_while_the_contest_is_off():
                                         contest_bar_peers="all", contest_leave_out=False)  # fmt: skip
     sent_on = json.loads(parse_config(on).experiment_json())["distill"]
     assert sent_on["contest_bar_peers"] == "all" and sent_on["contest_leave_out"] is False
-    # a late option at its old value is left out (ids kept); set otherwise it is hashed
-    assert "contest_bar_over" not in sent_on
-    on["distill"]["contest_bar_over"] = "judged"
-    assert json.loads(parse_config(on).experiment_json())["distill"]["contest_bar_over"] == (
-        "judged"
-    )
+    # a late option at its old value is left out (ids kept); at any other, its default since
+    # stop 48 among them, it is hashed
+    assert sent_on["contest_bar_over"] == "judged-veto"
+    on["distill"]["contest_bar_over"] = "wins"
+    assert "contest_bar_over" not in json.loads(parse_config(on).experiment_json())["distill"]
     # what a step receives parses again, the left-out options at their defaults
     from flminillm.config import experiment_from_json
 

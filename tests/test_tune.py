@@ -463,8 +463,10 @@ def test_the_contest_bar_pooled_over_rounds_holds_against_stop_40s_on_both_shape
         }
         above.append(score["noisy-bar-either"] > score["noisy-bar-all-kept"])
     assert any(above)
-    # (as it ran: with barred_wins 'leave', the default until stop 42)
+    # (as it ran: with barred_wins 'leave', the default until stop 42; its share of 0.05 of
+    # every win became 0.25 of the judged wins at stop 48)
     chosen = {k: v for k, v in dict(BAR_GRID)["bar-either"].items() if k != "barred_wins"}
+    chosen |= dict(CONTEST_BAR_T07_GRID)["bar-veto-0.25"]
     for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill,
                     load_config(ROOT / "configs" / "benchmark-5clients.yaml").distill):  # fmt: skip
         assert {k: getattr(distill, k) for k in chosen} == chosen
@@ -487,7 +489,7 @@ def test_barred_wins_next_passes_stop_41s_rule_on_both_shapes_and_is_the_default
         )
     lower = json.loads((ROOT / "docs" / "tune-contest-bar-0.025" / "tune.json").read_text())
     assert not holds_against(lower, "contest_bar", "bar-either-0.025", "bar-either")
-    chosen = dict(BAR_GRID)["bar-either-next"]
+    chosen = dict(BAR_GRID)["bar-either-next"] | dict(CONTEST_BAR_T07_GRID)["bar-veto-0.25"]
     for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill,
                     load_config(ROOT / "configs" / "benchmark-5clients.yaml").distill):  # fmt: skip
         assert {k: getattr(distill, k) for k in chosen} == chosen
@@ -520,8 +522,8 @@ def test_dependence_bar_fails_its_rule_on_the_3_client_validation_split_and_stay
 def test_the_contest_bar_under_temperature_0_7_is_a_challenger_under_the_contesting_liar():
     """Stop 45's candidate (CONTEST_BAR_T07_GRID's comment, written before its runs): the
     share 0.025 against the default's, under the contesting liar and clean, on both shapes.
-    Until its validation runs pass the rule, the default keeps the share of 0.05, and the
-    grid's first candidate is the config as it stands (no override)."""
+    The grid's first candidate is the default the runs were measured against (0.05 of all
+    wins), pinned since stop 48 made 'judged-veto' at 0.25 the default."""
     for config, liar in (("benchmark.yaml", "carol"), ("benchmark-5clients.yaml", "erin")):
         base = on_validation(load_config(ROOT / "configs" / config))
         vs = {v.name: v for v in candidates(base) if v.group.startswith("contest_bar_t07")}
@@ -531,15 +533,19 @@ def test_the_contest_bar_under_temperature_0_7_is_a_challenger_under_the_contest
             "contest-bar-default", "contest-bar-judged-0.25", "contest-bar-judged-0.5",
             "contest-bar-veto-0.25",
         ]  # fmt: skip
-        assert vs["contest-bar-default"].overrides == {"distill": {}}
-        assert vs["contest-bar-0.025"].overrides == {"distill": {"contest_bar": 0.025}}
+        assert vs["contest-bar-default"].overrides == {
+            "distill": {"contest_bar": 0.05, "contest_bar_over": "wins"}
+        }
+        assert vs["contest-bar-0.025"].overrides == {
+            "distill": {"contest_bar": 0.025, "contest_bar_over": "wins"}
+        }
         judged = variant_config(base, vs["contest-bar-judged-0.25"], 100, Path("/w"))
         assert judged.distill.contest_bar_over == "judged" and judged.distill.contest_bar == 0.25
-        assert base.distill.contest_bar_over == "wins"  # the default until the rule says
+        assert base.distill.contest_bar_over == "judged-veto"  # the default since stop 48
         attacked = vs["contest-bar-0.025"]
         assert attacked.env == attacks(base)["liar-contest"][0] and liar in attacked.note
         assert vs["clean-bar-0.025"].env == vs["clean-bar-default"].env
-        assert base.distill.contest_bar == 0.05
+        assert base.distill.contest_bar == 0.25
     # the rule: above the default under the liar, clean within a point of it
     score = {"contest-bar-default": 0.40, "contest-bar-0.025": 0.43,
              "clean-bar-default": 0.60, "clean-bar-0.025": 0.595}  # fmt: skip
@@ -558,7 +564,8 @@ def test_the_contest_bar_under_temperature_0_7_validated_on_both_shapes():
     the default on 5 (the default already bars that liar in most of its rounds: the rule's
     strictly-above is not met); 'judged-veto' at 0.25 passes on both. It is the candidate
     re-measured on the evaluation split (configs/benchmark-contest-veto.yaml and its 5-client
-    twin carry exactly the grid's setting); the default keeps the share over every win."""
+    twin carry exactly the grid's setting), and the default since stop 48 (the configs and
+    the library's own default carry it)."""
     verdict = {}
     for doc in ("tune-contest-bar-t07", "tune-contest-bar-t07-5clients"):
         results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
@@ -580,8 +587,9 @@ def test_the_contest_bar_under_temperature_0_7_validated_on_both_shapes():
     for name in ("benchmark-contest-veto.yaml", "benchmark-5clients-contest-veto.yaml"):
         d = load_config(ROOT / "configs" / name).distill
         assert {k: getattr(d, k) for k in veto} == veto
-    for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill):
-        assert distill.contest_bar_over == "wins" and distill.contest_bar == 0.05
+    for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill,
+                    load_config(ROOT / "configs" / "benchmark-5clients.yaml").distill):  # fmt: skip
+        assert {k: getattr(distill, k) for k in veto} == veto
 
 
 def test_the_contest_bar_candidate_on_the_evaluation_split_bars_the_contesting_liar():
@@ -591,7 +599,8 @@ def test_the_contest_bar_candidate_on_the_evaluation_split_bars_the_contesting_l
     contesting liar out of (docs/defence-temperature-0.7: its honest families 6.7 below the
     clean run). The default's rows re-run on the same machine (docs/defence-default-same-
     machine) run the very same clean and claim-barred federations, and under the
-    contesting liar a different one, per seed no better than the candidate's."""
+    contesting liar a different one, per seed no better than the candidate's: the
+    candidate became the default at stop 48."""
     results = json.loads((ROOT / "docs" / "defence-contest-veto" / "results.json").read_text())
     meta = results["_meta"]
     assert "configs/benchmark-contest-veto.yaml" in meta["command"]

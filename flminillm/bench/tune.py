@@ -249,9 +249,11 @@ DEPENDENCE_GRID = [
 # fresh seeds (`--first-seed 102 --seeds 2`) by: above the default under the attack on
 # the 3-client shape, at least level on the 5-client one (`holds_against` against
 # 'bar-default'), clean within 1 point on both.
+# 'bar-default' is the default these runs were measured against ('wins' at 0.05), pinned
+# since stop 48 made 'bar-veto-0.25' the default, so that its runs keep their ids.
 CONTEST_BAR_T07_GRID = [
-    ("bar-default", {}),
-    ("bar-0.025", {"contest_bar": 0.025}),
+    ("bar-default", {"contest_bar": 0.05, "contest_bar_over": "wins"}),
+    ("bar-0.025", {"contest_bar": 0.025, "contest_bar_over": "wins"}),
     ("bar-judged-0.25", {"contest_bar_over": "judged", "contest_bar": 0.25}),
     ("bar-judged-0.5", {"contest_bar_over": "judged", "contest_bar": 0.5}),
     ("bar-veto-0.25", {"contest_bar_over": "judged-veto", "contest_bar": 0.25}),
