@@ -329,13 +329,14 @@ def contest_counts(
     return out
 
 
-def contest_shares(counts: torch.Tensor, able: torch.Tensor) -> torch.Tensor:
+def contest_shares(counts: torch.Tensor, able: torch.Tensor, least: int = 1) -> torch.Tensor:
     """[M, M] float: the share of teacher i's wins peer j contested (`contest_counts`, one
-    round or pooled), computed as a mean; -1 where j has none of i's wins to contest or may
-    not contest now (`able` [M]): its earlier contests count only while it may."""
+    round or pooled), computed as a mean; -1 where j has fewer than `least` (at least one)
+    of i's wins to contest (`distill.contest_min_judged`: too few to judge by) or may not
+    contest now (`able` [M]): its earlier contests count only while it may."""
     n, c = counts[0], counts[1]
     share = c.float() / n.clamp(min=1).float()
-    return share.masked_fill((n == 0) | ~able.bool()[:, None], -1.0)
+    return share.masked_fill((n < max(least, 1)) | ~able.bool()[:, None], -1.0)
 
 
 def contest_bar(
@@ -345,6 +346,7 @@ def contest_bar(
     peers: str = "two",
     earlier: torch.Tensor | None = None,
     abstain: bool = False,
+    least: int = 1,
 ) -> torch.Tensor:
     """`distill.contest_bar`: [M] bool, the teachers at least two of whose peers each contest
     more than `share` of the prompts it won (`contest_counts` [2, M, M] of this round);
@@ -359,17 +361,26 @@ def contest_bar(
     peer). Where two clients' families look alike, honest teachers contest each other (the
     5-client benchmark, docs/results.md stop 40): 'all' asks the rest too. `abstain`
     (`distill.contest_bar_over` 'judged', whose counts are of the wins a peer could
-    contest): under 'all', a peer with none of the teacher's wins to judge abstains."""
-    out = _barred_by(counts, share, able, peers, abstain)
+    contest): under 'all', a peer with none of the teacher's wins to judge abstains. `least`
+    (`distill.contest_min_judged`): a peer with fewer of the teacher's wins than that (in
+    this round's counts, or in the pooled ones) is taken as one with none: it abstains, or
+    under 'judged-veto' votes against the bar."""
+    out = _barred_by(counts, share, able, peers, abstain, least)
     if earlier is not None:  # pooled: more evidence can bar, never unbar
-        out = out | _barred_by(counts + earlier.long(), share, able, peers, abstain)
+        out = out | _barred_by(counts + earlier.long(), share, able, peers, abstain, least)
     return out
 
 
 def _barred_by(
-    counts: torch.Tensor, share: float, able: torch.Tensor, peers: str, abstain: bool = False
+    counts: torch.Tensor,
+    share: float,
+    able: torch.Tensor,
+    peers: str,
+    abstain: bool = False,
+    least: int = 1,
 ) -> torch.Tensor:
-    shares = contest_shares(counts, able)  # [j, i]; -1: no evidence, or j may not contest
+    # [j, i]; -1: too little evidence, or j may not contest
+    shares = contest_shares(counts, able, least)
     above = shares > share
     out = torch.zeros(counts.shape[1], dtype=torch.bool)
     for i in range(counts.shape[1]):
@@ -1016,7 +1027,8 @@ def assemble_batch(
                                   first["judges"] if judged else None)  # fmt: skip
         contest_barred = contest_bar(evidence, d.contest_bar, can_contest, d.contest_bar_peers,
                                      earlier=contest_earlier,
-                                     abstain=d.contest_bar_over == "judged")  # fmt: skip
+                                     abstain=d.contest_bar_over == "judged",
+                                     least=d.contest_min_judged)  # fmt: skip
         if contest_earlier is not None:
             pooled_share = lowest_pooled_share(evidence + contest_earlier, can_contest)
         barred_t = barred_t | contest_barred

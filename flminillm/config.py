@@ -445,6 +445,12 @@ class DistillConfig(_Strict):
                 "set contest_leave_out: true (the contest as a filter), contest_bar above 0 "
                 "(e.g. 0.05), or contest_quantile: 1 (the contest off)"
             )
+        if self.contest_min_judged > 0 and self.contest_bar_over == "wins":
+            raise ValueError(
+                f"contest_min_judged {self.contest_min_judged} counts the wins a peer judged, "
+                "which contest_bar_over 'wins' does not read; set contest_bar_over: "
+                "judged-veto (or judged), or contest_min_judged: 0"
+            )
         return self
 
     @model_validator(mode="after")
@@ -756,6 +762,19 @@ class DistillConfig(_Strict):
         "44.8; clean the same runs on both), then every attack of the defence table on the "
         "evaluation split (docs/defence-contest-veto). 'wins': what the bar read before.",
     )
+    contest_min_judged: int = Field(
+        0,
+        ge=0,
+        description="Under `contest_bar_over` 'judged' or 'judged-veto': the fewest of a "
+        "teacher's wins a peer must have judged (this round, or pooled over "
+        "`contest_bar_rounds` for the pooled bar) for its share to count; with fewer it is "
+        "taken as a peer that judged none (abstains under 'judged', votes against the bar "
+        "under 'judged-veto'). 0: one is enough. Stop 48 found two honest look-alike "
+        "teachers of the 5-client benchmark barred in a clean federation's first round "
+        "(evaluation seed 1) on 1-6 judged wins per peer (1 of 2, 2 of 2, 6 of 6), where the "
+        "contesting liars are judged on 13-35 each; a candidate, not the default "
+        "(`CONTEST_MIN_GRID` in flminillm/bench/tune.py).",
+    )
     contest_leave_out: bool = Field(
         False,
         description="Leave the contested prompts out of the batch (`contest_quantile`: the "
@@ -1011,6 +1030,7 @@ LATE_OPTIONS: dict[str, dict[str, Any]] = {
         "contest_leave_out": True,
         "contest_bar_rounds": 1,
         "contest_bar_over": "wins",
+        "contest_min_judged": 0,
         "barred_as_absent": False,
         "barred_wins": "leave",
         "contest_p": 0.05,
@@ -1030,8 +1050,15 @@ INERT_OPTIONS: dict[str, dict[tuple[str, Any], tuple[str, ...]]] = {
             "contest_leave_out",
             "contest_bar_rounds",
             "contest_bar_over",
+            "contest_min_judged",
         ),
-        ("contest_bar", 0.0): ("contest_bar_peers", "contest_bar_rounds", "contest_bar_over"),
+        ("contest_bar", 0.0): (
+            "contest_bar_peers",
+            "contest_bar_rounds",
+            "contest_bar_over",
+            "contest_min_judged",
+        ),
+        ("contest_bar_over", "wins"): ("contest_min_judged",),
         ("dependence_bar", 0.0): ("dependence_min",),
     }
 }

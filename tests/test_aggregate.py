@@ -1649,6 +1649,49 @@ def test_a_liar_two_experts_contest_is_barred_for_the_round():
     )  # fmt: skip
     assert torch.equal(veto["contest_evidence"], ev)
     assert veto["contest_barred"].tolist() == [False, False, True]
+    # `contest_min_judged` above every count: no peer has enough to vote to bar, so under
+    # 'judged-veto' all vote against it; the evidence is the same
+    _, few = assemble_batch(
+        rollouts, teachings, torch.ones(3),
+        DistillConfig(**{**base, "contest_leave_out": False, "contest_bar_peers": "all",
+                         "contest_bar_over": "judged-veto"}, contest_bar=0.05,
+                      contest_min_judged=int(ev[0].max()) + 1),
+    )  # fmt: skip
+    assert torch.equal(few["contest_evidence"], ev)
+    assert few["contest_barred"].tolist() == [False, False, False]
+
+
+def test_contest_min_judged_on_the_recorded_first_round_of_two_5_client_federations():
+    """Round 1 of two 5-client federations on the evaluation split (seed 1, stop 48; the
+    counts their round manifests recorded, teachers alice, bob, dave, erin): clean, where
+    the look-alike bob and erin are honest, and under two contesting liars (dave, erin).
+    With 'judged-veto' at 0.25 the clean round bars bob and erin on votes of 1 of 2, 2 of 2
+    and 6 of 6 judged wins, and the attacked round bars bob beside the liars (alice: 1 of
+    2); with at least 3 judged wins per vote bob keeps his place in both, with 5 erin too,
+    while the liars, judged on 13-35 wins by each peer, stay barred."""
+    from flminillm.aggregate import contest_bar
+
+    clean = torch.tensor([
+        [[0, 2, 0, 3], [0, 0, 0, 6], [0, 2, 0, 4], [27, 61, 11, 0]],
+        [[0, 1, 0, 2], [0, 0, 0, 6], [0, 2, 0, 4], [27, 47, 11, 0]],
+    ])  # fmt: skip
+    liars = torch.tensor([
+        [[0, 2, 35, 29], [0, 0, 22, 26], [17, 22, 0, 13], [15, 25, 21, 0]],
+        [[0, 1, 26, 14], [0, 0, 21, 23], [17, 22, 0, 13], [15, 25, 21, 0]],
+    ])  # fmt: skip
+    names, able = ["alice", "bob", "dave", "erin"], torch.ones(4, dtype=torch.bool)
+
+    def barred(counts, least):
+        out = contest_bar(counts, 0.25, able, "all", earlier=torch.zeros_like(counts),
+                          least=least)  # fmt: skip
+        return [n for n, b in zip(names, out.tolist(), strict=True) if b]
+
+    assert barred(clean, 1) == ["bob", "erin"] and barred(clean, 0) == ["bob", "erin"]
+    assert barred(clean, 3) == ["erin"] and barred(clean, 5) == []
+    assert barred(liars, 1) == ["bob", "dave", "erin"]
+    assert barred(liars, 3) == barred(liars, 5) == ["dave", "erin"]
+    # the liars' own mutual votes are the smallest (dave judged 13 of erin's wins)
+    assert barred(liars, 13) == ["dave", "erin"] and barred(liars, 14) == ["dave"]
 
 
 def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

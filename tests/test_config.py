@@ -429,3 +429,22 @@ def test_a_claim_sum_limit_below_one_is_refused_with_the_fix():
     assert DistillConfig().max_prompt_claim_sum == 1.5
     with pytest.raises(ValidationError, match=r"max_prompt_claim_sum 0.5.*round's prompts.*or 0"):
         DistillConfig(max_prompt_claim_sum=0.5)
+
+
+def test_contest_min_judged_needs_a_judged_share_and_keeps_ids_at_its_default():
+    """`distill.contest_min_judged` counts the wins a peer judged: under 'wins' it is an
+    error that names the field and the fix; at 0 (one judged win is enough, as before) it is
+    left out of the experiment, so every federation run before it keeps its id; set, it is
+    hashed."""
+    import json
+
+    from flminillm.config import DistillConfig
+
+    with pytest.raises(ValidationError, match="contest_min_judged 5 .*contest_bar_over"):
+        DistillConfig(contest_bar_over="wins", contest_min_judged=5)
+    assert DistillConfig().contest_min_judged == 0
+    raw = copy.deepcopy(_tiny())
+    raw.setdefault("distill", {}).update(contest_quantile=0.75, contest_bar=0.25)
+    assert "contest_min_judged" not in json.loads(parse_config(raw).experiment_json())["distill"]
+    raw["distill"]["contest_min_judged"] = 5
+    assert json.loads(parse_config(raw).experiment_json())["distill"]["contest_min_judged"] == 5

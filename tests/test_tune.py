@@ -623,3 +623,26 @@ def test_the_contest_bar_candidate_on_the_evaluation_split_bars_the_contesting_l
     for seed, theirs in same["liar-contest"]["server_families_em_by_seed"].items():
         ours = by_seed["liar-contest"][seed]
         assert sum(theirs[f] for f in honest) <= sum(ours[f] for f in honest)
+
+
+def test_contest_min_judged_is_a_candidate_under_the_contesting_liar_not_the_default():
+    """Stop 48's candidate (CONTEST_MIN_GRID's comment, written before its runs): the fewest
+    judged wins a peer's vote needs, 3 or 5, against the default's one, under the
+    contesting liar and clean on both shapes; the default keeps one until the rule says."""
+    from flminillm.bench.tune import CONTEST_MIN_GRID
+
+    assert dict(CONTEST_MIN_GRID)["min-default"] == {}
+    for config, liar in (("benchmark.yaml", "carol"), ("benchmark-5clients.yaml", "erin")):
+        base = on_validation(load_config(ROOT / "configs" / config))
+        vs = {v.name: v for v in candidates(base) if v.group.startswith("contest_min")}
+        assert sorted(vs) == [
+            "clean-min-3", "clean-min-5", "clean-min-default",
+            "contest-min-3", "contest-min-5", "contest-min-default",
+        ]  # fmt: skip
+        assert vs["contest-min-5"].overrides == {"distill": {"contest_min_judged": 5}}
+        assert vs["contest-min-3"].env == attacks(base)["liar-contest"][0]
+        assert liar in vs["contest-min-3"].note and vs["clean-min-3"].env == {}
+        five = variant_config(base, vs["contest-min-5"], 100, Path("/w"))
+        assert five.distill.contest_min_judged == 5
+        assert five.distill.contest_bar_over == "judged-veto"
+        assert base.distill.contest_min_judged == 0

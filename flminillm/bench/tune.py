@@ -259,6 +259,26 @@ CONTEST_BAR_T07_GRID = [
     ("bar-veto-0.25", {"contest_bar_over": "judged-veto", "contest_bar": 0.25}),
 ]
 
+# The fewest judged wins a peer's contest share needs to count (distill.contest_min_judged):
+# group `contest_min` under the contesting liar, and `contest_min-clean`. Stop 48 found the
+# default ('judged-veto' at 0.25) barring two honest look-alike teachers (bob, erin) in
+# the first round of a clean 5-client federation on the evaluation split (seed 1), each
+# peer's vote resting on 1-6 judged wins (1 of 2, 2 of 2, 6 of 6); replayed on the recorded
+# validation rounds (seeds 100-101, both shapes, `contest_bar` on the stored counts), 3
+# keeps every bar of the contesting liar and 5 drops one round's on each shape (the first
+# it lies in; the pooled counts bar it from the next). Decided before any run with it:
+# validation seeds 100-101 show no honest teacher barred under the default, so the rule can
+# only check that a candidate costs nothing there: it becomes the default only if, on both
+# shapes' validation splits, it is at least level with 'min-default' under the liar and
+# within 1 point of it clean (`holds_against` against 'min-default'),
+# then every row of the 5-client table (clean, contest-2, collude-2, backdoor) and the
+# 3-client liar-contest row on the evaluation split, against the default's rows re-run on
+# the same machine.
+CONTEST_MIN_GRID = [
+    ("min-default", {}),
+    ("min-3", {"contest_min_judged": 3}),
+    ("min-5", {"contest_min_judged": 5}),
+]
 
 # The settings chosen under the attack they are for, each with its price clean: {group:
 # (the bench quality attack, its candidates' name prefix, the grid)}; candidates
@@ -270,6 +290,7 @@ UNDER_ATTACK = {
     "contest_bar": ("liar-noisy", "noisy", BAR_GRID),
     "dependence_bar": ("liar-noisy-own", "noisy-own", DEPENDENCE_GRID),
     "contest_bar_t07": ("liar-contest", "contest", CONTEST_BAR_T07_GRID),
+    "contest_min": ("liar-contest", "contest", CONTEST_MIN_GRID),
 }
 
 
