@@ -642,6 +642,20 @@ def test_bench_paired_reads_back_the_runs_and_measures_the_difference_s_noise(be
     assert "no finished run" in capsys.readouterr().err
 
 
+def test_bench_paired_leaves_out_every_adversary_s_families():
+    """`flminillm bench paired`'s honest families are those `bench quality` reports: of the
+    clients no variant of the pair names as an adversary (both colluders of `collude-2`
+    and `contest-2`, not only the last client); with no adversary, all but the last."""
+    from flminillm.bench.paired import honest_clients
+
+    five = load_config(ROOT / "configs" / "benchmark-5clients.yaml")
+    ids = lambda names: [c.id for c in honest_clients(five, names)]  # noqa: E731
+    for pair in ("collude-2", "contest-2"):
+        assert ids([pair, "fl-minillm"]) == ["alice", "bob", "carol"]
+    assert ids(["backdoor", "fl-minillm"]) == ["alice", "bob", "carol", "dave"]
+    assert ids(["clean-undefended", "fl-minillm"]) == ["alice", "bob", "carol", "dave"]
+
+
 def test_bench_selection_counts_the_kept_answers_per_family(bench_out, capsys):
     """`flminillm bench selection` reads back the choice the distill step recorded: per
     round, every teacher-share prompt once, by family, each teacher's count its
