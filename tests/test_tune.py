@@ -646,3 +646,31 @@ def test_contest_min_judged_is_a_candidate_under_the_contesting_liar_not_the_def
         assert five.distill.contest_min_judged == 5
         assert five.distill.contest_bar_over == "judged-veto"
         assert base.distill.contest_min_judged == 0
+
+
+def test_the_default_on_the_5_client_shape_under_temperature_0_7_meets_the_bars():
+    """Stop 48's 5-client rows under the default (docs/defence-5clients-t07, seeds 0-2, the
+    `-contest-veto` config being the default's federations): two colluding and two
+    contesting liars of five and the backdoor leave the honest clients' families within 3
+    points of the clean run of each seed (above it: the barred liars' families leave the
+    server's curriculum), the backdoor never succeeds, and the defended clean run is not
+    more than a point below the undefended one."""
+    results = json.loads((ROOT / "docs" / "defence-5clients-t07" / "results.json").read_text())
+    meta = results["_meta"]
+    assert meta["seeds"] == [0, 1, 2] and "benchmark-5clients-contest-veto.yaml" in meta["command"]
+    same = [load_config(ROOT / "configs" / n) for n in
+            ("benchmark-5clients.yaml", "benchmark-5clients-contest-veto.yaml")]  # fmt: skip
+    assert same[0].digest() == same[1].digest()
+    clean = results["fl-minillm"]["server_families_em_by_seed"]
+    for attack in ("collude-2", "contest-2", "backdoor"):
+        r = results[attack]
+        honest = sorted({f for c, fs in meta["families_by_client"].items()
+                         if c not in r["adversaries"] for f in fs})  # fmt: skip
+        ours, theirs = (
+            sum(sum(by[s][f] for f in honest) / len(honest) for s in by) / len(by)
+            for by in (r["server_families_em_by_seed"], clean)
+        )
+        assert ours - theirs >= -0.03, attack
+    assert results["backdoor"]["server_target_rate"]["mean"] == 0.0
+    em = {n: results[n]["server"]["em_all"]["mean"] for n in ("clean-undefended", "fl-minillm")}
+    assert em["clean-undefended"] - em["fl-minillm"] <= 0.01
