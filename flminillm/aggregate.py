@@ -479,10 +479,11 @@ def dependence_bar(
     return out, means
 
 
-def lowest_pooled_share(counts: torch.Tensor, able: torch.Tensor) -> torch.Tensor:
+def lowest_pooled_share(counts: torch.Tensor, able: torch.Tensor, least: int = 1) -> torch.Tensor:
     """[M]: per teacher, the lowest share of its (pooled) wins any peer that may contest now
-    contested (`contest_shares`; `contest_bar`'s evidence under 'all'); 0 with none."""
-    s = contest_shares(counts, able)
+    and judged at least `least` of them contested (`contest_shares`; `contest_bar`'s
+    evidence under 'all'); 0 with none."""
+    s = contest_shares(counts, able, least)
     low = s.masked_fill(s < 0, float("inf")).min(0).values
     return torch.where(torch.isinf(low), torch.zeros_like(low), low)
 
@@ -1030,7 +1031,8 @@ def assemble_batch(
                                      abstain=d.contest_bar_over == "judged",
                                      least=d.contest_min_judged)  # fmt: skip
         if contest_earlier is not None:
-            pooled_share = lowest_pooled_share(evidence + contest_earlier, can_contest)
+            pooled_share = lowest_pooled_share(evidence + contest_earlier, can_contest,
+                                               d.contest_min_judged)  # fmt: skip
         barred_t = barred_t | contest_barred
     # answers no likelier after their own prompts than after similar ones: barred for the
     # round (`dependence_bar`), judged on the same first selection's wins

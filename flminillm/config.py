@@ -443,7 +443,7 @@ class DistillConfig(_Strict):
             raise ValueError(
                 "contest_bar 0 with contest_leave_out false: the contests would do nothing; "
                 "set contest_leave_out: true (the contest as a filter), contest_bar above 0 "
-                "(e.g. 0.05), or contest_quantile: 1 (the contest off)"
+                "(e.g. 0.25), or contest_quantile: 1 (the contest off)"
             )
         if self.contest_min_judged > 0 and self.contest_bar_over == "wins":
             raise ValueError(
@@ -711,7 +711,7 @@ class DistillConfig(_Strict):
         "(`contest_bar_over` 'judged-veto') is the default since stop 48 (below). 0.05 of "
         "all its wins (`contest_bar_over` 'wins'; read from validation federations' training "
         "messages before any run with the bar) with `contest_bar_peers` 'all' and "
-        "`contest_leave_out` off was the default from stop 40 to 46: the one setting that "
+        "`contest_leave_out` off was the default from stop 40 to 47: the one setting that "
         "passed the rule written before the runs on both shapes' validation splits under "
         "the noisy liar (docs/tune-contest-bar-kept: 41.5 against off's 39.0; "
         "docs/tune-contest-bar-5clients: 39.2 against 32.8; clean the same runs as off on "
@@ -769,7 +769,7 @@ class DistillConfig(_Strict):
         "teacher's wins a peer must have judged (this round, or pooled over "
         "`contest_bar_rounds` for the pooled bar) for its share to count; with fewer it is "
         "taken as a peer that judged none (abstains under 'judged', votes against the bar "
-        "under 'judged-veto'). 0: one is enough. Stop 48 found two honest look-alike "
+        "under 'judged-veto'). 0 (or 1): one is enough. Stop 48 found two honest look-alike "
         "teachers of the 5-client benchmark barred in a clean federation's first round "
         "(evaluation seed 1) on 1-6 judged wins per peer (1 of 2, 2 of 2, 6 of 6), where the "
         "contesting liars are judged on 13-35 each; a candidate, not the default "
@@ -1058,7 +1058,6 @@ INERT_OPTIONS: dict[str, dict[tuple[str, Any], tuple[str, ...]]] = {
             "contest_bar_over",
             "contest_min_judged",
         ),
-        ("contest_bar_over", "wins"): ("contest_min_judged",),
         ("dependence_bar", 0.0): ("dependence_min",),
     }
 }

@@ -278,7 +278,7 @@ def test_the_contest_s_own_options_are_left_out_while_the_contest_is_off():
     plain = parse_config(off)
     for extra in ({"contest_bar_peers": "all"}, {"contest_leave_out": False},
                   {"contest_p": 0.2}, {"contest_bar": 0.0},
-                  {"contest_bar_over": "judged"}):  # fmt: skip
+                  {"contest_bar_over": "judged"}, {"contest_min_judged": 5}):  # fmt: skip
         other = copy.deepcopy(off)
         other["distill"].update(extra)
         assert parse_config(other).digest() == plain.digest(), extra
@@ -448,3 +448,9 @@ def test_contest_min_judged_needs_a_judged_share_and_keeps_ids_at_its_default():
     assert "contest_min_judged" not in json.loads(parse_config(raw).experiment_json())["distill"]
     raw["distill"]["contest_min_judged"] = 5
     assert json.loads(parse_config(raw).experiment_json())["distill"]["contest_min_judged"] == 5
+    # inert with the bar off: left out, the id that of the same federation without it
+    raw["distill"]["contest_bar"] = 0.0
+    raw["distill"]["contest_leave_out"] = True
+    without = copy.deepcopy(raw)
+    del without["distill"]["contest_min_judged"]
+    assert parse_config(raw).digest() == parse_config(without).digest()

@@ -646,7 +646,7 @@ def test_bench_paired_leaves_out_every_adversary_s_families():
     """`flminillm bench paired`'s honest families are those `bench quality` reports: of the
     clients no variant of the pair names as an adversary (both colluders of `collude-2`
     and `contest-2`, not only the last client); with no adversary, all but the last."""
-    from flminillm.bench.paired import honest_clients
+    from flminillm.bench.variants import honest_clients
 
     five = load_config(ROOT / "configs" / "benchmark-5clients.yaml")
     ids = lambda names: [c.id for c in honest_clients(five, names)]  # noqa: E731

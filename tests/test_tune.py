@@ -273,7 +273,7 @@ def test_the_benchmark_s_temperature_is_what_validation_chose():
     """docs/tune-temperature (validation split, 2 seeds) chose the teachers' sampling
     temperature for both methods alike; the benchmark configs of today's defaults carry it
     (the forward-kl variant takes it from them), and the configs of the tables measured
-    before it was adopted pin the temperature those runs had."""
+    before it was adopted pin the temperature those runs had (and their contest bar)."""
     from flminillm.bench.variants import variant_config, variants
 
     meta = json.loads((ROOT / "docs" / "tune-temperature" / "tune.json").read_text())["_meta"]
@@ -287,7 +287,10 @@ def test_the_benchmark_s_temperature_is_what_validation_chose():
         assert variant_config(bench, fkl, 0, Path("/tmp/w")).generation.temperature == 0.7
         old = load_config(ROOT / "configs" / f"{name}-temperature-1.yaml")
         assert old.generation.temperature == 1.0
-        assert old.model_copy(update={"generation": bench.generation}).digest() == bench.digest()
+        # and the contest bar they had (the default from stop 40 to 47); nothing else differs
+        assert (old.distill.contest_bar_over, old.distill.contest_bar) == ("wins", 0.05)
+        same = old.model_copy(update={"generation": bench.generation, "distill": bench.distill})
+        assert same.digest() == bench.digest()
 
 
 def test_the_teachers_temperature_is_a_group_per_method():
@@ -631,7 +634,10 @@ def test_contest_min_judged_is_a_candidate_under_the_contesting_liar_not_the_def
     contesting liar and clean on both shapes; the default keeps one until the rule says."""
     from flminillm.bench.tune import CONTEST_MIN_GRID
 
-    assert dict(CONTEST_MIN_GRID)["min-default"] == {}
+    # pinned: the grid's first is the default it is measured against, whatever comes later
+    assert dict(CONTEST_MIN_GRID)["min-default"] == {
+        "contest_bar_over": "judged-veto", "contest_bar": 0.25, "contest_min_judged": 0,
+    }  # fmt: skip
     for config, liar in (("benchmark.yaml", "carol"), ("benchmark-5clients.yaml", "erin")):
         base = on_validation(load_config(ROOT / "configs" / config))
         vs = {v.name: v for v in candidates(base) if v.group.startswith("contest_min")}
@@ -639,7 +645,7 @@ def test_contest_min_judged_is_a_candidate_under_the_contesting_liar_not_the_def
             "clean-min-3", "clean-min-5", "clean-min-default",
             "contest-min-3", "contest-min-5", "contest-min-default",
         ]  # fmt: skip
-        assert vs["contest-min-5"].overrides == {"distill": {"contest_min_judged": 5}}
+        assert vs["contest-min-5"].overrides["distill"]["contest_min_judged"] == 5
         assert vs["contest-min-3"].env == attacks(base)["liar-contest"][0]
         assert liar in vs["contest-min-3"].note and vs["clean-min-3"].env == {}
         five = variant_config(base, vs["contest-min-5"], 100, Path("/w"))
@@ -666,11 +672,10 @@ def test_the_default_on_the_5_client_shape_under_temperature_0_7_meets_the_bars(
         r = results[attack]
         honest = sorted({f for c, fs in meta["families_by_client"].items()
                          if c not in r["adversaries"] for f in fs})  # fmt: skip
-        ours, theirs = (
-            sum(sum(by[s][f] for f in honest) / len(honest) for s in by) / len(by)
-            for by in (r["server_families_em_by_seed"], clean)
-        )
-        assert ours - theirs >= -0.03, attack
+        by = r["server_families_em_by_seed"]
+        for seed in clean:  # each seed, not only the mean
+            ours, theirs = (sum(x[seed][f] for f in honest) / len(honest) for x in (by, clean))
+            assert ours - theirs >= -0.03, (attack, seed)
     assert results["backdoor"]["server_target_rate"]["mean"] == 0.0
     em = {n: results[n]["server"]["em_all"]["mean"] for n in ("clean-undefended", "fl-minillm")}
     assert em["clean-undefended"] - em["fl-minillm"] <= 0.01

@@ -74,11 +74,13 @@ def run_average(
     config: Path, workdir: Path, names: list[str], seeds: int, ks: list[int], tune: bool = False
 ) -> list[dict]:
     """Rows {variant, seed, k, families: {family: EM}, all, honest} for every finished run
-    of `names` (honest: every client's families but the last's, the benchmark's
-    adversary)."""
+    of `names` (honest: the families of the clients none of `names` has as an adversary,
+    `honest_clients`: the same families in every row, so rows compare)."""
+    from flminillm.bench.variants import honest_clients
+
     base = load_config(config)
     fbc = base.families_by_client()
-    honest = [f for c in base.clients[:-1] for f in fbc[c.id]]
+    honest = [f for c in honest_clients(base, names) for f in fbc[c.id]]
     rows = []
     for name in names:
         for seed in range(seeds):

@@ -78,24 +78,14 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
             "se": 100 * se, "discordant": sum(1 for x in d if x)}  # fmt: skip
 
 
-def honest_clients(base: Config, names: list[str]) -> list:
-    """The clients that are not an adversary of any of the variants `names` (their
-    FLMINILLM_ADVERSARY, as `bench quality`'s honest families read it); where none has one,
-    every client but the last, the benchmark's adversary."""
-    from flminillm.attacks import adversaries
-    from flminillm.bench.variants import variants
-
-    liars = {p for v in variants(base, names)
-             for p in adversaries(v.env.get("FLMINILLM_ADVERSARY", ""))}  # fmt: skip
-    return [c for c in base.clients if c.id not in liars] if liars else base.clients[:-1]
-
-
 def run_paired(
     config: Path, workdir: Path, a: str, b: str, seeds: int, families: str = "honest"
 ) -> list[dict]:
     """Per seed, `a` against `b` on the server: `families` "honest" (every client's but the
     adversaries of either variant, as `bench quality` reads them; where neither has one,
     every client's but the last, the benchmark's adversary) or "all"."""
+    from flminillm.bench.variants import honest_clients
+
     base = load_config(config)
     fbc = base.families_by_client()
     clients = base.clients if families == "all" else honest_clients(base, [a, b])

@@ -274,10 +274,11 @@ CONTEST_BAR_T07_GRID = [
 # then every row of the 5-client table (clean, contest-2, collude-2, backdoor) and the
 # 3-client liar-contest row on the evaluation split, against the default's rows re-run on
 # the same machine.
+_VETO = {"contest_bar_over": "judged-veto", "contest_bar": 0.25}  # the default since stop 48
 CONTEST_MIN_GRID = [
-    ("min-default", {}),
-    ("min-3", {"contest_min_judged": 3}),
-    ("min-5", {"contest_min_judged": 5}),
+    ("min-default", {**_VETO, "contest_min_judged": 0}),
+    ("min-3", {**_VETO, "contest_min_judged": 3}),
+    ("min-5", {**_VETO, "contest_min_judged": 5}),
 ]
 
 # The settings chosen under the attack they are for, each with its price clean: {group:

@@ -255,3 +255,14 @@ def dropout_faults(cfg: Config, p: float = 0.3) -> str:
     for r in range(1, cfg.rounds + 1):
         items += [f"local_sft:{c}:{r}" for c in rng.sample(ids, k)]
     return ",".join(items)
+
+
+def honest_clients(base: Config, names: list[str]) -> list:
+    """The clients that are not an adversary of any of the variants `names` (their
+    FLMINILLM_ADVERSARY, as `bench quality`'s honest families read it); where none has one,
+    every client but the last, the benchmark's adversary."""
+    from flminillm.attacks import adversaries
+
+    liars = {p for v in variants(base, names)
+             for p in adversaries(v.env.get("FLMINILLM_ADVERSARY", ""))}  # fmt: skip
+    return [c for c in base.clients if c.id not in liars] if liars else base.clients[:-1]
