@@ -679,3 +679,15 @@ def test_the_default_on_the_5_client_shape_under_temperature_0_7_meets_the_bars(
     assert results["backdoor"]["server_target_rate"]["mean"] == 0.0
     em = {n: results[n]["server"]["em_all"]["mean"] for n in ("clean-undefended", "fl-minillm")}
     assert em["clean-undefended"] - em["fl-minillm"] <= 0.01
+    # the old default re-run on the same machine (docs/defence-5clients-t07-old-default):
+    # the undefended and the claim-barred runs the same; its clean runs better where the new
+    # default barred honest teachers (seeds 0 and 1), the same run where it did not (seed 2)
+    old = json.loads(
+        (ROOT / "docs" / "defence-5clients-t07-old-default" / "results.json").read_text()
+    )
+    for name in ("clean-undefended", "collude-2"):
+        by = "server_families_em_by_seed"
+        assert old[name][by] == results[name][by], name
+    theirs, ours = (r["fl-minillm"]["server_families_em_by_seed"] for r in (old, results))
+    assert ours["2"] == theirs["2"]
+    assert all(sum(ours[s].values()) < sum(theirs[s].values()) for s in ("0", "1"))
