@@ -297,10 +297,11 @@ def test_the_server_pools_contest_counts_across_rounds(tiny_config, tmp_path, mo
     given = []
     bar = aggregate.contest_bar
 
-    def spy(counts, share, able, peers="two", earlier=None, abstain=False):
+    def spy(counts, share, able, peers="two", earlier=None, abstain=False, least=1):
         given.append((counts.clone(), None if earlier is None else earlier.clone()))
-        assert not abstain  # 'wins' (the default): every peer that may contest votes
-        return bar(counts, share, able, peers, earlier=earlier, abstain=abstain)
+        assert not abstain  # 'judged-veto' (the default): every peer that may contest votes
+        assert least == 0  # contest_min_judged's default: one judged win is enough
+        return bar(counts, share, able, peers, earlier=earlier, abstain=abstain, least=least)
 
     monkeypatch.setattr(aggregate, "contest_bar", spy)
     distill = tiny_config.distill.model_copy(update={"contest_bar_rounds": 2})
