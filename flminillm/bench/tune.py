@@ -274,7 +274,7 @@ CONTEST_BAR_T07_GRID = [
 # then every row of the 5-client table (clean, contest-2, collude-2, backdoor) and the
 # 3-client liar-contest row on the evaluation split, against the default's rows re-run on
 # the same machine.
-_VETO = {"contest_bar_over": "judged-veto", "contest_bar": 0.25}  # the default since stop 48
+_VETO = dict(CONTEST_BAR_T07_GRID)["bar-veto-0.25"]  # the default since stop 48
 CONTEST_MIN_GRID = [
     ("min-default", {**_VETO, "contest_min_judged": 0}),
     ("min-3", {**_VETO, "contest_min_judged": 3}),
