@@ -522,14 +522,20 @@ def test_dependence_bar_fails_its_rule_on_the_3_client_validation_split_and_stay
         assert distill.dependence_bar == 0.0
 
 
+def contest_grid_on_both_shapes(group: str):
+    """(validation base, the group's candidates by name, the contesting liar) on the 3- and
+    the 5-client benchmark config: the contest grids are validated on both shapes."""
+    for config, liar in (("benchmark.yaml", "carol"), ("benchmark-5clients.yaml", "erin")):
+        base = on_validation(load_config(ROOT / "configs" / config))
+        yield base, {v.name: v for v in candidates(base) if v.group.startswith(group)}, liar
+
+
 def test_the_contest_bar_under_temperature_0_7_is_a_challenger_under_the_contesting_liar():
     """Stop 45's candidate (CONTEST_BAR_T07_GRID's comment, written before its runs): the
     share 0.025 against the default's, under the contesting liar and clean, on both shapes.
     The grid's first candidate is the default the runs were measured against (0.05 of all
     wins), pinned since stop 48 made 'judged-veto' at 0.25 the default."""
-    for config, liar in (("benchmark.yaml", "carol"), ("benchmark-5clients.yaml", "erin")):
-        base = on_validation(load_config(ROOT / "configs" / config))
-        vs = {v.name: v for v in candidates(base) if v.group.startswith("contest_bar_t07")}
+    for base, vs, liar in contest_grid_on_both_shapes("contest_bar_t07"):
         assert sorted(vs) == [
             "clean-bar-0.025", "clean-bar-default", "clean-bar-judged-0.25",
             "clean-bar-judged-0.5", "clean-bar-veto-0.25", "contest-bar-0.025",
@@ -638,9 +644,7 @@ def test_contest_min_judged_is_a_candidate_under_the_contesting_liar_not_the_def
     assert dict(CONTEST_MIN_GRID)["min-default"] == {
         "contest_bar_over": "judged-veto", "contest_bar": 0.25, "contest_min_judged": 0,
     }  # fmt: skip
-    for config, liar in (("benchmark.yaml", "carol"), ("benchmark-5clients.yaml", "erin")):
-        base = on_validation(load_config(ROOT / "configs" / config))
-        vs = {v.name: v for v in candidates(base) if v.group.startswith("contest_min")}
+    for base, vs, liar in contest_grid_on_both_shapes("contest_min"):
         assert sorted(vs) == [
             "clean-min-3", "clean-min-5", "clean-min-default",
             "contest-min-3", "contest-min-5", "contest-min-default",
