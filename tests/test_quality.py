@@ -18,8 +18,10 @@ from flminillm.bench.quality_report import check_results
 from flminillm.bench.variants import (
     FORWARD_KL,
     METHODS,
+    absent_faults,
     attacks,
     dropout_faults,
+    honest_clients,
     variant_config,
     variants,
 )
@@ -99,6 +101,7 @@ def test_local_only_server_never_changes_and_dropout_drops(bench_out):
     curve = results["local-only"]["curve"]["server_em_all"]
     assert len(set(curve)) == 1  # public prompts only: the server keeps its pre-trained model
     assert results["dropout-30"]["dropped_per_round"] > 0
+    assert results["absent-last"]["dropped_per_round"] == 1.0  # the last client, every round
     assert results["fl-minillm"]["dropped_per_round"] == 0
     # an attacker's teach step runs (a failing one would drop out of every round unseen)
     for name in attacks(load_config(TINY)):
@@ -478,6 +481,18 @@ def test_dropout_schedule_keeps_a_client_each_round():
         per_round[r] = per_round.get(r, 0) + 1
     assert set(per_round.values()) == {1}  # round(0.3 * 3) clients out of every round
     assert len({c for _s, c, _r in items}) == len(cfg.clients)  # not always the same one
+
+
+def test_absent_last_never_hears_from_the_attacks_adversary():
+    """absent-last: the attacks' adversary (the last client) drops out of every round, so its
+    honest families are the attacks' and its run is the federation a perfect bar would run."""
+    cfg = load_config(TINY).model_copy(update={"rounds": 5})
+    v = variants(cfg, ["absent-last"])[0]
+    assert v.env == {"FLMINILLM_FAULTS": absent_faults(cfg, "carol")} and not v.overrides
+    items = [x.split(":") for x in v.env["FLMINILLM_FAULTS"].split(",")]
+    assert items == [["local_sft", "carol", str(r)] for r in range(1, 6)]
+    liar = next(iter(attacks(cfg)))
+    assert honest_clients(cfg, ["absent-last"]) == honest_clients(cfg, [liar]) == cfg.clients[:2]
 
 
 def test_resume_reuses_finished_runs_and_reruns_the_rest(tmp_path):

@@ -187,6 +187,9 @@ def _variants(cfg: Config) -> list[Variant]:
           for name, (env, note) in attack.items()],
         Variant("dropout-30", group="fault", overrides=DROPOUT_OVERRIDES, dropout=0.3,
                 note="30% of the clients (rounded, at least 1) drop out of each round, at random"),
+        Variant("absent-last", group="fault", env={"FLMINILLM_FAULTS": absent_faults(cfg, last)},
+                note=f"{last} (the attacks' adversary) drops out of every round, honest: the "
+                "federation that never hears from it, what keeping a liar out perfectly costs"),
         # the same, clean and under each fault, under the other defences: what they buy
         *[w for suffix, (over, what) in DEFENCES.items() for w in (
             Variant(f"clean{suffix}", group="fault", overrides=over,
@@ -255,6 +258,11 @@ def dropout_faults(cfg: Config, p: float = 0.3) -> str:
     for r in range(1, cfg.rounds + 1):
         items += [f"local_sft:{c}:{r}" for c in rng.sample(ids, k)]
     return ",".join(items)
+
+
+def absent_faults(cfg: Config, client: str) -> str:
+    """FLMINILLM_FAULTS that make `client` drop out of every round (it never teaches)."""
+    return ",".join(f"local_sft:{client}:{r}" for r in range(1, cfg.rounds + 1))
 
 
 def honest_clients(base: Config, names: list[str]) -> list:
