@@ -658,6 +658,33 @@ def test_contest_min_judged_is_a_candidate_under_the_contesting_liar_not_the_def
         assert base.distill.contest_min_judged == 0
 
 
+def test_contest_min_judged_fails_its_rule_on_the_5_client_validation_split_and_stays_off():
+    """Stop 49 (docs/tune-contest-min, -5clients; seeds 100-101): on the 3-client shape 3 and
+    5 run the default's federations exactly, clean and under the contesting liar; on the
+    5-client one both lose the liar's bar in round 2 of seed 100 (44.8 against 45.4 under
+    it) and cost nothing clean. The rule asks for both shapes, so `contest_min_judged`
+    stays 0, and the evaluation runs the rule asks for next are not run."""
+    from flminillm.bench.tune import choose_under_attack
+
+    held = {}
+    for doc, config in (("tune-contest-min", "configs/benchmark.yaml"),
+                        ("tune-contest-min-5clients", "configs/benchmark-5clients.yaml")):  # fmt: skip
+        results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
+        meta = results["_meta"]
+        assert meta["split"] == "validation" and meta["seeds"] == [100, 101]
+        assert config in meta["command"]
+        held[doc] = [
+            holds_against(results, "contest_min", n, "min-default") for n in ("min-3", "min-5")
+        ]
+        assert choose_under_attack(results, "contest_min") == "contest-min-default"
+        clean = {validation_score(results[f"clean-min-{v}"]) for v in ("default", "3", "5")}
+        assert len(clean) == 1  # no honest teacher barred on validation: nothing to win clean
+    assert held == {"tune-contest-min": [True, True], "tune-contest-min-5clients": [False, False]}
+    for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill,
+                    load_config(ROOT / "configs" / "benchmark-5clients.yaml").distill):  # fmt: skip
+        assert distill.contest_min_judged == 0
+
+
 def test_the_default_on_the_5_client_shape_under_temperature_0_7_meets_the_bars():
     """Stop 48's 5-client rows under the default (docs/defence-5clients-t07, seeds 0-2, the
     `-contest-veto` config being the default's federations): two colluding and two
