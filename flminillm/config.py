@@ -772,8 +772,9 @@ class DistillConfig(_Strict):
         "under 'judged-veto'). 0 (or 1): one is enough. Stop 48 found two honest look-alike "
         "teachers of the 5-client benchmark barred in a clean federation's first round "
         "(evaluation seed 1) on 1-6 judged wins per peer (1 of 2, 2 of 2, 6 of 6), where the "
-        "contesting liars are judged on 13-35 each; a candidate, not the default "
-        "(`CONTEST_MIN_GRID` in flminillm/bench/tune.py).",
+        "contesting liars are judged on 13-35 each. Tried at stop 49 (`CONTEST_MIN_GRID` in "
+        "flminillm/bench/tune.py): 3 and 5 let the contesting liar through a round on the "
+        "5-client validation split (docs/tune-contest-min-5clients), so it stays 0.",
     )
     contest_leave_out: bool = Field(
         False,

@@ -22,6 +22,7 @@ from flminillm.bench.variants import (
     attacks,
     dropout_faults,
     honest_clients,
+    kept_out,
     variant_config,
     variants,
 )
@@ -102,6 +103,10 @@ def test_local_only_server_never_changes_and_dropout_drops(bench_out):
     assert len(set(curve)) == 1  # public prompts only: the server keeps its pre-trained model
     assert results["dropout-30"]["dropped_per_round"] > 0
     assert results["absent-last"]["dropped_per_round"] == 1.0  # the last client, every round
+    # read on the families of the clients it hears from, as the attacks are
+    assert results["absent-last"]["adversaries"] == {"carol": "absent"}
+    assert "server_em_honest" in results["absent-last"]
+    assert "- absent-last (carol: absent): server EM" in (bench_out / "results.md").read_text()
     assert results["fl-minillm"]["dropped_per_round"] == 0
     # an attacker's teach step runs (a failing one would drop out of every round unseen)
     for name in attacks(load_config(TINY)):
@@ -491,8 +496,11 @@ def test_absent_last_never_hears_from_the_attacks_adversary():
     assert v.env == {"FLMINILLM_FAULTS": absent_faults(cfg, "carol")} and not v.overrides
     items = [x.split(":") for x in v.env["FLMINILLM_FAULTS"].split(",")]
     assert items == [["local_sft", "carol", str(r)] for r in range(1, 6)]
-    liar = next(iter(attacks(cfg)))
-    assert honest_clients(cfg, ["absent-last"]) == honest_clients(cfg, [liar]) == cfg.clients[:2]
+    assert v.absent == ("carol",) and kept_out(v) == {"carol": "absent"}
+    assert kept_out(variants(cfg, ["fl-minillm"])[0]) == {}
+    backdoor = variants(cfg, ["backdoor"])[0]
+    assert kept_out(backdoor) == {"carol": backdoor.env["FLMINILLM_ADVERSARY"].split(":", 1)[1]}
+    assert honest_clients(cfg, ["absent-last", "fl-minillm"]) == cfg.clients[:2]
 
 
 def test_resume_reuses_finished_runs_and_reruns_the_rest(tmp_path):

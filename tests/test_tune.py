@@ -637,7 +637,7 @@ def test_the_contest_bar_candidate_on_the_evaluation_split_bars_the_contesting_l
 def test_contest_min_judged_is_a_candidate_under_the_contesting_liar_not_the_default():
     """Stop 48's candidate (CONTEST_MIN_GRID's comment, written before its runs): the fewest
     judged wins a peer's vote needs, 3 or 5, against the default's one, under the
-    contesting liar and clean on both shapes; the default keeps one until the rule says."""
+    contesting liar and clean on both shapes; the rule kept the default (the next test)."""
     from flminillm.bench.tune import CONTEST_MIN_GRID
 
     # pinned: the grid's first is the default it is measured against, whatever comes later

@@ -81,9 +81,9 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
 def run_paired(
     config: Path, workdir: Path, a: str, b: str, seeds: int, families: str = "honest"
 ) -> list[dict]:
-    """Per seed, `a` against `b` on the server: `families` "honest" (every client's but the
-    adversaries of either variant, as `bench quality` reads them; where neither has one,
-    every client's but the last, the benchmark's adversary) or "all"."""
+    """Per seed, `a` against `b` on the server: `families` "honest" (every client's but
+    those either variant keeps out, `kept_out`, as `bench quality` reads them; where neither
+    keeps one out, every client's but the last, the benchmark's adversary) or "all"."""
     from flminillm.bench.variants import honest_clients
 
     base = load_config(config)

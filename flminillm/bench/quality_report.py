@@ -78,12 +78,13 @@ def _stat(xs: list[float | None]) -> dict[str, float | None]:
 
 
 def attack_scores(runs: list[dict], v: Variant) -> dict[str, Any]:
-    """For a variant with adversaries: who they are, the server's EM on the honest clients'
-    families (those held by a client that is not an adversary) and, for a backdoor, the
-    server's rate of answering its family with the backdoor's answer (last round)."""
-    from flminillm.attacks import adversaries
+    """For a variant with adversaries or absent clients (`kept_out`): who they are, the
+    server's EM on the honest clients' families (those held by a client not kept out) and,
+    for a backdoor, the server's rate of answering its family with the backdoor's answer
+    (last round)."""
+    from flminillm.bench.variants import kept_out
 
-    adv = adversaries(v.env.get("FLMINILLM_ADVERSARY", ""))
+    adv = kept_out(v)
     if not adv:
         return {}
     out: dict[str, Any] = {"adversaries": adv}

@@ -273,7 +273,11 @@ CONTEST_BAR_T07_GRID = [
 # within 1 point of it clean (`holds_against` against 'min-default'),
 # then every row of the 5-client table (clean, contest-2, collude-2, backdoor) and the
 # 3-client liar-contest row on the evaluation split, against the default's rows re-run on
-# the same machine.
+# the same machine. Stop 49 (docs/tune-contest-min, -5clients): the replay above, which took
+# every teacher as able to contest, mispredicted on both shapes (5 kept carol's round-1 bar;
+# 3 lost erin's round 2 as 5 did, dave having judged 1 of her wins): neither holds against
+# 'min-default' on the 5-client shape (44.8 against 45.4 under the liar), so neither is run
+# on the evaluation split and contest_min_judged stays 0.
 _VETO = dict(CONTEST_BAR_T07_GRID)["bar-veto-0.25"]  # the default since stop 48
 CONTEST_MIN_GRID = [
     ("min-default", {**_VETO, "contest_min_judged": 0}),

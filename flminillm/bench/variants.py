@@ -98,6 +98,7 @@ class Variant:
     env: dict = field(default_factory=dict)  # FLMINILLM_* fault injection
     note: str = ""
     dropout: float = 0.0  # this share of the clients drops out of each round (dropout_faults)
+    absent: tuple[str, ...] = ()  # clients that drop out of every round (absent_faults)
 
 
 def attacks(cfg: Config) -> dict[str, tuple[dict[str, str], str]]:
@@ -188,8 +189,11 @@ def _variants(cfg: Config) -> list[Variant]:
         Variant("dropout-30", group="fault", overrides=DROPOUT_OVERRIDES, dropout=0.3,
                 note="30% of the clients (rounded, at least 1) drop out of each round, at random"),
         Variant("absent-last", group="fault", env={"FLMINILLM_FAULTS": absent_faults(cfg, last)},
+                absent=(last,),
                 note=f"{last} (the attacks' adversary) drops out of every round, honest: the "
-                "federation that never hears from it, what keeping a liar out perfectly costs"),
+                "federation that never hears from it (an absent client with no past: its "
+                "share of the prompts the present teachers are least sure of is held back), "
+                "what the others reach without its teaching"),
         # the same, clean and under each fault, under the other defences: what they buy
         *[w for suffix, (over, what) in DEFENCES.items() for w in (
             Variant(f"clean{suffix}", group="fault", overrides=over,
@@ -265,12 +269,21 @@ def absent_faults(cfg: Config, client: str) -> str:
     return ",".join(f"local_sft:{client}:{r}" for r in range(1, cfg.rounds + 1))
 
 
-def honest_clients(base: Config, names: list[str]) -> list:
-    """The clients that are not an adversary of any of the variants `names` (their
-    FLMINILLM_ADVERSARY, as `bench quality`'s honest families read it); where none has one,
-    every client but the last, the benchmark's adversary."""
+def kept_out(v: Variant) -> dict[str, str]:
+    """{client: what it does} for the clients whose families are not the honest ones in `v`'s
+    runs: its adversaries (FLMINILLM_ADVERSARY, with their modes) and its absent clients
+    ('absent')."""
     from flminillm.attacks import adversaries
 
-    liars = {p for v in variants(base, names)
-             for p in adversaries(v.env.get("FLMINILLM_ADVERSARY", ""))}  # fmt: skip
+    return {
+        **adversaries(v.env.get("FLMINILLM_ADVERSARY", "")),
+        **dict.fromkeys(v.absent, "absent"),
+    }
+
+
+def honest_clients(base: Config, names: list[str]) -> list:
+    """The clients kept out of none of the variants `names` (`kept_out`, as `bench quality`'s
+    honest families read it); where none keeps one out, every client but the last, the
+    benchmark's adversary."""
+    liars = {p for v in variants(base, names) for p in kept_out(v)}
     return [c for c in base.clients if c.id not in liars] if liars else base.clients[:-1]
