@@ -722,3 +722,39 @@ def test_the_default_on_the_5_client_shape_under_temperature_0_7_meets_the_bars(
     theirs, ours = (r["fl-minillm"]["server_families_em_by_seed"] for r in (old, results))
     assert ours["2"] == theirs["2"]
     assert all(sum(ours[s].values()) < sum(theirs[s].values()) for s in ("0", "1"))
+
+
+def test_the_barred_liars_cost_on_six_seeds_and_against_a_federation_without_the_liar():
+    """Stop 49 (docs/defence-default-6seeds, the default on the 3-client shape, evaluation
+    seeds 0-5, seeds 0-2 the runs of docs/defence-contest-veto): every liar barred outright
+    runs one federation per seed, which misses the 3-point bar on seeds 0-2 (-3.3) and meets
+    it on six (-2.1); carol honest but never heard from (`absent-last`) costs the honest
+    families -0.7 on six, and the barred liar is 1.4 below that. Drop-out and the defence's
+    price stay within their bars on six seeds too."""
+    results = json.loads((ROOT / "docs" / "defence-default-6seeds" / "results.json").read_text())
+    meta = results["_meta"]
+    assert meta["seeds"] == [0, 1, 2, 3, 4, 5] and "configs/benchmark.yaml" in meta["command"]
+    fbc = meta["families_by_client"]
+    honest = sorted(f for c in ("alice", "bob") for f in fbc[c])
+
+    def diff(a: str, b: str, fams: list[str], seeds: list[int]) -> float:
+        by = [results[n]["server_families_em_by_seed"] for n in (a, b)]
+        per = [sum(x[str(s)][f] for f in fams) / len(fams) for s in seeds for x in by]
+        return sum(per[0::2]) / len(seeds) - sum(per[1::2]) / len(seeds)
+
+    six, three = list(range(6)), [0, 1, 2]
+    liars = ("liar-contest", "liar-fluent", "liar-noisy")
+    for liar in liars:  # one federation: the same numbers on every seed
+        assert (
+            results[liar]["server_families_em_by_seed"]
+            == results[liars[0]]["server_families_em_by_seed"]
+        )
+        assert results[liar]["adversaries"] == {"carol": liar.split("-")[1]}
+    assert results["absent-last"]["adversaries"] == {"carol": "absent"}
+    assert round(100 * diff("liar-fluent", "fl-minillm", honest, three), 1) == -3.3
+    assert round(100 * diff("liar-fluent", "fl-minillm", honest, six), 1) == -2.1
+    assert round(100 * diff("absent-last", "fl-minillm", honest, six), 1) == -0.7
+    assert round(100 * diff("liar-fluent", "absent-last", honest, six), 1) == -1.4
+    every = sorted(f for fs in fbc.values() for f in fs)
+    assert diff("dropout-30", "fl-minillm", every, six) >= -0.05  # -3.7
+    assert diff("clean-undefended", "fl-minillm", every, six) <= 0.01  # +0.3
