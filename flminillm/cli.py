@@ -383,8 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     paired.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     paired.add_argument(
         "--families", choices=("honest", "all"), default="honest",
-        help="the server's EM on the families of the clients neither variant names as an "
-        "adversary (with none, every client's but the last's), or on all",
+        help="the server's EM on the families of the clients neither variant keeps out (an "
+        "adversary or an absent client; with none, every client's but the last's), or on all",
     )  # fmt: skip
     paired.set_defaults(func=cmd_bench_paired)
 

@@ -24,6 +24,7 @@ from flminillm.bench.variants import (
     honest_clients,
     kept_out,
     variant_config,
+    variant_env,
     variants,
 )
 from flminillm.cli import main
@@ -489,12 +490,14 @@ def test_dropout_schedule_keeps_a_client_each_round():
 
 
 def test_absent_last_never_hears_from_the_attacks_adversary():
-    """absent-last: the attacks' adversary (the last client) drops out of every round, so its
-    honest families are the attacks' and its run is the federation a perfect bar would run."""
+    """absent-last: the attacks' adversary (the last client) drops out of every round, and its
+    honest families are the attacks' (the federation that never hears from it, read as a
+    barred liar's is)."""
     cfg = load_config(TINY).model_copy(update={"rounds": 5})
     v = variants(cfg, ["absent-last"])[0]
-    assert v.env == {"FLMINILLM_FAULTS": absent_faults(cfg, "carol")} and not v.overrides
-    items = [x.split(":") for x in v.env["FLMINILLM_FAULTS"].split(",")]
+    env = variant_env(cfg, v)
+    assert env["FLMINILLM_FAULTS"] == absent_faults(cfg, "carol") and not v.overrides
+    items = [x.split(":") for x in env["FLMINILLM_FAULTS"].split(",")]
     assert items == [["local_sft", "carol", str(r)] for r in range(1, 6)]
     assert v.absent == ("carol",) and kept_out(v) == {"carol": "absent"}
     assert kept_out(variants(cfg, ["fl-minillm"])[0]) == {}

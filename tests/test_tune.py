@@ -730,31 +730,34 @@ def test_the_barred_liars_cost_on_six_seeds_and_against_a_federation_without_the
     runs one federation per seed, which misses the 3-point bar on seeds 0-2 (-3.3) and meets
     it on six (-2.1); carol honest but never heard from (`absent-last`) costs the honest
     families -0.7 on six, and the barred liar is 1.4 below that. Drop-out and the defence's
-    price stay within their bars on six seeds too."""
-    results = json.loads((ROOT / "docs" / "defence-default-6seeds" / "results.json").read_text())
-    meta = results["_meta"]
-    assert meta["seeds"] == [0, 1, 2, 3, 4, 5] and "configs/benchmark.yaml" in meta["command"]
-    fbc = meta["families_by_client"]
-    honest = sorted(f for c in ("alice", "bob") for f in fbc[c])
+    price stay within their bars on six seeds too. Read as the reports read them
+    (`paired`: the mean over the seeds both runs have)."""
+    from flminillm.bench.quality_report import paired
 
-    def diff(a: str, b: str, fams: list[str], seeds: list[int]) -> float:
-        by = [results[n]["server_families_em_by_seed"] for n in (a, b)]
-        per = [sum(x[str(s)][f] for f in fams) / len(fams) for s in seeds for x in by]
-        return sum(per[0::2]) / len(seeds) - sum(per[1::2]) / len(seeds)
+    def read(doc: str) -> dict:
+        return json.loads((ROOT / "docs" / doc / "results.json").read_text())
 
-    six, three = list(range(6)), [0, 1, 2]
+    six, three = read("defence-default-6seeds"), read("defence-contest-veto")
+    assert six["_meta"]["seeds"] == [0, 1, 2, 3, 4, 5] and three["_meta"]["seeds"] == [0, 1, 2]
+    assert "configs/benchmark.yaml" in six["_meta"]["command"]
+    fbc = six["_meta"]["families_by_client"]
+    honest = sorted(f for c, fs in fbc.items() if c not in six["liar-fluent"]["adversaries"]
+                    for f in fs)  # fmt: skip
+
+    def cost(results: dict, a: str, b: str, families: list[str] | None = None) -> float:
+        ours, theirs, _ = paired(results, a, b, families)
+        return round(100 * (ours - theirs), 1)
+
     liars = ("liar-contest", "liar-fluent", "liar-noisy")
     for liar in liars:  # one federation: the same numbers on every seed
         assert (
-            results[liar]["server_families_em_by_seed"]
-            == results[liars[0]]["server_families_em_by_seed"]
+            six[liar]["server_families_em_by_seed"] == six[liars[0]]["server_families_em_by_seed"]
         )
-        assert results[liar]["adversaries"] == {"carol": liar.split("-")[1]}
-    assert results["absent-last"]["adversaries"] == {"carol": "absent"}
-    assert round(100 * diff("liar-fluent", "fl-minillm", honest, three), 1) == -3.3
-    assert round(100 * diff("liar-fluent", "fl-minillm", honest, six), 1) == -2.1
-    assert round(100 * diff("absent-last", "fl-minillm", honest, six), 1) == -0.7
-    assert round(100 * diff("liar-fluent", "absent-last", honest, six), 1) == -1.4
-    every = sorted(f for fs in fbc.values() for f in fs)
-    assert diff("dropout-30", "fl-minillm", every, six) >= -0.05  # -3.7
-    assert diff("clean-undefended", "fl-minillm", every, six) <= 0.01  # +0.3
+        assert six[liar]["adversaries"] == {"carol": liar.split("-")[1]}
+    assert six["absent-last"]["adversaries"] == {"carol": "absent"}
+    assert cost(three, "liar-fluent", "fl-minillm", honest) == -3.3
+    assert cost(six, "liar-fluent", "fl-minillm", honest) == -2.1
+    assert cost(six, "absent-last", "fl-minillm", honest) == -0.7
+    assert cost(six, "liar-fluent", "absent-last", honest) == -1.4
+    assert cost(six, "dropout-30", "fl-minillm") == -3.7  # bar 5, all families
+    assert cost(six, "clean-undefended", "fl-minillm") == 0.3  # bar 1

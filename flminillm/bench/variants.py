@@ -188,8 +188,7 @@ def _variants(cfg: Config) -> list[Variant]:
           for name, (env, note) in attack.items()],
         Variant("dropout-30", group="fault", overrides=DROPOUT_OVERRIDES, dropout=0.3,
                 note="30% of the clients (rounded, at least 1) drop out of each round, at random"),
-        Variant("absent-last", group="fault", env={"FLMINILLM_FAULTS": absent_faults(cfg, last)},
-                absent=(last,),
+        Variant("absent-last", group="fault", absent=(last,),
                 note=f"{last} (the attacks' adversary) drops out of every round, honest: the "
                 "federation that never hears from it (an absent client with no past: its "
                 "share of the prompts the present teachers are least sure of is held back), "
@@ -246,8 +245,10 @@ def variant_config(base: Config, v: Variant, seed: int, workdir: Path) -> Config
 def variant_env(cfg: Config, v: Variant) -> dict[str, str]:
     """The environment a run of `v` needs (fault injection), with one attempt per step."""
     env = dict(v.env)
-    if v.dropout:
-        env["FLMINILLM_FAULTS"] = dropout_faults(cfg, v.dropout)
+    faults = [dropout_faults(cfg, v.dropout)] if v.dropout else []
+    faults += [absent_faults(cfg, c) for c in v.absent]
+    if faults:
+        env["FLMINILLM_FAULTS"] = ",".join(faults)
     env.setdefault("FLMINILLM_STEP_RETRIES", "1")
     return env
 
