@@ -959,6 +959,7 @@ def assemble_batch(
     foreign: list[bool] | None = None,
     contest_earlier: torch.Tensor | None = None,
     dependence: torch.Tensor | None = None,
+    barred_share: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The student's training batch: its rollouts scored by the aggregated teachers, then
     the selected teacher rollouts (`from_teacher`). `d` is the config's distill section:
@@ -993,7 +994,10 @@ def assemble_batch(
     `dependence` [M, A] (default: none): the student's dependence of each teacher's answers
     on their prompts (`dependence_bar`, `distill.dependence_bar`), judged on the wins of the
     selection without the bars; info's `dependence_barred` [M] and `dependence` [M], each
-    teacher's mean over its wins (NaN where not judged)."""
+    teacher's mean over its wins (NaN where not judged). `barred_share` (default 0): what
+    each teacher barred for the round by any bar (`barred`, `contest_bar`, `dependence_bar`)
+    adds to `unknown_share`, counted as an absent client with no past
+    (`distill.barred_as_absent`: 1 / the number of clients)."""
     method, trim, posterior = d.aggregation, d.trim, d.posterior_weights
     cap = d.cap
     trusted = [True] * len(teachings) if trusted is None else list(trusted)
@@ -1045,6 +1049,8 @@ def assemble_batch(
             dependence, first["teacher_index"], d.dependence_bar, d.dependence_min, ~barred_t
         )
         barred_t = barred_t | dependence_barred
+    if barred_share > 0:  # each barred teacher as an absent client with no past
+        unknown_share = unknown_share + barred_share * int(barred_t.sum())
     scorers = [i for i, ok in enumerate(trusted) if ok and not barred_t[i]]
     delta = torch.zeros(len(teachings))
     n = rollouts["prompt_ids"].shape[0] if scorers else 0

@@ -1013,9 +1013,8 @@ def _distill(
                         ) - answer_logprob(model, elsewhere, teachings[i], bs, device)
     # drop-out without loss, for the absent clients with no past: their domain's size, as
     # their share of the clients, is left out where the present teachers are least sure
-    # (flminillm.aggregate.unknown_domain); a barred teacher counts as one where
-    # distill.barred_as_absent says so
-    n_barred = sum(map(bool, barred or [])) if d.barred_as_absent else 0
+    # (flminillm.aggregate.unknown_domain); a teacher barred for the round (by any bar)
+    # counts as one where distill.barred_as_absent says so
     # the contest bar's evidence pooled over rounds: the server's, whose teachers contest
     pooled = d.contest_bar_on and d.contest_bar_rounds > 1 and not _is_client(cfg, student_id)
     earlier = None
@@ -1024,7 +1023,8 @@ def _distill(
                                   d.contest_bar_rounds)  # fmt: skip
     batch, info = assemble_batch(rollouts, teachings, weights, d, extra=extra, trusted=trusted,
                                  rivals=rivals, barred=barred,
-                                 unknown_share=(unknown + n_barred) / len(cfg.clients),
+                                 unknown_share=unknown / len(cfg.clients),
+                                 barred_share=1 / len(cfg.clients) if d.barred_as_absent else 0.0,
                                  foreign=foreign, contest_earlier=earlier,
                                  dependence=dependence)  # fmt: skip
     choice = store.scoped(student_id).put_tensors({"choice": info["ask_choice"].int()})

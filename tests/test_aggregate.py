@@ -433,6 +433,27 @@ def test_an_absent_client_with_no_past_gets_its_share_where_the_present_are_leas
     assert int(info["n_reserved"]) == 0
 
 
+def test_a_barred_teacher_counts_as_an_absent_client_where_configured():
+    """distill.barred_as_absent: a teacher barred for the round adds its share of the
+    clients (`barred_share`) to the prompts reserved where the winners are least sure. Under
+    `barred_wins` 'next' its would-be wins go to the other teacher first, whose guesses
+    there rank lowest among its own claims: those are the prompts held back."""
+    from flminillm.config import DistillConfig
+
+    rollouts, teachings = _two_domains()
+    d = DistillConfig(min_claim=0.0, selection="rank", barred_wins="next")
+    # teacher 1 barred: its prompts 2, 3 go to teacher 0 (its quantiles 1/4, 2/4 there)
+    _, info = assemble_batch(rollouts, teachings, torch.ones(2), d, barred=[False, True])
+    assert info["ask_choice"].tolist() == [0, 0, 0, 0] and int(info["n_reserved"]) == 0
+    _, info = assemble_batch(rollouts, teachings, torch.ones(2), d, barred=[False, True],
+                             barred_share=0.5)  # fmt: skip
+    assert info["ask_choice"].tolist() == [0, 0, LEFT_OUT, LEFT_OUT]
+    assert int(info["n_reserved"]) == 2
+    # no teacher barred: nothing reserved, whatever the share
+    _, info = assemble_batch(rollouts, teachings, torch.ones(2), d, barred_share=0.5)
+    assert info["ask_choice"].tolist() == [0, 0, 1, 1] and int(info["n_reserved"]) == 0
+
+
 def test_claim_floor_is_scale_free_and_a_liar_cannot_lower_it():
     """min_claim is absolute (p = 0.5 per token) where teachers are sure of what they know;
     where most claims are low (teachers barely trained, long answers with many wordings)

@@ -285,6 +285,31 @@ CONTEST_MIN_GRID = [
     ("min-5", {**_VETO, "contest_min_judged": 5}),
 ]
 
+# A teacher barred for the round counted as an absent client with no past, under the
+# teachers' temperature 0.7 and with every bar (distill.barred_as_absent, since stop 50 also
+# for contest- and dependence-barred teachers): group `barred_as_absent_t07` under the
+# contesting liar, and `barred_as_absent_t07-clean`. Why, read from the evaluation split's
+# runs (docs/defence-default-6seeds; a reading, not a choice): the barred liar costs the
+# honest families 2.1 points over six seeds (3.3 on seeds 0-2, the one row past its bar),
+# the federation that never hears from carol (`absent-last`) 0.7; the difference is on
+# successor (-5.0 against -1.0), and the two differ in what a round does with the prompts
+# of carol's families: under `barred_wins` 'next' the honest teachers' guesses there are
+# learned (those that pass min_claim), for an absent client with no past its share of the
+# prompts the present teachers are least sure of is held back. With both, a barred
+# teacher's would-be wins go first to the teacher that wins without it, and then its share
+# of the least-sure prompts is held back. (Tried at stop 37 at temperature 1, before 'next'
+# and the contest bar, under the consistent liar: 0.9 below off, docs/tune-barred.) Decided
+# before its runs: it becomes the default only if, on both shapes' validation splits
+# (configs/benchmark.yaml, configs/benchmark-5clients.yaml; seeds 100-101), it holds
+# against 'min-default' (`holds_against`: at least level under the liar, clean within 1
+# point) and scores above it under the liar on at least one shape; then every row of both
+# defence tables is re-measured under it on the evaluation split before it is called the
+# default's. 'min-default' is CONTEST_MIN_GRID's, the same runs (shared by name).
+BARRED_T07_GRID = [
+    CONTEST_MIN_GRID[0],
+    ("absent-t07", {**_VETO, "barred_as_absent": True}),
+]
+
 # The settings chosen under the attack they are for, each with its price clean: {group:
 # (the bench quality attack, its candidates' name prefix, the grid)}; candidates
 # `<prefix>-<name>` in `group` and `clean-<name>` in `<group>-clean`.
@@ -296,6 +321,7 @@ UNDER_ATTACK = {
     "dependence_bar": ("liar-noisy-own", "noisy-own", DEPENDENCE_GRID),
     "contest_bar_t07": ("liar-contest", "contest", CONTEST_BAR_T07_GRID),
     "contest_min": ("liar-contest", "contest", CONTEST_MIN_GRID),
+    "barred_as_absent_t07": ("liar-contest", "contest", BARRED_T07_GRID),
 }
 
 
@@ -310,6 +336,19 @@ def _under_attack(base: Config, group: str, attack: str, prefix: str, grid) -> l
         Variant(f"clean-{name}", group=f"{group}-clean", overrides={"distill": d}, note=_note(d))
         for name, d in grid
     ]  # fmt: skip
+
+
+def _under_attack_all(base: Config) -> list[Variant]:
+    """Every `UNDER_ATTACK` grid's candidates. One shared by two grids (the same name: the
+    same setting under the same attack, an incumbent measured once) runs once, in the
+    group of the first; a name shared by different settings is an error."""
+    out: dict[str, Variant] = {}
+    for group, (attack, prefix, grid) in UNDER_ATTACK.items():
+        for v in _under_attack(base, group, attack, prefix, grid):
+            seen = out.setdefault(v.name, v)
+            if (seen.env, seen.overrides) != (v.env, v.overrides):
+                raise ValueError(f"tune grids: {v.name!r} names two settings")
+    return list(out.values())
 
 
 def _note(d: dict) -> str:
@@ -346,11 +385,7 @@ def candidates(base: Config, names: list[str] | None = None) -> list[Variant]:
         Variant(f"fkl-{name}", group="temperature-forward_kl",
                 overrides={"distill": FORWARD_KL, "generation": d}, note=f"forward-kl, {_note(d)}")
         for name, d in TEMPERATURE_GRID
-    ] + [
-        v
-        for group, (attack, prefix, grid) in UNDER_ATTACK.items()
-        for v in _under_attack(base, group, attack, prefix, grid)
-    ] + [
+    ] + _under_attack_all(base) + [
         Variant(f"fkl-{name}", group="lr_schedule-forward_kl",
                 overrides={"distill": {**FORWARD_KL, **d}}, note=f"forward-kl, {_note(d)}")
         for name, d in SCHEDULE_GRID
