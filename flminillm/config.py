@@ -665,16 +665,19 @@ class DistillConfig(_Strict):
     )
     barred_as_absent: bool = Field(
         False,
-        description="Count a teacher barred for the round (implausible or overclaiming) as "
+        description="Count a teacher barred for the round (by any bar: implausible, "
+        "overclaiming, contest- or dependence-barred; before stop 50 the first two only) as "
         "an absent client with no past: its share of the clients (1 / number of clients) "
         "of the prompts, where the present teachers are least sure, is left out "
-        "(`unknown_domain`), as for a client that never took part. Without it only the "
-        "prompts it would have won leave the batch, and with ties at their lowest rank a "
-        "liar with one claim for everything would win none: the honest teachers' guesses "
-        "at its families are learned (docs/results.md, stop 38). False: off, the default: "
-        "tried on the validation split under the consistent liar (`bench tune` groups "
-        "barred_as_absent and barred_as_absent-clean, docs/tune-barred), it scored 0.9 below "
-        "off there (the same clean).",
+        "(`unknown_domain`), as for a client that never took part, after its would-be wins "
+        "went where `barred_wins` says. Without it the honest teachers' guesses at its "
+        "families are learned where they pass `min_claim` (docs/results.md, stops 38 and "
+        "50). False: off, the default: tried on the validation split under the consistent "
+        "liar at temperature 1 (`bench tune` groups barred_as_absent and "
+        "barred_as_absent-clean, docs/tune-barred), it scored 0.9 below off there; under "
+        "the contesting liar at 0.7 with every bar (barred_as_absent_t07, "
+        "docs/tune-barred-t07 and -5clients), 0.3 above on 3 clients and 0.07 below on 5 "
+        "(the same clean), which its rule rejects.",
     )
     contest_quantile: float = Field(
         0.75,

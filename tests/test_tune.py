@@ -119,6 +119,22 @@ def test_grid_starts_from_the_config_as_written():
     )
 
 
+def test_a_candidate_shared_by_two_grids_runs_once_and_a_name_clash_is_an_error(monkeypatch):
+    """An incumbent two under-attack grids share (the same name and setting) is one variant,
+    in the first grid's group, so its runs are measured once; one name for two different
+    settings is refused rather than one of them silently run for both."""
+    import flminillm.bench.tune as tune
+
+    names = [v.name for v in candidates(load_config(TINY))]
+    assert len(names) == len(set(names))
+    shared = [v for v in candidates(load_config(TINY)) if v.name == "contest-min-default"]
+    assert [v.group for v in shared] == ["contest_min"]
+    clash = ("liar-contest", "contest", [("min-default", {"contest_min_judged": 3})])
+    monkeypatch.setitem(tune.UNDER_ATTACK, "clash", clash)
+    with pytest.raises(ValueError, match="'contest-min-default' names two settings"):
+        candidates(load_config(TINY))
+
+
 def test_stale_share_is_chosen_under_the_drop_out_it_is_for():
     """The replay share's candidates run with 30% of the clients dropping out of each round
     (the fault injection of bench quality's dropout-30), the default among them."""
@@ -683,6 +699,28 @@ def test_contest_min_judged_fails_its_rule_on_the_5_client_validation_split_and_
     for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill,
                     load_config(ROOT / "configs" / "benchmark-5clients.yaml").distill):  # fmt: skip
         assert distill.contest_min_judged == 0
+
+
+def test_barred_as_absent_under_the_contesting_liar_fails_its_rule_on_5_clients():
+    """Stop 50's validation of BARRED_T07_GRID (seeds 100-101, the rule written before the
+    runs): counting every barred teacher as an absent client scores above the default
+    under the contesting liar on 3 clients and below it on 5 (clean: the same federations,
+    no teacher barred there), so it holds on one shape only and stays off."""
+    held = {}
+    for doc, config in (("tune-barred-t07", "configs/benchmark.yaml"),
+                        ("tune-barred-t07-5clients", "configs/benchmark-5clients.yaml")):  # fmt: skip
+        results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
+        meta = results["_meta"]
+        assert meta["split"] == "validation" and meta["seeds"] == [100, 101]
+        assert config in meta["command"]
+        held[doc] = holds_against(results, "barred_as_absent_t07", "absent-t07", "min-default")
+        assert validation_score(results["clean-absent-t07"]) == validation_score(
+            results["clean-min-default"]
+        )
+    assert held == {"tune-barred-t07": True, "tune-barred-t07-5clients": False}
+    for distill in (DistillConfig(), load_config(ROOT / "configs" / "benchmark.yaml").distill,
+                    load_config(ROOT / "configs" / "benchmark-5clients.yaml").distill):  # fmt: skip
+        assert distill.barred_as_absent is False
 
 
 def test_the_default_on_the_5_client_shape_under_temperature_0_7_meets_the_bars():
