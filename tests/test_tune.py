@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from flminillm.bench.quality import finished_result
+from flminillm.bench.quality_report import honest_families
 from flminillm.bench.tune import (
     BAR_GRID,
     CONTEST_BAR_T07_GRID,
@@ -643,8 +644,7 @@ def test_the_contest_bar_candidate_on_the_evaluation_split_bars_the_contesting_l
     assert "configs/benchmark.yaml" in same["_meta"]["command"]
     for name in ("fl-minillm", "liar-fluent"):
         assert same[name]["server_families_em_by_seed"] == by_seed[name]
-    honest = sorted({f for c, fs in meta["families_by_client"].items() if c != "carol"
-                     for f in fs})  # fmt: skip
+    honest = honest_families(meta["families_by_client"], ["carol"])
     for seed, theirs in same["liar-contest"]["server_families_em_by_seed"].items():
         ours = by_seed["liar-contest"][seed]
         assert sum(theirs[f] for f in honest) <= sum(ours[f] for f in honest)
@@ -739,8 +739,7 @@ def test_the_default_on_the_5_client_shape_under_temperature_0_7_meets_the_bars(
     clean = results["fl-minillm"]["server_families_em_by_seed"]
     for attack in ("collude-2", "contest-2", "backdoor"):
         r = results[attack]
-        honest = sorted({f for c, fs in meta["families_by_client"].items()
-                         if c not in r["adversaries"] for f in fs})  # fmt: skip
+        honest = honest_families(meta["families_by_client"], r["adversaries"])
         by = r["server_families_em_by_seed"]
         for seed in clean:  # each seed, not only the mean
             ours, theirs = (sum(x[seed][f] for f in honest) / len(honest) for x in (by, clean))
@@ -779,8 +778,7 @@ def test_the_barred_liars_cost_on_six_seeds_and_against_a_federation_without_the
     assert six["_meta"]["seeds"] == [0, 1, 2, 3, 4, 5] and three["_meta"]["seeds"] == [0, 1, 2]
     assert "configs/benchmark.yaml" in six["_meta"]["command"]
     fbc = six["_meta"]["families_by_client"]
-    honest = sorted(f for c, fs in fbc.items() if c not in six["liar-fluent"]["adversaries"]
-                    for f in fs)  # fmt: skip
+    honest = honest_families(fbc, six["liar-fluent"]["adversaries"])
 
     def cost(results: dict, a: str, b: str, families: list[str] | None = None) -> float:
         ours, theirs, _ = paired(results, a, b, families)

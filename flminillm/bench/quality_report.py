@@ -16,6 +16,8 @@ from flminillm.bench.variants import DEFENCE_SUFFIXES
 from flminillm.tracking import log_chunked
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from flminillm.bench.variants import Variant
 
 
@@ -77,6 +79,13 @@ def _stat(xs: list[float | None]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None}
 
 
+def honest_families(families_by_client: dict[str, list[str]], kept: Iterable[str]) -> list[str]:
+    """The families held by a client not in `kept` (the adversaries or absent clients of a
+    variant, `kept_out`), sorted: what a report reads as the honest clients' families."""
+    kept = set(kept)
+    return sorted({f for c, fs in families_by_client.items() if c not in kept for f in fs})
+
+
 def attack_scores(runs: list[dict], v: Variant) -> dict[str, Any]:
     """For a variant with adversaries or absent clients (`kept_out`): who they are, the
     server's EM on the honest clients' families (those held by a client not kept out) and,
@@ -91,8 +100,8 @@ def attack_scores(runs: list[dict], v: Variant) -> dict[str, Any]:
     honest, rates = [], []
     for r in runs:
         ev = r["rounds"][max(r["rounds"], key=int)]["eval"][r["server"]]
-        fams = {f for c, fs in r["families_by_client"].items() if c not in adv for f in fs}
-        honest.append(_mean([ev[f]["exact_match"] for f in sorted(fams)]))
+        fams = honest_families(r["families_by_client"], adv)
+        honest.append(_mean([ev[f]["exact_match"] for f in fams]))
         rates += [ev[f]["target_rate"] for f in ev if "target_rate" in ev[f]]
     out["server_em_honest"] = _stat(honest)
     if rates:
@@ -333,7 +342,7 @@ def headline(results: dict) -> list[str]:
             out.append(f"- {name}: server EM {100 * a:.1f} on all families "
                        f"({100 * (a - ca):+.1f} vs {clean}{on})")  # fmt: skip
             continue
-        honest = sorted({f for c, fs in fbc.items() if c not in r["adversaries"] for f in fs})
+        honest = honest_families(fbc, r["adversaries"])
         h, ch, _ = paired(results, name, clean, honest)
         who = ", ".join(f"{p}: {m}" for p, m in r["adversaries"].items())
         line = (
