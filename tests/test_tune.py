@@ -650,6 +650,21 @@ def test_the_contest_bar_candidate_on_the_evaluation_split_bars_the_contesting_l
         assert sum(theirs[f] for f in honest) <= sum(ours[f] for f in honest)
 
 
+def _both_shapes(doc: str) -> list[tuple[str, dict]]:
+    """A validation run on both shapes (docs/<doc> on configs/benchmark.yaml and
+    docs/<doc>-5clients on configs/benchmark-5clients.yaml), seeds 100-101, as the rules
+    of stop 46 on ask: [(doc, its tune.json)] for the two."""
+    out = []
+    for name, config in ((doc, "configs/benchmark.yaml"),
+                         (f"{doc}-5clients", "configs/benchmark-5clients.yaml")):  # fmt: skip
+        results = json.loads((ROOT / "docs" / name / "tune.json").read_text())
+        meta = results["_meta"]
+        assert meta["split"] == "validation" and meta["seeds"] == [100, 101]
+        assert config in meta["command"]
+        out.append((name, results))
+    return out
+
+
 def test_contest_min_judged_is_a_candidate_under_the_contesting_liar_not_the_default():
     """Stop 48's candidate (CONTEST_MIN_GRID's comment, written before its runs): the fewest
     judged wins a peer's vote needs, 3 or 5, against the default's one, under the
@@ -683,12 +698,7 @@ def test_contest_min_judged_fails_its_rule_on_the_5_client_validation_split_and_
     from flminillm.bench.tune import choose_under_attack
 
     held = {}
-    for doc, config in (("tune-contest-min", "configs/benchmark.yaml"),
-                        ("tune-contest-min-5clients", "configs/benchmark-5clients.yaml")):  # fmt: skip
-        results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
-        meta = results["_meta"]
-        assert meta["split"] == "validation" and meta["seeds"] == [100, 101]
-        assert config in meta["command"]
+    for doc, results in _both_shapes("tune-contest-min"):
         held[doc] = [
             holds_against(results, "contest_min", n, "min-default") for n in ("min-3", "min-5")
         ]
@@ -707,12 +717,7 @@ def test_barred_as_absent_under_the_contesting_liar_fails_its_rule_on_5_clients(
     under the contesting liar on 3 clients and below it on 5 (clean: the same federations,
     no teacher barred there), so it holds on one shape only and stays off."""
     held = {}
-    for doc, config in (("tune-barred-t07", "configs/benchmark.yaml"),
-                        ("tune-barred-t07-5clients", "configs/benchmark-5clients.yaml")):  # fmt: skip
-        results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
-        meta = results["_meta"]
-        assert meta["split"] == "validation" and meta["seeds"] == [100, 101]
-        assert config in meta["command"]
+    for doc, results in _both_shapes("tune-barred-t07"):
         held[doc] = holds_against(results, "barred_as_absent_t07", "absent-t07", "min-default")
         assert validation_score(results["clean-absent-t07"]) == validation_score(
             results["clean-min-default"]
