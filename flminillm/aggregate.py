@@ -1222,7 +1222,7 @@ def selection_stats(
     `plausibility.<id>` (given `gaps`, where the plausibility check is on), how much likelier
     than a random token the judge found its likelier answers (`implausible_teachers`, nats
     per token), `implausible.<id>` 1 where that barred it, and `implausible`, the share of
-    prompts left out because a barred teacher (implausible or overclaiming) would have won
+    prompts left out because a barred teacher (by any bar) would have won
     them; `claim_sum.<id>` (given `sums`, where the claim-sum check is on), the largest sum
     of its claimed probabilities over its distinct answers to a prompt asked twice
     (`claim_sums`; 0 where none), `overclaimed.<id>` 1 where that barred it;

@@ -648,8 +648,8 @@ class DistillConfig(_Strict):
     )
     barred_wins: Literal["leave", "next"] = Field(
         "next",
-        description="The prompts a teacher barred for the round (implausible, overclaiming "
-        "or contest-barred) would have won: 'leave', left out of the batch (`implausible`); "
+        description="The prompts a teacher barred for the round (by any bar: implausible, "
+        "overclaiming, contest- or dependence-barred) would have won: 'leave', left out of the batch (`implausible`); "
         "'next', kept with the answer of the teacher that wins without it (judged by "
         "`min_claim` as any kept answer: where no teacher present knows the prompt it is "
         "rejected). A liar whose claims rank at random would win about a third of the "
@@ -676,7 +676,7 @@ class DistillConfig(_Strict):
         "liar at temperature 1 (`bench tune` groups barred_as_absent and "
         "barred_as_absent-clean, docs/tune-barred), it scored 0.9 below off there; under "
         "the contesting liar at 0.7 with every bar (barred_as_absent_t07, "
-        "docs/tune-barred-t07 and -5clients), 0.3 above on 3 clients and 0.07 below on 5 "
+        "docs/tune-barred-t07 and -5clients), 0.3 above on 3 clients and 0.08 below on 5 "
         "(the same clean), which its rule rejects.",
     )
     contest_quantile: float = Field(

@@ -1593,6 +1593,26 @@ def test_a_barred_teacher_s_would_be_wins_go_to_the_next_teacher_under_next():
     assert torch.equal(rows, right)
 
 
+def test_a_contest_barred_teacher_counts_as_an_absent_client_where_configured():
+    """distill.barred_as_absent counts a teacher barred by any bar, the contest bar
+    included (before stop 50 only implausible or overclaiming ones): the liar two experts
+    contest, barred with no `barred` list given, adds its share of the clients to the
+    prompts held back where the winners are least sure."""
+    from flminillm.config import DistillConfig
+
+    a, t = 21, 3
+    teachings, rollouts = _experts_and_a_noisy_liar(seed=1, a=a, t=t), _rollouts(0, a, t, 3)
+    d = DistillConfig(min_claim=0.0, invariance_share=0.0, joint_quantile=1.0,
+                      contest_quantile=0.3, contest_bar_peers="two", contest_leave_out=False,
+                      contest_bar_over="wins", contest_bar=0.05, barred_wins="next")  # fmt: skip
+    reserved = {}
+    for share in (0.0, 1 / 3):
+        _, info = assemble_batch(rollouts, teachings, torch.ones(3), d, barred_share=share)
+        assert info["contest_barred"].tolist() == [False, False, True]
+        reserved[share] = int(info["n_reserved"])
+    assert reserved == {0.0: 0, 1 / 3: 7}
+
+
 def test_a_liar_two_experts_contest_is_barred_for_the_round():
     """distill.contest_bar: the noisy-claiming liar of the contest test wins prompts of both
     experts' domains, and each expert contests a share of its wins: it is barred (every

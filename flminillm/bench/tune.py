@@ -291,9 +291,9 @@ CONTEST_MIN_GRID = [
 # contesting liar, and `barred_as_absent_t07-clean`. Why, read from the evaluation split's
 # runs (docs/defence-default-6seeds; a reading, not a choice): the barred liar costs the
 # honest families 2.1 points over six seeds (3.3 on seeds 0-2, the one row past its bar),
-# the federation that never hears from carol (`absent-last`) 0.7; the difference is on
-# successor (-5.0 against -1.0), and the two differ in what a round does with the prompts
-# of carol's families: under `barred_wins` 'next' the honest teachers' guesses there are
+# the federation that never hears from carol (`absent-last`) 0.7; most of the difference
+# is on successor (-5.0 against -1.0), and the two differ in what a round does with the
+# prompts of carol's families: under `barred_wins` 'next' the honest teachers' guesses there are
 # learned (those that pass min_claim), for an absent client with no past its share of the
 # prompts the present teachers are least sure of is held back. With both, a barred
 # teacher's would-be wins go first to the teacher that wins without it, and then its share
