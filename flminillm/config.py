@@ -649,8 +649,8 @@ class DistillConfig(_Strict):
     barred_wins: Literal["leave", "next"] = Field(
         "next",
         description="The prompts a teacher barred for the round (by any bar: implausible, "
-        "overclaiming, contest- or dependence-barred) would have won: 'leave', left out of the batch (`implausible`); "
-        "'next', kept with the answer of the teacher that wins without it (judged by "
+        "overclaiming, contest- or dependence-barred) would have won: 'leave', left out of "
+        "the batch (`implausible`); 'next', kept with the answer of the teacher that wins without it (judged by "
         "`min_claim` as any kept answer: where no teacher present knows the prompt it is "
         "rejected). A liar whose claims rank at random would win about a third of the "
         "prompts, the honest families' among them: left out, they cost the honest "

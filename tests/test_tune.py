@@ -583,6 +583,21 @@ def test_the_contest_bar_under_temperature_0_7_is_a_challenger_under_the_contest
     assert not passes_under_attack(results, "contest_bar_t07", "bar-0.025")
 
 
+def _both_shapes(doc: str) -> list[tuple[str, dict]]:
+    """A validation run on both shapes (docs/<doc> on configs/benchmark.yaml and
+    docs/<doc>-5clients on configs/benchmark-5clients.yaml), seeds 100-101, as the rules
+    since stop 46 ask: [(doc, its tune.json)] for the two."""
+    out = []
+    for name, config in ((doc, "configs/benchmark.yaml"),
+                         (f"{doc}-5clients", "configs/benchmark-5clients.yaml")):  # fmt: skip
+        results = json.loads((ROOT / "docs" / name / "tune.json").read_text())
+        meta = results["_meta"]
+        assert meta["split"] == "validation" and meta["seeds"] == [100, 101]
+        assert config in meta["command"]
+        out.append((name, results))
+    return out
+
+
 def test_the_contest_bar_under_temperature_0_7_validated_on_both_shapes():
     """Stop 46's validation of CONTEST_BAR_T07_GRID (seeds 100-101, the rule written before
     the runs): the judged share with abstaining peers bars honest look-alike teachers on the
@@ -593,10 +608,7 @@ def test_the_contest_bar_under_temperature_0_7_validated_on_both_shapes():
     twin carry exactly the grid's setting), and the default since stop 48 (the configs and
     the library's own default carry it)."""
     verdict = {}
-    for doc in ("tune-contest-bar-t07", "tune-contest-bar-t07-5clients"):
-        results = json.loads((ROOT / "docs" / doc / "tune.json").read_text())
-        meta = results["_meta"]
-        assert meta["split"] == "validation" and meta["seeds"] == [100, 101]
+    for doc, results in _both_shapes("tune-contest-bar-t07"):
         verdict[doc] = {n: passes_under_attack(results, "contest_bar_t07", n)
                         for n in ("bar-0.025", "bar-judged-0.25", "bar-judged-0.5",
                                   "bar-veto-0.25")}  # fmt: skip
@@ -648,21 +660,6 @@ def test_the_contest_bar_candidate_on_the_evaluation_split_bars_the_contesting_l
     for seed, theirs in same["liar-contest"]["server_families_em_by_seed"].items():
         ours = by_seed["liar-contest"][seed]
         assert sum(theirs[f] for f in honest) <= sum(ours[f] for f in honest)
-
-
-def _both_shapes(doc: str) -> list[tuple[str, dict]]:
-    """A validation run on both shapes (docs/<doc> on configs/benchmark.yaml and
-    docs/<doc>-5clients on configs/benchmark-5clients.yaml), seeds 100-101, as the rules
-    of stop 46 on ask: [(doc, its tune.json)] for the two."""
-    out = []
-    for name, config in ((doc, "configs/benchmark.yaml"),
-                         (f"{doc}-5clients", "configs/benchmark-5clients.yaml")):  # fmt: skip
-        results = json.loads((ROOT / "docs" / name / "tune.json").read_text())
-        meta = results["_meta"]
-        assert meta["split"] == "validation" and meta["seeds"] == [100, 101]
-        assert config in meta["command"]
-        out.append((name, results))
-    return out
 
 
 def test_contest_min_judged_is_a_candidate_under_the_contesting_liar_not_the_default():
